@@ -77,8 +77,12 @@ def main(argv=None):
     naive = Extractor(engine=engine_for(args.backbone, args.device, False, False), conf={"max_batch": 1})
     run(naive, images[:2], 1, 1)  # warm-up
     rate = run(naive, images[: args.naive_images], 1, 1)
-    print(json.dumps({"backbone": args.backbone, "mode": "naive fp32 batch 1", "images/s": round(rate, 1),
-                      "device": device_name}), flush=True)
+    print(
+        json.dumps(
+            {"backbone": args.backbone, "mode": "naive fp32 batch 1", "images/s": round(rate, 1), "device": device_name}
+        ),
+        flush=True,
+    )
 
     engine = engine_for(args.backbone, args.device, args.device == "cuda", True)
     for batch in args.batch:
@@ -88,9 +92,19 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
         rate = run(extractor, images, batch, args.threads)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        print(json.dumps({"backbone": args.backbone, "mode": f"bf16 channels_last batch {batch}",
-                          "threads": args.threads, "images/s": round(rate, 1), "peak_gpu_gib": round(peak, 1),
-                          "device": device_name}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "backbone": args.backbone,
+                    "mode": f"bf16 channels_last batch {batch}",
+                    "threads": args.threads,
+                    "images/s": round(rate, 1),
+                    "peak_gpu_gib": round(peak, 1),
+                    "device": device_name,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
