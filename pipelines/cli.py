@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "export-model": ("model.export", "export the DELF network to ONNX (needs the [model] extra)"),
     "extract-image": ("pipelines.extract_image", "extract DELF features from one image and summarise them"),
+    "extract": ("pipelines.extract", "Beam job: images (glob, tar shards, manifest) -> Parquet feature tables"),
 }
 
 

@@ -76,6 +76,19 @@ class Features:
         """[N, 2] array of (x, y)."""
         return np.stack([self.x, self.y], axis=1)
 
+    def rescaled(self, width, height):
+        """The same features in the pixels of a (width, height) version of the image, e.g. the
+        original of an image that was shrunk before extraction."""
+        fx, fy = width / self.width, height / self.height
+        return dataclasses.replace(
+            self,
+            x=((self.x + 0.5) * fx - 0.5).astype(np.float32),
+            y=((self.y + 0.5) * fy - 0.5).astype(np.float32),
+            scale=(self.scale * np.sqrt(fx * fy)).astype(np.float32),
+            width=int(width),
+            height=int(height),
+        )
+
     def save(self, path):
         """Write to .npz (plain arrays, no pickle)."""
         np.savez_compressed(path, **dataclasses.asdict(self))
@@ -99,6 +112,25 @@ def read_model_bytes(uri):
         return f.read()
 
 
+def load_model(uri=None):
+    """(model bytes, metadata, fingerprint) of an exported model; refuses altered or foreign files."""
+    uri = uri or default_model_path()
+    data = read_model_bytes(uri)
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as e:
+        raise ValueError(f"{uri} is not an ONNX model ({type(e).__name__}: {e})") from e
+    props = {p.key: p.value for p in proto.metadata_props}
+    metadata = model_schema.parse_metadata(props, source=uri)
+    fingerprint = model_schema.fingerprint(proto)
+    if props.get(model_schema.FINGERPRINT_KEY) != fingerprint:
+        raise ValueError(
+            f"{uri}: the stored fingerprint does not match the model's content; the file "
+            "was altered after export. Re-export it with `delf-index export-model`"
+        )
+    return data, metadata, fingerprint
+
+
 def available_providers(requested=None):
     """onnxruntime execution providers: the requested ones, else TensorRT/CUDA if present, else CPU."""
     have = ort.get_available_providers()
@@ -116,19 +148,7 @@ class OnnxEngine:
 
     def __init__(self, model=None, providers=None, threads=None):
         uri = model or default_model_path()
-        data = read_model_bytes(uri)
-        try:
-            proto = onnx.load_from_string(data)
-        except Exception as e:
-            raise ValueError(f"{uri} is not an ONNX model ({type(e).__name__}: {e})") from e
-        props = {p.key: p.value for p in proto.metadata_props}
-        self.metadata = model_schema.parse_metadata(props, source=uri)
-        self.fingerprint = model_schema.fingerprint(proto)
-        if props.get(model_schema.FINGERPRINT_KEY) != self.fingerprint:
-            raise ValueError(
-                f"{uri}: the stored fingerprint does not match the model's content; the file "
-                "was altered after export. Re-export it with `delf-index export-model`"
-            )
+        data, self.metadata, self.fingerprint = load_model(uri)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:

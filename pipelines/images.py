@@ -8,8 +8,9 @@ bombs. `decode_image` either returns a clean [H, W, 3] uint8 array or raises
 
 import io
 
+import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse larger images before decoding them (bombs)
@@ -29,6 +30,16 @@ class ImageError(ValueError):
 
 def decode_image(data, max_pixels=DEFAULT_MAX_PIXELS, min_side=MIN_SIDE):
     """bytes -> uint8 RGB [H, W, 3], EXIF orientation applied; raises ImageError."""
+    return decode_image_limited(data, None, max_pixels, min_side)[0]
+
+
+def decode_image_limited(data, max_side, max_pixels=DEFAULT_MAX_PIXELS, min_side=MIN_SIDE):
+    """bytes -> (uint8 RGB [h, w, 3] with largest side at most `max_side`, original (W, H)).
+
+    JPEGs are decoded at a reduced DCT scale when that is enough (PIL's draft mode), which
+    makes large photos several times cheaper; the rest is area-resized. The original size
+    is the displayed one (after EXIF orientation).
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -40,19 +51,33 @@ def decode_image(data, max_pixels=DEFAULT_MAX_PIXELS, min_side=MIN_SIDE):
                 "(decompression-bomb guard; raise max_pixels to allow it)",
                 stage="size",
             )
+        if max_side and max(width, height) > max_side and image.format == "JPEG":
+            factor = max_side / max(width, height)
+            image.draft("RGB", (max(1, int(width * factor)), max(1, int(height * factor))))
         image.load()
     except ImageError:
         raise
+    except UnidentifiedImageError as e:
+        # PIL's message names a BytesIO object; what the bytes start with is more telling
+        # (HTML error pages, JSON, text saved under an image name)
+        raise ImageError(f"cannot decode: not an image format PIL knows (starts with {data[:16]!r})") from e
     except Exception as e:
         raise ImageError(f"cannot decode: {type(e).__name__}: {e}") from e
+    rotated = False
     try:
+        rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
         image = ImageOps.exif_transpose(image)
     except Exception:
         pass  # a broken EXIF block does not make the pixels unusable
+    original = (height, width) if rotated else (width, height)
+    if min(original) < min_side:
+        raise ImageError(f"image is {original[0]}x{original[1]}, under {min_side} px on a side", stage="size")
     array = to_rgb(image)
-    if min(array.shape[:2]) < min_side:
-        raise ImageError(f"image is {array.shape[1]}x{array.shape[0]}, under {min_side} px on a side", stage="size")
-    return array
+    h, w = array.shape[:2]
+    if max_side and max(h, w) > max_side:
+        factor = max_side / max(h, w)
+        array = cv2.resize(array, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA)
+    return array, original
 
 
 def to_rgb(image):

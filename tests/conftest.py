@@ -45,3 +45,32 @@ def exported_default(tmp_path_factory):
 def rgb(image):
     image = np.asarray(image)
     return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """A real GCS HTTP server (gcp-storage-emulator) on loopback; gcsfs and the pipelines
+    reach it through STORAGE_EMULATOR_HOST. Yields the bucket name."""
+    pytest.importorskip("gcsfs")
+    server_module = pytest.importorskip("gcp_storage_emulator.server")
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = server_module.create_server("127.0.0.1", port, in_memory=True, default_bucket="delf-test")
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # else gcsfs stalls ~60 s per bucket
+    import fsspec
+
+    fsspec.filesystem("gs").invalidate_cache()
+    yield "delf-test"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

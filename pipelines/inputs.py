@@ -1,0 +1,151 @@
+"""Where images come from: globs of files, tar shards, manifests, on any fsspec filesystem.
+
+`--input` forms (docs/pipelines.md):
+
+- a glob or a directory of image files: ``gs://bucket/photos/**/*.jpg``, ``/data/photos``;
+  image_id = path relative to the glob's fixed prefix (the directory before the first
+  wildcard);
+- tar shards, WebDataset / Google-Landmarks-v2 style: ``s3://bucket/shards/images_*.tar``
+  (also .tar.gz, .tgz); members are streamed, never unpacked to disk; image_id = member name;
+- a manifest, CSV or Parquet, with columns ``id``, ``uri`` (or ``url`` / ``path``; relative
+  paths are relative to the manifest) and optionally ``label`` (or ``landmark_id``), the
+  shape of Google-Landmarks-v2's train.csv; image_id = id.
+
+Every function here is plain Python over fsspec, so that the Beam steps stay thin.
+"""
+
+import os
+import posixpath
+import re
+import tarfile
+
+import fsspec
+
+from pipelines.images import IMAGE_EXTENSIONS
+
+MANIFEST_EXTENSIONS = (".csv", ".csv.gz", ".parquet")
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+# gcsfs stalls about a minute per bucket probing for hierarchical namespaces unless told not
+# to; the setting must be in place before gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def input_kind(spec):
+    """"manifest", "tar" or "images" for an --input value."""
+    lowered = spec.lower()
+    if lowered.endswith(MANIFEST_EXTENSIONS):
+        return "manifest"
+    if lowered.endswith(TAR_EXTENSIONS):
+        return "tar"
+    return "images"
+
+
+def _with_protocol(fs, path):
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def _fixed_prefix(path):
+    """The directory part of a path before its first wildcard."""
+    match = _GLOB_CHARS.search(path)
+    if not match:
+        return path.rstrip("/")
+    return posixpath.dirname(path[: match.start()])
+
+
+def expand(spec, extensions):
+    """Sorted [(path relative to the fixed prefix, full uri)] of files matching `spec`.
+
+    A directory is searched recursively for files with the given extensions; a glob is
+    taken as given (a text file named .jpg must still reach the errors table).
+    """
+    fs, path = fsspec.core.url_to_fs(spec)
+    if _GLOB_CHARS.search(path):
+        paths = [p for p in fs.glob(path) if not fs.isdir(p)]
+        root = _fixed_prefix(path)
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+        paths = [
+            p
+            for p in fs.find(path)
+            if p.lower().endswith(extensions) and not posixpath.basename(p).startswith(".")
+        ]
+    elif fs.exists(path):
+        root, paths = posixpath.dirname(path), [path]
+    else:
+        raise FileNotFoundError(f"no such input: {spec}")
+    return [(posixpath.relpath(p, root) if root else p, _with_protocol(fs, p)) for p in sorted(paths)]
+
+
+def list_images(spec):
+    """(image_id, uri, label=None) of every image file of a glob or directory."""
+    return [(rel, uri, None) for rel, uri in expand(spec, IMAGE_EXTENSIONS)]
+
+
+def list_shards(spec):
+    """URIs of the tar shards matching `spec`."""
+    return [uri for _, uri in expand(spec, TAR_EXTENSIONS)]
+
+
+def read_manifest(spec):
+    """(image_id, uri, label) rows of a CSV or Parquet manifest; checks its columns."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    with fsspec.open(spec, "rb", compression="infer") as f:
+        table = pq.read_table(f) if spec.lower().endswith(".parquet") else pacsv.read_csv(f)
+    names = set(table.column_names)
+    id_col = next((c for c in ("id", "image_id") if c in names), None)
+    uri_col = next((c for c in ("uri", "url", "path") if c in names), None)
+    label_col = next((c for c in ("label", "landmark_id") if c in names), None)
+    if id_col is None or uri_col is None:
+        raise ValueError(
+            f"manifest {spec} needs an 'id' column and a 'uri' (or 'url', 'path') column; it has {sorted(names)}"
+        )
+    base = posixpath.dirname(spec)
+    ids = [None if v is None else str(v) for v in table.column(id_col).to_pylist()]
+    uris = table.column(uri_col).to_pylist()
+    labels = table.column(label_col).to_pylist() if label_col else [None] * len(ids)
+    rows = []
+    for image_id, uri, label in zip(ids, uris, labels):
+        if uri and "://" not in uri and not os.path.isabs(uri):
+            uri = posixpath.join(base, uri) if base else uri
+        rows.append((image_id, uri, None if label is None else str(label)))
+    return rows
+
+
+def read_bytes(uri):
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def iter_tar(uri):
+    """Stream (member name, bytes) of the image members of a tar shard.
+
+    Members are read in order from the stream, never unpacked to disk. A shard that breaks
+    off mid-way raises `TruncatedShard` after yielding the members before the break.
+    """
+    last = None
+    with fsspec.open(uri, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name = member.name[2:] if member.name.startswith("./") else member.name
+                    if not name.lower().endswith(IMAGE_EXTENSIONS):
+                        continue  # WebDataset sidecars (.json, .cls, .txt)
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise TruncatedShard(f"member {name} is cut short ({len(data)} of {member.size} bytes)")
+                    last = name
+                    yield name, data
+        except (tarfile.TarError, EOFError, OSError) as e:
+            after = f" after member {last}" if last else ""
+            raise TruncatedShard(f"unreadable tar stream{after}: {type(e).__name__}: {e}") from e
+
+
+class TruncatedShard(Exception):
+    """A tar shard that cannot be read to its end."""

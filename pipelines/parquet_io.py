@@ -1,0 +1,144 @@
+"""Deterministic, sharded Parquet tables on any fsspec filesystem, written from Beam.
+
+Rows go to shard ``hash(image_id) mod S`` with ``S = ceil(rows / rows_per_shard)``, are sorted
+by image_id inside their shard, and each shard file appears whole or not at all, so that
+
+- rerunning over the same input writes the same rows to the same files;
+- an interrupted run leaves only whole files, and a rerun replaces them;
+- rows with the same image_id meet in one shard, where duplicates are caught: the first by
+  uri is kept, the others are returned as error rows (nothing vanishes silently).
+
+Layout: ``<output>/<name>/<name>-00003-of-00016.parquet``; `finalize` removes shards of
+earlier runs that this run did not write and writes empty files for shards no row went to.
+"""
+
+import hashlib
+import logging
+import math
+import posixpath
+import uuid
+
+import apache_beam as beam
+import fsspec
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+
+from schemas.features import error_row, rows_to_table
+
+log = logging.getLogger(__name__)
+ROW_GROUP_ROWS = 100  # about 20 MB of features per row group: cheap partial reads
+
+
+def shard_of(image_id, num_shards):
+    digest = hashlib.md5(image_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def shard_path(output, name, shard, num_shards):
+    return posixpath.join(output, name, f"{name}-{shard:05d}-of-{num_shards:05d}.parquet")
+
+
+def write_parquet(rows, path, schema):
+    """Write rows to `path` so that readers never see a partial file.
+
+    Object stores (gs://, s3://) publish an object only when its upload completes, so the
+    file is written in place; on local disks it goes to a temporary file that is renamed.
+    """
+    fs, final = fsspec.core.url_to_fs(path)
+    target = final
+    if _is_local(fs):
+        target = posixpath.join(posixpath.dirname(final), "_tmp", f"{uuid.uuid4().hex}-{posixpath.basename(final)}")
+    fs.makedirs(posixpath.dirname(target), exist_ok=True)
+    with fs.open(target, "wb") as f:
+        with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+            for start in range(0, max(len(rows), 1), ROW_GROUP_ROWS):
+                writer.write_table(rows_to_table(rows[start : start + ROW_GROUP_ROWS], schema))
+    if target != final:
+        fs.mv(target, final)
+
+
+def _is_local(fs):
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, output, name, schema):
+        self.output, self.name, self.schema = output, name, schema
+        self.rows_written = Metrics.counter("delf_index", f"{name}_rows_written")
+        self.duplicates = Metrics.counter("delf_index", "duplicate_image_ids")
+
+    def process(self, element, num_shards):
+        shard, rows = element
+        rows = sorted(rows, key=lambda r: (r["image_id"], r["uri"] or ""))
+        kept = []
+        for row in rows:
+            if kept and kept[-1]["image_id"] == row["image_id"]:
+                self.duplicates.inc()
+                yield beam.pvalue.TaggedOutput(
+                    "duplicates",
+                    error_row(
+                        row["image_id"], row["uri"], "list", f"duplicate image_id, also read from {kept[-1]['uri']}"
+                    ),
+                )
+                continue
+            kept.append(row)
+        path = shard_path(self.output, self.name, shard, num_shards)
+        write_parquet(kept, path, self.schema)
+        self.rows_written.inc(len(kept))
+        log.info("wrote %s (%d rows)", path, len(kept))
+        yield {
+            "path": path,
+            "num_shards": num_shards,
+            "rows": len(kept),
+            "features": sum(r.get("num_features", 0) for r in kept),
+        }
+
+
+class WriteShardedParquet(beam.PTransform):
+    """rows -> sharded Parquet table; outputs ``written`` (one dict per file) and
+    ``duplicates`` (error rows of repeated image_ids)."""
+
+    def __init__(self, output, name, schema, rows_per_shard=1000):
+        super().__init__()
+        self.output, self.name, self.schema, self.rows_per_shard = output, name, schema, rows_per_shard
+
+    def expand(self, rows):
+        per_shard = self.rows_per_shard
+        num_shards = (
+            rows
+            | "Count" >> beam.combiners.Count.Globally()
+            | "NumShards" >> beam.Map(lambda n: max(1, math.ceil(n / per_shard)))
+        )
+        return (
+            rows
+            | "AssignShard"
+            >> beam.Map(lambda r, n: (shard_of(r["image_id"], n), r), beam.pvalue.AsSingleton(num_shards))
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard"
+            >> beam.ParDo(
+                _WriteShard(self.output, self.name, self.schema), beam.pvalue.AsSingleton(num_shards)
+            ).with_outputs("duplicates", main="written")
+        )
+
+
+def finalize(output, name, schema, written):
+    """After a run: write empty files for shards no row went to (an empty table still gets one
+    file, so that readers find its schema), drop shards and temporary files this run did not
+    write. Returns the table's files."""
+    fs, folder = fsspec.core.url_to_fs(posixpath.join(output, name))
+    num_shards = max([w["num_shards"] for w in written] or [1])
+    paths = {w["path"] for w in written}
+    for shard in range(num_shards):  # shards that no row hashed to still get their (empty) file
+        path = shard_path(output, name, shard, num_shards)
+        if path not in paths:
+            write_parquet([], path, schema)
+            paths.add(path)
+    paths = sorted(paths)
+    keep = {fsspec.core.url_to_fs(p)[1] for p in paths}
+    if fs.exists(folder):
+        for existing in fs.ls(folder, detail=False):
+            base = posixpath.basename(existing.rstrip("/"))
+            if base == "_tmp" or (base.startswith(f"{name}-") and base.endswith(".parquet") and existing not in keep):
+                fs.rm(existing, recursive=True)
+    return paths

@@ -1,0 +1,162 @@
+"""Arrow schemas of the tables `delf-index extract` writes (docs/tables.md).
+
+Features table, one row per image (version 1):
+
+==================  ===========================================  ==============================
+column              type                                         meaning
+==================  ===========================================  ==============================
+image_id            string                                       stable id (manifest id, path
+                                                                 relative to the input root, or
+                                                                 tar member name)
+uri                 string                                       where the image was read
+label               string, nullable                             manifest label, if any
+width, height       int32                                        original image size (pixels)
+num_features        int32                                        N
+x, y                list<float32> [N]                            keypoint column and row in
+                                                                 original pixels, pixel centres
+                                                                 at integers
+scale               list<float32> [N]                            1 / pyramid scale (x size limit)
+attention           list<float32> [N]                            score, descending
+descriptors         list<fixed_size_list<float16|float32, D>>    L2-normalised local descriptors
+global_descriptor   fixed_size_list<float32, G>                  L2-normalised GeM descriptor
+==================  ===========================================  ==============================
+
+Errors table, one row per image that could not be processed: image_id, uri, stage
+(list | read | decode | size | extract), error.
+
+File metadata (Parquet key-value) of both: ``delf_index.table`` (features | errors),
+``delf_index.schema_version``, ``delf_index.model_fingerprint``, ``delf_index.model`` (the
+model's metadata JSON) and ``delf_index.extractor`` (the extraction settings JSON).
+"""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+DESCRIPTOR_DTYPES = {"float16": (pa.float16(), np.float16), "float32": (pa.float32(), np.float32)}
+ERROR_STAGES = ("list", "read", "decode", "size", "extract")
+
+
+def features_schema(descriptor_dim, global_dim, descriptor_dtype="float16", metadata=None):
+    arrow_type = DESCRIPTOR_DTYPES[descriptor_dtype][0]
+    return pa.schema(
+        [
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("uri", pa.string()),
+            pa.field("label", pa.string()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("num_features", pa.int32()),
+            pa.field("x", pa.list_(pa.float32())),
+            pa.field("y", pa.list_(pa.float32())),
+            pa.field("scale", pa.list_(pa.float32())),
+            pa.field("attention", pa.list_(pa.float32())),
+            pa.field("descriptors", pa.list_(pa.list_(arrow_type, descriptor_dim))),
+            pa.field("global_descriptor", pa.list_(pa.float32(), global_dim)),
+        ],
+        metadata=metadata,
+    )
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+def table_metadata(table, model_fingerprint, model_metadata=None, extractor_conf=None):
+    """Parquet key-value metadata identifying a table and the model that produced it."""
+    return {
+        "delf_index.table": table,
+        "delf_index.schema_version": str(SCHEMA_VERSION),
+        "delf_index.model_fingerprint": model_fingerprint,
+        "delf_index.model": json.dumps(model_metadata or {}, sort_keys=True),
+        "delf_index.extractor": json.dumps(extractor_conf or {}, sort_keys=True),
+    }
+
+
+def read_table_metadata(schema):
+    """The delf_index entries of a Parquet file's schema metadata, decoded; checks the version."""
+    raw = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if k.startswith(b"delf_index.")}
+    if "delf_index.table" not in raw:
+        raise ValueError("not a delf-index table (no delf_index.* metadata)")
+    version = int(raw["delf_index.schema_version"])
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"table schema version {version}, this delf-index reads version {SCHEMA_VERSION}: "
+            "re-extract with this version's `delf-index extract`"
+        )
+    return {
+        "table": raw["delf_index.table"],
+        "schema_version": version,
+        "model_fingerprint": raw["delf_index.model_fingerprint"],
+        "model": json.loads(raw["delf_index.model"]),
+        "extractor": json.loads(raw["delf_index.extractor"]),
+    }
+
+
+def feature_row(image_id, uri, label, features, descriptor_dtype="float16"):
+    """A features-table row (dict of Python/numpy values) from pipelines.extractor.Features."""
+    return {
+        "image_id": image_id,
+        "uri": uri,
+        "label": label,
+        "width": int(features.width),
+        "height": int(features.height),
+        "num_features": len(features),
+        "x": features.x,
+        "y": features.y,
+        "scale": features.scale,
+        "attention": features.attention,
+        "descriptors": features.descriptors.astype(DESCRIPTOR_DTYPES[descriptor_dtype][1]),
+        "global_descriptor": features.global_descriptor,
+    }
+
+
+def error_row(image_id, uri, stage, error):
+    assert stage in ERROR_STAGES, stage
+    return {"image_id": image_id, "uri": uri, "stage": stage, "error": str(error)[:2000]}
+
+
+def rows_to_table(rows, schema):
+    """An Arrow table from feature or error rows; descriptors are built from flat buffers."""
+    columns = {}
+    for field in schema:
+        values = [row[field.name] for row in rows]
+        columns[field.name] = _column(values, field.type)
+    return pa.table(columns, schema=schema)
+
+
+def _column(values, arrow_type):
+    if pa.types.is_list(arrow_type) and pa.types.is_fixed_size_list(arrow_type.value_type):
+        # list<fixed_size_list<T, D>>: one flat buffer, offsets per row
+        inner = arrow_type.value_type
+        dim, dtype = inner.list_size, inner.value_type.to_pandas_dtype()
+        counts = [len(v) for v in values]
+        flat = np.concatenate([np.asarray(v, dtype).reshape(-1) for v in values]) if values else np.zeros(0, dtype)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        items = pa.FixedSizeListArray.from_arrays(pa.array(flat, inner.value_type), dim)
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), items)
+    if pa.types.is_fixed_size_list(arrow_type):
+        dim = arrow_type.list_size
+        flat = np.concatenate([np.asarray(v, np.float32) for v in values]) if values else np.zeros(0, np.float32)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat, arrow_type.value_type), dim)
+    if pa.types.is_list(arrow_type):
+        counts = [len(v) for v in values]
+        dtype = arrow_type.value_type.to_pandas_dtype()
+        flat = np.concatenate([np.asarray(v, dtype) for v in values]) if values else np.zeros(0, dtype)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, arrow_type.value_type))
+    return pa.array(values, arrow_type)
+
+
+def descriptors_of(table):
+    """All local descriptors of a features table as one [sum N, D] numpy array (no copy per row)."""
+    items = table.column("descriptors").combine_chunks().flatten()  # fixed_size_list<T, D>
+    return items.flatten().to_numpy(zero_copy_only=False).reshape(-1, items.type.list_size)

@@ -1,0 +1,251 @@
+"""The Beam extraction job: inputs in three forms, bad images, tables, reruns, gs://."""
+
+import io
+import json
+import os
+import tarfile
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.testing.util import assert_that, is_not_empty
+from PIL import Image
+
+from pipelines import extract
+from pipelines.extractor import Extractor
+from schemas.features import descriptors_of, read_table_metadata
+from tests.conftest import rgb
+
+GOOD = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+def jpeg_bytes(array, quality=92):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def bad_images(photo):
+    """What users' buckets contain besides photos, with the stage each must fail at."""
+    good = jpeg_bytes(photo)
+    tiny = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tiny, "PNG")
+    return {
+        "truncated.jpg": (good[: len(good) // 3], "decode"),
+        "empty.jpg": (b"", "decode"),
+        "notes.jpg": (b"this is a text file with an image name\n", "decode"),
+        "tiny.png": (tiny.getvalue(), "size"),
+    }
+
+
+@pytest.fixture(scope="module")
+def small_photos(photos):
+    # half-size photos keep the suite fast; content stays real
+    return {name: np.ascontiguousarray(rgb(photos[name])[::2, ::2]) for name in GOOD}
+
+
+@pytest.fixture()
+def image_dir(tmp_path, small_photos):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for i, (name, photo) in enumerate(small_photos.items()):
+        target = folder / "sub" if i % 2 else folder
+        (target / f"{name}.jpg").write_bytes(jpeg_bytes(photo))
+    for name, (data, _) in bad_images(small_photos["coffee"]).items():
+        (folder / name).write_bytes(data)
+    (folder / "README.txt").write_text("not an input: directories take image extensions only")
+    return folder
+
+
+def expected_ids():
+    good = {"astronaut.jpg", "sub/coffee.jpg", "chelsea.jpg", "sub/rocket.jpg"}
+    bad = {"truncated.jpg": "decode", "empty.jpg": "decode", "notes.jpg": "decode", "tiny.png": "size"}
+    return good, bad
+
+
+def read_tables(output):
+    features = pq.read_table(os.path.join(output, "features"))
+    errors = pq.read_table(os.path.join(output, "errors"))
+    return features, errors
+
+
+def test_rows_with_test_pipeline(image_dir):
+    """The transforms alone, with Beam's test harness asserting on the rows."""
+    args, _ = extract.parse_args(["--input", str(image_dir), "--output", "unused"])
+    args.threads = None
+    good, bad = expected_ids()
+
+    def check_rows(rows):
+        assert sorted(r["image_id"] for r in rows) == sorted(good)
+        for r in rows:
+            assert r["num_features"] == len(r["x"]) == len(r["descriptors"]) > 100
+            assert 0 <= min(r["x"]) and max(r["x"]) < r["width"] and max(r["y"]) < r["height"]
+            assert r["descriptors"].dtype == np.float16
+
+    def check_errors(rows):
+        assert {r["image_id"]: r["stage"] for r in rows} == bad
+        assert all(r["error"] for r in rows)
+
+    with BeamTestPipeline(runner="FnApiRunner") as p:
+        rows, errors = extract.build(p, args, extract.extractor_conf(args))
+        assert_that(rows, check_rows, label="CheckRows")
+        assert_that(errors, check_errors, label="CheckErrors")
+        assert_that(rows, is_not_empty(), label="NotEmpty")
+
+
+def test_job_writes_tables_that_pandas_and_duckdb_read(image_dir, tmp_path, small_photos):
+    out = str(tmp_path / "out")
+    summary = extract.run(["--input", str(image_dir), "--output", out, "--workers", "1"])
+    features, errors = read_tables(out)
+    good, bad = expected_ids()
+    # every input exactly once, in one table or the other
+    assert sorted(features.column("image_id").to_pylist()) == sorted(good)
+    assert dict(zip(errors.column("image_id").to_pylist(), errors.column("stage").to_pylist())) == bad
+    assert summary["images"] == 8 and summary["extracted"] == 4 and summary["failed"] == 4
+    assert summary["features"] == sum(features.column("num_features").to_pylist())
+    meta = read_table_metadata(features.schema)
+    assert meta["model_fingerprint"] == Extractor().fingerprint and meta["table"] == "features"
+    assert read_table_metadata(errors.schema)["model_fingerprint"] == meta["model_fingerprint"]
+    # readers: pyarrow (flat numpy), pandas, DuckDB
+    assert descriptors_of(features).shape == (summary["features"], 80)
+    frame = pd.read_parquet(os.path.join(out, "features"))
+    assert frame.loc[frame.image_id == "astronaut.jpg", "width"].item() == small_photos["astronaut"].shape[1]
+    con = duckdb.connect()
+    n, dim = con.sql(
+        f"select count(*), max(len(descriptors[1])) from '{out}/features/*.parquet' where num_features > 0"
+    ).fetchall()[0]
+    assert (n, dim) == (4, 80)
+    # features equal a bare extractor call on the same decoded image (float16 storage)
+    row = frame[frame.image_id == "chelsea.jpg"].iloc[0]
+    decoded = np.asarray(Image.open(image_dir / "chelsea.jpg").convert("RGB"))
+    direct = Extractor()(decoded)
+    np.testing.assert_array_equal(np.asarray(row["x"]), direct.x)
+    np.testing.assert_allclose(np.stack(row["descriptors"]).astype(np.float32), direct.descriptors, atol=2e-3)
+    with open(os.path.join(out, "_SUMMARY.json")) as f:
+        assert json.load(f)["model_fingerprint"] == meta["model_fingerprint"]
+
+
+def test_rerun_writes_identical_files_and_drops_stale_shards(image_dir, tmp_path):
+    out = str(tmp_path / "out")
+    extract.run(["--input", str(image_dir), "--output", out, "--workers", "1", "--rows-per-shard", "1"])
+    assert len(os.listdir(os.path.join(out, "features"))) == 4
+    extract.run(["--input", str(image_dir), "--output", out, "--workers", "1"])
+    first = {f: open(os.path.join(out, "features", f), "rb").read() for f in os.listdir(os.path.join(out, "features"))}
+    assert list(first) == ["features-00000-of-00001.parquet"]  # the 4 shards of the earlier run are gone
+    extract.run(["--input", str(image_dir), "--output", out, "--workers", "2"])  # multi-process this time
+    second = {f: open(os.path.join(out, "features", f), "rb").read() for f in os.listdir(os.path.join(out, "features"))}
+    assert first == second
+
+
+def test_large_images_are_shrunk_before_extraction_but_reported_in_original_pixels(tmp_path, photos):
+    big = np.ascontiguousarray(np.tile(rgb(photos["astronaut"]), (3, 3, 1)))  # 1536 x 1536
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.jpg").write_bytes(jpeg_bytes(big))
+    out = str(tmp_path / "out")
+    extract.run(["--input", str(tmp_path / "in"), "--output", out, "--workers", "1", "--max-image-size", "512"])
+    row = pq.read_table(os.path.join(out, "features")).to_pylist()[0]
+    assert (row["width"], row["height"]) == (1536, 1536)
+    assert max(row["x"]) > 1300 and max(row["y"]) > 1300
+    assert min(row["scale"]) == pytest.approx(3.0 / 2.0, rel=1e-3)  # pyramid 2.0 on a 3x shrunk image
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_tar_shards_are_streamed_and_bad_members_reported(tmp_path, small_photos):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    bad = bad_images(small_photos["coffee"])
+    write_tar(
+        shards / "images_000.tar",
+        [("0/0/astronaut.jpg", jpeg_bytes(small_photos["astronaut"])), ("0/0/astronaut.json", b"{}")]
+        + [(f"0/1/{name}", data) for name, (data, _) in bad.items()],
+    )
+    members = [(f"1/{n}.jpg", jpeg_bytes(small_photos[n])) for n in ("coffee", "rocket")]
+    write_tar(shards / "images_001.tar", members)
+    # a copy cut inside its second member: header, first member padded to 512, second header, 100 bytes
+    cut = 512 + -(-len(members[0][1]) // 512) * 512 + 512 + 100
+    (shards / "images_002.tar").write_bytes((shards / "images_001.tar").read_bytes()[:cut])
+    out = str(tmp_path / "out")
+    extract.run(["--input", str(shards / "images_*.tar"), "--output", out, "--workers", "1"])
+    features, errors = read_tables(out)
+    ids = sorted(features.column("image_id").to_pylist())
+    assert ids == ["0/0/astronaut.jpg", "1/coffee.jpg", "1/rocket.jpg"]  # 002's whole first member counts once
+    failed = dict(zip(errors.column("image_id").to_pylist(), errors.column("stage").to_pylist()))
+    assert {k: v for k, v in failed.items() if k.startswith("0/1/")} == {f"0/1/{n}": s for n, (_, s) in bad.items()}
+    truncated = [k for k in failed if k.endswith("images_002.tar#rest")]
+    assert len(truncated) == 1 and failed[truncated[0]] == "read"
+    # the truncated shard's complete first member duplicated 1/coffee.jpg of shard 001: reported, kept once
+    dup = errors.filter(pa_equal(errors, "error", "duplicate")).to_pylist()
+    assert [d["image_id"] for d in dup] == ["1/coffee.jpg"]
+
+
+def pa_equal(table, column, text):
+    import pyarrow.compute as pc
+
+    return pc.match_substring(table.column(column), text)
+
+
+def test_manifest_with_labels_and_missing_files(tmp_path, small_photos):
+    folder = tmp_path / "data"
+    (folder / "img").mkdir(parents=True)
+    for name in ("astronaut", "coffee"):
+        (folder / "img" / f"{name}.jpg").write_bytes(jpeg_bytes(small_photos[name]))
+    (folder / "train.csv").write_text(
+        "id,url,landmark_id\n" "a1,img/astronaut.jpg,7\n" "c2,img/coffee.jpg,9\n" "m3,img/missing.jpg,9\n"
+    )
+    out = str(tmp_path / "out")
+    extract.run(["--input", str(folder / "train.csv"), "--output", out, "--workers", "1"])
+    features, errors = read_tables(out)
+    assert dict(zip(features.column("image_id").to_pylist(), features.column("label").to_pylist())) == {
+        "a1": "7",
+        "c2": "9",
+    }
+    assert errors.to_pylist()[0]["image_id"] == "m3" and errors.to_pylist()[0]["stage"] == "read"
+    (folder / "bad.csv").write_text("name,where\nx,y\n")
+    with pytest.raises(Exception, match="needs an 'id' column"):
+        extract.run(["--input", str(folder / "bad.csv"), "--output", out, "--workers", "1"])
+
+
+def test_landmarks_dev_subset(landmarks_dir, tmp_path):
+    import csv
+
+    with open(os.path.join(landmarks_dir, "groups.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["group"] in ("boat", "dsc_building")]
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "uri", "label"])
+        for r in rows:
+            writer.writerow([r["image"], os.path.join(landmarks_dir, "images", r["image"]), r["group"]])
+    out = str(tmp_path / "out")
+    summary = extract.run(["--input", str(manifest), "--output", out, "--workers", "1"])
+    features, errors = read_tables(out)
+    assert summary["extracted"] == len(rows) == 8 and errors.num_rows == 0
+    assert set(features.column("label").to_pylist()) == {"boat", "dsc_building"}
+    assert min(features.column("num_features").to_pylist()) == 1000
+
+
+def test_gcs_emulator_in_and_out(gcs_bucket, small_photos):
+    import fsspec
+
+    fs = fsspec.filesystem("gs")
+    for name in ("astronaut", "rocket"):
+        fs.pipe(f"{gcs_bucket}/in/{name}.jpg", jpeg_bytes(small_photos[name]))
+    fs.pipe(f"{gcs_bucket}/in/broken.jpg", b"\xff\xd8\xff\xe0 truncated")
+    summary = extract.run(
+        ["--input", f"gs://{gcs_bucket}/in/*.jpg", "--output", f"gs://{gcs_bucket}/out", "--workers", "1"]
+    )
+    assert (summary["extracted"], summary["failed"]) == (2, 1)
+    with fs.open(f"{gcs_bucket}/out/features/features-00000-of-00001.parquet", "rb") as f:
+        table = pq.read_table(f)
+    assert sorted(table.column("image_id").to_pylist()) == ["astronaut.jpg", "rocket.jpg"]
+    assert fs.exists(f"{gcs_bucket}/out/_SUMMARY.json")
