@@ -1,0 +1,190 @@
+"""fit -> build -> load on small real features; checksums, fingerprints, append, sampling."""
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from indexing import artifact as art
+from indexing import pca as pca_lib
+from pipelines import build, extract, fit
+from pipelines.fit import BottomKSample, bottom_k, sample_keys
+from tests.conftest import rgb
+
+
+@pytest.fixture(scope="module")
+def feature_tables(tmp_path_factory, photos):
+    """Two extract outputs of real photos (and mirrored copies): 6 + 4 images."""
+    root = tmp_path_factory.mktemp("features")
+    groups = {"a": ("astronaut", "coffee", "chelsea"), "b": ("rocket", "coffee")}
+    outputs = {}
+    for group, names in groups.items():
+        folder = root / f"images-{group}"
+        folder.mkdir()
+        for name in names:
+            image = np.ascontiguousarray(rgb(photos[name])[::2, ::2])
+            for variant, array in (("", image), ("-mirror", image[:, ::-1])):
+                buf = io.BytesIO()
+                Image.fromarray(np.ascontiguousarray(array)).save(buf, "JPEG", quality=92)
+                (folder / f"{group}-{name}{variant}.jpg").write_bytes(buf.getvalue())
+        outputs[group] = str(root / f"out-{group}")
+        extract.run(["--input", str(folder), "--output", outputs[group], "--workers", "1", "--rows-per-shard", "2"])
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def codebooks(feature_tables, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("codebooks") / "cb")
+    fit.run(["--features", feature_tables["a"], "--output", out, "--workers", "1", "--sample", "4000"])
+    return out
+
+
+def test_bottom_k_sample_does_not_depend_on_how_work_is_split():
+    rng = np.random.default_rng(0)
+    parts = []
+    for image in range(12):
+        n = int(rng.integers(50, 200))
+        parts.append((sample_keys(f"img{image}", n, seed=3), rng.normal(size=(n, 4)).astype(np.float16)))
+    keys = np.concatenate([k for k, _ in parts])
+    desc = np.concatenate([d for _, d in parts])
+    whole = bottom_k(keys, desc, 300)
+    combine = BottomKSample(300)
+
+    def partial(chunk):
+        k, d = bottom_k(np.concatenate([p[0] for p in chunk]), np.concatenate([p[1] for p in chunk]), 300)
+        return {"keys": k, "descriptors": d, "images": len(chunk), "descriptors_total": sum(len(p[0]) for p in chunk)}
+
+    for split in ([parts], [parts[:5], parts[5:]], [parts[i::3] for i in range(3)]):
+        acc = combine.merge_accumulators([partial(chunk) for chunk in split])
+        np.testing.assert_array_equal(acc["keys"], whole[0])
+        np.testing.assert_array_equal(acc["descriptors"], whole[1])
+        assert acc["descriptors_total"] == len(keys)
+    # uniform: every image is represented about in proportion to its descriptor count
+    assert len(np.unique(whole[0])) == 300
+    assert sample_keys("x", 5, 1).tolist() != sample_keys("x", 5, 2).tolist()
+
+
+def test_pca_follows_delf_order():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5000, 16)) * np.linspace(3, 0.1, 16)
+    pca = pca_lib.fit_pca(x, 4)
+    y = pca_lib.apply_pca(x, pca)
+    assert y.shape == (5000, 4)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1, atol=1e-5)
+    xn = pca_lib.l2_normalise(x)
+    manual = pca_lib.l2_normalise((xn - xn.mean(0)) @ pca["components"].T)
+    np.testing.assert_allclose(y, manual, atol=1e-5)
+    assert pca_lib.apply_pca(x, {**pca, "whiten": True}).std(0).std() < y.std(0).std()
+
+
+def test_fit_build_load_round_trip(feature_tables, codebooks, tmp_path):
+    with open(os.path.join(codebooks, "codebooks.json")) as f:
+        manifest = json.load(f)
+    assert manifest["index_string"].endswith(",PQ10x8") and manifest["conf"]["pca_dim"] == 40
+    out = str(tmp_path / "index")
+    built = build.run(["--features", feature_tables["a"], "--codebooks", codebooks, "--output", out, "--workers", "1"])
+    index = art.Artifact.load(out)
+    tables = pq.read_table(os.path.join(feature_tables["a"], "features"))
+    assert len(index) == tables.num_rows == 6
+    assert built["counts"]["descriptors"] == sum(tables.column("num_features").to_pylist()) == index.index.ntotal
+    assert built["bytes_per_descriptor"] <= 24.1
+    # geometry and image table agree with the features table
+    rows = {r["image_id"]: r for r in tables.to_pylist()}
+    for row_number, image_id in enumerate(index.image_ids):
+        xy, scale = index.geometry_of(row_number, [0, 5])
+        np.testing.assert_allclose(xy[:, 0], np.rint(np.asarray(rows[image_id]["x"])[[0, 5]]))
+        np.testing.assert_allclose(scale, np.asarray(rows[image_id]["scale"])[[0, 5]], rtol=1e-3)
+        assert tuple(index.sizes[row_number]) == (rows[image_id]["width"], rows[image_id]["height"])
+    # a database descriptor finds its own image
+    query = rows["a-coffee.jpg"]
+    reduced = pca_lib.apply_pca(np.stack(query["descriptors"])[:50].astype(np.float32), index.pca)
+    art.set_nprobe(index.index, 16)
+    _, ids = index.index.search(reduced, 1)
+    images, _ = art.split_ids(ids[:, 0])
+    assert np.mean(np.asarray(index.image_ids)[images] == "a-coffee.jpg") > 0.8
+    # global descriptors are rows of image ids
+    g = np.asarray(query["global_descriptor"], np.float32)[None]
+    _, best = index.global_index.search(g, 1)
+    assert index.image_ids[best[0, 0]] == "a-coffee.jpg"
+
+
+def test_corrupted_truncated_and_foreign_artifacts_are_refused(feature_tables, codebooks, tmp_path):
+    out = str(tmp_path / "index")
+    build.run(["--features", feature_tables["a"], "--codebooks", codebooks, "--output", out, "--workers", "1"])
+    art.Artifact.load(out, model_fingerprint=art.Artifact.load(out).fingerprint)
+    with pytest.raises(art.ArtifactError, match="made for model"):
+        art.Artifact.load(out, model_fingerprint="0" * 64)
+    broken = str(tmp_path / "broken")
+    shutil.copytree(out, broken)
+    with open(os.path.join(broken, "index.ivfdata"), "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(art.ArtifactError, match="index.ivfdata does not match its sha256"):
+        art.Artifact.load(broken)
+    shutil.copy(os.path.join(out, "index.ivfdata"), os.path.join(broken, "index.ivfdata"))
+    with open(os.path.join(broken, "geometry.npy"), "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(art.ArtifactError, match="geometry.npy has 200 bytes"):
+        art.Artifact.load(broken)
+    os.remove(os.path.join(broken, "manifest.json"))
+    with pytest.raises(art.ArtifactError, match="no manifest.json"):
+        art.Artifact.load(broken)
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest["format_version"] = 99
+    os.makedirs(broken + "2")
+    for name in os.listdir(out):
+        shutil.copy(os.path.join(out, name), os.path.join(broken + "2", name))
+    with open(os.path.join(broken + "2", "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(art.ArtifactError, match="format version 99"):
+        art.Artifact.load(broken + "2")
+
+
+def test_features_of_another_model_are_refused(feature_tables, codebooks, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for name in os.listdir(os.path.join(feature_tables["b"], "features")):
+        table = pq.read_table(os.path.join(feature_tables["b"], "features", name))
+        meta = dict(table.schema.metadata)
+        meta[b"delf_index.model_fingerprint"] = b"f" * 64
+        pq.write_table(table.replace_schema_metadata(meta), foreign / name)
+    with pytest.raises(art.ArtifactError, match="come from model ffffffffffff"):
+        build.run(["--features", str(foreign), "--codebooks", codebooks, "--output", str(tmp_path / "x")])
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(foreign / os.listdir(foreign)[0], mixed / "one.parquet")
+    first = os.listdir(os.path.join(feature_tables["a"], "features"))[0]
+    shutil.copy(os.path.join(feature_tables["a"], "features", first), mixed / "two.parquet")
+    with pytest.raises(ValueError, match="2 different models"):
+        fit.run(["--features", str(mixed), "--output", str(tmp_path / "cb")])
+
+
+def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path):
+    both = tmp_path / "both"
+    both.mkdir()
+    for group in ("a", "b"):
+        for name in os.listdir(os.path.join(feature_tables[group], "features")):
+            shutil.copy(os.path.join(feature_tables[group], "features", name), both / f"{group}-{name}")
+    full = str(tmp_path / "full")
+    build.run(["--features", str(both), "--codebooks", codebooks, "--output", full, "--workers", "1"])
+    grown = str(tmp_path / "grown")
+    build.run(["--features", feature_tables["a"], "--codebooks", codebooks, "--output", grown, "--workers", "1"])
+    appended = build.run(["--features", feature_tables["b"], "--output", grown, "--append", "--workers", "1"])
+    a, b = art.Artifact.load(full), art.Artifact.load(grown)
+    assert a.image_ids == b.image_ids and appended["counts"] == a.manifest["counts"]
+    np.testing.assert_array_equal(np.asarray(a.geometry), np.asarray(b.geometry))
+    queries = pca_lib.apply_pca(np.random.default_rng(0).normal(size=(20, 80)).astype(np.float32), a.pca)
+    for index in (a, b):
+        art.set_nprobe(index.index, 8)
+    np.testing.assert_array_equal(a.index.search(queries, 5)[1], b.index.search(queries, 5)[1])
+    with pytest.raises(art.ArtifactError, match="occur twice"):
+        build.run(["--features", feature_tables["b"], "--output", grown, "--append", "--workers", "1"])
+    assert len(art.Artifact.load(grown)) == len(a)  # the failed append left the artifact as it was
