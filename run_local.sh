@@ -20,15 +20,23 @@ case "${1:-demo}" in
     python -m pytest -q tests
     ;;
   demo)
-    pip install -q -e '.[dev]'
+    pip install -q -e '.[demo]'
     mkdir -p "$OUT"
-    python - "$OUT" <<'PY'
-import sys
-from PIL import Image
-from skimage import data
-Image.fromarray(data.astronaut()).save(f"{sys.argv[1]}/astronaut.jpg", quality=95)
-PY
-    delf-index extract-image "$OUT/astronaut.jpg" --output "$OUT/astronaut.npz"
+    python -m pipelines.demo_corpus "$OUT/corpus"
+    # extract -> fit -> build -> every image as a query -> metrics and report
+    delf-index evaluate --images "$OUT/corpus/images" --groups "$OUT/corpus/groups.csv" --workdir "$OUT" \
+      | tee "$OUT/evaluate.log"
+    # one example query, with its matches drawn
+    delf-index query --index "$OUT/index" "$OUT/corpus/images/astronaut-view.jpg" --top 3 --visualize "$OUT/matches"
+    echo
+    echo "mAP (leave-one-out on the demo corpus): $(tail -n 1 "$OUT/evaluate.log")"
+    echo "outputs:"
+    echo "  $OUT/corpus/        the demo images and groups.csv"
+    echo "  $OUT/features/      Parquet feature and error tables (docs/tables.md)"
+    echo "  $OUT/codebooks/     PCA + PQ codebooks"
+    echo "  $OUT/index/         the index artifact"
+    echo "  $OUT/eval/          metrics.json, report.md, pr.png, queries.parquet"
+    echo "  $OUT/matches/       the example query's matches"
     ;;
   *)
     echo "usage: $0 [demo|test]" >&2

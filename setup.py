@@ -23,6 +23,7 @@ setup(
         "gcsfs>=2024.2",
         "apache-beam[gcp]>=2.60,<3",
         "faiss-cpu>=1.8",
+        "matplotlib>=3.7",  # the evaluation report's precision-recall plot
     ],
     extras_require={
         # training and ONNX export; pin torch yourself if you want a CPU-only build
@@ -35,6 +36,7 @@ setup(
         ],
         "gpu": ["onnxruntime-gpu>=1.18"],
         "s3": ["s3fs>=2024.2"],
+        "demo": ["scikit-image>=0.22"],  # the built-in demo corpus is made from its photos
         "dev": [
             "pytest>=8",
             "ruff>=0.5",

@@ -20,6 +20,7 @@ default_conf = {
     "min_inliers": 8,  # fewer inliers than this count as no match
     "max_scale_change": 8.0,  # reject models scaling area by more than this factor squared
     "max_anisotropy": 6.0,  # reject models whose singular values differ more than this
+    "scale_tolerance": 2.0,  # inliers' feature-scale ratio must agree with the model's zoom within this factor
     "ratio": None,  # optional Lowe ratio test on top of mutual nearest neighbours
     "max_distance": None,  # optional bound on descriptor L2 distance (official: 0.8)
 }
@@ -47,11 +48,14 @@ def mutual_matches(desc_a, desc_b, ratio=None, max_distance=None):
     return np.stack([a[keep], b[keep]], axis=1).astype(np.int64)
 
 
-def ransac_affine(points_a, points_b, size_b, conf=None):
+def ransac_affine(points_a, points_b, size_b, conf=None, scales_a=None, scales_b=None):
     """Affine model a -> b and its inlier mask; (None, all False) when none is credible.
 
     `points_*` are [M, 2] (x, y) pixel coordinates; `size_b` is (width, height) of image b,
-    which sets the pixel threshold (see `reference_size`).
+    which sets the pixel threshold (see `reference_size`). With the features' scales, an
+    inlier must also have a scale ratio that agrees with the model's zoom (DELF features
+    carry their pyramid scale; a match of a small feature to a large one at the same spot
+    is not evidence).
     """
     conf = {**default_conf, **(conf or {})}
     m = len(points_a)
@@ -71,7 +75,13 @@ def ransac_affine(points_a, points_b, size_b, conf=None):
     if model is None or mask is None:
         return none
     inliers = mask.ravel().astype(bool)
-    if inliers.sum() < conf["min_inliers"] or degenerate(model, conf):
+    if degenerate(model, conf):
+        return none
+    if scales_a is not None and scales_b is not None and conf["scale_tolerance"]:
+        zoom = np.sqrt(abs(np.linalg.det(model[:, :2])))
+        mismatch = np.log(np.asarray(scales_b, np.float64) / np.asarray(scales_a, np.float64)) - np.log(zoom)
+        inliers &= np.abs(mismatch) < np.log(conf["scale_tolerance"])
+    if inliers.sum() < conf["min_inliers"]:
         return none
     return model, inliers
 

@@ -6,6 +6,7 @@ their command runs, so that commands which need no torch never import it.
 
 import importlib
 import logging
+import re
 import sys
 
 COMMANDS = {
@@ -14,7 +15,33 @@ COMMANDS = {
     "extract": ("pipelines.extract", "Beam job: images (glob, tar shards, manifest) -> Parquet feature tables"),
     "fit": ("pipelines.fit", "Beam job: feature tables -> PCA and PQ codebooks"),
     "build": ("pipelines.build", "Beam job: feature tables + codebooks -> index artifact (or --append to one)"),
+    "query": ("pipelines.query", "search an index with images; ranked results with verified inliers"),
+    "evaluate": ("pipelines.evaluate", "extract -> fit -> build -> queries -> metrics and report (Beam)"),
 }
+
+
+class WorkerLogs(logging.Filter):
+    """Beam's local multi-process runner forwards worker logs as protobuf dumps; keep
+    delf-index's own messages (progress) and show them as one plain line."""
+
+    message = re.compile(r'message: "(.*?)"\s+(?:instruction_id|transform_id|log_location)', re.S)
+
+    def filter(self, record):
+        text = record.getMessage()
+        if "/pipelines/" not in text and "/indexing/" not in text:
+            return False
+        found = self.message.search(text)
+        record.msg, record.args, record.name = (found.group(1) if found else text), (), "worker"
+        return True
+
+
+def setup_logging():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "onnxscript", "onnx_ir", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    forwarded = logging.getLogger("apache_beam.runners.portability.local_job_service")
+    forwarded.setLevel(logging.INFO)
+    forwarded.addFilter(WorkerLogs())
 
 
 def usage():
@@ -32,7 +59,7 @@ def main(argv=None):
     if command not in COMMANDS:
         print(f"delf-index: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     module_name = COMMANDS[command][0]
     try:
         module = importlib.import_module(module_name)

@@ -242,15 +242,15 @@ def extractor_conf(args):
 def local_options(args, beam_args):
     """Beam options: what the user passed, else a local multi-process FnApiRunner.
 
-    Beam 2.77's DirectRunner would try to download the Prism runner first; naming the
-    running mode keeps local runs offline.
+    Beam 2.77's DirectRunner would try to download the Prism runner first, even with a
+    running mode named; FnApiRunner keeps local runs offline.
     """
     if any(a.startswith("--runner") for a in beam_args):
         return PipelineOptions(beam_args, save_main_session=False)
     workers = max(1, args.workers)
     mode = "multi_processing" if workers > 1 else "in_memory"
     return PipelineOptions(
-        beam_args + ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
+        beam_args + ["--runner=FnApiRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
     )
 
 

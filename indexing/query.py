@@ -1,0 +1,233 @@
+"""The query module: which indexed images show the same place or object as this one?
+
+    index = Index.load("gs://bucket/index")          # or a local folder
+    for result in index.search("photo.jpg", top_k=10):
+        print(result.image_id, result.inliers, result.score)
+
+Ranking, every stage switchable so that its contribution can be measured:
+
+1. **global**: cosine similarity of GeM global descriptors, against every indexed image;
+2. **local voting** (DELF): each query descriptor's k nearest neighbours in the PQ index vote
+   for their images, weighted by similarity (each query descriptor counts once per image);
+3. **fusion**: ``global + local_weight * votes`` (the DELF paper fused with a global
+   descriptor too; DELG does it in one network);
+4. **verification** of the `shortlist` best: one-to-one correspondences from the k-NN
+   results, RANSAC affine (indexing/verify.py); final order: images with at least
+   `min_inliers` inliers first by inliers, then everything by the fused score.
+
+`Index` is safe to share between threads: searching only reads the faiss indexes, the
+extractor's onnxruntime session and the geometry.
+"""
+
+import dataclasses
+import threading
+
+import numpy as np
+
+from indexing import artifact as art
+from indexing import pca as pca_lib
+from indexing import verify
+
+default_conf = {
+    "use_global": True,  # rank by the global descriptor
+    "use_local": True,  # rank by k-NN votes of local descriptors
+    "use_verification": True,  # re-rank the shortlist by RANSAC inliers
+    "knn": 20,  # neighbours per query descriptor (votes and correspondences)
+    "nprobe": 32,  # coarse cells visited per query descriptor
+    "vote_floor": 0.5,  # similarity below which a neighbour does not vote; votes weigh (sim - floor)
+    "local_weight": 3.0,  # weight of the normalised local votes against the global similarity
+    "shortlist": 100,  # images verified geometrically
+    "min_inliers": 8,  # fewer inliers do not count as a verified match
+    "ransac": {},  # overrides of indexing.verify.default_conf (threshold, trials, ...)
+}
+
+
+@dataclasses.dataclass
+class Result:
+    image_id: str
+    uri: str
+    label: str
+    score: float  # fused score (global + weighted votes)
+    global_score: float
+    local_score: float
+    inliers: int  # verified inliers (0 when not verified or under min_inliers)
+    query_xy: np.ndarray = None  # [inliers, 2] inlier keypoints in the query (x, y)
+    match_xy: np.ndarray = None  # [inliers, 2] the corresponding keypoints in this image
+    row: int = -1  # int id of the image in the index
+
+    def as_dict(self):
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("query_xy", "match_xy")}
+        out["score"], out["global_score"], out["local_score"] = (
+            round(float(out[k]), 6) for k in ("score", "global_score", "local_score")
+        )
+        return out
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked (unreadable image, wrong model, ...)."""
+
+
+class Index:
+    def __init__(self, artifact, conf=None, model=None, threads=None, extractor=None):
+        unknown = set(conf or {}) - set(default_conf)
+        if unknown:
+            raise ValueError(f"unknown query options {sorted(unknown)}; known: {sorted(default_conf)}")
+        self.conf = {**default_conf, **(conf or {})}
+        self.ransac_conf = {**verify.default_conf, **self.conf["ransac"]}
+        self.artifact = artifact
+        self._model, self._threads, self._extractor = model, threads, extractor
+        self._lock = threading.Lock()
+        art.set_nprobe(artifact.index, self.conf["nprobe"])
+
+    @classmethod
+    def load(cls, uri, model=None, conf=None, verify_files=True, threads=None):
+        """Load an artifact; queries given as images are extracted with `model` (default: the
+        shipped model), which must be the model the index was built from."""
+        return cls(art.Artifact.load(uri, verify=verify_files), conf, model, threads)
+
+    @property
+    def extractor(self):
+        """The extractor for image queries, created on first use with the index's settings."""
+        with self._lock:
+            if self._extractor is None:
+                from pipelines.extractor import Extractor, default_conf
+
+                settings = {k: v for k, v in self.artifact.manifest.get("extractor", {}).items() if k in default_conf}
+                settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+                extractor = Extractor(self._model, settings, threads=self._threads)
+                if extractor.fingerprint != self.artifact.fingerprint:
+                    raise QueryError(
+                        f"the index was built from model {self.artifact.fingerprint[:12]}, the query model is "
+                        f"{extractor.fingerprint[:12]}: pass the index's model (--model)"
+                    )
+                self._extractor = extractor
+            return self._extractor
+
+    def __len__(self):
+        return len(self.artifact)
+
+    # -- input ----------------------------------------------------------------------------
+    def features_of(self, query):
+        """Features of a query: a path/URI, encoded bytes, a uint8 RGB array or Features."""
+        from pipelines.extractor import Features
+        from pipelines.images import ImageError, decode_image_limited, read_image
+
+        if isinstance(query, Features):
+            return query
+        try:
+            if isinstance(query, (bytes, bytearray)):
+                image, (width, height) = decode_image_limited(bytes(query), self.extractor.conf["max_image_size"])
+                features = self.extractor(image)
+                if (features.width, features.height) != (width, height):
+                    features = features.rescaled(width, height)
+                return features
+            if isinstance(query, np.ndarray):
+                return self.extractor(query)
+            return self.extractor(read_image(str(query)))
+        except (ImageError, FileNotFoundError, OSError) as e:
+            raise QueryError(f"cannot read the query {str(query)[:200]!r}: {e}") from e
+
+    # -- search ---------------------------------------------------------------------------
+    def search(self, query, top_k=10, exclude=(), with_matches=True):
+        """Ranked results (best first) for one query; `exclude`: image_ids to leave out (the
+        query itself in leave-one-out evaluation). `top_k=None` ranks the whole index."""
+        features = self.features_of(query)
+        conf = self.conf
+        n = len(self.artifact)
+        if n == 0:
+            return []
+        global_scores = np.zeros(n, np.float32)
+        if conf["use_global"]:
+            g = np.asarray(features.global_descriptor, np.float32)[None]
+            sims, rows = self.artifact.global_index.search(g, n)
+            global_scores[rows[0]] = sims[0]
+        local_scores = np.zeros(n, np.float32)
+        neighbours = None
+        if (conf["use_local"] or conf["use_verification"]) and len(features):
+            neighbours = self._neighbours(features)
+            if conf["use_local"]:
+                local_scores = self._votes(neighbours, n, len(features))
+        fused = global_scores * conf["use_global"] + conf["local_weight"] * local_scores
+        excluded = np.array([self.artifact.row_of[i] for i in exclude if i in self.artifact.row_of], np.int64)
+        fused_for_order = fused.copy()
+        fused_for_order[excluded] = -np.inf
+        order = np.argsort(-fused_for_order, kind="stable")
+        order = order[: n - len(excluded)]
+        inliers = np.zeros(n, np.int64)
+        matches = {}
+        if conf["use_verification"] and neighbours is not None:
+            for row in order[: conf["shortlist"]]:
+                count, qxy, dxy = self._verify(features, neighbours, row)
+                if count >= conf["min_inliers"]:
+                    inliers[row] = count
+                    matches[row] = (qxy, dxy)
+            # verified first by inliers, then everything by the fused score
+            order = sorted(order, key=lambda r: (-inliers[r], -fused[r]))
+        if top_k is not None:
+            order = order[:top_k]
+        results = []
+        for row in order:
+            qxy, dxy = matches.get(row, (None, None)) if with_matches else (None, None)
+            results.append(
+                Result(
+                    image_id=self.artifact.image_ids[row],
+                    uri=self.artifact.uris[row],
+                    label=self.artifact.labels[row],
+                    score=float(fused[row]),
+                    global_score=float(global_scores[row]),
+                    local_score=float(local_scores[row]),
+                    inliers=int(inliers[row]),
+                    query_xy=qxy,
+                    match_xy=dxy,
+                    row=int(row),
+                )
+            )
+        return results
+
+    def _neighbours(self, features):
+        """k nearest database descriptors of each query descriptor: (sims, image rows, feature
+        indices), each [n, k]; missing neighbours have row -1."""
+        reduced = pca_lib.apply_pca(features.descriptors, self.artifact.pca)
+        sims, ids = self.artifact.index.search(reduced, self.conf["knn"])
+        rows, feats = art.split_ids(np.where(ids < 0, 0, ids))
+        rows = np.where(ids < 0, -1, rows)
+        return sims, rows, feats
+
+    def _votes(self, neighbours, n, count):
+        """Per image: sum over query descriptors of their best (sim - floor)+ in that image,
+        divided by the number of query descriptors."""
+        sims, rows, _ = neighbours
+        weight = np.maximum(sims - self.conf["vote_floor"], 0)
+        query = np.repeat(np.arange(len(rows)), rows.shape[1])
+        keep = (rows.ravel() >= 0) & (weight.ravel() > 0)
+        pairs, w = query[keep] * n + rows.ravel()[keep], weight.ravel()[keep]
+        # the best weight of each (query descriptor, image) pair: sort by weight, first of each
+        order = np.argsort(-w, kind="stable")
+        _, first = np.unique(pairs[order], return_index=True)
+        chosen = order[first]
+        votes = np.bincount(pairs[chosen] % n, weights=w[chosen], minlength=n)
+        return (votes / max(count, 1)).astype(np.float32)
+
+    def _verify(self, features, neighbours, row):
+        """(inliers, query xy, database xy) of one database image from the k-NN correspondences,
+        made one-to-one greedily by similarity."""
+        sims, rows, feats = neighbours
+        q, slot = np.nonzero(rows == row)
+        if len(q) < self.ransac_conf["min_inliers"]:
+            return 0, None, None
+        s, f = sims[q, slot], feats[q, slot]
+        order = np.argsort(-s, kind="stable")
+        q, f = q[order], f[order]
+        _, first_q = np.unique(q, return_index=True)  # best neighbour of each query descriptor
+        q, f = q[first_q], f[first_q]
+        s = s[order][first_q]
+        order = np.argsort(-s, kind="stable")
+        q, f = q[order], f[order]
+        _, first_f = np.unique(f, return_index=True)  # ... and each database feature used once
+        q, f = q[first_f], f[first_f]
+        query_xy = features.keypoints[q]
+        db_xy, db_scale = self.artifact.geometry_of(row, f)
+        _, mask = verify.ransac_affine(
+            query_xy, db_xy, tuple(self.artifact.sizes[row]), self.ransac_conf, features.scale[q], db_scale
+        )
+        return int(mask.sum()), query_xy[mask], db_xy[mask]

@@ -1,0 +1,395 @@
+"""`delf-index evaluate`: extract -> fit -> build -> every query -> metrics and a report.
+
+    delf-index evaluate --images ../shared/data/landmarks-dev/images \
+        --groups ../shared/data/landmarks-dev/groups.csv --workdir /tmp/eval
+    delf-index evaluate --images data/roxford5k/jpg --gnd data/roxford5k/gnd_roxford5k.pkl --workdir /tmp/rox
+
+Protocols:
+
+- ``--groups groups.csv`` (``image,group``; an empty group marks a distractor): leave one
+  out, as landmarks-dev's SOURCES.md describes. Every grouped image is a query once, the
+  database is every other image, the positives are the rest of its group.
+- ``--gnd file.pkl``: Revisited Oxford/Paris ground truth (revisitop: imlist, qimlist, per
+  query bbx, easy, hard, junk). Queries are cropped to their box; Easy, Medium and Hard are
+  scored as revisitop does. This reads a pickle: only pass files you trust.
+
+Scores are revisitop's (indexing/metrics.py): mAP over the full ranking, mP@k, R@1. Outputs
+in --workdir/eval: metrics.json, report.md (with the ablation of the ranking stages, a
+precision-recall plot and the worst queries), queries.parquet. Steps whose outputs exist in
+--workdir for the same model are reused. The last line printed is a one-line JSON summary.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import os
+import pickle
+import sys
+import time
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from indexing import metrics
+from indexing.query import Index, default_conf
+from pipelines import build, extract, fit
+from pipelines.extract import local_options
+from pipelines.extractor import Features, load_model
+from pipelines.images import read_image
+from pipelines.tables import iter_batches, list_tables
+
+log = logging.getLogger(__name__)
+
+KAPPAS = (1, 5, 10)
+# the ablation: each ranking stage switched on in turn (README and the report show it)
+ABLATION = {
+    "global only": {"use_local": False, "use_verification": False},
+    "local voting only": {"use_global": False, "use_verification": False},
+    "fused": {"use_verification": False},
+    "fused + verification": {},
+}
+
+
+# -- ground truth --------------------------------------------------------------------------
+def groups_protocol(groups_csv, images):
+    """Leave-one-out queries of a groups.csv: (manifest rows, queries)."""
+    with open(groups_csv, newline="") as f:
+        rows = [(r["image"], r.get("group") or None) for r in csv.DictReader(f)]
+    manifest = [(name, os.path.join(images, name), group) for name, group in rows]
+    queries = []
+    for name, group in rows:
+        if group:
+            positives = [other for other, g in rows if g == group and other != name]
+            queries.append(
+                {"id": name, "label": group, "positives": {"all": positives}, "junk": {"all": []}, "exclude": [name]}
+            )
+    return manifest, queries
+
+
+def gnd_protocol(gnd_path, images):
+    """Revisitop queries: (database manifest rows, queries with Easy/Medium/Hard sets)."""
+    with open(gnd_path, "rb") as f:
+        cfg = pickle.load(f)  # revisitop's format; documented exception to "no pickle"
+
+    def path_of(name):
+        for candidate in (os.path.join(images, name + ".jpg"), os.path.join(images, "jpg", name + ".jpg")):
+            if os.path.exists(candidate) or "://" in images:
+                return candidate
+        return os.path.join(images, name + ".jpg")
+
+    manifest = [(name, path_of(name), None) for name in cfg["imlist"]]
+    queries = []
+    for name, gnd in zip(cfg["qimlist"], cfg["gnd"]):
+        easy = [cfg["imlist"][j] for j in gnd.get("easy", [])]
+        hard = [cfg["imlist"][j] for j in gnd.get("hard", [])]
+        junk = [cfg["imlist"][j] for j in gnd.get("junk", [])]
+        queries.append(
+            {
+                "id": name,
+                "uri": path_of(name),
+                "bbx": [float(v) for v in gnd["bbx"]] if gnd.get("bbx") is not None else None,
+                "positives": {"easy": easy, "medium": easy + hard, "hard": hard},
+                "junk": {"easy": junk + hard, "medium": junk, "hard": junk + easy},
+                "exclude": [],
+            }
+        )
+    return manifest, queries
+
+
+# -- queries as a Beam batch ---------------------------------------------------------------
+class RunQueries(beam.DoFn):
+    """Query -> per-query row: metrics of every protocol and configuration, top results."""
+
+    def __init__(self, index_uri, configs, keep=10):
+        self.index_uri, self.configs, self.keep = index_uri, configs, keep
+
+    def setup(self):
+        from indexing.artifact import Artifact
+
+        artifact = Artifact.load(self.index_uri)
+        self.indexes = {name: Index(artifact, conf) for name, conf in self.configs.items()}
+
+    def process(self, element):
+        query, features = element
+        if features is None:  # a query image outside the database (revisitop): crop, extract
+            image = read_image(query["uri"])
+            if query.get("bbx"):
+                x1, y1, x2, y2 = (int(round(v)) for v in query["bbx"])
+                image = np.ascontiguousarray(image[max(0, y1) : y2, max(0, x1) : x2])
+            features = next(iter(self.indexes.values())).features_of(image)
+        row = {"query": query["id"], "label": query.get("label")}
+        for name, index in self.indexes.items():
+            start = time.perf_counter()
+            results = index.search(features, top_k=None, exclude=query["exclude"], with_matches=False)
+            seconds = time.perf_counter() - start
+            ranking = [r.image_id for r in results]
+            for protocol, positives in query["positives"].items():
+                m = metrics.query_metrics(ranking, positives, query["junk"][protocol], KAPPAS)
+                row[f"{name}|{protocol}"] = m
+            row[f"{name}|seconds"] = seconds
+            row[f"{name}|top"] = [(r.image_id, r.inliers, round(r.score, 4)) for r in results[: self.keep]]
+            row[f"{name}|pr"] = precision_recall(ranking, query["positives"], query["junk"])
+        yield row
+
+
+RECALL_LEVELS = np.linspace(0, 1, 21)
+
+
+def precision_recall(ranking, positives, junk, levels=RECALL_LEVELS):
+    """Interpolated precision at recall levels, per protocol (for the report's plot)."""
+    out = {}
+    for protocol, pos in positives.items():
+        pos, skip = set(pos), set(junk[protocol])
+        if not pos:
+            continue
+        hits = np.array([item in pos for item in ranking if item not in skip], float)
+        found = np.cumsum(hits)
+        precision = found / np.arange(1, len(hits) + 1)
+        recall = found / len(pos)
+        out[protocol] = [float(precision[recall >= r].max()) if (recall >= r).any() else 0.0 for r in levels]
+    return out
+
+
+def query_elements(queries, features_uri, in_database):
+    """(query, features or None) pairs: database queries take their stored features."""
+    wanted = {q["id"]: q for q in queries if in_database}
+    elements = [(q, None) for q in queries if not in_database]
+    if wanted:
+        for uri in list_tables(features_uri):
+            for table in iter_batches(uri, None):
+                for row in table.to_pylist():
+                    if row["image_id"] in wanted:
+                        elements.append((wanted[row["image_id"]], features_from_row(row)))
+    return elements
+
+
+def features_from_row(row):
+    return Features(
+        x=np.asarray(row["x"], np.float32),
+        y=np.asarray(row["y"], np.float32),
+        scale=np.asarray(row["scale"], np.float32),
+        attention=np.asarray(row["attention"], np.float32),
+        descriptors=np.asarray(row["descriptors"], np.float32).reshape(row["num_features"], -1),
+        global_descriptor=np.asarray(row["global_descriptor"], np.float32),
+        width=row["width"],
+        height=row["height"],
+    )
+
+
+# -- the batch -------------------------------------------------------------------------------
+def reuse(path, fingerprint):
+    """True when a step's output exists for this model (evaluations are rerun often)."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("model_fingerprint") == fingerprint
+
+
+def write_manifest(rows, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "uri", "label"])
+        writer.writerows([(i, u, label or "") for i, u, label in rows])
+
+
+def summarise(rows, configs, protocols):
+    """{config: {protocol: mean metrics}} over the queries that have positives."""
+    out = {}
+    for name in configs:
+        out[name] = {}
+        for protocol in protocols:
+            per = [r[f"{name}|{protocol}"] for r in rows]
+            out[name][protocol] = metrics.mean_metrics(per, KAPPAS)
+        out[name]["seconds_per_query"] = float(np.mean([r[f"{name}|seconds"] for r in rows]))
+    return out
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="delf-index evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", required=True, help="folder (or fsspec URI) of the images")
+    truth = parser.add_mutually_exclusive_group(required=True)
+    truth.add_argument("--groups", help="groups.csv (image,group): leave-one-out protocol")
+    truth.add_argument("--gnd", help="revisitop ground truth .pkl (Easy / Medium / Hard)")
+    parser.add_argument("--workdir", required=True, help="features, codebooks, index and eval/ go here")
+    parser.add_argument("--model", help="exported .onnx model (default: the shipped one)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="local worker processes")
+    parser.add_argument("--no-ablation", action="store_true", help="score only the full ranking")
+    parser.add_argument("--fresh", action="store_true", help="recompute every step, reuse nothing")
+    for key in ("knn", "nprobe", "shortlist", "min_inliers"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=default_conf[key])
+    parser.add_argument("--local-weight", type=float, default=default_conf["local_weight"])
+    return parser.parse_known_args(argv)
+
+
+def run(argv=None):
+    """Run the evaluation batch; returns the summary dict (also printed as the last line)."""
+    args, beam_args = parse_args(argv)
+    work = args.workdir
+    os.makedirs(os.path.join(work, "eval"), exist_ok=True)
+    _, _, fingerprint = load_model(args.model)
+    in_database = args.groups is not None
+    manifest, queries = (
+        groups_protocol(args.groups, args.images) if in_database else gnd_protocol(args.gnd, args.images)
+    )
+    protocols = list(queries[0]["positives"]) if queries else []
+    common = ["--workers", str(args.workers)] + beam_args
+    model_args = ["--model", args.model] if args.model else []
+    timings = {}
+
+    start = time.time()
+    features = os.path.join(work, "features")
+    if args.fresh or not reuse(os.path.join(features, "_SUMMARY.json"), fingerprint):
+        write_manifest(manifest, os.path.join(work, "manifest.csv"))
+        extract.run(["--input", os.path.join(work, "manifest.csv"), "--output", features, *model_args, *common])
+    timings["extract_s"] = time.time() - start
+
+    start = time.time()
+    codebooks = os.path.join(work, "codebooks")
+    if args.fresh or not reuse(os.path.join(codebooks, "codebooks.json"), fingerprint):
+        fit.run(["--features", features, "--output", codebooks, *common])
+    timings["fit_s"] = time.time() - start
+
+    start = time.time()
+    index = os.path.join(work, "index")
+    if args.fresh or not reuse(os.path.join(index, "manifest.json"), fingerprint):
+        build.run(["--features", features, "--codebooks", codebooks, "--output", index, *common])
+    timings["build_s"] = time.time() - start
+
+    conf = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight")}
+    configs = {"fused + verification": conf} if args.no_ablation else {n: {**conf, **c} for n, c in ABLATION.items()}
+    start = time.time()
+    elements = query_elements(queries, features, in_database)
+    missing = len(queries) - len(elements)
+    if missing:
+        log.warning("%d queries have no features (see %s/errors) and are scored as failures", missing, features)
+    rows = []
+    options = local_options(args, beam_args)
+    with beam.Pipeline(options=options) as p:
+        results = (
+            p
+            | "Queries" >> beam.Create(elements)
+            | "Redistribute" >> beam.Reshuffle()
+            | "Search" >> beam.ParDo(RunQueries(index, configs))
+        )
+        results | "Collect" >> beam.combiners.ToList() | "Write" >> beam.Map(write_rows, os.path.join(work, "eval"))
+    with open(os.path.join(work, "eval", "rows.json")) as f:
+        rows = json.load(f)
+    for query in queries:  # a query that failed to extract ranks nothing: AP 0, not left out
+        if query["id"] not in {r["query"] for r in rows}:
+            rows.append(failed_row(query, configs, protocols))
+    timings["queries_s"] = time.time() - start
+    scores = summarise(rows, configs, protocols)
+    report(work, rows, scores, configs, protocols, timings, len(manifest))
+    main_protocol = "medium" if "medium" in protocols else protocols[0]
+    final = scores[list(configs)[-1]][main_protocol]
+    summary = {
+        "mAP": round(final["mAP"], 4),
+        "mP@5": round(final["mP@5"], 4),
+        "R@1": round(final["R@1"], 4),
+        "queries": final["queries"],
+    }
+    with open(os.path.join(work, "eval", "metrics.json"), "w") as f:
+        json.dump({"summary": summary, "protocol": main_protocol, "scores": scores, "timings": timings}, f, indent=1)
+    print(f"report: {os.path.join(work, 'eval', 'report.md')}")
+    print(json.dumps(summary))
+    return summary
+
+
+def failed_row(query, configs, protocols):
+    row = {"query": query["id"], "label": None}
+    for name in configs:
+        for protocol in protocols:
+            row[f"{name}|{protocol}"] = (
+                metrics.query_metrics([], query["positives"][protocol]) if query["positives"][protocol] else None
+            )
+        row[f"{name}|seconds"], row[f"{name}|top"], row[f"{name}|pr"] = 0.0, [], {}
+    return row
+
+
+def write_rows(rows, folder):
+    with open(os.path.join(folder, "rows.json"), "w") as f:
+        json.dump(rows, f)
+
+
+def report(work, rows, scores, configs, protocols, timings, database_size):
+    """metrics are in `scores`; this writes queries.parquet, pr.png and report.md."""
+    folder = os.path.join(work, "eval")
+    final = list(configs)[-1]
+    main_protocol = "medium" if "medium" in protocols else protocols[0]
+    table = pa.table(
+        {
+            "query": [r["query"] for r in rows],
+            **{
+                f"{c}|{p}|{k}".replace(" ", "_"): [(r[f"{c}|{p}"] or {}).get(k) for r in rows]
+                for c in configs
+                for p in protocols
+                for k in ("ap", "p@1", "p@5", "p@10", "r@1")
+            },
+            "top_image_ids": [[t[0] for t in r[f"{final}|top"]] for r in rows],
+            "top_inliers": [[t[1] for t in r[f"{final}|top"]] for r in rows],
+            "seconds": [r[f"{final}|seconds"] for r in rows],
+        }
+    )
+    pq.write_table(table, os.path.join(folder, "queries.parquet"))
+    plot_pr(rows, configs, main_protocol, os.path.join(folder, "pr.png"))
+    lines = [
+        "# delf-index evaluation",
+        "",
+        f"{len(rows)} queries against {database_size} database images; protocol `{main_protocol}`"
+        + (f" (also {', '.join(p for p in protocols if p != main_protocol)})" if len(protocols) > 1 else "")
+        + "; revisitop AP over the full ranking.",
+        "",
+        "| ranking | " + " | ".join(f"mAP {p}" for p in protocols) + " | mP@5 | R@1 | s/query |",
+        "| --- | " + " | ".join("---" for _ in protocols) + " | --- | --- | --- |",
+    ]
+    for name in configs:
+        s = scores[name]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{s[p]['mAP']:.3f}" for p in protocols)
+            + f" | {s[main_protocol]['mP@5']:.3f} | {s[main_protocol]['R@1']:.3f} | {s['seconds_per_query']:.3f} |"
+        )
+    lines += ["", "![precision-recall](pr.png)", "", f"## Worst queries ({final}, {main_protocol})", ""]
+    lines += ["| query | AP | top results (inliers) |", "| --- | --- | --- |"]
+    scored = [r for r in rows if r[f"{final}|{main_protocol}"]]
+    for r in sorted(scored, key=lambda r: r[f"{final}|{main_protocol}"]["ap"])[:10]:
+        top = ", ".join(f"{i} ({n})" for i, n, _ in r[f"{final}|top"][:3])
+        lines.append(f"| {r['query']} | {r[f'{final}|{main_protocol}']['ap']:.3f} | {top} |")
+    lines += ["", "Step times (seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
+    with open(os.path.join(folder, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot_pr(rows, configs, protocol, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = RECALL_LEVELS
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for name in configs:
+        curves = [r[f"{name}|pr"][protocol] for r in rows if protocol in r[f"{name}|pr"]]
+        if curves:
+            ax.plot(levels, np.mean(curves, axis=0), label=name)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("interpolated precision")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main())

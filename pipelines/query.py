@@ -1,0 +1,122 @@
+"""`delf-index query`: which indexed images show the same place as these images?
+
+    delf-index query --index gs://bucket/index photo.jpg
+    delf-index query --index /data/index a.jpg b.jpg --top 5 --json
+    delf-index query --index /data/index photo.jpg --visualize matches/
+
+Prints the ranked results with their verified inliers; `--visualize DIR` writes one PNG per
+result with both images side by side and the inlier correspondences drawn.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import cv2
+import numpy as np
+
+from indexing.query import Index, QueryError, default_conf
+from pipelines.images import ImageError, read_image
+
+
+def draw_matches(query_image, match_image, query_xy, match_xy, title=""):
+    """Both images side by side (same height), inlier correspondences as lines; RGB uint8."""
+    height = 480
+    scale_q = height / query_image.shape[0]
+    scale_m = height / match_image.shape[0]
+    left = cv2.resize(
+        query_image, (max(1, round(query_image.shape[1] * scale_q)), height), interpolation=cv2.INTER_AREA
+    )
+    right = cv2.resize(
+        match_image, (max(1, round(match_image.shape[1] * scale_m)), height), interpolation=cv2.INTER_AREA
+    )
+    canvas = np.concatenate([left, np.full((height, 8, 3), 255, np.uint8), right], axis=1)
+    offset = left.shape[1] + 8
+    if query_xy is not None:
+        rng = np.random.default_rng(0)
+        for (xq, yq), (xm, ym) in zip(query_xy, match_xy):
+            colour = tuple(int(c) for c in rng.integers(60, 255, 3))
+            p = (int(round((xq + 0.5) * scale_q - 0.5)), int(round((yq + 0.5) * scale_q - 0.5)))
+            q = (int(round((xm + 0.5) * scale_m - 0.5)) + offset, int(round((ym + 0.5) * scale_m - 0.5)))
+            cv2.line(canvas, p, q, colour, 1, cv2.LINE_AA)
+            cv2.circle(canvas, p, 3, colour, -1, cv2.LINE_AA)
+            cv2.circle(canvas, q, 3, colour, -1, cv2.LINE_AA)
+    if title:
+        cv2.putText(canvas, title, (10, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(canvas, title, (10, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas
+
+
+def save_png(path, rgb):
+    if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"cannot write {path}")
+
+
+def visualize(query_path, query_image, results, folder):
+    """One PNG per result under `folder`; returns the paths written (unreadable matches skipped)."""
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(str(query_path)))[0]
+    written = []
+    for rank, result in enumerate(results, 1):
+        try:
+            match = read_image(result.uri)
+        except (ImageError, OSError) as e:
+            print(f"  cannot draw {result.image_id}: {e}", file=sys.stderr)
+            continue
+        title = f"#{rank} {result.image_id}: {result.inliers} inliers, score {result.score:.3f}"
+        path = os.path.join(folder, f"{stem}-{rank:02d}.png")
+        save_png(path, draw_matches(query_image, match, result.query_xy, result.match_xy, title))
+        written.append(path)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="delf-index query", description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="+", help="query images (paths or fsspec URIs)")
+    parser.add_argument("--index", required=True, help="index artifact folder from `delf-index build`")
+    parser.add_argument("--top", type=int, default=10, help="results per query")
+    parser.add_argument("--json", action="store_true", help="one JSON line per query")
+    parser.add_argument("--visualize", metavar="DIR", help="write a PNG of each result's inlier matches here")
+    parser.add_argument("--model", help="the .onnx model the index was built from (default: the shipped one)")
+    parser.add_argument("--shortlist", type=int, default=default_conf["shortlist"], help="images verified per query")
+    parser.add_argument("--no-global", action="store_true", help="switch off the global descriptor")
+    parser.add_argument("--no-local", action="store_true", help="switch off local k-NN votes")
+    parser.add_argument("--no-verification", action="store_true", help="switch off geometric verification")
+    args = parser.parse_args(argv)
+    conf = {
+        "shortlist": args.shortlist,
+        "use_global": not args.no_global,
+        "use_local": not args.no_local,
+        "use_verification": not args.no_verification,
+    }
+    index = Index.load(args.index, model=args.model, conf=conf)
+    failures = 0
+    for path in args.images:
+        start = time.perf_counter()
+        try:
+            image = read_image(path)
+            results = index.search(image, top_k=args.top)
+        except (ImageError, OSError, QueryError) as e:
+            failures += 1
+            message = f"{path}: cannot query: {e}"
+            print(json.dumps({"query": path, "error": str(e)}) if args.json else message, file=sys.stderr)
+            continue
+        seconds = time.perf_counter() - start
+        if args.json:
+            print(json.dumps({"query": path, "seconds": round(seconds, 3), "results": [r.as_dict() for r in results]}))
+        else:
+            print(f"{path}: {len(results)} results from {len(index)} images ({seconds:.2f}s)")
+            for rank, r in enumerate(results, 1):
+                verified = f"{r.inliers:4d} inliers" if r.inliers else "  not verified"
+                print(f"  {rank:3d}. {r.image_id:<40} {verified}  score {r.score:.3f}")
+        if args.visualize:
+            written = visualize(path, image, results, args.visualize)
+            if not args.json:
+                print(f"  {len(written)} match images in {args.visualize}/")
+    return 1 if failures == len(args.images) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The query module, `delf-index query` and `delf-index evaluate` on a small real corpus."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from indexing.artifact import Artifact
+from indexing.query import Index, QueryError
+from pipelines import demo_corpus, evaluate
+from pipelines.extractor import Features
+from pipelines.images import read_image
+
+pytest.importorskip("skimage")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    demo_corpus.build(str(root), places=["astronaut", "coffee", "rocket"], distractors=["page", "moon", "brick"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(corpus, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    summary = evaluate.run(
+        [
+            "--images",
+            str(corpus / "images"),
+            "--groups",
+            str(corpus / "groups.csv"),
+            "--workdir",
+            str(work),
+            "--workers",
+            "1",
+        ]
+    )
+    return work, summary
+
+
+@pytest.fixture(scope="module")
+def index(evaluated):
+    return Index.load(str(evaluated[0] / "index"))
+
+
+def test_evaluate_writes_metrics_report_and_per_query_rows(evaluated):
+    work, summary = evaluated
+    assert set(summary) == {"mAP", "mP@5", "R@1", "queries"} and summary["queries"] == 18
+    assert summary["mAP"] > 0.8  # three places under strong synthetic changes, three distractors
+    with open(work / "eval" / "metrics.json") as f:
+        scores = json.load(f)["scores"]
+    assert set(scores) == {"global only", "local voting only", "fused", "fused + verification"}
+    report = (work / "eval" / "report.md").read_text()
+    assert "| fused + verification |" in report and "pr.png" in report and "Worst queries" in report
+    assert (work / "eval" / "pr.png").stat().st_size > 1000
+    rows = pq.read_table(work / "eval" / "queries.parquet")
+    assert rows.num_rows == 18 and "fused_+_verification|all|ap" in rows.column_names
+
+
+def test_search_takes_paths_bytes_arrays_and_features(index, corpus):
+    path = str(corpus / "images" / "coffee-view.jpg")
+    image = read_image(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    by_path = index.search(path, top_k=5, exclude=["coffee-view.jpg"])
+    assert by_path[0].image_id.startswith("coffee") and by_path[0].inliers >= 8
+    assert by_path[0].query_xy.shape == by_path[0].match_xy.shape == (by_path[0].inliers, 2)
+    for query in (data, image, index.features_of(image)):
+        again = index.search(query, top_k=5, exclude=["coffee-view.jpg"])
+        assert [r.image_id for r in again] == [r.image_id for r in by_path]
+        assert [r.inliers for r in again] == [r.inliers for r in by_path]
+    everything = index.search(image, top_k=None)
+    assert len(everything) == len(index) and everything[0].image_id == "coffee-view.jpg"
+
+
+def test_each_stage_can_be_switched_off(evaluated, corpus):
+    artifact = Artifact.load(str(evaluated[0] / "index"))
+    query = str(corpus / "images" / "rocket-zoom.jpg")
+    no_verification = Index(artifact, {"use_verification": False}).search(query, top_k=None)
+    assert all(r.inliers == 0 for r in no_verification)
+    no_global = Index(artifact, {"use_global": False}).search(query, top_k=None)
+    assert all(r.global_score == 0 for r in no_global) and no_global[0].local_score > 0
+    no_local = Index(artifact, {"use_local": False, "use_verification": False}).search(query, top_k=None)
+    assert all(r.local_score == 0 for r in no_local) and no_local[0].global_score > 0
+    with pytest.raises(ValueError, match="unknown query options"):
+        Index(artifact, {"knnn": 3})
+
+
+def test_parallel_queries_give_the_serial_results(index, corpus):
+    queries = sorted(str(p) for p in (corpus / "images").iterdir())[:8]
+    serial = [[(r.image_id, r.inliers, r.score) for r in index.search(q, top_k=5)] for q in queries]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(
+            pool.map(lambda q: [(r.image_id, r.inliers, r.score) for r in index.search(q, top_k=5)], queries)
+        )
+    assert parallel == serial
+
+
+def test_user_errors_and_edge_cases(index, evaluated, tmp_path):
+    (tmp_path / "bad.jpg").write_text("<html>403 Forbidden</html>")
+    with pytest.raises(QueryError, match="cannot read the query"):
+        index.search(str(tmp_path / "bad.jpg"))
+    with pytest.raises(QueryError, match="cannot read the query"):
+        index.search(str(tmp_path / "missing.jpg"))
+    no_features = Features(
+        x=np.zeros(0, np.float32),
+        y=np.zeros(0, np.float32),
+        scale=np.zeros(0, np.float32),
+        attention=np.zeros(0, np.float32),
+        descriptors=np.zeros((0, 112), np.float32),
+        global_descriptor=index.features_of(np.full((64, 64, 3), 90, np.uint8)).global_descriptor,
+        width=64,
+        height=64,
+    )
+    results = index.search(no_features, top_k=3)  # global similarity alone still ranks
+    assert len(results) == 3 and all(r.inliers == 0 for r in results)
+    everyone_but = index.search(no_features, top_k=None, exclude=list(index.artifact.image_ids[1:]))
+    assert [r.image_id for r in everyone_but] == [index.artifact.image_ids[0]]
+    foreign = Index(Artifact.load(str(evaluated[0] / "index")))
+    foreign.artifact.manifest["model_fingerprint"] = "0" * 64
+    with pytest.raises(QueryError, match="pass the index's model"):
+        foreign.search(np.full((64, 64, 3), 90, np.uint8))
+
+
+def test_query_command_json_and_visualisation(evaluated, corpus, tmp_path):
+    cmd = [sys.executable, "-m", "pipelines.cli", "query", "--index", str(evaluated[0] / "index")]
+    query = str(corpus / "images" / "astronaut-occluded.jpg")
+    out = subprocess.run(
+        cmd + [query, "--top", "3", "--json", "--visualize", str(tmp_path / "viz")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answer["results"][0]["image_id"] == "astronaut-occluded.jpg"
+    assert answer["results"][1]["image_id"].startswith("astronaut") and answer["results"][1]["inliers"] >= 8
+    assert len(os.listdir(tmp_path / "viz")) == 3
+    bad = subprocess.run(cmd + [str(tmp_path / "nothing.jpg")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "cannot query" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_revisitop_ground_truth_protocol(corpus, tmp_path, evaluated):
+    """A revisitop-style .pkl: queries outside the database, cropped to a box, Easy/Medium/Hard."""
+    images = sorted(p.name[: -len(".jpg")] for p in (corpus / "images").iterdir())
+    database = [n for n in images if n not in ("coffee", "rocket")]
+    size = read_image(str(corpus / "images" / "coffee.jpg")).shape
+    gnd = []
+    for query in ("coffee", "rocket"):
+        variants = [database.index(n) for n in database if n.startswith(query + "-")]
+        gnd.append(
+            {
+                "bbx": [10.0, 10.0, size[1] - 10.0, size[0] - 10.0],
+                "easy": variants[:2],
+                "hard": variants[2:4],
+                "junk": variants[4:],
+            }
+        )
+    cfg = {"imlist": database, "qimlist": ["coffee", "rocket"], "gnd": gnd}
+    with open(tmp_path / "gnd_demo.pkl", "wb") as f:
+        pickle.dump(cfg, f)
+    summary = evaluate.run(
+        [
+            "--images",
+            str(corpus / "images"),
+            "--gnd",
+            str(tmp_path / "gnd_demo.pkl"),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--workers",
+            "1",
+            "--no-ablation",
+        ]
+    )
+    with open(tmp_path / "work" / "eval" / "metrics.json") as f:
+        result = json.load(f)
+    assert result["protocol"] == "medium" and summary["queries"] == 2
+    assert set(result["scores"]["fused + verification"]) >= {"easy", "medium", "hard"}
+    assert result["scores"]["fused + verification"]["medium"]["mAP"] > 0.7
