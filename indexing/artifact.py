@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexing import pca as pca_lib
-from pipelines import inputs  # noqa: F401  (sets the gcsfs environment before gcsfs loads)
+from pipelines.inputs import retrying  # also sets the gcsfs environment before gcsfs loads
 
 CODEBOOKS_FORMAT, ARTIFACT_FORMAT, FORMAT_VERSION = "delf-index-codebooks", "delf-index-artifact", 1
 FEATURE_BITS = 16  # features per image < 65536
@@ -93,8 +93,10 @@ def sha256_of(path, chunk=1 << 22):
 
 
 def file_entries(folder, names):
-    return {n: {"sha256": sha256_of(os.path.join(folder, n)), "bytes": os.path.getsize(os.path.join(folder, n))}
-            for n in names}
+    return {
+        n: {"sha256": sha256_of(os.path.join(folder, n)), "bytes": os.path.getsize(os.path.join(folder, n))}
+        for n in names
+    }
 
 
 # -- moving folders between fsspec and local disk -------------------------------------------
@@ -103,7 +105,7 @@ def is_local(uri):
 
 
 def local_path(uri):
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def upload_folder(local_dir, uri, names):
@@ -111,7 +113,8 @@ def upload_folder(local_dir, uri, names):
     fs, root = fsspec.core.url_to_fs(uri)
     fs.makedirs(root, exist_ok=True)
     for name in sorted(names, key=lambda n: n.endswith(".json")):
-        fs.put_file(os.path.join(local_dir, name), posixpath.join(root, name))
+        source, target = os.path.join(local_dir, name), posixpath.join(root, name)
+        retrying(lambda s=source, t=target: fs.put_file(s, t), f"uploading {target}")
 
 
 def fetch_folder(uri, cache_dir=None):
@@ -127,7 +130,7 @@ def fetch_folder(uri, cache_dir=None):
         name = posixpath.basename(remote.rstrip("/"))
         target = os.path.join(local, name)
         if name.endswith(".json") or not os.path.exists(target) or os.path.getsize(target) != fs.size(remote):
-            fs.get_file(remote, target)
+            retrying(lambda r=remote, t=target: fs.get_file(r, t), f"downloading {remote}")
     return local
 
 
@@ -139,8 +142,12 @@ def write_codebooks(uri, pca, trained, info):
             f.write(pca_lib.pca_to_bytes(pca))
         faiss.write_index(trained, os.path.join(tmp, "trained.faiss"))
         names = ["pca.npz", "trained.faiss"]
-        manifest = {"format": CODEBOOKS_FORMAT, "format_version": FORMAT_VERSION, **info,
-                    "files": file_entries(tmp, names)}
+        manifest = {
+            "format": CODEBOOKS_FORMAT,
+            "format_version": FORMAT_VERSION,
+            **info,
+            "files": file_entries(tmp, names),
+        }
         with open(os.path.join(tmp, "codebooks.json"), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
         upload_folder(tmp, uri, names + ["codebooks.json"])

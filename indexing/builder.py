@@ -92,6 +92,9 @@ def merge_shards(prefixes, trained, out_dir, previous=None):
         vector.push_back(source)
     ntotal = invlists.merge_from_multiple(vector.data(), vector.size(), False) if sources else 0
     index.ntotal = ivf.ntotal = ntotal
+    # the header stores the data file's name: a bare name keeps index.faiss identical across
+    # builds (readers find the file next to it, IO_FLAG_ONDISK_SAME_DIR)
+    invlists.filename = "index.ivfdata"
     ivf.replace_invlists(invlists, True)
     invlists.this.disown()
     faiss.write_index(index, os.path.join(out_dir, "index.faiss"))

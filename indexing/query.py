@@ -21,6 +21,7 @@ extractor's onnxruntime session and the geometry.
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 
@@ -128,10 +129,13 @@ class Index:
             raise QueryError(f"cannot read the query {str(query)[:200]!r}: {e}") from e
 
     # -- search ---------------------------------------------------------------------------
-    def search(self, query, top_k=10, exclude=(), with_matches=True):
+    def search(self, query, top_k=10, exclude=(), with_matches=True, timings=None):
         """Ranked results (best first) for one query; `exclude`: image_ids to leave out (the
-        query itself in leave-one-out evaluation). `top_k=None` ranks the whole index."""
+        query itself in leave-one-out evaluation). `top_k=None` ranks the whole index.
+        A `timings` dict receives the seconds spent extracting, searching and verifying."""
+        clock = time.perf_counter()
         features = self.features_of(query)
+        extracted = time.perf_counter()
         conf = self.conf
         n = len(self.artifact)
         if n == 0:
@@ -153,6 +157,7 @@ class Index:
         fused_for_order[excluded] = -np.inf
         order = np.argsort(-fused_for_order, kind="stable")
         order = order[: n - len(excluded)]
+        searched = time.perf_counter()
         inliers = np.zeros(n, np.int64)
         matches = {}
         if conf["use_verification"] and neighbours is not None:
@@ -163,6 +168,10 @@ class Index:
                     matches[row] = (qxy, dxy)
             # verified first by inliers, then everything by the fused score
             order = sorted(order, key=lambda r: (-inliers[r], -fused[r]))
+        if timings is not None:
+            timings.update(
+                extract_s=extracted - clock, search_s=searched - extracted, verify_s=time.perf_counter() - searched
+            )
         if top_k is not None:
             order = order[:top_k]
         results = []
@@ -208,25 +217,25 @@ class Index:
         votes = np.bincount(pairs[chosen] % n, weights=w[chosen], minlength=n)
         return (votes / max(count, 1)).astype(np.float32)
 
-    def _verify(self, features, neighbours, row):
-        """(inliers, query xy, database xy) of one database image from the k-NN correspondences,
-        made one-to-one greedily by similarity."""
+    def correspondences(self, features, neighbours, row):
+        """One-to-one correspondences with one database image from the k-NN results, greedily
+        by similarity: (query indices, query xy, database xy, database scales)."""
         sims, rows, feats = neighbours
         q, slot = np.nonzero(rows == row)
+        s, f = sims[q, slot], feats[q, slot]
+        for side in ("query", "database"):  # each query descriptor, then each db feature, once
+            order = np.argsort(-s, kind="stable")
+            q, f, s = q[order], f[order], s[order]
+            _, first = np.unique(q if side == "query" else f, return_index=True)
+            q, f, s = q[first], f[first], s[first]
+        db_xy, db_scale = self.artifact.geometry_of(row, f)
+        return q, features.keypoints[q], db_xy, db_scale
+
+    def _verify(self, features, neighbours, row):
+        """(inliers, query xy, database xy) of one database image."""
+        q, query_xy, db_xy, db_scale = self.correspondences(features, neighbours, row)
         if len(q) < self.ransac_conf["min_inliers"]:
             return 0, None, None
-        s, f = sims[q, slot], feats[q, slot]
-        order = np.argsort(-s, kind="stable")
-        q, f = q[order], f[order]
-        _, first_q = np.unique(q, return_index=True)  # best neighbour of each query descriptor
-        q, f = q[first_q], f[first_q]
-        s = s[order][first_q]
-        order = np.argsort(-s, kind="stable")
-        q, f = q[order], f[order]
-        _, first_f = np.unique(f, return_index=True)  # ... and each database feature used once
-        q, f = q[first_f], f[first_f]
-        query_xy = features.keypoints[q]
-        db_xy, db_scale = self.artifact.geometry_of(row, f)
         _, mask = verify.ransac_affine(
             query_xy, db_xy, tuple(self.artifact.sizes[row]), self.ransac_conf, features.scale[q], db_scale
         )

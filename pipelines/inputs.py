@@ -18,6 +18,7 @@ import os
 import posixpath
 import re
 import tarfile
+import time
 
 import fsspec
 
@@ -33,7 +34,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def input_kind(spec):
-    """"manifest", "tar" or "images" for an --input value."""
+    """ "manifest", "tar" or "images" for an --input value."""
     lowered = spec.lower()
     if lowered.endswith(MANIFEST_EXTENSIONS):
         return "manifest"
@@ -61,6 +62,10 @@ def expand(spec, extensions):
     A directory is searched recursively for files with the given extensions; a glob is
     taken as given (a text file named .jpg must still reach the errors table).
     """
+    return retrying(lambda: _expand(spec, extensions), f"listing {spec}")
+
+
+def _expand(spec, extensions):
     fs, path = fsspec.core.url_to_fs(spec)
     if _GLOB_CHARS.search(path):
         paths = [p for p in fs.glob(path) if not fs.isdir(p)]
@@ -68,9 +73,7 @@ def expand(spec, extensions):
     elif fs.isdir(path):
         root = path.rstrip("/")
         paths = [
-            p
-            for p in fs.find(path)
-            if p.lower().endswith(extensions) and not posixpath.basename(p).startswith(".")
+            p for p in fs.find(path) if p.lower().endswith(extensions) and not posixpath.basename(p).startswith(".")
         ]
     elif fs.exists(path):
         root, paths = posixpath.dirname(path), [path]
@@ -116,9 +119,43 @@ def read_manifest(spec):
     return rows
 
 
+class StorageError(IOError):
+    """Object storage kept failing after retries; the message names the operation and cause."""
+
+
+def transient(error):
+    """Worth retrying: network trouble, timeouts, 408/429/5xx; not missing files or permissions."""
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    code = getattr(error, "code", None) or getattr(error, "status", None)
+    if isinstance(code, int):
+        return code in (408, 429) or code >= 500
+    return isinstance(error, (OSError, TimeoutError)) or "Timeout" in type(error).__name__
+
+
+def retrying(operation, what, attempts=None, delay=1.0):
+    """Run `operation()`; retry transient failures with exponential backoff, then raise a
+    StorageError that says what failed. fsspec backends (gcsfs, s3fs) also retry each request
+    themselves; this covers whole operations (an upload cut short, a listing) and plain
+    filesystems. DELF_INDEX_IO_ATTEMPTS sets the number of attempts (default 3)."""
+    attempts = attempts or int(os.environ.get("DELF_INDEX_IO_ATTEMPTS", "3"))
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except Exception as e:
+            if not transient(e):
+                raise
+            if attempt == attempts:
+                raise StorageError(f"{what} failed after {attempts} attempts: {type(e).__name__}: {e}") from e
+            time.sleep(delay * 2 ** (attempt - 1))
+
+
 def read_bytes(uri):
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
+    def read():
+        with fsspec.open(uri, "rb") as f:
+            return f.read()
+
+    return retrying(read, f"reading {uri}")
 
 
 def iter_tar(uri):

@@ -23,6 +23,7 @@ import fsspec
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
+from pipelines.inputs import retrying
 from schemas.features import error_row, rows_to_table
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,11 @@ def shard_path(output, name, shard, num_shards):
 
 
 def write_parquet(rows, path, schema):
+    """Write rows to `path` whole (see _write_parquet), retrying transient storage failures."""
+    retrying(lambda: _write_parquet(rows, path, schema), f"writing {path}")
+
+
+def _write_parquet(rows, path, schema):
     """Write rows to `path` so that readers never see a partial file.
 
     Object stores (gs://, s3://) publish an object only when its upload completes, so the
