@@ -38,8 +38,12 @@ class AttentionHead(nn.Module):
         self.bn = nn.BatchNorm2d(hidden)
         self.conv2 = nn.Conv2d(hidden, 1, 1)
 
+    def logits(self, x):
+        """Scores before the softplus, [B, H, W] (what training's ranking losses compare)."""
+        return self.conv2(F.relu(self.bn(self.conv1(x)))).squeeze(1)
+
     def forward(self, x):
-        return F.softplus(self.conv2(F.relu(self.bn(self.conv1(x))))).squeeze(1)
+        return F.softplus(self.logits(x))
 
 
 def gem(x, p=3.0, eps=1e-6):

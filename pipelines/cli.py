@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "export-model": ("model.export", "export the DELF network to ONNX (needs the [model] extra)"),
     "extract-image": ("pipelines.extract_image", "extract DELF features from one image and summarise them"),
+    "train": ("model.train", "train the attention head (and optionally fine-tune descriptors) on labelled images"),
     "extract": ("pipelines.extract", "Beam job: images (glob, tar shards, manifest) -> Parquet feature tables"),
     "fit": ("pipelines.fit", "Beam job: feature tables -> PCA and PQ codebooks"),
     "build": ("pipelines.build", "Beam job: feature tables + codebooks -> index artifact (or --append to one)"),
