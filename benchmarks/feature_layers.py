@@ -7,7 +7,10 @@ exhaustively (mutual nearest neighbours, then RANSAC affine). Reported, leave-on
 - global: the GeM global descriptor alone (the same for every layer of a backbone);
 - mutual NN: images ranked by the number of mutual nearest-neighbour matches;
 - inliers: ranked by RANSAC inliers, ties broken by mutual NN count;
-- inliers+global: ranked by RANSAC inliers, ties broken by global similarity.
+- inliers+global: ranked by RANSAC inliers, ties broken by global similarity;
+- PQ votes, system: the whole system on these features (PCA 40 + PQ index from `fit` and
+  `build` with their defaults, queries through indexing/query.py): k-NN votes alone, and
+  the full ranking (global + votes, verified shortlist).
 
     python benchmarks/feature_layers.py --workdir /tmp/layers [--configs efficientnet_lite0:stage5 ...]
 """
@@ -18,6 +21,7 @@ import os
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from benchmarks.landmarks import extract_all, leave_one_out_map, pairwise_local_scores, read_groups
 from model.export import build_model, export_onnx, metadata
@@ -29,6 +33,53 @@ CANDIDATES = [
     "efficientnet_lite0:stage6_expand",
     "efficientnet_lite2:stage5",
 ]
+
+
+def system_map(feats, groups, work, onnx_path):
+    """mAP of the whole system on these features: a features table, `fit` and `build` with
+    the defaults, then leave-one-out queries ranked by the query module (votes only; fused
+    with verification)."""
+    from indexing.artifact import Artifact
+    from indexing.query import Index
+    from pipelines import build, fit
+    from pipelines.extractor import load_model
+    from schemas import features as fs
+
+    _, meta, fingerprint = load_model(onnx_path)
+    names = [name for name, _ in read_groups()]
+    schema = fs.features_schema(
+        meta["descriptor_dim"], meta["global_dim"], "float16", fs.table_metadata("features", fingerprint, meta, {})
+    )
+    table = os.path.join(work, "table", "features")
+    os.makedirs(table, exist_ok=True)
+    rows = [fs.feature_row(n, n, g, f) for n, g, f in zip(names, groups, feats)]
+    pq.write_table(fs.rows_to_table(rows, schema), os.path.join(table, "features-00000-of-00001.parquet"))
+    fit.run(["--features", table, "--output", os.path.join(work, "codebooks"), "--workers", "1"])
+    build.run(
+        [
+            "--features",
+            table,
+            "--codebooks",
+            os.path.join(work, "codebooks"),
+            "--output",
+            os.path.join(work, "index"),
+            "--workers",
+            "1",
+        ]
+    )
+    artifact = Artifact.load(os.path.join(work, "index"))
+    out = {}
+    for key, conf in (("votes", {"use_global": False, "use_verification": False}), ("system", {})):
+        index = Index(artifact, conf)
+        scores = np.zeros((len(names), len(names)))
+        for q, (name, group) in enumerate(zip(names, groups)):
+            if group is None:
+                continue
+            results = index.search(feats[q], top_k=None, exclude=[name], with_matches=False)
+            for rank, r in enumerate(results):
+                scores[q, r.row] = len(results) - rank  # the module's order as scores
+        out[key] = leave_one_out_map(scores, groups)["mAP"]
+    return out
 
 
 def main(argv=None):
@@ -67,15 +118,16 @@ def main(argv=None):
             # final order of the query module: verified inliers first, then global similarity
             "inliers+global": leave_one_out_map(inliers + (glob @ glob.T) / 2, groups)["mAP"],
             "extract_seconds": seconds,
+            **system_map(feats, groups, work, onnx_path),
         }
         print(json.dumps(row), flush=True)
         results.append(row)
-    print("\n| backbone:layer | dim | global | mutual NN | inliers | inliers+global | extraction s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| backbone:layer | dim | global | mutual NN | inliers | inliers+global | PQ votes | system |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(
             f"| {r['config']} | {r['dim']} | {r['global']:.3f} | {r['mutual_nn']:.3f} | {r['inliers']:.3f} "
-            f"| {r['inliers+global']:.3f} | {r['extract_seconds']:.0f} |"
+            f"| {r['inliers+global']:.3f} | {r['votes']:.3f} | {r['system']:.3f} |"
         )
 
 

@@ -98,15 +98,15 @@ class EfficientNetLite(nn.Module):
     """EfficientNet-Lite0/1/2 as a DELF backbone.
 
     `feature_layer` names where the local features are taken (all stride 16):
-    ``"stage4"`` (end of the 80-channel stage, the default), ``"stage5"`` (end of the
-    112-channel stage) or ``"stage6_expand"`` (the 6x expansion that opens the stride-32
+    ``"stage4"`` (end of the 80-channel stage), ``"stage5"`` (end of the 112-channel stage,
+    the default) or ``"stage6_expand"`` (the 6x expansion that opens the stride-32
     stage, before its depthwise convolution). The last map is the 1280-channel head.
     """
 
     input_multiple = 32
     feature_layers = ("stage4", "stage5", "stage6_expand")
 
-    def __init__(self, name="efficientnet_lite0", feature_layer="stage4"):
+    def __init__(self, name="efficientnet_lite0", feature_layer="stage5"):
         super().__init__()
         if name not in _LITE_SCALING:
             raise ValueError(f"unknown EfficientNet-Lite variant {name!r}")
@@ -276,8 +276,8 @@ def build_backbone(name, feature_layer=None):
 
 DEFAULT_FEATURE_LAYER = {
     # measured on landmarks-dev (benchmarks/README.md, "Feature layer")
-    "efficientnet_lite0": "stage4",
-    "efficientnet_lite1": "stage4",
-    "efficientnet_lite2": "stage4",
+    "efficientnet_lite0": "stage5",
+    "efficientnet_lite1": "stage5",
+    "efficientnet_lite2": "stage5",
     "resnet50": "layer3",
 }

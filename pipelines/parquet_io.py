@@ -71,7 +71,9 @@ def _is_local(fs):
 class _WriteShard(beam.DoFn):
     def __init__(self, output, name, schema):
         self.output, self.name, self.schema = output, name, schema
-        self.rows_written = Metrics.counter("delf_index", f"{name}_rows_written")
+        # "features" rows are extracted images, "errors" rows failed ones
+        self.rows_written = Metrics.counter("delf_index", {"features": "images_written"}.get(name, "images_failed"))
+        self.features_written = Metrics.counter("delf_index", "features_written")
         self.duplicates = Metrics.counter("delf_index", "duplicate_image_ids")
 
     def process(self, element, num_shards):
@@ -92,6 +94,7 @@ class _WriteShard(beam.DoFn):
         path = shard_path(self.output, self.name, shard, num_shards)
         write_parquet(kept, path, self.schema)
         self.rows_written.inc(len(kept))
+        self.features_written.inc(sum(r.get("num_features", 0) for r in kept))
         log.info("wrote %s (%d rows)", path, len(kept))
         yield {
             "path": path,

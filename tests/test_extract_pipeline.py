@@ -110,14 +110,14 @@ def test_job_writes_tables_that_pandas_and_duckdb_read(image_dir, tmp_path, smal
     assert meta["model_fingerprint"] == Extractor().fingerprint and meta["table"] == "features"
     assert read_table_metadata(errors.schema)["model_fingerprint"] == meta["model_fingerprint"]
     # readers: pyarrow (flat numpy), pandas, DuckDB
-    assert descriptors_of(features).shape == (summary["features"], 80)
+    assert descriptors_of(features).shape == (summary["features"], meta["model"]["descriptor_dim"])
     frame = pd.read_parquet(os.path.join(out, "features"))
     assert frame.loc[frame.image_id == "astronaut.jpg", "width"].item() == small_photos["astronaut"].shape[1]
     con = duckdb.connect()
     n, dim = con.sql(
         f"select count(*), max(len(descriptors[1])) from '{out}/features/*.parquet' where num_features > 0"
     ).fetchall()[0]
-    assert (n, dim) == (4, 80)
+    assert (n, dim) == (4, meta["model"]["descriptor_dim"])
     # features equal a bare extractor call on the same decoded image (float16 storage)
     row = frame[frame.image_id == "chelsea.jpg"].iloc[0]
     decoded = np.asarray(Image.open(image_dir / "chelsea.jpg").convert("RGB"))

@@ -83,8 +83,9 @@ def test_options(photos):
     image = rgb(photos["rocket"])
     few = Extractor(conf={"max_features": 50, "scales": (1.0,)})(image)
     assert len(few) == 50 and np.allclose(few.scale, 1.0)
-    high = Extractor(conf={"score_threshold": 1e9})(image)
-    assert len(high) == 0 and high.descriptors.shape == (0, 80)
+    strict = Extractor(conf={"score_threshold": 1e9})
+    high = strict(image)
+    assert len(high) == 0 and high.descriptors.shape == (0, strict.metadata["descriptor_dim"])
     big = np.ascontiguousarray(np.tile(image, (3, 3, 1)))  # 1281 x 1800
     capped = Extractor(conf={"max_image_size": 900, "scales": (1.0,)})(big)
     assert capped.width == big.shape[1] and capped.height == big.shape[0]

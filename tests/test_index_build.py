@@ -181,7 +181,8 @@ def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path
     a, b = art.Artifact.load(full), art.Artifact.load(grown)
     assert a.image_ids == b.image_ids and appended["counts"] == a.manifest["counts"]
     np.testing.assert_array_equal(np.asarray(a.geometry), np.asarray(b.geometry))
-    queries = pca_lib.apply_pca(np.random.default_rng(0).normal(size=(20, 80)).astype(np.float32), a.pca)
+    queries = np.random.default_rng(0).normal(size=(20, a.pca["mean"].shape[0])).astype(np.float32)
+    queries = pca_lib.apply_pca(queries, a.pca)
     for index in (a, b):
         art.set_nprobe(index.index, 8)
     np.testing.assert_array_equal(a.index.search(queries, 5)[1], b.index.search(queries, 5)[1])
