@@ -100,13 +100,26 @@ class SelectionEngine:
         ]
 
 
+def run_network(run_dir):
+    """(backbone, feature layer) a training run trained its head for (its conf.json)."""
+    with open(os.path.join(run_dir, "conf.json")) as f:
+        conf = json.load(f)
+    if not conf.get("feature_layer"):
+        raise ValueError(f"{run_dir}/conf.json does not name its feature layer (a run from before it was recorded)")
+    return conf["backbone"], conf["feature_layer"]
+
+
 def export_run(run_dir, output):
     """The ONNX model of a training run (its head, and its backbone when stage 1 ran)."""
     from model.export import build_model, export_onnx, metadata
 
-    backbone = os.path.join(run_dir, "backbone.pt")
+    backbone, layer = run_network(run_dir)
+    weights = os.path.join(run_dir, "backbone.pt")
     model, provenance = build_model(
-        weights=backbone if os.path.exists(backbone) else None, attention=os.path.join(run_dir, "attention.pt")
+        backbone,
+        weights=weights if os.path.exists(weights) else None,
+        attention=os.path.join(run_dir, "attention.pt"),
+        feature_layer=layer,
     )
     export_onnx(model, output, metadata(model, provenance, score_threshold=0.0))
 
@@ -206,9 +219,10 @@ def evaluate(runs, workdir, budgets=BUDGETS, root=LANDMARKS, threads=1):
     results = []
     for name, run_dir in runs:
         work = os.path.join(workdir, "eval", f"{name}-{sha256_file(os.path.join(run_dir, 'attention.pt'))[:10]}")
+        network = "-".join(run_network(run_dir))
         backbone = os.path.join(run_dir, "backbone.pt")
-        shared = "imagenet" if not os.path.exists(backbone) else f"finetuned-{sha256_file(backbone)[:10]}"
-        shared = os.path.join(workdir, "eval", f"backbone-{shared}")
+        weights = "imagenet" if not os.path.exists(backbone) else f"finetuned-{sha256_file(backbone)[:10]}"
+        shared = os.path.join(workdir, "eval", f"{network}-{weights}")
         folders = {m: os.path.join(work if m == "attention" else shared, m) for m in MODES}
         os.makedirs(work, exist_ok=True)
         model_path = os.path.join(work, "model.onnx")

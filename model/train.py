@@ -15,9 +15,12 @@ DELF's recipe (Noh et al. 2017), on image-level landmark labels:
    Training crops are randomly rescaled over the extractor's pyramid range, so that scores
    from different pyramid levels can be compared when the best features are selected.
 
-Optionally (``matchability_weight``) a label-free objective trains the head as well: each
-crop is also warped by a random homography, and a cell's target is whether its mutual
-nearest neighbour in the other view is the geometrically right cell.
+Two optional objectives train the head as well (docs/training.md; benchmarks/README.md
+has what they measured): ``matchability_weight``, label-free: each crop is also warped by a
+random homography, and a cell is a positive when its mutual nearest neighbour in the other
+view is the geometrically right cell; ``verified_weight``: cells that RANSAC verifies between
+two images of the same landmark, over the whole pyramid, are the positives. Both rank
+positives above negatives (pairwise logistic loss).
 
 The manifest has Google-Landmarks-v2's ``train.csv`` shape: columns ``id``, ``landmark_id``
 and ``url`` or ``path`` (relative paths resolve against the manifest's folder), on any
@@ -45,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backbones import EfficientNetLite, ResNet50
+from model.backbones import DEFAULT_FEATURE_LAYER, EfficientNetLite, ResNet50
 from model.delf import DELF
 from model.weights import default_weights_path, read_state_dict
 from pipelines.images import read_image
@@ -54,7 +57,7 @@ logger = logging.getLogger("delf_index.train")
 
 default_conf = {
     "backbone": "efficientnet_lite0",  # DELF backbone (model/backbones.py)
-    "feature_layer": None,  # layer of the local features; None: the backbone's default
+    "feature_layer": None,  # layer of the local features; None: the backbone's default (recorded resolved)
     "weights": None,  # backbone state dict to start from; None: the packaged ImageNet weights
     "image_size": 1024,  # images are first shrunk to this largest side, as the extractor does
     "crop_size": 256,  # side of the square training crops, a multiple of 32
@@ -640,6 +643,8 @@ def train(manifest, output, conf=None, resume=False):
     conf = {**default_conf, **(conf or {})}
     conf["homography"] = {**default_conf["homography"], **conf["homography"]}
     conf["scale_range"] = tuple(conf["scale_range"])
+    # recorded resolved: the head fits this layer only, whatever the default becomes
+    conf["feature_layer"] = conf["feature_layer"] or DEFAULT_FEATURE_LAYER[conf["backbone"]]
     if conf["epochs"] and not any(
         conf[k] > 0 for k in ("classification_weight", "matchability_weight", "verified_weight")
     ):

@@ -146,7 +146,8 @@ def test_real_pair_targets(photos):
     scales = (0.5, 0.7071, 1.0, 1.4142)
     with torch.no_grad():
         cells = [T.PyramidCells(trainer, image, scales) for image in (coffee, zoomed, other, other[:, ::-1].copy())]
-    assert cells[0].features.shape == (sum(round(240 * s) // 16 * (round(320 * s) // 16) for s in scales), 80)
+    count = sum(round(240 * s) // 16 * (round(320 * s) // 16) for s in scales)
+    assert cells[0].features.shape == (count, trainer.net.backbone.local_dim)
     verified, tried = T.verified_targets(cells, [0, 0, 1, 1], max_pairs=5, seed=0)
     assert (verified, tried) == (1, 2), "a mirror image is no affine match"
     a, b = cells[0], cells[1]
@@ -179,10 +180,11 @@ def test_attention_learns_where_the_classes_differ(photos, tmp_path):
         "crops_per_image": 2,
         "epochs": 8,
         "lr": 3e-3,
+        "feature_layer": "stage4",  # a receptive field (147 px) narrower than a half
     }
     history = T.train(str(tmp_path / "train.csv"), str(tmp_path / "run"), conf)
     assert history[-1]["loss"] < history[0]["loss"]
-    model, _ = build_model(attention=str(tmp_path / "run" / "attention.pt"))
+    model, _ = build_model(attention=str(tmp_path / "run" / "attention.pt"), feature_layer="stage4")
     image = np.array(Image.open(tmp_path / "coffee0.png"))
     with torch.no_grad():
         _, scores, _ = model(torch.from_numpy(image)[None])
