@@ -82,8 +82,10 @@ def main(argv=None):
     print("\n| PCA | quantizer | nprobe | recall@10 | 1-NN in top 10 | bytes/descriptor |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['pca']} | {r['quantizer']} | {r['nprobe']} | {r['recall@10']} | {r['1-NN in top 10']} "
-              f"| {r['bytes/descriptor']} |")
+        print(
+            f"| {r['pca']} | {r['quantizer']} | {r['nprobe']} | {r['recall@10']} | {r['1-NN in top 10']} "
+            f"| {r['bytes/descriptor']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ default_conf = {
     "knn": 20,  # neighbours per query descriptor (votes and correspondences)
     "nprobe": 32,  # coarse cells visited per query descriptor
     "vote_floor": 0.5,  # similarity below which a neighbour does not vote; votes weigh (sim - floor)
-    "local_weight": 3.0,  # weight of the normalised local votes against the global similarity
+    "local_weight": 10.0,  # weight of the normalised local votes against the global similarity
     "shortlist": 100,  # images verified geometrically
-    "min_inliers": 8,  # fewer inliers do not count as a verified match
+    "min_inliers": 12,  # fewer inliers do not count as a verified match
     "ransac": {},  # overrides of indexing.verify.default_conf (threshold, trials, ...)
 }
 

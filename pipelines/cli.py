@@ -38,7 +38,7 @@ class WorkerLogs(logging.Filter):
 
 def setup_logging():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "onnxscript", "onnx_ir", "torch"):
+    for noisy in ("apache_beam", "onnxscript", "onnx_ir", "torch", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     forwarded = logging.getLogger("apache_beam.runners.portability.local_job_service")
     forwarded.setLevel(logging.INFO)

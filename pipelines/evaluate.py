@@ -218,6 +218,7 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="local worker processes")
     parser.add_argument("--no-ablation", action="store_true", help="score only the full ranking")
     parser.add_argument("--fresh", action="store_true", help="recompute every step, reuse nothing")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the codebook training (fit)")
     for key in ("knn", "nprobe", "shortlist", "min_inliers"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=default_conf[key])
     parser.add_argument("--local-weight", type=float, default=default_conf["local_weight"])
@@ -249,7 +250,7 @@ def run(argv=None):
     start = time.time()
     codebooks = os.path.join(work, "codebooks")
     if args.fresh or not reuse(os.path.join(codebooks, "codebooks.json"), fingerprint):
-        fit.run(["--features", features, "--output", codebooks, *common])
+        fit.run(["--features", features, "--output", codebooks, "--seed", str(args.seed), *common])
     timings["fit_s"] = time.time() - start
 
     start = time.time()

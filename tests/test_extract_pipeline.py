@@ -200,7 +200,7 @@ def test_manifest_with_labels_and_missing_files(tmp_path, small_photos):
     for name in ("astronaut", "coffee"):
         (folder / "img" / f"{name}.jpg").write_bytes(jpeg_bytes(small_photos[name]))
     (folder / "train.csv").write_text(
-        "id,url,landmark_id\n" "a1,img/astronaut.jpg,7\n" "c2,img/coffee.jpg,9\n" "m3,img/missing.jpg,9\n"
+        "id,url,landmark_id\na1,img/astronaut.jpg,7\nc2,img/coffee.jpg,9\nm3,img/missing.jpg,9\n"
     )
     out = str(tmp_path / "out")
     extract.run(["--input", str(folder / "train.csv"), "--output", out, "--workers", "1"])
