@@ -1,0 +1,176 @@
+"""Query latency split into extraction, search and verification; RANSAC against skimage.
+
+Part 1: image queries (read, extract, search, verify) against an index built by
+`delf-index evaluate` (its --workdir), then against the same index plus `--distractors`
+synthetic descriptors (real descriptors with noise, random geometry) in 1000-feature images.
+Part 2: the verification step alone against `skimage.measure.ransac` (what the official DELF
+matcher uses: AffineTransform, 3 samples, 1000 trials) on the same correspondences, with the
+inlier counts compared.
+
+    delf-index evaluate --images .../landmarks-dev/images --groups .../groups.csv --workdir /tmp/lm
+    python -m benchmarks.query_latency --workdir /tmp/lm --images .../landmarks-dev/images
+"""
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from indexing import verify
+from indexing.query import Index
+from pipelines import build
+from pipelines.tables import list_tables
+from schemas import features as fs
+
+
+def latency(index, paths):
+    splits = []
+    for path in paths:
+        timings = {}
+        start = time.perf_counter()
+        index.search(path, top_k=10, timings=timings)
+        timings["total_s"] = time.perf_counter() - start
+        splits.append(timings)
+    return {k: round(float(np.median([t[k] for t in splits])), 4) for k in splits[0]}
+
+
+def distractor_table(source_uri, out_path, images, seed=0):
+    """Synthetic images of 1000 features: real descriptors from `source_uri` with noise."""
+    table = pq.read_table(source_uri)
+    rng = np.random.default_rng(seed)
+    pool = fs.descriptors_of(table).astype(np.float32)
+    globals_ = np.stack(table.column("global_descriptor").to_numpy(zero_copy_only=False))
+    schema = table.schema
+    dim = pool.shape[1]
+    rows = []
+    for i in range(images):
+        desc = pool[rng.integers(0, len(pool), 1000)] + 0.1 * rng.normal(size=(1000, dim)).astype(np.float32)
+        glob = globals_[rng.integers(0, len(globals_))] + 0.05 * rng.normal(size=globals_.shape[1])
+        rows.append(
+            {
+                "image_id": f"distractor/{i:07d}",
+                "uri": "",
+                "label": None,
+                "width": 1024,
+                "height": 768,
+                "num_features": 1000,
+                "x": rng.uniform(0, 1023, 1000).astype(np.float32),
+                "y": rng.uniform(0, 767, 1000).astype(np.float32),
+                "scale": rng.choice([0.5, 0.71, 1, 1.41, 2, 2.83, 4], 1000).astype(np.float32),
+                "attention": np.sort(rng.uniform(0, 1, 1000))[::-1].astype(np.float32),
+                "descriptors": (desc / np.linalg.norm(desc, axis=1, keepdims=True)).astype(np.float16),
+                "global_descriptor": (glob / np.linalg.norm(glob)).astype(np.float32),
+            }
+        )
+        if len(rows) == 1000 or i == images - 1:
+            pq.write_table(fs.rows_to_table(rows, schema), f"{out_path}-{i // 1000:04d}.parquet")
+            rows = []
+
+
+def ransac_comparison(index, feature_rows, pairs=200):
+    from skimage.measure import ransac
+    from skimage.transform import AffineTransform
+
+    from pipelines.evaluate import features_from_row
+
+    conf = {**index.ransac_conf, "scale_tolerance": None, "max_anisotropy": 1e9, "max_scale_change": 1e9}
+    ours_s, theirs_s, ours_n, theirs_n, sizes = 0.0, 0.0, [], [], []
+    done = 0
+    for row in feature_rows:
+        features = features_from_row(row)
+        neighbours = index._neighbours(features)
+        for result in index.search(features, top_k=5, with_matches=False)[1:]:
+            q, qxy, dxy, _ = index.correspondences(features, neighbours, result.row)
+            if len(q) < 8:
+                continue
+            size = tuple(index.artifact.sizes[result.row])
+            threshold = conf["ransac_threshold"] * max(size) / conf["reference_size"]
+            start = time.perf_counter()
+            _, mask = verify.ransac_affine(qxy, dxy, size, {**conf, "min_inliers": 0})
+            ours_s += time.perf_counter() - start
+            start = time.perf_counter()
+            _, inliers = ransac(
+                (qxy.astype(np.float64), dxy.astype(np.float64)),
+                AffineTransform,
+                min_samples=3,
+                residual_threshold=threshold,
+                max_trials=1000,
+                rng=0,
+            )
+            theirs_s += time.perf_counter() - start
+            sizes.append(len(q))
+            ours_n.append(int(mask.sum()))
+            theirs_n.append(int(inliers.sum()) if inliers is not None else 0)
+            done += 1
+            if done == pairs:
+                break
+        if done == pairs:
+            break
+    ours_n, theirs_n = np.array(ours_n), np.array(theirs_n)
+    return {
+        "pairs": done,
+        "median correspondences": float(np.median(sizes)),
+        "opencv ms/pair": round(1000 * ours_s / done, 3),
+        "skimage ms/pair": round(1000 * theirs_s / done, 3),
+        "speed-up": round(theirs_s / ours_s, 1),
+        "inliers opencv / skimage (sum)": round(float(ours_n.sum() / max(theirs_n.sum(), 1)), 3),
+        "median |difference| in inliers": float(np.median(np.abs(ours_n - theirs_n))),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="a `delf-index evaluate` workdir (features, codebooks, index)")
+    parser.add_argument("--images", required=True, help="the images the index was built from (queries)")
+    parser.add_argument("--queries", type=int, default=30)
+    parser.add_argument("--distractors", type=int, default=1_000_000, help="synthetic descriptors to add")
+    args = parser.parse_args(argv)
+    names = sorted(os.listdir(args.images))
+    paths = [os.path.join(args.images, n) for n in names[:: max(1, len(names) // args.queries)][: args.queries]]
+    index = Index.load(os.path.join(args.workdir, "index"))
+    index.search(paths[0])  # warm-up: model load, first shapes
+    base = {"images": len(index), "descriptors": int(index.artifact.index.ntotal), **latency(index, paths)}
+    print(json.dumps({"index": "as built", **base}), flush=True)
+
+    rows = pq.read_table(list_tables(os.path.join(args.workdir, "features"))[0]).to_pylist()
+    print(json.dumps({"verification": ransac_comparison(index, rows[:: max(1, len(rows) // 60)])}), flush=True)
+
+    work = tempfile.mkdtemp(prefix="delf-latency-")
+    try:
+        tables = os.path.join(work, "features")
+        os.makedirs(tables)
+        for uri in list_tables(os.path.join(args.workdir, "features")):
+            shutil.copy(uri, tables)
+        distractor_table(
+            list_tables(os.path.join(args.workdir, "features"))[0],
+            os.path.join(tables, "zz-distractors"),
+            args.distractors // 1000,
+        )
+        big = os.path.join(work, "index")
+        build.run(
+            [
+                "--features",
+                tables,
+                "--codebooks",
+                os.path.join(args.workdir, "codebooks"),
+                "--output",
+                big,
+                "--workers",
+                "1",
+            ]
+        )
+        index = Index.load(big)
+        index.search(paths[0])
+        grown = {"images": len(index), "descriptors": int(index.artifact.index.ntotal), **latency(index, paths)}
+        print(json.dumps({"index": f"+{args.distractors} synthetic descriptors", **grown}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
