@@ -215,7 +215,9 @@ def parse_args(argv):
     truth.add_argument("--gnd", help="revisitop ground truth .pkl (Easy / Medium / Hard)")
     parser.add_argument("--workdir", required=True, help="features, codebooks, index and eval/ go here")
     parser.add_argument("--model", help="exported .onnx model (default: the shipped one)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="local worker processes")
+    parser.add_argument(
+        "--workers", type=int, help="local worker processes (default: extract's for extraction, cores for the rest)"
+    )
     parser.add_argument("--no-ablation", action="store_true", help="score only the full ranking")
     parser.add_argument("--fresh", action="store_true", help="recompute every step, reuse nothing")
     parser.add_argument("--seed", type=int, default=0, help="seed of the codebook training (fit)")
@@ -236,7 +238,8 @@ def run(argv=None):
         groups_protocol(args.groups, args.images) if in_database else gnd_protocol(args.gnd, args.images)
     )
     protocols = list(queries[0]["positives"]) if queries else []
-    common = ["--workers", str(args.workers)] + beam_args
+    common = ["--workers", str(args.workers or os.cpu_count())] + beam_args
+    extract_workers = ["--workers", str(args.workers or extract.DEFAULT_WORKERS)] + beam_args
     model_args = ["--model", args.model] if args.model else []
     timings = {}
 
@@ -244,7 +247,9 @@ def run(argv=None):
     features = os.path.join(work, "features")
     if args.fresh or not reuse(os.path.join(features, "_SUMMARY.json"), fingerprint):
         write_manifest(manifest, os.path.join(work, "manifest.csv"))
-        extract.run(["--input", os.path.join(work, "manifest.csv"), "--output", features, *model_args, *common])
+        extract.run(
+            ["--input", os.path.join(work, "manifest.csv"), "--output", features, *model_args, *extract_workers]
+        )
     timings["extract_s"] = time.time() - start
 
     start = time.time()

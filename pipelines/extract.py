@@ -169,6 +169,12 @@ def failed_batches_to_errors(failed):
         yield table_schema.error_row(image_id, uri, "extract", f"{type(exception).__name__}: {exception}")
 
 
+# Local runs: one worker process per two cores, each with cores / workers onnxruntime threads.
+# Measured on 2 cores (benchmarks/README.md, "Pipeline overhead"): one process with two
+# threads beat two single-threaded processes, whose start-up Beam pays on every run.
+DEFAULT_WORKERS = max(1, (os.cpu_count() or 1) // 2)
+
+
 def build(p, args, conf):
     """Add the extraction steps to pipeline `p`; returns the features and errors PCollections."""
     kind = inputs.input_kind(args.input)
@@ -218,7 +224,9 @@ def parse_args(argv):
     parser.add_argument("--rows-per-shard", type=int, default=default_options["rows_per_shard"])
     parser.add_argument("--batch-size", type=int, default=default_options["batch_size"])
     parser.add_argument("--max-pixels", type=int, default=default_options["max_pixels"])
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="local worker processes (default: cores)")
+    parser.add_argument(
+        "--workers", type=int, default=DEFAULT_WORKERS, help="local worker processes (default: one per two cores)"
+    )
     parser.add_argument("--threads", type=int, help="onnxruntime threads per worker (default: cores / workers)")
     group = parser.add_argument_group("extraction (defaults: the official DELF settings, docs/extraction.md)")
     group.add_argument("--scales", type=float, nargs="+")
