@@ -44,8 +44,9 @@ def draw_matches(query_image, match_image, query_xy, match_xy, title=""):
             cv2.circle(canvas, p, 3, colour, -1, cv2.LINE_AA)
             cv2.circle(canvas, q, 3, colour, -1, cv2.LINE_AA)
     if title:
-        cv2.putText(canvas, title, (10, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(canvas, title, (10, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
+        (w, h), _ = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)
+        cv2.rectangle(canvas, (0, 0), (w + 20, h + 16), (0, 0, 0), -1)  # legible on any photo
+        cv2.putText(canvas, title, (10, h + 8), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
     return canvas
 
 
