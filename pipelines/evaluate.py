@@ -180,12 +180,14 @@ def features_from_row(row):
 
 
 # -- the batch -------------------------------------------------------------------------------
-def reuse(path, fingerprint):
-    """True when a step's output exists for this model (evaluations are rerun often)."""
+def reuse(path, fingerprint, **conf):
+    """True when a step's output exists for this model and these settings of its `conf`
+    (evaluations are rerun often)."""
     if not os.path.exists(path):
         return False
     with open(path) as f:
-        return json.load(f).get("model_fingerprint") == fingerprint
+        done = json.load(f)
+    return done.get("model_fingerprint") == fingerprint and all(done["conf"].get(k) == v for k, v in conf.items())
 
 
 def write_manifest(rows, path):
@@ -254,13 +256,14 @@ def run(argv=None):
 
     start = time.time()
     codebooks = os.path.join(work, "codebooks")
-    if args.fresh or not reuse(os.path.join(codebooks, "codebooks.json"), fingerprint):
+    refit = args.fresh or not reuse(os.path.join(codebooks, "codebooks.json"), fingerprint, seed=args.seed)
+    if refit:
         fit.run(["--features", features, "--output", codebooks, "--seed", str(args.seed), *common])
     timings["fit_s"] = time.time() - start
 
     start = time.time()
     index = os.path.join(work, "index")
-    if args.fresh or not reuse(os.path.join(index, "manifest.json"), fingerprint):
+    if refit or not reuse(os.path.join(index, "manifest.json"), fingerprint):  # new codebooks, new index
         build.run(["--features", features, "--codebooks", codebooks, "--output", index, *common])
     timings["build_s"] = time.time() - start
 

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +63,19 @@ def test_evaluate_writes_metrics_report_and_per_query_rows(evaluated):
     assert (work / "eval" / "pr.png").stat().st_size > 1000
     rows = pq.read_table(work / "eval" / "queries.parquet")
     assert rows.num_rows == 18 and "fused_+_verification|all|ap" in rows.column_names
+
+
+def test_evaluate_reuses_features_and_refits_for_another_seed(evaluated, corpus, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(evaluated[0], work)
+    features_written = (work / "features" / "_SUMMARY.json").stat().st_mtime_ns
+    args = ["--images", str(corpus / "images"), "--groups", str(corpus / "groups.csv"), "--workdir", str(work)]
+    evaluate.run([*args, "--workers", "1", "--no-ablation", "--seed", "1"])
+    assert (work / "features" / "_SUMMARY.json").stat().st_mtime_ns == features_written
+    with open(work / "codebooks" / "codebooks.json") as f:
+        assert json.load(f)["conf"]["seed"] == 1  # not the seed-0 codebooks of the first run
+    with open(evaluated[0] / "codebooks" / "codebooks.json") as f, open(work / "index" / "manifest.json") as g:
+        assert json.load(f)["files"]["trained.faiss"]["sha256"] != json.load(g)["files"]["trained.faiss"]["sha256"]
 
 
 def test_search_takes_paths_bytes_arrays_and_features(index, corpus):
