@@ -137,7 +137,7 @@ def _column(values, arrow_type):
     if pa.types.is_list(arrow_type) and pa.types.is_fixed_size_list(arrow_type.value_type):
         # list<fixed_size_list<T, D>>: one flat buffer, offsets per row
         inner = arrow_type.value_type
-        dim, dtype = inner.list_size, inner.value_type.to_pandas_dtype()
+        dim, dtype = inner.list_size, numpy_dtype(inner.value_type)
         counts = [len(v) for v in values]
         flat = np.concatenate([np.asarray(v, dtype).reshape(-1) for v in values]) if values else np.zeros(0, dtype)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -149,11 +149,19 @@ def _column(values, arrow_type):
         return pa.FixedSizeListArray.from_arrays(pa.array(flat, arrow_type.value_type), dim)
     if pa.types.is_list(arrow_type):
         counts = [len(v) for v in values]
-        dtype = arrow_type.value_type.to_pandas_dtype()
+        dtype = numpy_dtype(arrow_type.value_type)
         flat = np.concatenate([np.asarray(v, dtype) for v in values]) if values else np.zeros(0, dtype)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, arrow_type.value_type))
     return pa.array(values, arrow_type)
+
+
+def numpy_dtype(arrow_type):
+    """The numpy dtype of a numeric Arrow type, without pyarrow's pandas-based mapping
+    (workers have no pandas)."""
+    kind = "f" if pa.types.is_floating(arrow_type) else "i" if pa.types.is_signed_integer(arrow_type) else "u"
+    assert pa.types.is_floating(arrow_type) or pa.types.is_integer(arrow_type), arrow_type
+    return np.dtype(f"{kind}{arrow_type.bit_width // 8}")
 
 
 def descriptors_of(table):
