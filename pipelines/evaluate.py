@@ -54,8 +54,15 @@ ABLATION = {
 
 
 # -- ground truth --------------------------------------------------------------------------
+def absolute(images):
+    """Local image folders as absolute paths: the manifest written for `extract` resolves
+    relative paths against its own folder, not the working directory."""
+    return images if "://" in images else os.path.abspath(images)
+
+
 def groups_protocol(groups_csv, images):
     """Leave-one-out queries of a groups.csv: (manifest rows, queries)."""
+    images = absolute(images)
     with open(groups_csv, newline="") as f:
         rows = [(r["image"], r.get("group") or None) for r in csv.DictReader(f)]
     manifest = [(name, os.path.join(images, name), group) for name, group in rows]
@@ -73,6 +80,7 @@ def gnd_protocol(gnd_path, images):
     """Revisitop queries: (database manifest rows, queries with Easy/Medium/Hard sets)."""
     with open(gnd_path, "rb") as f:
         cfg = pickle.load(f)  # revisitop's format; documented exception to "no pickle"
+    images = absolute(images)
 
     def path_of(name):
         for candidate in (os.path.join(images, name + ".jpg"), os.path.join(images, "jpg", name + ".jpg")):

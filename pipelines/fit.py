@@ -163,7 +163,14 @@ def run(argv=None, test_pipeline=None):
     }
     cb.index_string(args.pca_dim, 1, args.pq, args.opq)  # validate the shapes before any work
     uris = list_tables(args.features)
-    infos = [(uri, table_info(uri)[1]) for uri in uris]
+    footers = [(uri, *table_info(uri)) for uri in uris]
+    if not any(rows for _, rows, _ in footers):
+        raise ValueError(
+            f"{args.features}: the feature tables hold no images; if extraction failed for every image, "
+            "its errors table (next to the features folder) says why"
+        )
+    uris = [uri for uri, rows, _ in footers if rows]  # tables of failed shards are empty
+    infos = [(uri, meta) for uri, _, meta in footers]
     fingerprint = same_model(infos)
     model = infos[0][1]["model"]
     if args.pca_dim > model["descriptor_dim"]:

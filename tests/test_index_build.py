@@ -189,3 +189,22 @@ def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path
     with pytest.raises(art.ArtifactError, match="occur twice"):
         build.run(["--features", feature_tables["b"], "--output", grown, "--append", "--workers", "1"])
     assert len(art.Artifact.load(grown)) == len(a)  # the failed append left the artifact as it was
+
+
+def test_tables_without_images_are_skipped_and_all_empty_is_a_clear_error(feature_tables, codebooks, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    failed = str(tmp_path / "failed")
+    assert extract.run(["--input", str(bad), "--output", failed, "--workers", "1"])["failed"] == 1
+    with pytest.raises(ValueError, match="hold no images.*errors table"):
+        fit.run(["--features", failed, "--output", str(tmp_path / "cb"), "--workers", "1"])
+    # an empty shard (every image of it failed) next to good ones: skipped by fit and build
+    mixed = tmp_path / "mixed"
+    shutil.copytree(feature_tables["a"], mixed)
+    (empty,) = (tmp_path / "failed" / "features").iterdir()
+    shutil.copy(empty, mixed / "features" / "features-empty.parquet")
+    fit.run(["--features", str(mixed), "--output", str(tmp_path / "cb2"), "--workers", "1", "--sample", "4000"])
+    out = str(tmp_path / "index")
+    build.run(["--features", str(mixed), "--codebooks", codebooks, "--output", out, "--workers", "1"])
+    assert len(art.Artifact.load(out)) == 6

@@ -158,6 +158,15 @@ def test_query_command_json_and_visualisation(evaluated, corpus, tmp_path):
     assert bad.returncode == 1 and "cannot query" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_relative_image_folders_reach_the_manifest_as_absolute_paths(corpus, monkeypatch):
+    # run_local.sh passes outputs/demo/corpus/images; the manifest lives in the workdir and
+    # extract resolves relative uris against the manifest's folder
+    monkeypatch.chdir(corpus.parent)
+    manifest, _ = evaluate.groups_protocol(str(corpus / "groups.csv"), f"{corpus.name}/images")
+    assert all(os.path.isabs(uri) and os.path.exists(uri) for _, uri, _ in manifest)
+    assert evaluate.absolute("gs://bucket/images") == "gs://bucket/images"
+
+
 def test_revisitop_ground_truth_protocol(corpus, tmp_path, evaluated):
     """A revisitop-style .pkl: queries outside the database, cropped to a box, Easy/Medium/Hard."""
     images = sorted(p.name[: -len(".jpg")] for p in (corpus / "images").iterdir())
