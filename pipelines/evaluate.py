@@ -248,8 +248,9 @@ def run(argv=None):
         groups_protocol(args.groups, args.images) if in_database else gnd_protocol(args.gnd, args.images)
     )
     protocols = list(queries[0]["positives"]) if queries else []
-    common = ["--workers", str(args.workers or os.cpu_count())] + beam_args
     extract_workers = ["--workers", str(args.workers or extract.DEFAULT_WORKERS)] + beam_args
+    args.workers = args.workers or os.cpu_count()  # fit, build and the queries
+    common = ["--workers", str(args.workers)] + beam_args
     model_args = ["--model", args.model] if args.model else []
     timings = {}
 

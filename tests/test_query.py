@@ -70,7 +70,7 @@ def test_evaluate_reuses_features_and_refits_for_another_seed(evaluated, corpus,
     shutil.copytree(evaluated[0], work)
     features_written = (work / "features" / "_SUMMARY.json").stat().st_mtime_ns
     args = ["--images", str(corpus / "images"), "--groups", str(corpus / "groups.csv"), "--workdir", str(work)]
-    evaluate.run([*args, "--workers", "1", "--no-ablation", "--seed", "1"])
+    evaluate.run([*args, "--no-ablation", "--seed", "1"])  # default workers, too
     assert (work / "features" / "_SUMMARY.json").stat().st_mtime_ns == features_written
     with open(work / "codebooks" / "codebooks.json") as f:
         assert json.load(f)["conf"]["seed"] == 1  # not the seed-0 codebooks of the first run
