@@ -3,8 +3,10 @@
 The bare loop reads each file, decodes it (same size limit) and calls the extractor, in one
 process with onnxruntime on all cores. The pipeline runs the whole job (listing, Beam,
 RunInference, Parquet writing, finalize) with 1 worker process (all cores to onnxruntime)
-and with one process per core (one onnxruntime thread each). Runs alternate over
-`--rounds`; each mode reports its best.
+and with one process per core (one onnxruntime thread each). Without Beam, the bare loop
+also runs as one single-threaded process per core, each on its share of the photos (started
+and warmed up before the clock starts): what multi-process mode could gain at best. Runs
+alternate over `--rounds`; each mode reports its best.
 
     python -m benchmarks.pipeline_overhead [--images 24] [--rounds 2]
 """
@@ -13,6 +15,7 @@ import argparse
 import csv
 import glob
 import json
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -41,6 +44,23 @@ def bare_loop(paths, extractor):
     return time.perf_counter() - start
 
 
+def _bare_share(args):
+    paths, start_at = args
+    extractor = Extractor(threads=1)
+    bare_loop(paths[:1], extractor)  # warm-up
+    while time.time() < start_at:  # every process starts together, after its warm-up
+        time.sleep(0.01)
+    return bare_loop(paths, extractor)
+
+
+def bare_processes(paths, processes):
+    """Wall time of `processes` single-threaded bare loops, each on its share of `paths`."""
+    with mp.get_context("spawn").Pool(processes) as pool:
+        start_at = time.time() + 15
+        shares = [(paths[i::processes], start_at) for i in range(processes)]
+        return max(pool.map(_bare_share, shares))
+
+
 def pipeline(manifest, output, workers):
     shutil.rmtree(output, ignore_errors=True)
     start = time.perf_counter()
@@ -64,9 +84,16 @@ def main(argv=None):
         writer.writerows([os.path.basename(p), p] for p in paths)
     extractor = Extractor()
     bare_loop(paths[:2], extractor)  # warm-up
-    best = {"bare loop": float("inf"), "extract, 1 worker": float("inf"), f"extract, {cores} workers": float("inf")}
+    best = {
+        "bare loop": float("inf"),
+        f"bare loop, {cores} processes x 1 thread": float("inf"),
+        "extract, 1 worker": float("inf"),
+        f"extract, {cores} workers": float("inf"),
+    }
     for _ in range(args.rounds):
         best["bare loop"] = min(best["bare loop"], bare_loop(paths, extractor))
+        key = f"bare loop, {cores} processes x 1 thread"
+        best[key] = min(best[key], bare_processes(paths, cores))
         best["extract, 1 worker"] = min(best["extract, 1 worker"], pipeline(manifest, f"{work}/out1", 1))
         best[f"extract, {cores} workers"] = min(
             best[f"extract, {cores} workers"], pipeline(manifest, f"{work}/outN", cores)
