@@ -83,7 +83,7 @@ def ransac_comparison(index, feature_rows, pairs=200):
     done = 0
     for row in feature_rows:
         features = features_from_row(row)
-        neighbours = index._neighbours(features)
+        neighbours = index.neighbours(features)
         for result in index.search(features, top_k=5, with_matches=False)[1:]:
             q, qxy, dxy, _ = index.correspondences(features, neighbours, result.row)
             if len(q) < 8:

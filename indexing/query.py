@@ -129,10 +129,12 @@ class Index:
             raise QueryError(f"cannot read the query {str(query)[:200]!r}: {e}") from e
 
     # -- search ---------------------------------------------------------------------------
-    def search(self, query, top_k=10, exclude=(), with_matches=True, timings=None):
+    def search(self, query, top_k=10, exclude=(), with_matches=True, timings=None, neighbours=None):
         """Ranked results (best first) for one query; `exclude`: image_ids to leave out (the
         query itself in leave-one-out evaluation). `top_k=None` ranks the whole index.
-        A `timings` dict receives the seconds spent extracting, searching and verifying."""
+        A `timings` dict receives the seconds spent extracting, searching and verifying.
+        `neighbours`: this query's `neighbours(features)`, when several rankings of the same
+        query share them (the evaluation's ablation)."""
         clock = time.perf_counter()
         features = self.features_of(query)
         extracted = time.perf_counter()
@@ -146,11 +148,13 @@ class Index:
             sims, rows = self.artifact.global_index.search(g, n)
             global_scores[rows[0]] = sims[0]
         local_scores = np.zeros(n, np.float32)
-        neighbours = None
         if (conf["use_local"] or conf["use_verification"]) and len(features):
-            neighbours = self._neighbours(features)
+            if neighbours is None:
+                neighbours = self.neighbours(features)
             if conf["use_local"]:
                 local_scores = self._votes(neighbours, n, len(features))
+        else:
+            neighbours = None
         fused = global_scores * conf["use_global"] + conf["local_weight"] * local_scores
         excluded = np.array([self.artifact.row_of[i] for i in exclude if i in self.artifact.row_of], np.int64)
         fused_for_order = fused.copy()
@@ -193,7 +197,7 @@ class Index:
             )
         return results
 
-    def _neighbours(self, features):
+    def neighbours(self, features):
         """k nearest database descriptors of each query descriptor: (sims, image rows, feature
         indices), each [n, k]; missing neighbours have row -1."""
         reduced = pca_lib.apply_pca(features.descriptors, self.artifact.pca)

@@ -129,10 +129,17 @@ class RunQueries(beam.DoFn):
                 image = np.ascontiguousarray(image[max(0, y1) : y2, max(0, x1) : x2])
             features = next(iter(self.indexes.values())).features_of(image)
         row = {"query": query["id"], "label": query.get("label")}
+        # the configurations differ only in the use_* switches: one k-NN search serves them all
+        start = time.perf_counter()
+        neighbours = next(iter(self.indexes.values())).neighbours(features) if len(features) else None
+        knn_seconds = time.perf_counter() - start
         for name, index in self.indexes.items():
             start = time.perf_counter()
-            results = index.search(features, top_k=None, exclude=query["exclude"], with_matches=False)
-            seconds = time.perf_counter() - start
+            results = index.search(
+                features, top_k=None, exclude=query["exclude"], with_matches=False, neighbours=neighbours
+            )
+            uses_knn = index.conf["use_local"] or index.conf["use_verification"]
+            seconds = time.perf_counter() - start + knn_seconds * uses_knn
             ranking = [r.image_id for r in results]
             for protocol, positives in query["positives"].items():
                 m = metrics.query_metrics(ranking, positives, query["junk"][protocol], KAPPAS)

@@ -159,8 +159,8 @@ def _column(values, arrow_type):
 def numpy_dtype(arrow_type):
     """The numpy dtype of a numeric Arrow type, without pyarrow's pandas-based mapping
     (workers have no pandas)."""
-    kind = "f" if pa.types.is_floating(arrow_type) else "i" if pa.types.is_signed_integer(arrow_type) else "u"
     assert pa.types.is_floating(arrow_type) or pa.types.is_integer(arrow_type), arrow_type
+    kind = "f" if pa.types.is_floating(arrow_type) else "i" if pa.types.is_signed_integer(arrow_type) else "u"
     return np.dtype(f"{kind}{arrow_type.bit_width // 8}")
 
 

@@ -86,8 +86,10 @@ def test_search_takes_paths_bytes_arrays_and_features(index, corpus):
     by_path = index.search(path, top_k=5, exclude=["coffee-view.jpg"])
     assert by_path[0].image_id.startswith("coffee") and by_path[0].inliers >= 8
     assert by_path[0].query_xy.shape == by_path[0].match_xy.shape == (by_path[0].inliers, 2)
-    for query in (data, image, index.features_of(image)):
-        again = index.search(query, top_k=5, exclude=["coffee-view.jpg"])
+    features = index.features_of(image)
+    shared = {"neighbours": index.neighbours(features)}  # what the evaluation's ablation passes
+    for query, extra in ((data, {}), (image, {}), (features, {}), (features, shared)):
+        again = index.search(query, top_k=5, exclude=["coffee-view.jpg"], **extra)
         assert [r.image_id for r in again] == [r.image_id for r in by_path]
         assert [r.inliers for r in again] == [r.inliers for r in by_path]
     everything = index.search(image, top_k=None)
