@@ -16,6 +16,13 @@ selection. Every pair is then matched (mutual nearest neighbours, RANSAC affine)
     python -m benchmarks.attention manifest --workdir /tmp/attn
     delf-index train --manifest /tmp/attn/train.csv --output /tmp/attn/runs/cls
     python -m benchmarks.attention evaluate --workdir /tmp/attn --run cls=/tmp/attn/runs/cls
+
+`headroom` asks how much any head could gain over L2-norm selection on this data: on the
+training groups themselves, an oracle that knows which cells RANSAC verifies between images
+of the same landmark puts those cells first (in L2-norm order), then the rest by L2 norm.
+A head trained on that signal can at best reproduce the oracle, in-sample.
+
+    python -m benchmarks.attention headroom --workdir /tmp/attn
 """
 
 import argparse
@@ -150,14 +157,20 @@ def extract_modes(model_path, folders, rows, root=LANDMARKS, threads=1):
     return out
 
 
-def truncate(features, n):
-    """The best n features (Features are sorted by score, best first)."""
+def reorder(features, order):
+    """`features` with its rows in `order`, an index array or a slice (what a different
+    selection score would give)."""
     return Features(
-        **{k: getattr(features, k)[:n] for k in ("x", "y", "scale", "attention", "descriptors")},
+        **{k: getattr(features, k)[order] for k in ("x", "y", "scale", "attention", "descriptors")},
         global_descriptor=features.global_descriptor,
         width=features.width,
         height=features.height,
     )
+
+
+def truncate(features, n):
+    """The best n features (Features are sorted by score, best first)."""
+    return reorder(features, slice(0, n))
 
 
 def pair_scores(feats, cache):
@@ -247,16 +260,80 @@ def evaluate(runs, workdir, budgets=BUDGETS, root=LANDMARKS, threads=1):
     return results
 
 
+def verified_cells(feats, groups, conf=None):
+    """Per image, a mask of its features that are RANSAC inliers with another image of its
+    group (every same-group pair is verified; images without a group are never marked)."""
+    from indexing import verify
+
+    marks = [np.zeros(len(f.descriptors), bool) for f in feats]
+    for a in range(len(feats)):
+        for b in range(a + 1, len(feats)):
+            if groups[a] is None or groups[a] != groups[b]:
+                continue
+            fa, fb = feats[a], feats[b]
+            _, m, inliers = verify.verify_pair(
+                fa.keypoints, fa.descriptors, fb.keypoints, fb.descriptors, (fb.width, fb.height), conf
+            )
+            marks[a][m[inliers, 0]] = True
+            marks[b][m[inliers, 1]] = True
+    return marks
+
+
+def headroom(workdir, budgets=BUDGETS, candidates=3000, root=LANDMARKS, threads=1):
+    """mAP by inliers on the training groups (+ all distractors) of three selections of the
+    same `candidates` best cells by L2 norm: L2 norm, random, and the verified-first oracle
+    (see the module docstring). One result row per (selection, budget), as `evaluate`."""
+    rows = read_groups(root)
+    train_groups, _ = split_groups(rows)
+    rows = [(name, group) for name, group in rows if group is None or group in train_groups]
+    groups = [g for _, g in rows]
+    extractor = Extractor(engine=OnnxEngine(None, threads=threads), conf={"max_features": candidates})
+    if extractor.metadata["attention"]["type"] != "l2norm":
+        raise ValueError("headroom needs the default model's L2-norm ranking")
+    work = os.path.join(workdir, "headroom", extractor.fingerprint[:12])
+    feats = []
+    for name, _ in rows:  # the default model ranks by L2 norm: its best `candidates` cells, best first
+        cache = os.path.join(work, "features", name + ".npz")
+        if not os.path.exists(cache):
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            extractor(read_image(os.path.join(root, "images", name))).save(cache)
+        feats.append(Features.load(cache))
+    marks = verified_cells(feats, groups)
+    rng = np.random.default_rng(0)
+    orders = {
+        "l2norm": [np.arange(len(m)) for m in marks],
+        "random": [rng.permutation(len(m)) for m in marks],
+        "oracle": [np.argsort(~m, kind="stable") for m in marks],  # verified first, each part by L2 norm
+    }
+    share = sum(int(m.sum()) for m in marks) / max(sum(len(m) for m in marks), 1)
+    print(f"{len(rows)} images, {share:.1%} of the candidate cells verified", flush=True)
+    results = []
+    for budget in budgets:
+        for mode, order in orders.items():
+            cache = os.path.join(work, f"pairs-{mode}-{candidates}-{budget}.npz")
+            selected = [truncate(reorder(f, o), budget) for f, o in zip(feats, order)]
+            matches, inliers = pair_scores(selected, cache)
+            row = {"run": "headroom", "mode": mode, "budget": budget, "verified_share": share}
+            row.update(measure(matches, inliers, groups))
+            results.append(row)
+        oracle = results[-1]
+        for base in results[-3:-1]:
+            oracle[f"vs_{base['mode']}"] = bootstrap_difference(oracle["aps"], base["aps"])
+        for row in results[-3:]:
+            print(json.dumps({k: v for k, v in row.items() if k != "aps"}), flush=True)
+    return results
+
+
 def table(results):
     """Markdown table, one line per run, budget and selection."""
     lines = [
-        "| run | features/image | selection | mAP | attention - L2 norm; - random [90% CI] | mAP (mutual NN) | "
+        "| run | features/image | selection | mAP | this - L2 norm; - random [90% CI] | mAP (mutual NN) | "
         "inliers, positive pairs | verified positive pairs | verified negative pairs |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         delta = ""
-        if r["mode"] == "attention":
+        if "vs_l2norm" in r:
             delta = "; ".join(
                 f"{r[f'vs_{m}'][0]:+.3f} [{r[f'vs_{m}'][1]:+.3f}, {r[f'vs_{m}'][2]:+.3f}]" for m in ("l2norm", "random")
             )
@@ -264,9 +341,10 @@ def table(results):
             f"| {r['run']} | {r['budget']} | {r['mode']} | {r['mAP_inliers']:.3f} | {delta} | "
             f"{r['mAP_mutual_nn']:.3f} | {r['inliers_pos']:.1f} | {r['verified_pos']:.3f} | {r['verified_neg']:.4f} |"
         )
-    globals_ = {r["run"]: r["global"] for r in results}
-    lines.append("")
-    lines.append("global descriptor mAP: " + ", ".join(f"{k} {v:.3f}" for k, v in globals_.items()))
+    globals_ = {r["run"]: r["global"] for r in results if "global" in r}
+    if globals_:
+        lines.append("")
+        lines.append("global descriptor mAP: " + ", ".join(f"{k} {v:.3f}" for k, v in globals_.items()))
     return "\n".join(lines)
 
 
@@ -280,6 +358,11 @@ def main(argv=None):
     e.add_argument("--run", nargs="+", required=True, metavar="NAME=DIR", help="training output folders")
     e.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     e.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
+    h = sub.add_parser("headroom", help="the verified-first oracle against L2 norm, on the training groups")
+    h.add_argument("--workdir", required=True)
+    h.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    h.add_argument("--candidates", type=int, default=3000, help="cells per image, best by L2 norm")
+    h.add_argument("--threads", type=int, default=1, help="onnxruntime threads")
     args = parser.parse_args(argv)
     if args.command == "manifest":
         path = os.path.join(args.workdir, "train.csv")
@@ -288,6 +371,11 @@ def main(argv=None):
         print(f"wrote {path}: {count} images of {len(train_groups)} training groups")
         print(f"training groups: {', '.join(train_groups)}")
         print(f"validation groups: {', '.join(val_groups)} (+ all distractors)")
+        return 0
+    if args.command == "headroom":
+        results = headroom(args.workdir, args.budgets, args.candidates, threads=args.threads)
+        print()
+        print(table(results))
         return 0
     runs = [tuple(r.split("=", 1)) for r in args.run]
     results = evaluate(runs, args.workdir, args.budgets, threads=args.threads)
