@@ -35,7 +35,7 @@ from collections import Counter
 
 import numpy as np
 
-from benchmarks.landmarks import LANDMARKS, leave_one_out_map, pairwise_local_scores, read_groups
+from benchmarks.landmarks import LANDMARKS, extract_all, leave_one_out_map, pairwise_local_scores, read_groups
 from indexing import metrics
 from model.weights import sha256_file
 from pipelines.extractor import Extractor, Features, OnnxEngine, top_cells
@@ -291,13 +291,8 @@ def headroom(workdir, budgets=BUDGETS, candidates=3000, root=LANDMARKS, threads=
     if extractor.metadata["attention"]["type"] != "l2norm":
         raise ValueError("headroom needs the default model's L2-norm ranking")
     work = os.path.join(workdir, "headroom", extractor.fingerprint[:12])
-    feats = []
-    for name, _ in rows:  # the default model ranks by L2 norm: its best `candidates` cells, best first
-        cache = os.path.join(work, "features", name + ".npz")
-        if not os.path.exists(cache):
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            extractor(read_image(os.path.join(root, "images", name))).save(cache)
-        feats.append(Features.load(cache))
+    # the default model ranks by L2 norm: each image's best `candidates` cells, best first
+    feats = extract_all(extractor, os.path.join(work, "features"), root, rows=rows)
     marks = verified_cells(feats, groups)
     rng = np.random.default_rng(0)
     orders = {
@@ -311,7 +306,7 @@ def headroom(workdir, budgets=BUDGETS, candidates=3000, root=LANDMARKS, threads=
     for budget in budgets:
         for mode, order in orders.items():
             cache = os.path.join(work, f"pairs-{mode}-{candidates}-{budget}.npz")
-            selected = [truncate(reorder(f, o), budget) for f, o in zip(feats, order)]
+            selected = [reorder(f, o[:budget]) for f, o in zip(feats, order)]
             matches, inliers = pair_scores(selected, cache)
             row = {"run": "headroom", "mode": mode, "budget": budget, "verified_share": share}
             row.update(measure(matches, inliers, groups))

@@ -21,10 +21,11 @@ def read_groups(root=LANDMARKS):
         return [(row["image"], row["group"] or None) for row in csv.DictReader(f)]
 
 
-def extract_all(extractor, workdir, root=LANDMARKS, log_every=20):
-    """Features of every landmarks-dev image, cached as .npz under workdir."""
+def extract_all(extractor, workdir, root=LANDMARKS, log_every=20, rows=None):
+    """Features of every landmarks-dev image (or of `rows`, [(image, group)]), cached as .npz
+    under workdir."""
     os.makedirs(workdir, exist_ok=True)
-    rows = read_groups(root)
+    rows = read_groups(root) if rows is None else rows
     feats, start = [], time.time()
     for n, (name, _) in enumerate(rows):
         cache = os.path.join(workdir, name + ".npz")
