@@ -22,7 +22,7 @@ case "${1:-demo}" in
   demo)
     pip install -q -e '.[demo]'
     mkdir -p "$OUT"
-    python -m pipelines.demo_corpus "$OUT/corpus"
+    python -m delf_index.pipelines.demo_corpus "$OUT/corpus"
     # extract -> fit -> build -> every image as a query -> metrics and report
     delf-index evaluate --images "$OUT/corpus/images" --groups "$OUT/corpus/groups.csv" --workdir "$OUT" \
       | tee "$OUT/evaluate.log"

@@ -1,4 +1,8 @@
-from setuptools import find_packages, setup
+from setuptools import setup
+
+# One import package, `delf_index`, whose subpackages keep the design's folders
+# (docs/architecture.md): delf_index.pipelines is pipelines/, and so on.
+LAYERS = ("pipelines", "indexing", "runtime", "schemas", "model")
 
 setup(
     name="delf-index",
@@ -7,10 +11,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(
-        include=["pipelines", "pipelines.*", "model", "model.*", "indexing", "indexing.*", "schemas", "schemas.*"]
-    ),
-    package_data={"model": ["default/*.onnx", "default/*.md", "default/*.pt"]},
+    packages=["delf_index"] + [f"delf_index.{layer}" for layer in LAYERS],
+    package_dir={"delf_index": "delf_index", **{f"delf_index.{layer}": layer for layer in LAYERS}},
+    package_data={"delf_index.model": ["default/*.onnx", "default/*.md", "default/*.pt"]},
     # Workers need no torch: inference runs on onnxruntime with the shipped .onnx model.
     install_requires=[
         "numpy>=1.24,<2.5",  # apache-beam 2.77 caps numpy
@@ -46,5 +49,5 @@ setup(
             "pandas>=2",
         ],
     },
-    entry_points={"console_scripts": ["delf-index=pipelines.cli:main"]},
+    entry_points={"console_scripts": ["delf-index=delf_index.pipelines.cli:main"]},
 )

@@ -36,10 +36,11 @@ from collections import Counter
 import numpy as np
 
 from benchmarks.landmarks import LANDMARKS, extract_all, leave_one_out_map, pairwise_local_scores, read_groups
-from indexing import metrics
-from model.weights import sha256_file
-from pipelines.extractor import Extractor, Features, OnnxEngine, top_cells
-from pipelines.images import read_image
+from delf_index.indexing import metrics, verify
+from delf_index.model.weights import sha256_file
+from delf_index.runtime.extractor import Extractor, OnnxEngine, top_cells
+from delf_index.runtime.features import Features
+from delf_index.runtime.images import read_image
 
 MODES = ("attention", "l2norm", "random")
 BUDGETS = (1000, 300, 100)
@@ -118,7 +119,7 @@ def run_network(run_dir):
 
 def export_run(run_dir, output):
     """The ONNX model of a training run (its head, and its backbone when stage 1 ran)."""
-    from model.export import build_model, export_onnx, metadata
+    from delf_index.model.export import build_model, export_onnx, metadata
 
     backbone, layer = run_network(run_dir)
     weights = os.path.join(run_dir, "backbone.pt")
@@ -263,7 +264,6 @@ def evaluate(runs, workdir, budgets=BUDGETS, root=LANDMARKS, threads=1):
 def verified_cells(feats, groups, conf=None):
     """Per image, a mask of its features that are RANSAC inliers with another image of its
     group (every same-group pair is verified; images without a group are never marked)."""
-    from indexing import verify
 
     marks = [np.zeros(len(f.descriptors), bool) for f in feats]
     for a in range(len(feats)):

@@ -1,6 +1,6 @@
 """Index build at scale: synthetic 40-d descriptors, 1M and 10M, wall time and peak memory.
 
-Runs the two steps of `delf-index build` (indexing/builder.py) directly, without Beam: each
+Runs the two steps of `delf-index build` (indexing/shards.py) directly, without Beam: each
 shard of 1000 images x 1000 descriptors is encoded in its own process (as a Beam worker
 would), then one process merges all shards. Descriptors are random unit vectors with a
 cluster structure; the PCA is the identity (the descriptors are already 40-d), so the
@@ -19,10 +19,11 @@ import shutil
 import tempfile
 import time
 
+import faiss
 import numpy as np
 
-from indexing import builder, codebooks
-from schemas import features as fs
+from delf_index.indexing import codebooks, shards
+from delf_index.schemas import features as fs
 
 DIM, IMAGES_PER_SHARD, FEATURES = 40, 1000, 1000
 
@@ -76,11 +77,9 @@ def peak_mib():
 
 def encode_worker(args):
     shard, trained_path, centres, prefix = args
-    import faiss
-
     trained = faiss.read_index(trained_path)
     start = time.time()
-    counts = builder.encode_shard(
+    counts = shards.encode_shard(
         shard_tables(shard, centres), identity_pca(), trained, shard * IMAGES_PER_SHARD, prefix
     )
     return {"seconds": time.time() - start, "peak_mib": peak_mib(), **counts}
@@ -88,18 +87,16 @@ def encode_worker(args):
 
 def merge_worker(args):
     prefixes, trained_path, out = args
-    import faiss
-
     start = time.time()
-    counts = builder.merge_shards(prefixes, faiss.read_index(trained_path), out)
+    counts = shards.merge_shards(prefixes, faiss.read_index(trained_path), out)
     return {"seconds": time.time() - start, "peak_mib": peak_mib(), **counts}
 
 
 def run(millions, work, trained_path, centres, processes):
-    shards = millions * 1_000_000 // (IMAGES_PER_SHARD * FEATURES)
+    num_shards = millions * 1_000_000 // (IMAGES_PER_SHARD * FEATURES)
     folder = os.path.join(work, f"{millions}M")
     os.makedirs(os.path.join(folder, "artifact"))
-    prefixes = [os.path.join(folder, f"shard-{s:05d}") for s in range(shards)]
+    prefixes = [os.path.join(folder, f"shard-{s:05d}") for s in range(num_shards)]
     start = time.time()
     # maxtasksperchild=1: one fresh process per shard, so ru_maxrss is that shard's peak
     with mp.get_context("spawn").Pool(processes, maxtasksperchild=1) as pool:
@@ -110,7 +107,7 @@ def run(millions, work, trained_path, centres, processes):
     size = sum(os.path.getsize(os.path.join(artifact, f)) for f in ("index.ivfdata", "geometry.npy"))
     result = {
         "descriptors": merged["descriptors"],
-        "shards": shards,
+        "shards": num_shards,
         "encode_wall_s": round(encode_s, 1),
         "encode_peak_mib_per_shard": round(max(e["peak_mib"] for e in encoded)),
         "merge_s": round(merged["seconds"], 1),
@@ -128,8 +125,6 @@ def main(argv=None):
     parser.add_argument("--nlist", type=int, default=4096)
     parser.add_argument("--processes", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
-    import faiss
-
     work = tempfile.mkdtemp(prefix="delf-build-scale-")
     centres = synthetic(0, 20_000, np.random.default_rng(1).normal(size=(20_000, DIM)).astype(np.float32))
     start = time.time()

@@ -23,8 +23,8 @@ import time
 import numpy as np
 
 from benchmarks.landmarks import LANDMARKS
-from pipelines.extractor import Extractor
-from pipelines.images import read_image
+from delf_index.runtime.extractor import Extractor
+from delf_index.runtime.images import read_image
 
 
 def load_photos(count):
@@ -53,7 +53,7 @@ def main(argv=None):
     parser.add_argument("--max-image-size", type=int, default=1024)
     parser.add_argument("--model", help="exported model (default: the shipped one)")
     args = parser.parse_args(argv)
-    from model.torch_engine import TorchEngine
+    from delf_index.model.torch_engine import TorchEngine
 
     photos, source = load_photos(args.images)
     conf = {"max_image_size": args.max_image_size}

@@ -24,8 +24,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from benchmarks.landmarks import extract_all, leave_one_out_map, pairwise_local_scores, read_groups
-from model.export import build_model, export_onnx, metadata
-from pipelines.extractor import Extractor
+from delf_index.indexing.artifact import Artifact
+from delf_index.indexing.retrieval import Index
+from delf_index.model.export import build_model, export_onnx, metadata
+from delf_index.pipelines import build, fit
+from delf_index.runtime.extractor import Extractor, load_model
+from delf_index.schemas import features as fs
 
 CANDIDATES = [
     "efficientnet_lite0:stage4",
@@ -39,12 +43,6 @@ def system_map(feats, groups, work, onnx_path):
     """mAP of the whole system on these features: a features table, `fit` and `build` with
     the defaults, then leave-one-out queries ranked by the query module (votes only; fused
     with verification)."""
-    from indexing.artifact import Artifact
-    from indexing.query import Index
-    from pipelines import build, fit
-    from pipelines.extractor import load_model
-    from schemas import features as fs
-
     _, meta, fingerprint = load_model(onnx_path)
     names = [name for name, _ in read_groups()]
     schema = fs.features_schema(
@@ -54,18 +52,9 @@ def system_map(feats, groups, work, onnx_path):
     os.makedirs(table, exist_ok=True)
     rows = [fs.feature_row(n, n, g, f) for n, g, f in zip(names, groups, feats)]
     pq.write_table(fs.rows_to_table(rows, schema), os.path.join(table, "features-00000-of-00001.parquet"))
-    fit.run(["--features", table, "--output", os.path.join(work, "codebooks"), "--workers", "1"])
+    fit.run(table, os.path.join(work, "codebooks"), beam_options={"workers": 1})
     build.run(
-        [
-            "--features",
-            table,
-            "--codebooks",
-            os.path.join(work, "codebooks"),
-            "--output",
-            os.path.join(work, "index"),
-            "--workers",
-            "1",
-        ]
+        table, os.path.join(work, "index"), codebooks=os.path.join(work, "codebooks"), beam_options={"workers": 1}
     )
     artifact = Artifact.load(os.path.join(work, "index"))
     out = {}

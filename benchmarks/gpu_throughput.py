@@ -10,7 +10,7 @@ Two ways of running the same network and procedure:
 Weights are random: throughput does not depend on their values, and no ResNet-50 weights can
 be downloaded here. Prints one JSON line per configuration.
 
-    PYTHONPATH=. python benchmarks/gpu_throughput.py --backbone resnet50 --images 512
+    python -m benchmarks.gpu_throughput --backbone resnet50 --images 512
 """
 
 import argparse
@@ -22,10 +22,10 @@ import cv2
 import numpy as np
 import torch
 
-from model.delf import DELF
-from model.export import metadata
-from model.torch_engine import TorchEngine
-from pipelines.extractor import Extractor
+from delf_index.model.delf import DELF
+from delf_index.model.export import metadata
+from delf_index.model.torch_engine import TorchEngine
+from delf_index.runtime.extractor import Extractor
 
 
 def photos(count, width=1024, height=768):

@@ -13,8 +13,8 @@
 
 Prints one JSON line per measurement; exits with status 1 when the curves disagree.
 
-    PYTHONPATH=. python benchmarks/gpu_train.py                     # on the device machine
-    PYTHONPATH=. python benchmarks/gpu_train.py --device cpu --epochs 1 --steps 2 --batches 2 --tiny
+    python -m benchmarks.gpu_train                     # on the device machine
+    python -m benchmarks.gpu_train --device cpu --epochs 1 --steps 2 --batches 2 --tiny
 """
 
 import argparse
@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from model import train as T
+from delf_index.model import train as T
 
 
 def skimage_manifest(folder):

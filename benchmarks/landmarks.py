@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 
-from indexing import metrics, verify
-from pipelines.extractor import Features
-from pipelines.images import read_image
+from delf_index.indexing import metrics, verify
+from delf_index.runtime.features import Features
+from delf_index.runtime.images import read_image
 
 LANDMARKS = os.environ.get(
     "LANDMARKS_DEV", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "landmarks-dev")

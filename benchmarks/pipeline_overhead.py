@@ -22,9 +22,9 @@ import tempfile
 import time
 
 from benchmarks.landmarks import LANDMARKS
-from pipelines import extract
-from pipelines.extractor import Extractor
-from pipelines.images import decode_image_limited
+from delf_index.pipelines import extract
+from delf_index.runtime.extractor import Extractor
+from delf_index.runtime.images import decode_for_extraction
 
 
 def photo_paths(count):
@@ -39,7 +39,7 @@ def bare_loop(paths, extractor):
     start = time.perf_counter()
     for path in paths:
         with open(path, "rb") as f:
-            image, _ = decode_image_limited(f.read(), extractor.conf["max_image_size"])
+            image, _ = decode_for_extraction(f.read(), extractor.conf["max_image_size"])
         extractor(image)
     return time.perf_counter() - start
 
@@ -64,7 +64,7 @@ def bare_processes(paths, processes):
 def pipeline(manifest, output, workers):
     shutil.rmtree(output, ignore_errors=True)
     start = time.perf_counter()
-    summary = extract.run(["--input", manifest, "--output", output, "--workers", str(workers)])
+    summary = extract.run(manifest, output, beam_options={"workers": workers})
     assert summary["failed"] == 0
     return time.perf_counter() - start
 

@@ -20,9 +20,9 @@ import time
 import faiss
 import numpy as np
 
-from indexing import codebooks
-from indexing import pca as pca_lib
-from pipelines.tables import read_descriptors
+from delf_index.indexing import codebooks
+from delf_index.indexing import pca as pca_lib
+from delf_index.runtime.tables import read_descriptors
 
 CANDIDATES = [
     (40, "PQ10x5", False),  # the paper: 50-bit codes
@@ -63,8 +63,8 @@ def main(argv=None):
         index.add_with_ids(reduced, np.arange(n, dtype=np.int64))
         train_s = time.time() - start
         for nprobe in args.nprobe:
-            codebooks.ivf_of(index).nprobe = nprobe
-            _, found = index.search(reduced[queries], 60)
+            params = faiss.SearchParametersIVF(nprobe=nprobe)
+            _, found = index.search(reduced[queries], 60, params=params)
             found = [[j for j in row if j >= 0 and image_of[j] != image_of[q]][:10] for q, row in zip(queries, found)]
             recall = np.mean([len(set(t) & set(f)) / max(len(t), 1) for t, f in zip(truth, found)])
             nn1 = np.mean([t[0] in f for t, f in zip(truth, found) if t])

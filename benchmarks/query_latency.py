@@ -21,11 +21,12 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from indexing import verify
-from indexing.query import Index
-from pipelines import build
-from pipelines.tables import list_tables
-from schemas import features as fs
+from delf_index.indexing import verify
+from delf_index.indexing.retrieval import Index
+from delf_index.pipelines import build
+from delf_index.runtime.features import Features
+from delf_index.runtime.tables import list_tables
+from delf_index.schemas import features as fs
 
 
 def latency(index, paths):
@@ -76,13 +77,11 @@ def ransac_comparison(index, feature_rows, pairs=200):
     from skimage.measure import ransac
     from skimage.transform import AffineTransform
 
-    from pipelines.evaluate import features_from_row
-
     conf = {**index.ransac_conf, "scale_tolerance": None, "max_anisotropy": 1e9, "max_scale_change": 1e9}
     ours_s, theirs_s, ours_n, theirs_n, sizes = 0.0, 0.0, [], [], []
     done = 0
     for row in feature_rows:
-        features = features_from_row(row)
+        features = Features.from_row(row)
         neighbours = index.neighbours(features)
         for result in index.search(features, top_k=5, with_matches=False)[1:]:
             q, qxy, dxy, _ = index.correspondences(features, neighbours, result.row)
@@ -152,18 +151,7 @@ def main(argv=None):
             args.distractors // 1000,
         )
         big = os.path.join(work, "index")
-        build.run(
-            [
-                "--features",
-                tables,
-                "--codebooks",
-                os.path.join(args.workdir, "codebooks"),
-                "--output",
-                big,
-                "--workers",
-                "1",
-            ]
-        )
+        build.run(tables, big, codebooks=os.path.join(args.workdir, "codebooks"), beam_options={"workers": 1})
         index = Index.load(big)
         index.search(paths[0])
         grown = {"images": len(index), "descriptors": int(index.artifact.index.ntotal), **latency(index, paths)}

@@ -1,63 +1,31 @@
-"""The codebooks (`delf-index fit`) and the index artifact (`delf-index build`) on disk.
-
-Codebooks folder::
-
-    codebooks.json   format, model fingerprint, PCA / quantizer parameters, sample, sha256 of files
-    pca.npz          mean, components, eigenvalues (indexing/pca.py)
-    trained.faiss    the trained, empty faiss index (coarse quantizer + PQ)
-
-Index artifact folder (any fsspec filesystem; loaded from a local copy)::
-
-    manifest.json    format, model fingerprint, codebook parameters, counts, sha256 of every file
-    pca.npz, trained.faiss   the codebooks it was built with (append reuses them)
-    index.faiss      IVF-PQ index header; its inverted lists live in index.ivfdata (same folder)
-    index.ivfdata    on-disk inverted lists: PQ code + 8-byte id per descriptor
-    images.parquet   int id <-> image_id, uri, label, width, height, num_features, geometry_offset
-    geometry.npy     uint16 [descriptors, 3]: x, y (rounded pixels), scale (float16 bits)
-    global.faiss     global descriptors, float16, inner product, row = int image id
-
-A descriptor's faiss id is ``image_int_id << 16 | feature_index``; its geometry row is
-``geometry_offset[image] + feature_index``.
+"""The codebooks (`delf-index fit`) and the index artifact (`delf-index build`) on disk:
+writing, checking and loading them. What the folders hold is in schemas/artifact.py.
+Folders live on any fsspec filesystem; they are loaded from a local copy
+(runtime/storage.py, `fetch_folder`).
 """
 
 import hashlib
 import json
 import os
-import posixpath
 import tempfile
 
 import faiss
-import fsspec
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexing import pca as pca_lib
-from pipelines.inputs import retrying  # also sets the gcsfs environment before gcsfs loads
-
-CODEBOOKS_FORMAT, ARTIFACT_FORMAT, FORMAT_VERSION = "delf-index-codebooks", "delf-index-artifact", 1
-FEATURE_BITS = 16  # features per image < 65536
-IMAGES_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("image_id", pa.string()),
-        ("uri", pa.string()),
-        ("label", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("num_features", pa.int32()),
-        ("geometry_offset", pa.int64()),
-    ]
+from delf_index.errors import UserError
+from delf_index.indexing import pca as pca_lib
+from delf_index.runtime import storage
+from delf_index.schemas.artifact import (
+    ARTIFACT_FORMAT,
+    CODEBOOKS_FORMAT,
+    FEATURE_BITS,
+    FORMAT_VERSION,
 )
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """An artifact or codebooks folder that cannot be used as it is; the message says why and what to do."""
-
-
-def set_nprobe(index, nprobe):
-    """Coarse cells visited per query (through an OPQ transform if there is one)."""
-    faiss.extract_index_ivf(index).nprobe = int(nprobe)
 
 
 def feature_ids(image_id, count):
@@ -99,41 +67,6 @@ def file_entries(folder, names):
     }
 
 
-# -- moving folders between fsspec and local disk -------------------------------------------
-def is_local(uri):
-    return "://" not in uri or uri.startswith("file://")
-
-
-def local_path(uri):
-    return uri[len("file://") :] if uri.startswith("file://") else uri
-
-
-def upload_folder(local_dir, uri, names):
-    """Copy `names` from a local folder to `uri` (manifest files last: they mark completion)."""
-    fs, root = fsspec.core.url_to_fs(uri)
-    fs.makedirs(root, exist_ok=True)
-    for name in sorted(names, key=lambda n: n.endswith(".json")):
-        source, target = os.path.join(local_dir, name), posixpath.join(root, name)
-        retrying(lambda s=source, t=target: fs.put_file(s, t), f"uploading {target}")
-
-
-def fetch_folder(uri, cache_dir=None):
-    """A local folder with the files of `uri`: the folder itself when local, else a cached
-    copy (re-downloaded when the remote manifest changed)."""
-    if is_local(uri):
-        return local_path(uri)
-    fs, root = fsspec.core.url_to_fs(uri)
-    cache_dir = cache_dir or os.environ.get("DELF_INDEX_CACHE", os.path.expanduser("~/.cache/delf-index"))
-    local = os.path.join(cache_dir, hashlib.sha256(uri.encode()).hexdigest()[:16])
-    os.makedirs(local, exist_ok=True)
-    for remote in fs.ls(root, detail=False):
-        name = posixpath.basename(remote.rstrip("/"))
-        target = os.path.join(local, name)
-        if name.endswith(".json") or not os.path.exists(target) or os.path.getsize(target) != fs.size(remote):
-            retrying(lambda r=remote, t=target: fs.get_file(r, t), f"downloading {remote}")
-    return local
-
-
 # -- codebooks --------------------------------------------------------------------------------
 def write_codebooks(uri, pca, trained, info):
     """Save PCA + trained index + codebooks.json (info: fingerprint, parameters, sample stats)."""
@@ -150,7 +83,7 @@ def write_codebooks(uri, pca, trained, info):
         }
         with open(os.path.join(tmp, "codebooks.json"), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
-        upload_folder(tmp, uri, names + ["codebooks.json"])
+        storage.upload_folder(tmp, uri, names + ["codebooks.json"])
     return manifest
 
 
@@ -187,7 +120,7 @@ def verify_files(folder, manifest):
 
 def load_codebooks(uri, verify=True):
     """(pca, trained index, manifest) of a codebooks folder, or of an artifact's copy of them."""
-    folder = fetch_folder(uri)
+    folder = storage.fetch_folder(uri)
     if os.path.exists(os.path.join(folder, "codebooks.json")) or not os.path.exists(
         os.path.join(folder, "manifest.json")
     ):
@@ -238,7 +171,7 @@ class Artifact:
     def load(cls, uri, verify=True, model_fingerprint=None):
         """Load (a local copy of) an artifact; checks format, checksums and, when given, that
         it was built from `model_fingerprint`'s features."""
-        folder = fetch_folder(uri)
+        folder = storage.fetch_folder(uri)
         manifest = read_manifest(folder, "manifest.json", ARTIFACT_FORMAT)
         if verify:
             verify_files(folder, manifest)

@@ -1,4 +1,6 @@
-"""Coarse quantizer and product quantizer of the reduced descriptors (faiss).
+"""The codebooks: a seeded sample of descriptors, PCA, and the coarse and product quantizers
+of the reduced descriptors (faiss). `delf-index fit` runs the sampling per table in parallel
+and `fit_codebooks` once on the merged sample.
 
 The index string is faiss's factory syntax on PCA-reduced vectors: ``IVF{nlist},PQ{M}x{bits}``
 (the DELF paper: 8K coarse cells, 10 sub-vectors x 5 bits on 40-d), optionally with an OPQ
@@ -6,10 +8,18 @@ rotation in front (``OPQ{M},IVF...``). Defaults were chosen by measured recall a
 k-NN on landmarks-dev descriptors (benchmarks/README.md, "Quantization").
 """
 
+import hashlib
+import logging
 import math
+import time
 
 import faiss
 import numpy as np
+
+from delf_index.errors import UserError
+from delf_index.indexing import pca as pca_lib
+
+log = logging.getLogger(__name__)
 
 default_conf = {
     "pca_dim": 40,  # reduced dimension (DELF: 40)
@@ -20,6 +30,84 @@ default_conf = {
     "sample": 1_000_000,  # descriptors drawn (seeded, uniform) to train PCA and codebooks
     "seed": 0,
 }
+
+presets = {
+    "default": {},
+    # the paper's 50-bit codes (10 x 5 bits): 3 bytes smaller, about a quarter less recall
+    # (benchmarks/README.md, "Quantization"); coarse cells stay automatic, since the paper's
+    # 8K cells need a sample of at least 39 x 8192 descriptors
+    "delf-paper": {"pq": "PQ10x5"},
+}
+
+
+# -- the sample ----------------------------------------------------------------------------
+def splitmix64(x):
+    """A fast, well-mixed 64-bit hash of uint64 values (numpy, wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_keys(image_id, count, seed):
+    """Pseudo-random uint64 keys of an image's descriptors, fixed by (seed, image_id, index).
+    Every descriptor of the corpus has the same chance to be among the smallest keys, so the
+    bottom-k by key is a uniform sample whatever the tables and their split."""
+    base = int.from_bytes(hashlib.md5(f"{seed}:{image_id}".encode()).digest()[:8], "big")
+    return splitmix64(np.uint64(base) + np.arange(count, dtype=np.uint64))
+
+
+def bottom_k(keys, descriptors, k):
+    """The k descriptors with the smallest keys, sorted by key."""
+    assert len(keys) == len(descriptors)
+    if len(keys) > k:
+        part = np.argpartition(keys, k - 1)[:k]
+        keys, descriptors = keys[part], descriptors[part]
+    order = np.argsort(keys, kind="stable")
+    return keys[order], descriptors[order]
+
+
+def merge_samples(parts, k):
+    """One sample dict ({"keys", "descriptors", "images", "descriptors_total"}) from several."""
+    keys, descriptors = bottom_k(
+        np.concatenate([p["keys"] for p in parts]), np.concatenate([p["descriptors"] for p in parts]), k
+    )
+    return {
+        "keys": keys,
+        "descriptors": descriptors,
+        "images": sum(p["images"] for p in parts),
+        "descriptors_total": sum(p["descriptors_total"] for p in parts),
+    }
+
+
+def fit_codebooks(sample, conf):
+    """(pca, trained faiss index, info) from a merged sample dict (`merge_samples`)."""
+    conf = {**default_conf, **conf}
+    descriptors = sample["descriptors"].astype(np.float32)
+    if len(descriptors) < 1000:
+        raise UserError(f"only {len(descriptors)} descriptors to fit on; fit needs at least 1000")
+    start = time.time()
+    pca = pca_lib.fit_pca(descriptors, conf["pca_dim"], conf["whiten"])
+    reduced = pca_lib.apply_pca(descriptors, pca)
+    nlist = conf["nlist"] or auto_nlist(sample["descriptors_total"], len(reduced))
+    spec = index_string(conf["pca_dim"], nlist, conf["pq"], conf["opq"])
+    log.info("training %s on %d descriptors", spec, len(reduced))
+    trained = train_index(reduced, spec, conf["seed"])
+    info = {
+        "conf": {**conf, "nlist": nlist},
+        "index_string": spec,
+        "code_bytes": code_bytes(trained),
+        "pca_explained_variance": pca["explained_variance"],
+        "sample_descriptors": len(reduced),
+        "corpus_images": sample["images"],
+        "corpus_descriptors": sample["descriptors_total"],
+        "fit_seconds": round(time.time() - start, 1),
+    }
+    return pca, trained, info
+
+
+# -- quantizers ----------------------------------------------------------------------------
 
 
 def auto_nlist(num_descriptors, sample_size):
@@ -33,8 +121,14 @@ def auto_nlist(num_descriptors, sample_size):
 
 
 def index_string(dim, nlist, pq="PQ10x8", opq=False):
-    m = int(pq[2:].split("x")[0])
-    assert dim % m == 0, f"PCA dim {dim} is not a multiple of the {m} PQ sub-vectors"
+    """faiss factory string of the index; checks the shapes."""
+    try:
+        m, bits = (int(v) for v in pq[2:].split("x"))
+        assert pq.startswith("PQ") and 1 <= bits <= 16
+    except (ValueError, AssertionError):
+        raise UserError(f"pq {pq!r} is not PQ<sub-vectors>x<bits>, e.g. PQ10x8") from None
+    if dim % m:
+        raise UserError(f"PCA dim {dim} is not a multiple of the {m} PQ sub-vectors")
     prefix = f"OPQ{m}," if opq else ""
     return f"{prefix}IVF{nlist},{pq}"
 
@@ -54,18 +148,6 @@ def train_index(reduced, spec, seed=0):
     return index
 
 
-def ivf_of(index):
-    return faiss.extract_index_ivf(index)
-
-
 def code_bytes(index):
     """Bytes of one stored PQ code."""
-    return int(ivf_of(index).code_size)
-
-
-def serialize(index):
-    return faiss.serialize_index(index).tobytes()
-
-
-def deserialize(data):
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    return int(faiss.extract_index_ivf(index).code_size)

@@ -16,6 +16,8 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
+from delf_index.errors import UserError
+
 # (expand ratio, kernel, stride, output channels, repeats) of EfficientNet-B0; the Lite
 # variants keep the first and last stage at one block and drop squeeze-excitation.
 _EFFNET_STAGES = [
@@ -109,9 +111,9 @@ class EfficientNetLite(nn.Module):
     def __init__(self, name="efficientnet_lite0", feature_layer="stage5"):
         super().__init__()
         if name not in _LITE_SCALING:
-            raise ValueError(f"unknown EfficientNet-Lite variant {name!r}")
+            raise UserError(f"unknown EfficientNet-Lite variant {name!r}")
         if feature_layer not in self.feature_layers:
-            raise ValueError(f"feature_layer must be one of {self.feature_layers}, got {feature_layer!r}")
+            raise UserError(f"feature_layer must be one of {self.feature_layers}, got {feature_layer!r}")
         width, depth = _LITE_SCALING[name]
         self.name, self.feature_layer = name, feature_layer
         self._conv_stem = SameConv2d(3, 32, 3, 2)
@@ -203,7 +205,7 @@ class ResNet50(nn.Module):
     def __init__(self, name="resnet50", feature_layer="layer3"):
         super().__init__()
         if feature_layer not in self.feature_layers:
-            raise ValueError(f"feature_layer must be one of {self.feature_layers}, got {feature_layer!r}")
+            raise UserError(f"feature_layer must be one of {self.feature_layers}, got {feature_layer!r}")
         self.name, self.feature_layer = name, feature_layer
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -255,7 +257,7 @@ def load_strict(module, state_dict, source):
             lines.append(f"  unexpected {len(unexpected)} keys: {some(unexpected)}")
         if wrong_shape:
             lines.append(f"  {len(wrong_shape)} keys of the wrong shape: {some(wrong_shape)}")
-        raise ValueError("\n".join(lines))
+        raise UserError("\n".join(lines))
     module.load_state_dict(state_dict, strict=True)
 
 
@@ -269,7 +271,7 @@ BACKBONES = {
 
 def build_backbone(name, feature_layer=None):
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        raise UserError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     cls = BACKBONES[name]
     return cls(name, feature_layer or DEFAULT_FEATURE_LAYER[name])
 

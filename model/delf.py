@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import geometry
-from model.backbones import build_backbone
+from delf_index.model import geometry
+from delf_index.model.backbones import build_backbone
 
 # Mean and std of the input, in uint8 units, with which each backbone was trained.
 NORMALISATION = {

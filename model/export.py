@@ -20,10 +20,11 @@ import tempfile
 import onnx
 import torch
 
-from model.backbones import DEFAULT_FEATURE_LAYER
-from model.delf import DELF, NORMALISATION
-from model.weights import backbone_provenance, default_weights_path, read_state_dict, sha256_file
-from schemas import model as model_schema
+from delf_index.errors import UserError
+from delf_index.model.backbones import DEFAULT_FEATURE_LAYER
+from delf_index.model.delf import DELF, NORMALISATION
+from delf_index.model.weights import backbone_provenance, default_weights_path, read_state_dict, sha256_file
+from delf_index.schemas import model as model_schema
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 OPSET = 18
@@ -63,7 +64,7 @@ def build_model(backbone=DEFAULT_BACKBONE, weights=None, attention="default", fe
         try:
             model.attention.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"{attention} does not hold a DELF attention head for {backbone}: {e}") from e
+            raise UserError(f"{attention} does not hold a DELF attention head for {backbone}: {e}") from e
         provenance["attention"] = {
             "type": "learned",
             "file": os.path.basename(attention),

@@ -14,9 +14,11 @@ import numpy as np
 import onnx
 import torch
 
-from model.export import build_model
-from model.weights import default_weights_path, sha256_file
-from schemas import model as model_schema
+from delf_index.errors import UserError
+from delf_index.model.export import build_model
+from delf_index.model.weights import default_weights_path, sha256_file
+from delf_index.runtime.extractor import default_model_path, read_model_bytes
+from delf_index.schemas import model as model_schema
 
 
 def _default_attention_path(name):
@@ -43,8 +45,6 @@ class TorchEngine:
     @classmethod
     def from_onnx(cls, model=None, weights=None, attention=None, **options):
         """The network of an exported model, rebuilt from the weight files it was exported from."""
-        from pipelines.extractor import default_model_path, read_model_bytes
-
         uri = model or default_model_path()
         proto = onnx.load_from_string(read_model_bytes(uri))
         props = {p.key: p.value for p in proto.metadata_props}
@@ -54,7 +54,7 @@ class TorchEngine:
         if meta["attention"]["type"] == "learned":
             attention = attention or _default_attention_path(meta["attention"]["file"])
             if attention is None:
-                raise ValueError(
+                raise UserError(
                     f"{uri} has a learned attention head: pass attention=PATH ({meta['attention']['file']})"
                 )
             _check_sha(attention, meta["attention"]["sha256"], "attention weights")
@@ -102,14 +102,14 @@ class TorchEngine:
 def _find_weights(meta):
     try:
         path = default_weights_path(meta["backbone"])
-    except ValueError as e:
-        raise ValueError(f"{e}; the model was exported from {meta['weights'].get('file')}") from None
+    except UserError as e:
+        raise UserError(f"{e}; the model was exported from {meta['weights'].get('file')}") from None
     return path
 
 
 def _check_sha(path, expected, what):
     actual = sha256_file(path)
     if actual != expected:
-        raise ValueError(
+        raise UserError(
             f"{what} {path} (sha256 {actual[:12]}) are not the ones the model was exported from ({expected[:12]})"
         )

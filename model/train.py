@@ -48,10 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backbones import DEFAULT_FEATURE_LAYER, EfficientNetLite, ResNet50
-from model.delf import DELF
-from model.weights import default_weights_path, read_state_dict
-from pipelines.images import read_image
+from delf_index.errors import UserError
+from delf_index.indexing import verify
+from delf_index.model.backbones import DEFAULT_FEATURE_LAYER, EfficientNetLite, ResNet50
+from delf_index.model.delf import DELF
+from delf_index.model.weights import default_weights_path, read_state_dict
+from delf_index.runtime import storage
+from delf_index.runtime.images import read_image
 
 logger = logging.getLogger("delf_index.train")
 
@@ -105,15 +108,13 @@ def read_manifest(uri):
     The image location is the ``path`` column when present (relative paths resolve against
     the manifest's folder), else ``url``. Rows without a landmark id are skipped.
     """
-    import fsspec
-
-    with fsspec.open(uri, "rt", newline="") as f:
+    with storage.open_file(uri, "rt", newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
-        raise ValueError(f"{uri}: empty manifest")
+        raise UserError(f"{uri}: empty manifest")
     columns = set(rows[0])
     if not {"id", "landmark_id"} <= columns or not columns & {"path", "url"}:
-        raise ValueError(f"{uri}: a manifest needs columns id, landmark_id and url or path; got {sorted(columns)}")
+        raise UserError(f"{uri}: a manifest needs columns id, landmark_id and url or path; got {sorted(columns)}")
     remote = "://" in uri
     base = posixpath.dirname(uri) if remote else os.path.dirname(os.path.abspath(uri))
     items = []
@@ -122,7 +123,7 @@ def read_manifest(uri):
             continue
         location = (row.get("path") or "").strip() or (row.get("url") or "").strip()
         if not location:
-            raise ValueError(f"{uri}: row {row['id']} has neither path nor url")
+            raise UserError(f"{uri}: row {row['id']} has neither path nor url")
         if "://" not in location and not os.path.isabs(location):
             location = posixpath.join(base, location) if remote else os.path.join(base, location)
         items.append({"id": row["id"], "location": location, "landmark_id": row["landmark_id"].strip()})
@@ -400,8 +401,6 @@ def verified_targets(cells, labels, max_pairs, seed):
     affine, indexing.verify) of the mutual nearest-neighbour matches with another image of
     its class. Pairs per class are capped at `max_pairs` (a seeded sample). Returns the number
     of pairs verified and tried."""
-    from indexing import verify
-
     rng = np.random.default_rng([seed, 2])
     by_class = {}
     for i, label in enumerate(labels):
@@ -639,7 +638,7 @@ def train(manifest, output, conf=None, resume=False):
     """Train as the module docstring says; returns the per-epoch history (also history.json)."""
     unknown = set(conf or {}) - set(default_conf)
     if unknown:
-        raise ValueError(f"unknown training options {sorted(unknown)}; known: {sorted(default_conf)}")
+        raise UserError(f"unknown training options {sorted(unknown)}; known: {sorted(default_conf)}")
     conf = {**default_conf, **(conf or {})}
     conf["homography"] = {**default_conf["homography"], **conf["homography"]}
     conf["scale_range"] = tuple(conf["scale_range"])
@@ -648,9 +647,9 @@ def train(manifest, output, conf=None, resume=False):
     if conf["epochs"] and not any(
         conf[k] > 0 for k in ("classification_weight", "matchability_weight", "verified_weight")
     ):
-        raise ValueError("no training objective: set classification_weight, matchability_weight or verified_weight")
+        raise UserError("no training objective: set classification_weight, matchability_weight or verified_weight")
     if conf["crop_size"] % 32:
-        raise ValueError(f"crop_size must be a multiple of 32, got {conf['crop_size']}")
+        raise UserError(f"crop_size must be a multiple of 32, got {conf['crop_size']}")
     if conf["threads"]:
         torch.set_num_threads(int(conf["threads"]))
     device = torch.device(conf["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -662,7 +661,7 @@ def train(manifest, output, conf=None, resume=False):
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changed = sorted(k for k in conf if k not in RESUMABLE and state["conf"].get(k) != conf[k])
         if changed:
-            raise ValueError(f"cannot resume {output}: options differ from the run's ({', '.join(changed)})")
+            raise UserError(f"cannot resume {output}: options differ from the run's ({', '.join(changed)})")
         logger.info("resuming %s at stage %d, epoch %d, step %d", output, state["stage"], state["epoch"], state["step"])
     elif resume:
         logger.info("no checkpoint in %s: starting afresh", output)
@@ -833,7 +832,7 @@ def main(argv=None):
     for item in args.conf:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--conf takes KEY=VALUE, got {item!r}")
+            raise UserError(f"--conf takes KEY=VALUE, got {item!r}")
         conf[key] = _parse_value(value)
     for key in ("epochs", "stage1_epochs", "seed", "device", "backbone", "weights"):
         if getattr(args, key) is not None:

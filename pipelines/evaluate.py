@@ -13,43 +13,54 @@ Protocols:
   query bbx, easy, hard, junk). Queries are cropped to their box; Easy, Medium and Hard are
   scored as revisitop does. This reads a pickle: only pass files you trust.
 
+From Python:
+
+    from delf_index.pipelines import evaluate
+    summary = evaluate.run("landmarks-dev/images", "/tmp/eval", groups="landmarks-dev/groups.csv",
+                           conf={"fit": {"seed": 1}, "query": {"shortlist": 50}})
+
 Scores are revisitop's (indexing/metrics.py): mAP over the full ranking, mP@k, R@1. Outputs
 in --workdir/eval: metrics.json, report.md (with the ablation of the ranking stages, a
-precision-recall plot and the worst queries), queries.parquet. Steps whose outputs exist in
---workdir for the same model are reused. The last line printed is a one-line JSON summary.
+precision-recall plot and the worst queries), queries.parquet. A step's outputs in --workdir
+are reused when its inputs and settings are the same as what made them (the image list, the
+model, the extraction, fit and query settings); --fresh recomputes everything. The last line
+printed is a one-line JSON summary.
 """
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
 import pickle
-import sys
 import time
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import PipelineOptions
+from matplotlib.figure import Figure
 
-from indexing import metrics
-from indexing.query import Index, default_conf
-from pipelines import build, extract, fit
-from pipelines.extract import local_options
-from pipelines.extractor import Features, load_model
-from pipelines.images import read_image
-from pipelines.tables import iter_batches, list_tables
+from delf_index.errors import UserError
+from delf_index.indexing import metrics
+from delf_index.indexing.artifact import Artifact
+from delf_index.indexing.retrieval import Index, presets
+from delf_index.indexing.retrieval import default_conf as query_defaults
+from delf_index.pipelines import build, cli, extract, fit
+from delf_index.runtime.extractor import load_model
+from delf_index.runtime.images import read_image
+from delf_index.runtime.tables import iter_features
 
 log = logging.getLogger(__name__)
 
 KAPPAS = (1, 5, 10)
-# the ablation: each ranking stage switched on in turn (README and the report show it)
-ABLATION = {
-    "global only": {"use_local": False, "use_verification": False},
-    "local voting only": {"use_global": False, "use_verification": False},
-    "fused": {"use_verification": False},
-    "fused + verification": {},
+default_conf = {
+    "extract": {},  # overrides of extract.default_conf
+    "fit": {},  # overrides of indexing.codebooks.default_conf (seed, pq, ...)
+    "query": {},  # overrides of indexing.retrieval.default_conf
+    "ablation": True,  # also score each ranking stage alone (retrieval.presets)
 }
 
 
@@ -115,8 +126,6 @@ class RunQueries(beam.DoFn):
         self.index_uri, self.configs, self.keep = index_uri, configs, keep
 
     def setup(self):
-        from indexing.artifact import Artifact
-
         artifact = Artifact.load(self.index_uri)
         self.indexes = {name: Index(artifact, conf) for name, conf in self.configs.items()}
 
@@ -170,46 +179,32 @@ def precision_recall(ranking, positives, junk, levels=RECALL_LEVELS):
 
 def query_elements(queries, features_uri, in_database):
     """(query, features or None) pairs: database queries take their stored features."""
-    wanted = {q["id"]: q for q in queries if in_database}
-    elements = [(q, None) for q in queries if not in_database]
-    if wanted:
-        for uri in list_tables(features_uri):
-            for table in iter_batches(uri, None):
-                for row in table.to_pylist():
-                    if row["image_id"] in wanted:
-                        elements.append((wanted[row["image_id"]], features_from_row(row)))
-    return elements
-
-
-def features_from_row(row):
-    return Features(
-        x=np.asarray(row["x"], np.float32),
-        y=np.asarray(row["y"], np.float32),
-        scale=np.asarray(row["scale"], np.float32),
-        attention=np.asarray(row["attention"], np.float32),
-        descriptors=np.asarray(row["descriptors"], np.float32).reshape(row["num_features"], -1),
-        global_descriptor=np.asarray(row["global_descriptor"], np.float32),
-        width=row["width"],
-        height=row["height"],
-    )
+    if not in_database:
+        return [(q, None) for q in queries]
+    wanted = {q["id"]: q for q in queries}
+    return [(wanted[image_id], features) for image_id, features in iter_features(features_uri, set(wanted))]
 
 
 # -- the batch -------------------------------------------------------------------------------
-def reuse(path, fingerprint, **conf):
-    """True when a step's output exists for this model and these settings of its `conf`
-    (evaluations are rerun often)."""
+def read_json(path):
     if not os.path.exists(path):
-        return False
+        return None
     with open(path) as f:
-        done = json.load(f)
-    return done.get("model_fingerprint") == fingerprint and all(done["conf"].get(k) == v for k, v in conf.items())
+        return json.load(f)
 
 
 def write_manifest(rows, path):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "uri", "label"])
-        writer.writerows([(i, u, label or "") for i, u, label in rows])
+    """The image list as an extract manifest; True when it differs from the one at `path`."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "uri", "label"])
+    writer.writerows([(i, u, label or "") for i, u, label in rows])
+    text = buffer.getvalue()
+    changed = not os.path.exists(path) or open(path).read() != text
+    if changed:
+        with open(path, "w") as f:
+            f.write(text)
+    return changed
 
 
 def summarise(rows, configs, protocols):
@@ -224,90 +219,86 @@ def summarise(rows, configs, protocols):
     return out
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="delf-index evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", required=True, help="folder (or fsspec URI) of the images")
-    truth = parser.add_mutually_exclusive_group(required=True)
-    truth.add_argument("--groups", help="groups.csv (image,group): leave-one-out protocol")
-    truth.add_argument("--gnd", help="revisitop ground truth .pkl (Easy / Medium / Hard)")
-    parser.add_argument("--workdir", required=True, help="features, codebooks, index and eval/ go here")
-    parser.add_argument("--model", help="exported .onnx model (default: the shipped one)")
-    parser.add_argument(
-        "--workers", type=int, help="local worker processes (default: extract's for extraction, cores for the rest)"
-    )
-    parser.add_argument("--no-ablation", action="store_true", help="score only the full ranking")
-    parser.add_argument("--fresh", action="store_true", help="recompute every step, reuse nothing")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the codebook training (fit)")
-    for key in ("knn", "nprobe", "shortlist", "min_inliers"):
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=default_conf[key])
-    parser.add_argument("--local-weight", type=float, default=default_conf["local_weight"])
-    return parser.parse_known_args(argv)
+def resolve_conf(conf=None):
+    conf = dict(conf or {})
+    unknown = set(conf) - set(default_conf)
+    if unknown:
+        raise UserError(f"unknown evaluate options {sorted(unknown)}; known: {sorted(default_conf)}")
+    return {**default_conf, **conf}
 
 
-def run(argv=None):
-    """Run the evaluation batch; returns the summary dict (also printed as the last line)."""
-    args, beam_args = parse_args(argv)
-    work = args.workdir
-    os.makedirs(os.path.join(work, "eval"), exist_ok=True)
-    _, _, fingerprint = load_model(args.model)
-    in_database = args.groups is not None
-    manifest, queries = (
-        groups_protocol(args.groups, args.images) if in_database else gnd_protocol(args.gnd, args.images)
-    )
+def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_options=None, fresh=False):
+    """Evaluate retrieval on a collection: extract, fit, build, every query, metrics and a
+    report under `workdir`. Ground truth: `groups` (groups.csv, leave-one-out) or `gnd`
+    (revisitop .pkl). Returns the summary dict (also printed as the last line)."""
+    if (groups is None) == (gnd is None):
+        raise UserError("give the ground truth as groups (groups.csv) or gnd (revisitop .pkl), one of them")
+    conf = resolve_conf(conf)
+    extract_conf, fit_conf = extract.resolve_conf(conf["extract"]), fit.resolve_conf(conf["fit"])
+    query_conf = {**query_defaults, **conf["query"]}
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    _, _, fingerprint = load_model(model)
+    in_database = groups is not None
+    manifest, queries = groups_protocol(groups, images) if in_database else gnd_protocol(gnd, images)
     protocols = list(queries[0]["positives"]) if queries else []
-    extract_workers = ["--workers", str(args.workers or extract.DEFAULT_WORKERS)] + beam_args
-    args.workers = args.workers or os.cpu_count()  # fit, build and the queries
-    common = ["--workers", str(args.workers)] + beam_args
-    model_args = ["--model", args.model] if args.model else []
     timings = {}
 
+    # each step reruns when its inputs or settings differ from what made its outputs
     start = time.time()
-    features = os.path.join(work, "features")
-    if args.fresh or not reuse(os.path.join(features, "_SUMMARY.json"), fingerprint):
-        write_manifest(manifest, os.path.join(work, "manifest.csv"))
-        extract.run(
-            ["--input", os.path.join(work, "manifest.csv"), "--output", features, *model_args, *extract_workers]
+    features = os.path.join(workdir, "features")
+    images_changed = write_manifest(manifest, os.path.join(workdir, "manifest.csv"))
+    done = read_json(os.path.join(features, "_SUMMARY.json")) or {}
+    redo = (
+        fresh
+        or images_changed
+        or (done.get("model_fingerprint"), done.get("extractor"))
+        != (
+            fingerprint,
+            json.loads(json.dumps(extract_conf["extractor"])),
         )
+    )
+    if redo:
+        extract.run(os.path.join(workdir, "manifest.csv"), features, extract_conf, model, beam_options)
     timings["extract_s"] = time.time() - start
 
     start = time.time()
-    codebooks = os.path.join(work, "codebooks")
-    refit = args.fresh or not reuse(os.path.join(codebooks, "codebooks.json"), fingerprint, seed=args.seed)
-    if refit:
-        fit.run(["--features", features, "--output", codebooks, "--seed", str(args.seed), *common])
+    codebooks = os.path.join(workdir, "codebooks")
+    done = (read_json(os.path.join(codebooks, "codebooks.json")) or {}).get("conf", {})
+    automatic = {"nlist"} if fit_conf["nlist"] is None else set()  # resolved by fit from the corpus size
+    redo = redo or any(done.get(k) != v for k, v in fit_conf.items() if k not in automatic)
+    if redo:
+        fit.run(features, codebooks, fit_conf, beam_options)
     timings["fit_s"] = time.time() - start
 
     start = time.time()
-    index = os.path.join(work, "index")
-    if refit or not reuse(os.path.join(index, "manifest.json"), fingerprint):  # new codebooks, new index
-        build.run(["--features", features, "--codebooks", codebooks, "--output", index, *common])
+    index = os.path.join(workdir, "index")
+    if redo or read_json(os.path.join(index, "manifest.json")) is None:  # new codebooks, new index
+        build.run(features, index, codebooks=codebooks, beam_options=beam_options)
     timings["build_s"] = time.time() - start
 
-    conf = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight")}
-    configs = {"fused + verification": conf} if args.no_ablation else {n: {**conf, **c} for n, c in ABLATION.items()}
+    configs = {name: {**query_conf, **stage} for name, stage in presets.items()}
+    if not conf["ablation"]:
+        configs = {"fused + verification": query_conf}
     start = time.time()
     elements = query_elements(queries, features, in_database)
     missing = len(queries) - len(elements)
     if missing:
         log.warning("%d queries have no features (see %s/errors) and are scored as failures", missing, features)
-    rows = []
-    options = local_options(args, beam_args)
-    with beam.Pipeline(options=options) as p:
+    flags, _ = cli.beam_flags(beam_options)
+    with beam.Pipeline(options=PipelineOptions(flags)) as p:
         results = (
             p
             | "Queries" >> beam.Create(elements)
             | "Redistribute" >> beam.Reshuffle()
             | "Search" >> beam.ParDo(RunQueries(index, configs))
         )
-        results | "Collect" >> beam.combiners.ToList() | "Write" >> beam.Map(write_rows, os.path.join(work, "eval"))
-    with open(os.path.join(work, "eval", "rows.json")) as f:
-        rows = json.load(f)
-    for query in queries:  # a query that failed to extract ranks nothing: AP 0, not left out
-        if query["id"] not in {r["query"] for r in rows}:
-            rows.append(failed_row(query, configs, protocols))
+        results | "Collect" >> beam.combiners.ToList() | "Write" >> beam.Map(write_rows, os.path.join(workdir, "eval"))
+    rows = read_json(os.path.join(workdir, "eval", "rows.json"))
+    answered = {r["query"] for r in rows}
+    rows += [failed_row(q, configs, protocols) for q in queries if q["id"] not in answered]  # AP 0, not left out
     timings["queries_s"] = time.time() - start
     scores = summarise(rows, configs, protocols)
-    report(work, rows, scores, configs, protocols, timings, len(manifest))
+    report(workdir, rows, scores, configs, protocols, timings, len(manifest))
     main_protocol = "medium" if "medium" in protocols else protocols[0]
     final = scores[list(configs)[-1]][main_protocol]
     summary = {
@@ -316,9 +307,9 @@ def run(argv=None):
         "R@1": round(final["R@1"], 4),
         "queries": final["queries"],
     }
-    with open(os.path.join(work, "eval", "metrics.json"), "w") as f:
+    with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
         json.dump({"summary": summary, "protocol": main_protocol, "scores": scores, "timings": timings}, f, indent=1)
-    print(f"report: {os.path.join(work, 'eval', 'report.md')}")
+    print(f"report: {os.path.join(workdir, 'eval', 'report.md')}")
     print(json.dumps(summary))
     return summary
 
@@ -389,17 +380,13 @@ def report(work, rows, scores, configs, protocols, timings, database_size):
 
 
 def plot_pr(rows, configs, protocol, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    levels = RECALL_LEVELS
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    # a Figure without pyplot: no global backend or state, safe in any process
+    fig = Figure(figsize=(5, 4), dpi=120)
+    ax = fig.subplots()
     for name in configs:
         curves = [r[f"{name}|pr"][protocol] for r in rows if protocol in r[f"{name}|pr"]]
         if curves:
-            ax.plot(levels, np.mean(curves, axis=0), label=name)
+            ax.plot(RECALL_LEVELS, np.mean(curves, axis=0), label=name)
     ax.set_xlabel("recall")
     ax.set_ylabel("interpolated precision")
     ax.set_ylim(0, 1.02)
@@ -407,14 +394,28 @@ def plot_pr(rows, configs, protocol, path):
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def main(argv=None):
-    run(argv)
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(main())
+    parser = argparse.ArgumentParser(prog="delf-index evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", required=True, help="folder (or fsspec URI) of the images")
+    truth = parser.add_mutually_exclusive_group(required=True)
+    truth.add_argument("--groups", help="groups.csv (image,group): leave-one-out protocol")
+    truth.add_argument("--gnd", help="revisitop ground truth .pkl (Easy / Medium / Hard)")
+    parser.add_argument("--workdir", required=True, help="features, codebooks, index and eval/ go here")
+    parser.add_argument("--model", help="exported .onnx model (default: the shipped one)")
+    parser.add_argument("--no-ablation", action="store_true", help="score only the full ranking")
+    parser.add_argument("--fresh", action="store_true", help="recompute every step, reuse nothing")
+    parser.add_argument("--seed", type=int, help="seed of the codebook training (fit; default 0)")
+    for key in ("knn", "nprobe", "shortlist", "min_inliers"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"query {key} ({query_defaults[key]})")
+    parser.add_argument("--local-weight", type=float, help=f"query local_weight ({query_defaults['local_weight']})")
+    cli.add_beam_arguments(parser)
+    args, beam_options = cli.parse_job_args(parser, argv)
+    query = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight")}
+    conf = {
+        "fit": {} if args.seed is None else {"seed": args.seed},
+        "query": {k: v for k, v in query.items() if v is not None},
+        "ablation": not args.no_ablation,
+    }
+    run(args.images, args.workdir, args.groups, args.gnd, conf, args.model, beam_options, args.fresh)

@@ -4,55 +4,28 @@
     delf-index extract-image photo.jpg --output photo.npz --max-features 500
     delf-index extract-image gs://bucket/photo.jpg --model gs://bucket/model.onnx --json
 
+The image is decoded and shrunk exactly as `delf-index extract` does with every image
+(`Extractor.extract_image`), so the features equal that image's row of a features table.
 The saved .npz holds x, y, scale, attention, descriptors, global_descriptor, width, height
-(pipelines.extractor.Features; read it with Features.load or numpy.load).
+(delf_index.Features; read it with Features.load or numpy.load).
 """
 
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
 
-from pipelines.extractor import Extractor, default_conf
-from pipelines.images import read_image
+from delf_index.pipelines import cli
+from delf_index.runtime.extractor import Extractor
 
 
-def add_extractor_arguments(parser):
-    """Command-line options for every knob of the extractor conf."""
-    group = parser.add_argument_group("extraction")
-    group.add_argument("--model", help="exported .onnx model, any fsspec URI (default: the shipped model)")
-    group.add_argument("--scales", type=float, nargs="+", help=f"pyramid scales (default {default_conf['scales']})")
-    group.add_argument(
-        "--max-image-size", type=int, help="largest side before the pyramid, 0 = no limit (default 1024)"
-    )
-    group.add_argument("--score-threshold", type=float, help="attention threshold (default: the model's)")
-    group.add_argument("--max-features", type=int, help="features kept per image (default 1000)")
-    group.add_argument("--nms-iou", type=float, help="NMS on receptive-field boxes at this IoU (default: off)")
-    group.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-    group.add_argument(
-        "--providers", nargs="+", help="onnxruntime execution providers (default: CUDA if present, else CPU)"
-    )
-    group.add_argument(
-        "--engine",
-        choices=["onnx", "torch"],
-        default="onnx",
-        help="run the network with onnxruntime (default) or PyTorch (needs the [model] extra)",
-    )
-
-
-def extractor_from_args(args):
-    conf = {}
-    for key in ("scales", "score_threshold", "max_features", "nms_iou"):
-        value = getattr(args, key)
-        if value is not None:
-            conf[key] = tuple(value) if key == "scales" else value
-    if args.max_image_size is not None:
-        conf["max_image_size"] = args.max_image_size or None
+def make_extractor(args):
+    conf = cli.extractor_conf_from_args(args)
     engine = None
     if args.engine == "torch":
-        from model.torch_engine import TorchEngine
+        # torch is optional (the [model] extra) and needed only here
+        from delf_index.model.torch_engine import TorchEngine
 
         engine = TorchEngine.from_onnx(args.model)
     return Extractor(args.model, conf, engine=engine, providers=args.providers, threads=args.threads)
@@ -78,12 +51,19 @@ def main(argv=None):
     parser.add_argument("image", help="image path or fsspec URI")
     parser.add_argument("--output", help="save the features to this .npz file")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    add_extractor_arguments(parser)
+    cli.add_extractor_arguments(parser)
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument("--providers", nargs="+", help="onnxruntime execution providers (default: CUDA if present)")
+    parser.add_argument(
+        "--engine",
+        choices=["onnx", "torch"],
+        default="onnx",
+        help="run the network with onnxruntime (default) or PyTorch (needs the [model] extra)",
+    )
     args = parser.parse_args(argv)
-    extractor = extractor_from_args(args)
-    image = read_image(args.image)
+    extractor = make_extractor(args)
     start = time.perf_counter()
-    features = extractor(image)
+    features = extractor.extract_image(args.image)
     info = summary(features, time.perf_counter() - start)
     if args.output:
         features.save(args.output)
@@ -102,7 +82,3 @@ def main(argv=None):
     if args.output:
         print(f"  saved to {args.output}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

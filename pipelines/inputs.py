@@ -11,26 +11,25 @@
   paths are relative to the manifest) and optionally ``label`` (or ``landmark_id``), the
   shape of Google-Landmarks-v2's train.csv; image_id = id.
 
-Every function here is plain Python over fsspec, so that the Beam steps stay thin.
+Every function here is plain Python over fsspec (runtime/storage.py), so that the Beam steps
+stay thin.
 """
 
 import os
 import posixpath
 import re
 import tarfile
-import time
 
-import fsspec
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
-from pipelines.images import IMAGE_EXTENSIONS
+from delf_index.errors import UserError
+from delf_index.runtime import storage
+from delf_index.runtime.images import IMAGE_EXTENSIONS
 
 MANIFEST_EXTENSIONS = (".csv", ".csv.gz", ".parquet")
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-# gcsfs stalls about a minute per bucket probing for hierarchical namespaces unless told not
-# to; the setting must be in place before gcsfs is imported.
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def input_kind(spec):
@@ -41,11 +40,6 @@ def input_kind(spec):
     if lowered.endswith(TAR_EXTENSIONS):
         return "tar"
     return "images"
-
-
-def _with_protocol(fs, path):
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 def _fixed_prefix(path):
@@ -62,11 +56,11 @@ def expand(spec, extensions):
     A directory is searched recursively for files with the given extensions; a glob is
     taken as given (a text file named .jpg must still reach the errors table).
     """
-    return retrying(lambda: _expand(spec, extensions), f"listing {spec}")
+    return storage.retrying(lambda: _expand(spec, extensions), f"listing {spec}")
 
 
 def _expand(spec, extensions):
-    fs, path = fsspec.core.url_to_fs(spec)
+    fs, path = storage.filesystem(spec)
     if _GLOB_CHARS.search(path):
         paths = [p for p in fs.glob(path) if not fs.isdir(p)]
         root = _fixed_prefix(path)
@@ -79,7 +73,7 @@ def _expand(spec, extensions):
         root, paths = posixpath.dirname(path), [path]
     else:
         raise FileNotFoundError(f"no such input: {spec}")
-    return [(posixpath.relpath(p, root) if root else p, _with_protocol(fs, p)) for p in sorted(paths)]
+    return [(posixpath.relpath(p, root) if root else p, storage.with_protocol(fs, p)) for p in sorted(paths)]
 
 
 def list_images(spec):
@@ -94,17 +88,14 @@ def list_shards(spec):
 
 def read_manifest(spec):
     """(image_id, uri, label) rows of a CSV or Parquet manifest; checks its columns."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    with fsspec.open(spec, "rb", compression="infer") as f:
+    with storage.open_file(spec, "rb", compression="infer") as f:
         table = pq.read_table(f) if spec.lower().endswith(".parquet") else pacsv.read_csv(f)
     names = set(table.column_names)
     id_col = next((c for c in ("id", "image_id") if c in names), None)
     uri_col = next((c for c in ("uri", "url", "path") if c in names), None)
     label_col = next((c for c in ("label", "landmark_id") if c in names), None)
     if id_col is None or uri_col is None:
-        raise ValueError(
+        raise UserError(
             f"manifest {spec} needs an 'id' column and a 'uri' (or 'url', 'path') column; it has {sorted(names)}"
         )
     base = posixpath.dirname(spec)
@@ -119,45 +110,6 @@ def read_manifest(spec):
     return rows
 
 
-class StorageError(IOError):
-    """Object storage kept failing after retries; the message names the operation and cause."""
-
-
-def transient(error):
-    """Worth retrying: network trouble, timeouts, 408/429/5xx; not missing files or permissions."""
-    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    code = getattr(error, "code", None) or getattr(error, "status", None)
-    if isinstance(code, int):
-        return code in (408, 429) or code >= 500
-    return isinstance(error, (OSError, TimeoutError)) or "Timeout" in type(error).__name__
-
-
-def retrying(operation, what, attempts=None, delay=1.0):
-    """Run `operation()`; retry transient failures with exponential backoff, then raise a
-    StorageError that says what failed. fsspec backends (gcsfs, s3fs) also retry each request
-    themselves; this covers whole operations (an upload cut short, a listing) and plain
-    filesystems. DELF_INDEX_IO_ATTEMPTS sets the number of attempts (default 3)."""
-    attempts = attempts or int(os.environ.get("DELF_INDEX_IO_ATTEMPTS", "3"))
-    for attempt in range(1, attempts + 1):
-        try:
-            return operation()
-        except Exception as e:
-            if not transient(e):
-                raise
-            if attempt == attempts:
-                raise StorageError(f"{what} failed after {attempts} attempts: {type(e).__name__}: {e}") from e
-            time.sleep(delay * 2 ** (attempt - 1))
-
-
-def read_bytes(uri):
-    def read():
-        with fsspec.open(uri, "rb") as f:
-            return f.read()
-
-    return retrying(read, f"reading {uri}")
-
-
 def iter_tar(uri):
     """Stream (member name, bytes) of the image members of a tar shard.
 
@@ -165,7 +117,7 @@ def iter_tar(uri):
     off mid-way raises `TruncatedShard` after yielding the members before the break.
     """
     last = None
-    with fsspec.open(uri, "rb") as f:
+    with storage.open_file(uri, "rb") as f:
         try:
             with tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:

@@ -17,8 +17,9 @@ import time
 import cv2
 import numpy as np
 
-from indexing.query import Index, QueryError, default_conf
-from pipelines.images import ImageError, read_image
+from delf_index.errors import UserError
+from delf_index.indexing.retrieval import Index, default_conf
+from delf_index.runtime.images import read_image
 
 
 def draw_matches(query_image, match_image, query_xy, match_xy, title=""):
@@ -63,7 +64,7 @@ def visualize(query_path, query_image, results, folder):
     for rank, result in enumerate(results, 1):
         try:
             match = read_image(result.uri)
-        except (ImageError, OSError) as e:
+        except (UserError, OSError) as e:
             print(f"  cannot draw {result.image_id}: {e}", file=sys.stderr)
             continue
         title = f"#{rank} {result.image_id}: {result.inliers} inliers, score {result.score:.3f}"
@@ -97,9 +98,9 @@ def main(argv=None):
     for path in args.images:
         start = time.perf_counter()
         try:
-            image = read_image(path)
-            results = index.search(image, top_k=args.top)
-        except (ImageError, OSError, QueryError) as e:
+            results = index.search(path, top_k=args.top)  # decoded and shrunk as extract does
+            image = read_image(path) if args.visualize else None
+        except (UserError, OSError) as e:
             failures += 1
             message = f"{path}: cannot query: {e}"
             print(json.dumps({"query": path, "error": str(e)}) if args.json else message, file=sys.stderr)
@@ -117,7 +118,3 @@ def main(argv=None):
             if not args.json:
                 print(f"  {len(written)} match images in {args.visualize}/")
     return 1 if failures == len(args.images) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,6 +34,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from delf_index.errors import SchemaError
+
 SCHEMA_VERSION = 1
 DESCRIPTOR_DTYPES = {"float16": (pa.float16(), np.float16), "float32": (pa.float32(), np.float32)}
 ERROR_STAGES = ("list", "read", "decode", "size", "extract")
@@ -85,10 +87,10 @@ def read_table_metadata(schema):
     """The delf_index entries of a Parquet file's schema metadata, decoded; checks the version."""
     raw = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if k.startswith(b"delf_index.")}
     if "delf_index.table" not in raw:
-        raise ValueError("not a delf-index table (no delf_index.* metadata)")
+        raise SchemaError("not a delf-index table (no delf_index.* metadata)")
     version = int(raw["delf_index.schema_version"])
     if version != SCHEMA_VERSION:
-        raise ValueError(
+        raise SchemaError(
             f"table schema version {version}, this delf-index reads version {SCHEMA_VERSION}: "
             "re-extract with this version's `delf-index extract`"
         )
@@ -102,7 +104,7 @@ def read_table_metadata(schema):
 
 
 def feature_row(image_id, uri, label, features, descriptor_dtype="float16"):
-    """A features-table row (dict of Python/numpy values) from pipelines.extractor.Features."""
+    """A features-table row (dict of Python/numpy values) from a delf_index.runtime Features."""
     return {
         "image_id": image_id,
         "uri": uri,

@@ -26,6 +26,8 @@ exported_with           versions of torch and onnx, the opset
 import hashlib
 import json
 
+from delf_index.errors import SchemaError
+
 FORMAT = "delf-index-model"
 FORMAT_VERSION = 1
 METADATA_KEY = "delf_index"
@@ -76,19 +78,19 @@ def fingerprint(model_proto):
 def parse_metadata(props, source="the model"):
     """Validated metadata dict from ONNX metadata_props (a mapping); clear errors otherwise."""
     if METADATA_KEY not in props:
-        raise ValueError(
+        raise SchemaError(
             f"{source} is not a delf-index model (no '{METADATA_KEY}' metadata); "
             "export one with `delf-index export-model`"
         )
     meta = json.loads(props[METADATA_KEY])
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{source}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise SchemaError(f"{source}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise SchemaError(
             f"{source} has model format version {meta.get('format_version')}, this delf-index "
             f"reads version {FORMAT_VERSION}: re-export it with this version's `delf-index export-model`"
         )
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
-        raise ValueError(f"{source}: metadata lacks {missing}")
+        raise SchemaError(f"{source}: metadata lacks {missing}")
     return meta

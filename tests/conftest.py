@@ -3,6 +3,8 @@ import os
 import numpy as np
 import pytest
 
+ONE_WORKER = {"workers": 1}  # beam_options of the jobs in tests: one local worker process
+
 LANDMARKS = os.environ.get(
     "LANDMARKS_DEV", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "landmarks-dev")
 )
@@ -25,7 +27,7 @@ def photos():
 
 @pytest.fixture(scope="session")
 def default_extractor():
-    from pipelines.extractor import Extractor
+    from delf_index.runtime.extractor import Extractor
 
     return Extractor()
 
@@ -34,7 +36,7 @@ def default_extractor():
 def exported_default(tmp_path_factory):
     """The default model freshly exported from torch: (path, torch model)."""
     pytest.importorskip("torch")
-    from model.export import build_model, export_onnx, metadata
+    from delf_index.model.export import build_model, export_onnx, metadata
 
     model, provenance = build_model()
     path = str(tmp_path_factory.mktemp("export") / "default.onnx")

@@ -3,7 +3,7 @@
 import numpy as np
 
 from benchmarks.attention import reorder, truncate, verified_cells
-from pipelines.extractor import Features
+from delf_index.runtime.features import Features
 
 
 def features(xy, descriptors, size=(640, 480)):

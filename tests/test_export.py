@@ -6,10 +6,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model.export import build_model, export_onnx, metadata
-from model.export import main as export_main
-from model.torch_engine import TorchEngine
-from pipelines.extractor import Extractor, default_model_path
+from delf_index.model.export import build_model, export_onnx, metadata
+from delf_index.model.export import main as export_main
+from delf_index.model.torch_engine import TorchEngine
+from delf_index.runtime.extractor import Extractor, default_model_path
 from tests.conftest import rgb
 
 
@@ -67,7 +67,7 @@ def test_torch_engine_gives_the_same_features(photos):
 
 
 def test_resnet50_loads_a_user_state_dict_and_exports(tmp_path):
-    from model.backbones import ResNet50
+    from delf_index.model.backbones import ResNet50
 
     # a torchvision-layout state dict; random values: this checks loading and export, not quality
     state = ResNet50().state_dict()
@@ -82,7 +82,7 @@ def test_resnet50_loads_a_user_state_dict_and_exports(tmp_path):
 
 
 def test_wrong_weights_file_names_the_missing_keys(tmp_path):
-    from model.backbones import ResNet50
+    from delf_index.model.backbones import ResNet50
 
     state = ResNet50().state_dict()
     del state["layer3.0.conv1.weight"]
@@ -99,7 +99,7 @@ def test_wrong_weights_file_names_the_missing_keys(tmp_path):
 
 
 def test_attention_head_file_is_exported_as_learned(tmp_path):
-    from model.delf import DELF
+    from delf_index.model.delf import DELF
 
     head = {f"attention.{k}": v for k, v in DELF(attention=True).attention.state_dict().items()}
     torch.save(head, tmp_path / "head.pt")
@@ -111,7 +111,7 @@ def test_attention_head_file_is_exported_as_learned(tmp_path):
 
 
 def test_default_attention_is_the_shipped_head_or_the_l2_norm(tmp_path, monkeypatch):
-    import model.export as export
+    import delf_index.model.export as export
 
     # no head ships yet: the default and "l2norm" both rank by the descriptor norm
     assert export.default_attention_path("efficientnet_lite0") is None
@@ -119,7 +119,7 @@ def test_default_attention_is_the_shipped_head_or_the_l2_norm(tmp_path, monkeypa
         model, provenance = build_model(attention=attention)
         assert metadata(model, provenance)["attention"]["type"] == "l2norm"
     # a head shipped for the backbone and layer is taken by default, never for other weights
-    from model.delf import DELF
+    from delf_index.model.delf import DELF
 
     torch.save(DELF(attention=True).attention.state_dict(), tmp_path / "head.pt")
     monkeypatch.setattr(export, "default_attention_path", lambda backbone, layer=None: str(tmp_path / "head.pt"))

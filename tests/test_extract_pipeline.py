@@ -14,10 +14,10 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, is_not_empty
 from PIL import Image
 
-from pipelines import extract
-from pipelines.extractor import Extractor
-from schemas.features import descriptors_of, read_table_metadata
-from tests.conftest import rgb
+from delf_index.pipelines import extract
+from delf_index.runtime.extractor import Extractor
+from delf_index.schemas.features import descriptors_of, read_table_metadata
+from tests.conftest import ONE_WORKER, rgb
 
 GOOD = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -74,8 +74,6 @@ def read_tables(output):
 
 def test_rows_with_test_pipeline(image_dir):
     """The transforms alone, with Beam's test harness asserting on the rows."""
-    args, _ = extract.parse_args(["--input", str(image_dir), "--output", "unused"])
-    args.threads = None
     good, bad = expected_ids()
 
     def check_rows(rows):
@@ -90,7 +88,7 @@ def test_rows_with_test_pipeline(image_dir):
         assert all(r["error"] for r in rows)
 
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        rows, errors = extract.build(p, args, extract.extractor_conf(args))
+        rows, errors = extract.build(p, str(image_dir), extract.resolve_conf())
         assert_that(rows, check_rows, label="CheckRows")
         assert_that(errors, check_errors, label="CheckErrors")
         assert_that(rows, is_not_empty(), label="NotEmpty")
@@ -98,7 +96,7 @@ def test_rows_with_test_pipeline(image_dir):
 
 def test_job_writes_tables_that_pandas_and_duckdb_read(image_dir, tmp_path, small_photos):
     out = str(tmp_path / "out")
-    summary = extract.run(["--input", str(image_dir), "--output", out, "--workers", "1"])
+    summary = extract.run(str(image_dir), out, beam_options=ONE_WORKER)
     features, errors = read_tables(out)
     good, bad = expected_ids()
     # every input exactly once, in one table or the other
@@ -130,12 +128,12 @@ def test_job_writes_tables_that_pandas_and_duckdb_read(image_dir, tmp_path, smal
 
 def test_rerun_writes_identical_files_and_drops_stale_shards(image_dir, tmp_path):
     out = str(tmp_path / "out")
-    extract.run(["--input", str(image_dir), "--output", out, "--workers", "1", "--rows-per-shard", "1"])
+    extract.run(str(image_dir), out, {"rows_per_shard": 1}, beam_options=ONE_WORKER)
     assert len(os.listdir(os.path.join(out, "features"))) == 4
-    extract.run(["--input", str(image_dir), "--output", out, "--workers", "1"])
+    extract.run(str(image_dir), out, beam_options=ONE_WORKER)
     first = {f: open(os.path.join(out, "features", f), "rb").read() for f in os.listdir(os.path.join(out, "features"))}
     assert list(first) == ["features-00000-of-00001.parquet"]  # the 4 shards of the earlier run are gone
-    extract.run(["--input", str(image_dir), "--output", out, "--workers", "2"])  # multi-process this time
+    extract.run(str(image_dir), out, beam_options={"workers": 2})  # multi-process this time
     second = {f: open(os.path.join(out, "features", f), "rb").read() for f in os.listdir(os.path.join(out, "features"))}
     assert first == second
 
@@ -144,12 +142,25 @@ def test_large_images_are_shrunk_before_extraction_but_reported_in_original_pixe
     big = np.ascontiguousarray(np.tile(rgb(photos["astronaut"]), (3, 3, 1)))  # 1536 x 1536
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "big.jpg").write_bytes(jpeg_bytes(big))
+    Image.fromarray(big).save(tmp_path / "in" / "big.png")
     out = str(tmp_path / "out")
-    extract.run(["--input", str(tmp_path / "in"), "--output", out, "--workers", "1", "--max-image-size", "512"])
-    row = pq.read_table(os.path.join(out, "features")).to_pylist()[0]
+    extract.run(str(tmp_path / "in"), out, {"extractor": {"max_image_size": 512}}, beam_options=ONE_WORKER)
+    rows = {r["image_id"]: r for r in pq.read_table(os.path.join(out, "features")).to_pylist()}
+    row = rows["big.jpg"]
     assert (row["width"], row["height"]) == (1536, 1536)
     assert max(row["x"]) > 1300 and max(row["y"]) > 1300
     assert min(row["scale"]) == pytest.approx(3.0 / 2.0, rel=1e-3)  # pyramid 2.0 on a 3x shrunk image
+    # one decode path: a query given as a path, bytes or an array gets its table row's features
+    extractor = Extractor(conf={"max_image_size": 512})
+    path = tmp_path / "in" / "big.jpg"
+    queries = {"path": str(path), "pathlib": path, "bytes": path.read_bytes(), "png array": big}
+    for name, query in queries.items():
+        expected = rows["big.png" if name == "png array" else "big.jpg"]
+        features = extractor.extract_image(query)
+        assert (features.width, features.height) == (1536, 1536), name
+        np.testing.assert_array_equal(features.x, expected["x"], err_msg=name)
+        np.testing.assert_array_equal(features.y, expected["y"], err_msg=name)
+        np.testing.assert_allclose(features.descriptors, np.stack(expected["descriptors"]), atol=2e-3, err_msg=name)
 
 
 def write_tar(path, members):
@@ -175,7 +186,7 @@ def test_tar_shards_are_streamed_and_bad_members_reported(tmp_path, small_photos
     cut = 512 + -(-len(members[0][1]) // 512) * 512 + 512 + 100
     (shards / "images_002.tar").write_bytes((shards / "images_001.tar").read_bytes()[:cut])
     out = str(tmp_path / "out")
-    extract.run(["--input", str(shards / "images_*.tar"), "--output", out, "--workers", "1"])
+    extract.run(str(shards / "images_*.tar"), out, beam_options=ONE_WORKER)
     features, errors = read_tables(out)
     ids = sorted(features.column("image_id").to_pylist())
     assert ids == ["0/0/astronaut.jpg", "1/coffee.jpg", "1/rocket.jpg"]  # 002's whole first member counts once
@@ -203,7 +214,7 @@ def test_manifest_with_labels_and_missing_files(tmp_path, small_photos):
         "id,url,landmark_id\na1,img/astronaut.jpg,7\nc2,img/coffee.jpg,9\nm3,img/missing.jpg,9\n"
     )
     out = str(tmp_path / "out")
-    extract.run(["--input", str(folder / "train.csv"), "--output", out, "--workers", "1"])
+    extract.run(str(folder / "train.csv"), out, beam_options=ONE_WORKER)
     features, errors = read_tables(out)
     assert dict(zip(features.column("image_id").to_pylist(), features.column("label").to_pylist())) == {
         "a1": "7",
@@ -212,7 +223,7 @@ def test_manifest_with_labels_and_missing_files(tmp_path, small_photos):
     assert errors.to_pylist()[0]["image_id"] == "m3" and errors.to_pylist()[0]["stage"] == "read"
     (folder / "bad.csv").write_text("name,where\nx,y\n")
     with pytest.raises(Exception, match="needs an 'id' column"):
-        extract.run(["--input", str(folder / "bad.csv"), "--output", out, "--workers", "1"])
+        extract.run(str(folder / "bad.csv"), out, beam_options=ONE_WORKER)
 
 
 def test_landmarks_dev_subset(landmarks_dir, tmp_path):
@@ -227,7 +238,7 @@ def test_landmarks_dev_subset(landmarks_dir, tmp_path):
         for r in rows:
             writer.writerow([r["image"], os.path.join(landmarks_dir, "images", r["image"]), r["group"]])
     out = str(tmp_path / "out")
-    summary = extract.run(["--input", str(manifest), "--output", out, "--workers", "1"])
+    summary = extract.run(str(manifest), out, beam_options=ONE_WORKER)
     features, errors = read_tables(out)
     assert summary["extracted"] == len(rows) == 8 and errors.num_rows == 0
     assert set(features.column("label").to_pylist()) == {"boat", "dsc_building"}
@@ -241,9 +252,7 @@ def test_gcs_emulator_in_and_out(gcs_bucket, small_photos):
     for name in ("astronaut", "rocket"):
         fs.pipe(f"{gcs_bucket}/in/{name}.jpg", jpeg_bytes(small_photos[name]))
     fs.pipe(f"{gcs_bucket}/in/broken.jpg", b"\xff\xd8\xff\xe0 truncated")
-    summary = extract.run(
-        ["--input", f"gs://{gcs_bucket}/in/*.jpg", "--output", f"gs://{gcs_bucket}/out", "--workers", "1"]
-    )
+    summary = extract.run(f"gs://{gcs_bucket}/in/*.jpg", f"gs://{gcs_bucket}/out", beam_options=ONE_WORKER)
     assert (summary["extracted"], summary["failed"]) == (2, 1)
     with fs.open(f"{gcs_bucket}/out/features/features-00000-of-00001.parquet", "rb") as f:
         table = pq.read_table(f)

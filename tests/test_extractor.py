@@ -8,26 +8,33 @@ import numpy as np
 import onnx
 import pytest
 
-from indexing import verify
-from pipelines.extractor import Extractor, Features, default_model_path, nms
+from delf_index.indexing import verify
+from delf_index.runtime.extractor import Extractor, default_model_path, nms
+from delf_index.runtime.features import Features
 from tests.conftest import rgb
 
 
 def test_runtime_needs_no_torch():
     code = (
-        "import sys, numpy as np; from pipelines.extractor import Extractor; "
+        "import sys, numpy as np; from delf_index.runtime.extractor import Extractor; "
         "f = Extractor()(np.full((64, 96, 3), 100, np.uint8)); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_default_model_metadata(default_extractor):
+def test_default_model_metadata_describes_what_the_network_computes(default_extractor, photos):
     meta = default_extractor.metadata
-    assert meta["backbone"] == "efficientnet_lite0"
-    assert meta["attention"]["type"] == "l2norm"  # recorded, never hidden
-    assert "ImageNet" in meta["weights"]["trained_on"]
+    assert meta["backbone"] == "efficientnet_lite0" and "ImageNet" in meta["weights"]["trained_on"]
     assert len(default_extractor.fingerprint) == 64
+    image = cv2.resize(rgb(photos["coffee"]), (160, 96))  # multiples of input_multiple (32)
+    features, attention, glob = default_extractor.engine(image[None])
+    stride = meta["stride"]
+    assert features.shape == (1, meta["descriptor_dim"], 96 // stride, 160 // stride)
+    assert attention.shape == (1, 96 // stride, 160 // stride) and glob.shape == (1, meta["global_dim"])
+    # "l2norm" attention (recorded, never hidden) is the L2 norm of each cell's descriptor
+    assert meta["attention"]["type"] == "l2norm"
+    np.testing.assert_allclose(attention[0], np.linalg.norm(features[0], axis=0), rtol=1e-4)
 
 
 def test_features_of_a_real_photo(default_extractor, photos):
@@ -109,7 +116,15 @@ def test_nms_keeps_separated_boxes():
 
 def test_small_and_bad_images(default_extractor):
     tiny = default_extractor(np.zeros((12, 12, 3), np.uint8))
-    assert tiny.width == 12 and len(tiny) <= 3 and (tiny.x < 12).all() and (tiny.y < 12).all()
+    # levels under 10 px are skipped; a cell counts when its centre lies inside the level
+    meta = default_extractor.metadata
+    sides = [round(12 * s) for s in default_extractor.conf["scales"]]
+    cells = [
+        sum(i * meta["stride"] + meta["centre_offset"] < side for i in range(side)) for side in sides if side >= 10
+    ]
+    assert len(tiny) == sum(c * c for c in cells) == 2  # 1.4142 (17 px) and 2.0 (24 px): one cell each
+    assert tiny.width == 12 and (tiny.x < 12).all() and (tiny.y < 12).all()
+    np.testing.assert_allclose(sorted(1 / tiny.scale), [1.4142, 2.0], rtol=0.02)
     with pytest.raises(ValueError, match="uint8 RGB"):
         default_extractor(np.zeros((64, 64), np.uint8))
     with pytest.raises(ValueError, match="uint8 RGB"):

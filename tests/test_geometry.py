@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from model import geometry
-from model.delf import DELF
+from delf_index.model import geometry
+from delf_index.model.delf import DELF
 
 CONFIGS = [
     ("efficientnet_lite0", "stage4"),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.images import ImageError, decode_image
+from delf_index.runtime.images import ImageError, decode_image
 
 
 def encode(image, fmt, **kwargs):
@@ -27,16 +27,38 @@ def test_plain_formats(photo):
         assert out.shape == (48, 64, 3) and out.dtype == np.uint8, fmt
 
 
-def test_modes_are_converted_to_rgb(photo):
+@pytest.fixture(scope="module")
+def quadrants():
+    """Four flat colours (red, green, blue, grey), so that colour conversions can be checked."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:32, :32] = (220, 30, 30)
+    image[:32, 32:] = (30, 200, 40)
+    image[32:, :32] = (20, 40, 210)
+    image[32:, 32:] = (128, 128, 128)
+    return image
+
+
+def quadrant_means(image):
+    return np.array([image[r : r + 32, c : c + 32].reshape(-1, 3).mean(0) for r in (0, 32) for c in (0, 32)])
+
+
+def test_modes_are_converted_to_rgb(photo, quadrants):
     gray = decode_image(encode(photo.convert("L"), "PNG"))
     assert gray.shape == (48, 64, 3) and (gray[..., 0] == gray[..., 1]).all()
-    cmyk = decode_image(encode(photo.convert("CMYK"), "JPEG"))
-    assert cmyk.shape == (48, 64, 3)
-    palette = photo.convert("P")
-    assert decode_image(encode(palette, "PNG")).shape == (48, 64, 3)
-    sixteen = Image.fromarray((np.arange(48 * 64).reshape(48, 64) * 20).astype(np.uint16))
-    out = decode_image(encode(sixteen, "PNG"))
-    assert out.shape == (48, 64, 3) and out.max() > 200  # scaled from 16 bits, not clipped
+    np.testing.assert_array_equal(gray[..., 0], np.asarray(photo.convert("L")))
+    # CMYK JPEGs (print workflows) come back in their colours, not inverted or channel-swapped
+    cmyk = decode_image(encode(Image.fromarray(quadrants).convert("CMYK"), "JPEG", quality=95))
+    assert cmyk.shape == (64, 64, 3)
+    np.testing.assert_allclose(quadrant_means(cmyk), quadrant_means(quadrants), atol=8)
+    # a palette PNG of few colours is lossless: every pixel exactly as it was
+    palette = Image.fromarray(quadrants).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    assert palette.mode == "P"
+    np.testing.assert_array_equal(decode_image(encode(palette, "PNG")), quadrants)
+    # 16 bits scaled to 8 (0..65535 -> 0..255), not clipped at 255
+    values = np.arange(48 * 64).reshape(48, 64).astype(np.uint16) * 20
+    out = decode_image(encode(Image.fromarray(values), "PNG"))
+    assert out.shape == (48, 64, 3)
+    np.testing.assert_allclose(out[..., 0], values / 65535 * 255, atol=0.51)
     rgba = photo.convert("RGBA")
     rgba.putalpha(0)
     assert (decode_image(encode(rgba, "PNG")) == 255).all()  # transparent shows as white

@@ -5,16 +5,18 @@ import json
 import os
 import shutil
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexing import artifact as art
-from indexing import pca as pca_lib
-from pipelines import build, extract, fit
-from pipelines.fit import BottomKSample, bottom_k, sample_keys
-from tests.conftest import rgb
+from delf_index.indexing import artifact as art
+from delf_index.indexing import pca as pca_lib
+from delf_index.indexing.codebooks import bottom_k, sample_keys
+from delf_index.pipelines import build, extract, fit
+from delf_index.pipelines.fit import BottomKSample
+from tests.conftest import ONE_WORKER, rgb
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,14 @@ def feature_tables(tmp_path_factory, photos):
                 Image.fromarray(np.ascontiguousarray(array)).save(buf, "JPEG", quality=92)
                 (folder / f"{group}-{name}{variant}.jpg").write_bytes(buf.getvalue())
         outputs[group] = str(root / f"out-{group}")
-        extract.run(["--input", str(folder), "--output", outputs[group], "--workers", "1", "--rows-per-shard", "2"])
+        extract.run(str(folder), outputs[group], {"rows_per_shard": 2}, beam_options=ONE_WORKER)
     return outputs
 
 
 @pytest.fixture(scope="module")
 def codebooks(feature_tables, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("codebooks") / "cb")
-    fit.run(["--features", feature_tables["a"], "--output", out, "--workers", "1", "--sample", "4000"])
+    fit.run(feature_tables["a"], out, {"sample": 4000}, beam_options=ONE_WORKER)
     return out
 
 
@@ -64,22 +66,45 @@ def test_bottom_k_sample_does_not_depend_on_how_work_is_split():
         np.testing.assert_array_equal(acc["keys"], whole[0])
         np.testing.assert_array_equal(acc["descriptors"], whole[1])
         assert acc["descriptors_total"] == len(keys)
-    # uniform: every image is represented about in proportion to its descriptor count
-    assert len(np.unique(whole[0])) == 300
     assert sample_keys("x", 5, 1).tolist() != sample_keys("x", 5, 2).tolist()
 
 
-def test_pca_follows_delf_order():
+def test_the_sample_is_uniform_over_descriptors_not_images():
+    """Images with 30 to 3000 descriptors: each is sampled in proportion to its count, and
+    within an image every feature index equally (descriptors here carry their origin)."""
+    counts = np.geomspace(30, 3000, 10).astype(int)
+    parts = [
+        (sample_keys(f"img{i}", n, seed=0), np.stack([np.full(n, i), np.arange(n) / n], axis=1))
+        for i, n in enumerate(counts)
+    ]
+    k = 4000
+    _, sample = bottom_k(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), k)
+    drawn = np.bincount(sample[:, 0].astype(int), minlength=len(counts))
+    expected = k * counts / counts.sum()
+    chi2 = ((drawn - expected) ** 2 / expected).sum()
+    assert chi2 < 27.9, (drawn, expected.round())  # 9 degrees of freedom, p = 0.001
+    assert abs(sample[:, 1].mean() - 0.5) < 0.02  # positions within images: uniform, mean 1/2
+
+
+def test_pca_is_the_eigendecomposition_of_the_sample_covariance_in_delf_order():
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(5000, 16)) * np.linspace(3, 0.1, 16)
+    x = rng.normal(size=(5000, 16)) * np.linspace(3, 0.1, 16) + rng.normal(size=16)
     pca = pca_lib.fit_pca(x, 4)
+    # numpy's answer: L2-normalise, covariance, top eigenvectors
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    values, vectors = np.linalg.eigh(np.cov(xn, rowvar=False))
+    top = vectors[:, ::-1][:, :4].T
+    np.testing.assert_allclose(np.abs((pca["components"] * top).sum(axis=1)), 1, atol=1e-5)  # same axes up to sign
+    np.testing.assert_allclose(pca["eigenvalues"], values[::-1][:4], rtol=1e-4)
+    assert pca["explained_variance"] == pytest.approx(values[::-1][:4].sum() / values.sum(), rel=1e-5)
+    # applied: centre, project, L2-normalise again (DELF); the signs follow the components
     y = pca_lib.apply_pca(x, pca)
-    assert y.shape == (5000, 4)
-    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1, atol=1e-5)
-    xn = pca_lib.l2_normalise(x)
-    manual = pca_lib.l2_normalise((xn - xn.mean(0)) @ pca["components"].T)
-    np.testing.assert_allclose(y, manual, atol=1e-5)
-    assert pca_lib.apply_pca(x, {**pca, "whiten": True}).std(0).std() < y.std(0).std()
+    signs = np.sign((pca["components"] * top).sum(axis=1))
+    expected = (xn - xn.mean(0)) @ (top * signs[:, None]).T
+    np.testing.assert_allclose(y, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-4)
+    whitened = pca_lib.apply_pca(x, {**pca, "whiten": True})
+    ratio = whitened[:, 0] / whitened[:, 3] / (y[:, 0] / y[:, 3])  # whitening divides by sqrt(eigenvalue)
+    np.testing.assert_allclose(ratio, np.sqrt(values[::-1][3] / values[::-1][0]), rtol=1e-3)
 
 
 def test_fit_build_load_round_trip(feature_tables, codebooks, tmp_path):
@@ -87,7 +112,7 @@ def test_fit_build_load_round_trip(feature_tables, codebooks, tmp_path):
         manifest = json.load(f)
     assert manifest["index_string"].endswith(",PQ10x8") and manifest["conf"]["pca_dim"] == 40
     out = str(tmp_path / "index")
-    built = build.run(["--features", feature_tables["a"], "--codebooks", codebooks, "--output", out, "--workers", "1"])
+    built = build.run(feature_tables["a"], out, codebooks=codebooks, beam_options=ONE_WORKER)
     index = art.Artifact.load(out)
     tables = pq.read_table(os.path.join(feature_tables["a"], "features"))
     assert len(index) == tables.num_rows == 6
@@ -103,8 +128,7 @@ def test_fit_build_load_round_trip(feature_tables, codebooks, tmp_path):
     # a database descriptor finds its own image
     query = rows["a-coffee.jpg"]
     reduced = pca_lib.apply_pca(np.stack(query["descriptors"])[:50].astype(np.float32), index.pca)
-    art.set_nprobe(index.index, 16)
-    _, ids = index.index.search(reduced, 1)
+    _, ids = index.index.search(reduced, 1, params=faiss.SearchParametersIVF(nprobe=16))
     images, _ = art.split_ids(ids[:, 0])
     assert np.mean(np.asarray(index.image_ids)[images] == "a-coffee.jpg") > 0.8
     # global descriptors are rows of image ids
@@ -115,7 +139,7 @@ def test_fit_build_load_round_trip(feature_tables, codebooks, tmp_path):
 
 def test_corrupted_truncated_and_foreign_artifacts_are_refused(feature_tables, codebooks, tmp_path):
     out = str(tmp_path / "index")
-    build.run(["--features", feature_tables["a"], "--codebooks", codebooks, "--output", out, "--workers", "1"])
+    build.run(feature_tables["a"], out, codebooks=codebooks, beam_options=ONE_WORKER)
     art.Artifact.load(out, model_fingerprint=art.Artifact.load(out).fingerprint)
     with pytest.raises(art.ArtifactError, match="made for model"):
         art.Artifact.load(out, model_fingerprint="0" * 64)
@@ -157,14 +181,14 @@ def test_features_of_another_model_are_refused(feature_tables, codebooks, tmp_pa
         meta[b"delf_index.model_fingerprint"] = b"f" * 64
         pq.write_table(table.replace_schema_metadata(meta), foreign / name)
     with pytest.raises(art.ArtifactError, match="come from model ffffffffffff"):
-        build.run(["--features", str(foreign), "--codebooks", codebooks, "--output", str(tmp_path / "x")])
+        build.run(str(foreign), str(tmp_path / "x"), codebooks=codebooks)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     shutil.copy(foreign / os.listdir(foreign)[0], mixed / "one.parquet")
     first = os.listdir(os.path.join(feature_tables["a"], "features"))[0]
     shutil.copy(os.path.join(feature_tables["a"], "features", first), mixed / "two.parquet")
     with pytest.raises(ValueError, match="2 different models"):
-        fit.run(["--features", str(mixed), "--output", str(tmp_path / "cb")])
+        fit.run(str(mixed), str(tmp_path / "cb"))
 
 
 def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path):
@@ -174,20 +198,21 @@ def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path
         for name in os.listdir(os.path.join(feature_tables[group], "features")):
             shutil.copy(os.path.join(feature_tables[group], "features", name), both / f"{group}-{name}")
     full = str(tmp_path / "full")
-    build.run(["--features", str(both), "--codebooks", codebooks, "--output", full, "--workers", "1"])
+    build.run(str(both), full, codebooks=codebooks, beam_options=ONE_WORKER)
     grown = str(tmp_path / "grown")
-    build.run(["--features", feature_tables["a"], "--codebooks", codebooks, "--output", grown, "--workers", "1"])
-    appended = build.run(["--features", feature_tables["b"], "--output", grown, "--append", "--workers", "1"])
+    build.run(feature_tables["a"], grown, codebooks=codebooks, beam_options=ONE_WORKER)
+    appended = build.run(feature_tables["b"], grown, append=True, beam_options=ONE_WORKER)
     a, b = art.Artifact.load(full), art.Artifact.load(grown)
     assert a.image_ids == b.image_ids and appended["counts"] == a.manifest["counts"]
     np.testing.assert_array_equal(np.asarray(a.geometry), np.asarray(b.geometry))
     queries = np.random.default_rng(0).normal(size=(20, a.pca["mean"].shape[0])).astype(np.float32)
     queries = pca_lib.apply_pca(queries, a.pca)
-    for index in (a, b):
-        art.set_nprobe(index.index, 8)
-    np.testing.assert_array_equal(a.index.search(queries, 5)[1], b.index.search(queries, 5)[1])
+    params = faiss.SearchParametersIVF(nprobe=8)
+    np.testing.assert_array_equal(
+        a.index.search(queries, 5, params=params)[1], b.index.search(queries, 5, params=params)[1]
+    )
     with pytest.raises(art.ArtifactError, match="occur twice"):
-        build.run(["--features", feature_tables["b"], "--output", grown, "--append", "--workers", "1"])
+        build.run(feature_tables["b"], grown, append=True, beam_options=ONE_WORKER)
     assert len(art.Artifact.load(grown)) == len(a)  # the failed append left the artifact as it was
 
 
@@ -196,15 +221,15 @@ def test_tables_without_images_are_skipped_and_all_empty_is_a_clear_error(featur
     bad.mkdir()
     (bad / "empty.jpg").write_bytes(b"")
     failed = str(tmp_path / "failed")
-    assert extract.run(["--input", str(bad), "--output", failed, "--workers", "1"])["failed"] == 1
+    assert extract.run(str(bad), failed, beam_options=ONE_WORKER)["failed"] == 1
     with pytest.raises(ValueError, match="hold no images.*errors table"):
-        fit.run(["--features", failed, "--output", str(tmp_path / "cb"), "--workers", "1"])
+        fit.run(failed, str(tmp_path / "cb"), beam_options=ONE_WORKER)
     # an empty shard (every image of it failed) next to good ones: skipped by fit and build
     mixed = tmp_path / "mixed"
     shutil.copytree(feature_tables["a"], mixed)
     (empty,) = (tmp_path / "failed" / "features").iterdir()
     shutil.copy(empty, mixed / "features" / "features-empty.parquet")
-    fit.run(["--features", str(mixed), "--output", str(tmp_path / "cb2"), "--workers", "1", "--sample", "4000"])
+    fit.run(str(mixed), str(tmp_path / "cb2"), {"sample": 4000}, beam_options=ONE_WORKER)
     out = str(tmp_path / "index")
-    build.run(["--features", str(mixed), "--codebooks", codebooks, "--output", out, "--workers", "1"])
+    build.run(str(mixed), out, codebooks=codebooks, beam_options=ONE_WORKER)
     assert len(art.Artifact.load(out)) == 6

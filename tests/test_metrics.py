@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from indexing.metrics import average_precision, mean_metrics, query_metrics
+from delf_index.indexing.metrics import average_precision, mean_metrics, query_metrics
 
 
 def test_hand_worked_average_precision():

@@ -8,15 +8,17 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexing.artifact import Artifact
-from indexing.query import Index, QueryError
-from pipelines import demo_corpus, evaluate
-from pipelines.extractor import Features
-from pipelines.images import read_image
+from delf_index.indexing.artifact import Artifact
+from delf_index.indexing.retrieval import Index, QueryError
+from delf_index.pipelines import demo_corpus, evaluate
+from delf_index.runtime.features import Features
+from delf_index.runtime.images import read_image
+from tests.conftest import ONE_WORKER
 
 pytest.importorskip("skimage")
 
@@ -32,16 +34,7 @@ def corpus(tmp_path_factory):
 def evaluated(corpus, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
     summary = evaluate.run(
-        [
-            "--images",
-            str(corpus / "images"),
-            "--groups",
-            str(corpus / "groups.csv"),
-            "--workdir",
-            str(work),
-            "--workers",
-            "1",
-        ]
+        str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), beam_options=ONE_WORKER
     )
     return work, summary
 
@@ -69,8 +62,8 @@ def test_evaluate_reuses_features_and_refits_for_another_seed(evaluated, corpus,
     work = tmp_path / "work"
     shutil.copytree(evaluated[0], work)
     features_written = (work / "features" / "_SUMMARY.json").stat().st_mtime_ns
-    args = ["--images", str(corpus / "images"), "--groups", str(corpus / "groups.csv"), "--workdir", str(work)]
-    evaluate.run([*args, "--no-ablation", "--seed", "1"])  # default workers, too
+    conf = {"ablation": False, "fit": {"seed": 1}}
+    evaluate.run(str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), conf=conf)  # default workers
     assert (work / "features" / "_SUMMARY.json").stat().st_mtime_ns == features_written
     with open(work / "codebooks" / "codebooks.json") as f:
         assert json.load(f)["conf"]["seed"] == 1  # not the seed-0 codebooks of the first run
@@ -119,6 +112,20 @@ def test_parallel_queries_give_the_serial_results(index, corpus):
     assert parallel == serial
 
 
+def test_search_parameters_are_per_call_not_on_the_shared_index(evaluated, corpus):
+    artifact = Artifact.load(str(evaluated[0] / "index"))
+    nprobe_before = faiss.extract_index_ivf(artifact.index).nprobe
+    narrow, wide = Index(artifact, {"nprobe": 1}), Index(artifact, {"nprobe": 64})
+    features = narrow.features_of(str(corpus / "images" / "coffee-zoom.jpg"))
+    expected = {index: index.neighbours(features)[0] for index in (narrow, wide)}
+    assert not np.array_equal(expected[narrow], expected[wide])  # the setting matters here
+    with ThreadPoolExecutor(4) as pool:  # both settings at once on one faiss index
+        found = list(pool.map(lambda index: (index, index.neighbours(features)[0]), [narrow, wide] * 4))
+    for index, sims in found:
+        np.testing.assert_array_equal(sims, expected[index])
+    assert faiss.extract_index_ivf(artifact.index).nprobe == nprobe_before
+
+
 def test_user_errors_and_edge_cases(index, evaluated, tmp_path):
     (tmp_path / "bad.jpg").write_text("<html>403 Forbidden</html>")
     with pytest.raises(QueryError, match="cannot read the query"):
@@ -146,7 +153,7 @@ def test_user_errors_and_edge_cases(index, evaluated, tmp_path):
 
 
 def test_query_command_json_and_visualisation(evaluated, corpus, tmp_path):
-    cmd = [sys.executable, "-m", "pipelines.cli", "query", "--index", str(evaluated[0] / "index")]
+    cmd = [sys.executable, "-m", "delf_index", "query", "--index", str(evaluated[0] / "index")]
     query = str(corpus / "images" / "astronaut-occluded.jpg")
     out = subprocess.run(
         cmd + [query, "--top", "3", "--json", "--visualize", str(tmp_path / "viz")], capture_output=True, text=True
@@ -189,17 +196,11 @@ def test_revisitop_ground_truth_protocol(corpus, tmp_path, evaluated):
     with open(tmp_path / "gnd_demo.pkl", "wb") as f:
         pickle.dump(cfg, f)
     summary = evaluate.run(
-        [
-            "--images",
-            str(corpus / "images"),
-            "--gnd",
-            str(tmp_path / "gnd_demo.pkl"),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--workers",
-            "1",
-            "--no-ablation",
-        ]
+        str(corpus / "images"),
+        str(tmp_path / "work"),
+        gnd=str(tmp_path / "gnd_demo.pkl"),
+        conf={"ablation": False},
+        beam_options=ONE_WORKER,
     )
     with open(tmp_path / "work" / "eval" / "metrics.json") as f:
         result = json.load(f)

@@ -1,8 +1,10 @@
 """Reliability: bad images in every input form, storage faults, determinism, safe loading."""
 
+import ast
 import http.client
 import io
 import os
+import pathlib
 import re
 import tarfile
 import threading
@@ -13,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexing.artifact import Artifact
-from indexing.query import Index
-from pipelines import build, extract, fit
-from pipelines.inputs import StorageError, retrying
-from tests.conftest import rgb
+from delf_index.indexing.artifact import Artifact
+from delf_index.indexing.retrieval import Index
+from delf_index.pipelines import build, extract, fit
+from delf_index.runtime.storage import StorageError, retrying
+from tests.conftest import ONE_WORKER, rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +84,7 @@ def test_bad_images_in_a_glob(zoo, tmp_path):
     for name, (data, _) in zoo.items():
         (tmp_path / "in" / name).write_bytes(data)
     out = str(tmp_path / "out")
-    summary = extract.run(["--input", str(tmp_path / "in" / "*"), "--output", out, "--workers", "1"])
+    summary = extract.run(str(tmp_path / "in" / "*"), out, beam_options=ONE_WORKER)
     check_outcomes(out, zoo, lambda name: name)
     assert summary["images"] == len(zoo)
 
@@ -94,7 +96,7 @@ def test_bad_images_in_a_tar_shard(zoo, tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     out = str(tmp_path / "out")
-    extract.run(["--input", str(tmp_path / "shard-*.tar"), "--output", out, "--workers", "1"])
+    extract.run(str(tmp_path / "shard-*.tar"), out, beam_options=ONE_WORKER)
     check_outcomes(out, zoo, lambda name: f"imgs/{name}")
 
 
@@ -107,7 +109,7 @@ def test_bad_images_in_a_manifest(zoo, tmp_path):
     lines += ["gone,img/does-not-exist.jpg,x", "nouri,,x"]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     out = str(tmp_path / "out")
-    extract.run(["--input", str(tmp_path / "m.csv"), "--output", out, "--workers", "1"])
+    extract.run(str(tmp_path / "m.csv"), out, beam_options=ONE_WORKER)
     names = list(zoo)
     _, errors = check_outcomes(out, zoo, lambda name: f"id{names.index(name)}")
     assert errors["gone"]["stage"] == "read" and "FileNotFoundError" in errors["gone"]["error"]
@@ -211,22 +213,22 @@ def test_storage_faults_are_retried_reported_and_healed_by_a_rerun(faulty_gcs, t
     for name in names:
         fs.pipe(f"{bucket}/faults/{name}.jpg", encode(Image.fromarray(rgb(photos[name])[::2, ::2]), "JPEG"))
     out = str(tmp_path / "out")
-    args = ["--input", f"gs://{bucket}/faults/*.jpg", "--output", out, "--workers", "1"]
+    args = (f"gs://{bucket}/faults/*.jpg", out)
     # every third request fails: the backends' and delf-index's retries absorb it
     proxy.fail = lambda method, path, n: n % 3 == 0
-    summary = extract.run(args)
+    summary = extract.run(*args, beam_options=ONE_WORKER)
     assert (summary["extracted"], summary["failed"]) == (3, 0)
     # the object store keeps failing one object: reported with the cause, the rest goes on
     monkeypatch.setenv("DELF_INDEX_IO_ATTEMPTS", "1")  # one round of gcsfs's own backoff (~30 s)
     proxy.fail = lambda method, path, n: method == "GET" and "coffee.jpg" in path and "alt=media" in path
-    summary = extract.run(args)
+    summary = extract.run(*args, beam_options=ONE_WORKER)
     errors = pq.read_table(os.path.join(out, "errors")).to_pylist()
     assert (summary["extracted"], summary["failed"]) == (2, 1)
     assert errors[0]["image_id"] == "coffee.jpg" and errors[0]["stage"] == "read"
     assert re.search(r"failed after 1 attempts: .*503", errors[0]["error"])
     # storage healthy again: the rerun completes, every image exactly once
     proxy.fail = lambda method, path, n: False
-    summary = extract.run(args)
+    summary = extract.run(*args, beam_options=ONE_WORKER)
     ids = pq.read_table(os.path.join(out, "features")).column("image_id").to_pylist()
     assert sorted(ids) == sorted(f"{n}.jpg" for n in names) and summary["failed"] == 0
     assert pq.read_table(os.path.join(out, "errors")).num_rows == 0
@@ -238,7 +240,7 @@ def one_image_tables(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("one")
     (root / "in").mkdir()
     Image.fromarray(rgb(photos["astronaut"])).save(root / "in" / "astronaut.jpg", quality=92)
-    extract.run(["--input", str(root / "in"), "--output", str(root / "features"), "--workers", "1"])
+    extract.run(str(root / "in"), str(root / "features"), beam_options=ONE_WORKER)
     return root
 
 
@@ -246,19 +248,10 @@ def test_same_inputs_give_identical_codebooks_and_index(one_image_tables, tmp_pa
     features = str(one_image_tables / "features")
     manifests = []
     for run in ("a", "b"):
-        fit.run(["--features", features, "--output", str(tmp_path / run / "cb"), "--workers", "1"])
+        fit.run(features, str(tmp_path / run / "cb"), beam_options=ONE_WORKER)
         manifests.append(
             build.run(
-                [
-                    "--features",
-                    features,
-                    "--codebooks",
-                    str(tmp_path / run / "cb"),
-                    "--output",
-                    str(tmp_path / run / "index"),
-                    "--workers",
-                    "1",
-                ]
+                features, str(tmp_path / run / "index"), codebooks=str(tmp_path / run / "cb"), beam_options=ONE_WORKER
             )
         )
     assert manifests[0]["files"] == manifests[1]["files"]  # sha256 of every file, codebooks included
@@ -266,19 +259,8 @@ def test_same_inputs_give_identical_codebooks_and_index(one_image_tables, tmp_pa
 
 def test_an_index_of_one_image_answers_clearly(one_image_tables, tmp_path, photos):
     features = str(one_image_tables / "features")
-    fit.run(["--features", features, "--output", str(tmp_path / "cb"), "--workers", "1"])
-    build.run(
-        [
-            "--features",
-            features,
-            "--codebooks",
-            str(tmp_path / "cb"),
-            "--output",
-            str(tmp_path / "index"),
-            "--workers",
-            "1",
-        ]
-    )
+    fit.run(features, str(tmp_path / "cb"), beam_options=ONE_WORKER)
+    build.run(features, str(tmp_path / "index"), codebooks=str(tmp_path / "cb"), beam_options=ONE_WORKER)
     index = Index.load(str(tmp_path / "index"))
     same = index.search(str(one_image_tables / "in" / "astronaut.jpg"))
     assert len(same) == 1 and same[0].inliers > 50
@@ -288,25 +270,68 @@ def test_an_index_of_one_image_answers_clearly(one_image_tables, tmp_path, photo
     assert len(Artifact.load(str(tmp_path / "index"))) == 1
 
 
+def unsafe_loads(source):
+    """(line, what) of every call in `source` that can run code while reading data: pickle's
+    load/loads/Unpickler (however imported), numpy.load with allow_pickle=True, torch.load
+    without weights_only=True."""
+    tree = ast.parse(source)
+    pickled = {"pickle.load", "pickle.loads", "pickle.Unpickler", "cPickle.load", "dill.load", "joblib.load"}
+    aliases = {}  # local name -> qualified name, from the imports
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname or a.name: a.name for a in node.names})
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+
+    def qualified(func):
+        if isinstance(func, ast.Name):
+            return aliases.get(func.id, func.id)
+        if isinstance(func, ast.Attribute):
+            base = qualified(func.value)
+            return f"{base}.{func.attr}" if base else None
+        return None
+
+    def constant(call, key):
+        value = next((k.value for k in call.keywords if k.arg == key), None)
+        return value.value if isinstance(value, ast.Constant) else value
+
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = qualified(node.func) or ""
+        if name in pickled:
+            found.append((node.lineno, name))
+        elif name == "numpy.load" and constant(node, "allow_pickle") not in (None, False):
+            found.append((node.lineno, "numpy.load(allow_pickle=...)"))
+        elif name == "torch.load" and constant(node, "weights_only") is not True:
+            found.append((node.lineno, "torch.load without weights_only=True"))
+    return found
+
+
+def test_the_unsafe_loading_check_sees_every_form():
+    snippet = """
+import pickle, numpy as np, torch
+from pickle import load
+from pickle import loads as undump
+pickle.load(f); load(f); undump(b); np.load(p, allow_pickle=True); torch.load(p)
+np.load(p, allow_pickle=False); torch.load(p, weights_only=True)
+"""
+    assert [what for _, what in unsafe_loads(snippet)] == [
+        "pickle.load",
+        "pickle.load",
+        "pickle.loads",
+        "numpy.load(allow_pickle=...)",
+        "torch.load without weights_only=True",
+    ]
+
+
 def test_no_unsafe_deserialisation_in_the_code():
     """Data is read as Parquet, JSON, npz without pickle; torch.load only with weights_only.
     The one pickle is revisitop's ground truth, read when the user names it (--gnd)."""
     offenders = []
-    for folder in ("pipelines", "model", "indexing", "schemas", "benchmarks"):
-        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
-            for name in files:
-                if not name.endswith(".py"):
-                    continue
-                path = os.path.join(dirpath, name)
-                with open(path) as f:
-                    for number, line in enumerate(f, 1):
-                        code = line.split("#")[0]
-                        risky = (
-                            re.search(r"pickle\.loads?\(", code)
-                            or "allow_pickle=True" in code
-                            or (re.search(r"torch\.load\(", code) and "weights_only=True" not in code)
-                        )
-                        if risky:
-                            offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
+    for folder in ("delf_index", "pipelines", "model", "indexing", "runtime", "schemas", "benchmarks"):
+        for path in sorted(pathlib.Path(ROOT, folder).rglob("*.py")):
+            offenders += [f"{path.relative_to(ROOT)}:{line}: {what}" for line, what in unsafe_loads(path.read_text())]
     assert len(offenders) == 1, offenders
-    assert offenders[0].startswith("pipelines/evaluate.py:") and "pickle.load(f)" in offenders[0]
+    assert offenders[0].startswith("pipelines/evaluate.py:") and offenders[0].endswith("pickle.load")

@@ -2,12 +2,12 @@
 
 The dev extras install both, so the rest of the suite cannot notice when a runtime module
 starts to need them; a fresh `pip install .` would. This runs extract -> fit -> build ->
-query in a subprocess where importing torch or pandas fails.
+query in a subprocess where importing torch or pandas fails, from a working directory that
+holds its own model/, pipelines/ and schemas.py.
 """
 
 import io
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from tests.conftest import rgb
+from tests.test_packaging import make_decoys
 
 BLOCK_AND_RUN = """
 import importlib.abc, sys
@@ -25,7 +26,7 @@ class Blocked(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked: not a runtime dependency)")
 
 sys.meta_path.insert(0, Blocked())
-from pipelines.cli import main
+from delf_index.pipelines.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -47,7 +48,8 @@ def test_extract_fit_build_query_without_torch_or_pandas(tmp_path, photos):
             buf = io.BytesIO()
             Image.fromarray(image).save(buf, "JPEG", quality=92)
             (images / f"{name}{variant}.jpg").write_bytes(buf.getvalue())
-    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    repo = tmp_path / "project"  # a user's project, with folders named like delf-index's layers
+    make_decoys(repo)
     work = tmp_path / "work"
     cli("extract", "--input", str(images), "--output", str(work / "features"), "--workers", "1", cwd=repo)
     cli("fit", "--features", str(work / "features"), "--output", str(work / "cb"), "--workers", "1", cwd=repo)

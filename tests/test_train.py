@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 import cv2
 from PIL import Image
 
-from model import train as T
-from model.backbones import EfficientNetLite
-from model.export import build_model
+from delf_index.model import train as T
+from delf_index.model.backbones import EfficientNetLite
+from delf_index.model.export import build_model
 from tests.conftest import rgb
 
 TINY = {
@@ -237,7 +237,7 @@ def test_training_is_seeded_and_resumes_exactly(memory_manifest, tmp_path, monke
 
 
 def test_cli(memory_manifest, tmp_path, capsys):
-    from pipelines.cli import main
+    from delf_index.pipelines.cli import main
 
     out = tmp_path / "cli"
     conf = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]

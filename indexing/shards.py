@@ -1,4 +1,4 @@
-"""Building the index artifact in two steps that bound memory (indexing/artifact.py has the layout).
+"""Building the index artifact in two steps that bound memory (schemas/artifact.py has the layout).
 
 1. `encode_shard`: one features table (or any iterator of rows) -> shard files: an IVF-PQ
    index of its descriptors, their geometry, its images and global descriptors. Shards are
@@ -17,9 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexing import artifact as art
-from indexing import pca as pca_lib
-from schemas.features import descriptors_of
+from delf_index.indexing import artifact as art
+from delf_index.indexing import pca as pca_lib
+from delf_index.schemas.artifact import IMAGES_SCHEMA
+from delf_index.schemas.features import descriptors_of
 
 SHARD_SUFFIXES = ("ivf.faiss", "geometry.npy", "images.parquet", "global.npy")
 
@@ -65,7 +66,7 @@ def encode_shard(tables, pca, trained, first_id, prefix):
     faiss.write_index(index, files["ivf.faiss"])
     np.save(files["geometry.npy"], np.concatenate(geometry) if geometry else np.zeros((0, 3), np.uint16))
     np.save(files["global.npy"], np.concatenate(globals_) if globals_ else np.zeros((0, 0), np.float16))
-    schema = art.IMAGES_SCHEMA.remove(art.IMAGES_SCHEMA.get_field_index("geometry_offset"))
+    schema = IMAGES_SCHEMA.remove(IMAGES_SCHEMA.get_field_index("geometry_offset"))
     pq.write_table(pa.concat_tables(images).cast(schema) if images else schema.empty_table(), files["images.parquet"])
     return {"images": next_id - first_id, "descriptors": int(index.ntotal)}
 
@@ -103,7 +104,7 @@ def merge_shards(prefixes, trained, out_dir, previous=None):
     # image table, with where each image's geometry starts
     tables = [pq.read_table(os.path.join(previous, "images.parquet")).drop(["geometry_offset"])] if previous else []
     tables += [pq.read_table(shard_files(p)["images.parquet"]) for p in prefixes]
-    images = pa.concat_tables(tables) if tables else art.IMAGES_SCHEMA.empty_table().drop(["geometry_offset"])
+    images = pa.concat_tables(tables) if tables else IMAGES_SCHEMA.empty_table().drop(["geometry_offset"])
     ids = images.column("id").to_numpy()
     if len(ids) and not np.array_equal(ids, np.arange(len(ids))):
         raise art.ArtifactError("image ids of the shards are not consecutive: shards missing or out of order")
@@ -120,7 +121,7 @@ def merge_shards(prefixes, trained, out_dir, previous=None):
         )
     counts = images.column("num_features").to_numpy().astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
-    images = images.append_column("geometry_offset", pa.array(offsets, pa.int64())).cast(art.IMAGES_SCHEMA)
+    images = images.append_column("geometry_offset", pa.array(offsets, pa.int64())).cast(IMAGES_SCHEMA)
     pq.write_table(images, os.path.join(out_dir, "images.parquet"))
     if int(counts.sum()) != ntotal:
         raise art.ArtifactError(f"{ntotal} indexed descriptors but the image table counts {int(counts.sum())}")

@@ -19,12 +19,11 @@ import posixpath
 import uuid
 
 import apache_beam as beam
-import fsspec
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from pipelines.inputs import retrying
-from schemas.features import error_row, rows_to_table
+from delf_index.runtime import storage
+from delf_index.schemas.features import error_row, rows_to_table
 
 log = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 100  # about 20 MB of features per row group: cheap partial reads
@@ -41,7 +40,7 @@ def shard_path(output, name, shard, num_shards):
 
 def write_parquet(rows, path, schema):
     """Write rows to `path` whole (see _write_parquet), retrying transient storage failures."""
-    retrying(lambda: _write_parquet(rows, path, schema), f"writing {path}")
+    storage.retrying(lambda: _write_parquet(rows, path, schema), f"writing {path}")
 
 
 def _write_parquet(rows, path, schema):
@@ -50,9 +49,9 @@ def _write_parquet(rows, path, schema):
     Object stores (gs://, s3://) publish an object only when its upload completes, so the
     file is written in place; on local disks it goes to a temporary file that is renamed.
     """
-    fs, final = fsspec.core.url_to_fs(path)
+    fs, final = storage.filesystem(path)
     target = final
-    if _is_local(fs):
+    if storage.protocol_of(fs) in ("file", "local"):
         target = posixpath.join(posixpath.dirname(final), "_tmp", f"{uuid.uuid4().hex}-{posixpath.basename(final)}")
     fs.makedirs(posixpath.dirname(target), exist_ok=True)
     with fs.open(target, "wb") as f:
@@ -63,16 +62,11 @@ def _write_parquet(rows, path, schema):
         fs.mv(target, final)
 
 
-def _is_local(fs):
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
 class _WriteShard(beam.DoFn):
     def __init__(self, output, name, schema):
         self.output, self.name, self.schema = output, name, schema
         # "features" rows are extracted images, "errors" rows failed ones
-        self.rows_written = Metrics.counter("delf_index", {"features": "images_written"}.get(name, "images_failed"))
+        self.rows_written = Metrics.counter("delf_index", "images_written" if name == "features" else "images_failed")
         self.features_written = Metrics.counter("delf_index", "features_written")
         self.duplicates = Metrics.counter("delf_index", "duplicate_image_ids")
 
@@ -135,7 +129,7 @@ def finalize(output, name, schema, written):
     """After a run: write empty files for shards no row went to (an empty table still gets one
     file, so that readers find its schema), drop shards and temporary files this run did not
     write. Returns the table's files."""
-    fs, folder = fsspec.core.url_to_fs(posixpath.join(output, name))
+    fs, folder = storage.filesystem(posixpath.join(output, name))
     num_shards = max([w["num_shards"] for w in written] or [1])
     paths = {w["path"] for w in written}
     for shard in range(num_shards):  # shards that no row hashed to still get their (empty) file
@@ -144,7 +138,7 @@ def finalize(output, name, schema, written):
             write_parquet([], path, schema)
             paths.add(path)
     paths = sorted(paths)
-    keep = {fsspec.core.url_to_fs(p)[1] for p in paths}
+    keep = {storage.filesystem(p)[1] for p in paths}
     if fs.exists(folder):
         for existing in fs.ls(folder, detail=False):
             base = posixpath.basename(existing.rstrip("/"))

@@ -1,5 +1,7 @@
 """The query module: which indexed images show the same place or object as this one?
 
+    from delf_index import Index
+
     index = Index.load("gs://bucket/index")          # or a local folder
     for result in index.search("photo.jpg", top_k=10):
         print(result.image_id, result.inliers, result.score)
@@ -16,18 +18,23 @@ Ranking, every stage switchable so that its contribution can be measured:
    `min_inliers` inliers first by inliers, then everything by the fused score.
 
 `Index` is safe to share between threads: searching only reads the faiss indexes, the
-extractor's onnxruntime session and the geometry.
+extractor's onnxruntime session and the geometry, and takes its search parameters per call.
 """
 
 import dataclasses
 import threading
 import time
 
+import faiss
 import numpy as np
 
-from indexing import artifact as art
-from indexing import pca as pca_lib
-from indexing import verify
+from delf_index.errors import UserError
+from delf_index.indexing import artifact as art
+from delf_index.indexing import pca as pca_lib
+from delf_index.indexing import verify
+from delf_index.runtime.extractor import Extractor
+from delf_index.runtime.extractor import default_conf as extractor_conf
+from delf_index.runtime.features import Features
 
 default_conf = {
     "use_global": True,  # rank by the global descriptor
@@ -40,6 +47,14 @@ default_conf = {
     "shortlist": 100,  # images verified geometrically
     "min_inliers": 12,  # fewer inliers do not count as a verified match
     "ransac": {},  # overrides of indexing.verify.default_conf (threshold, trials, ...)
+}
+
+# Named configurations: the full ranking and each stage on its own (evaluate's ablation)
+presets = {
+    "global only": {"use_local": False, "use_verification": False},
+    "local voting only": {"use_global": False, "use_verification": False},
+    "fused": {"use_verification": False},
+    "fused + verification": {},  # the default
 }
 
 
@@ -64,7 +79,7 @@ class Result:
         return out
 
 
-class QueryError(ValueError):
+class QueryError(UserError):
     """A query that cannot be answered as asked (unreadable image, wrong model, ...)."""
 
 
@@ -72,13 +87,12 @@ class Index:
     def __init__(self, artifact, conf=None, model=None, threads=None, extractor=None):
         unknown = set(conf or {}) - set(default_conf)
         if unknown:
-            raise ValueError(f"unknown query options {sorted(unknown)}; known: {sorted(default_conf)}")
+            raise UserError(f"unknown query options {sorted(unknown)}; known: {sorted(default_conf)}")
         self.conf = {**default_conf, **(conf or {})}
         self.ransac_conf = {**verify.default_conf, **self.conf["ransac"]}
         self.artifact = artifact
         self._model, self._threads, self._extractor = model, threads, extractor
         self._lock = threading.Lock()
-        art.set_nprobe(artifact.index, self.conf["nprobe"])
 
     @classmethod
     def load(cls, uri, model=None, conf=None, verify_files=True, threads=None):
@@ -91,9 +105,8 @@ class Index:
         """The extractor for image queries, created on first use with the index's settings."""
         with self._lock:
             if self._extractor is None:
-                from pipelines.extractor import Extractor, default_conf
-
-                settings = {k: v for k, v in self.artifact.manifest.get("extractor", {}).items() if k in default_conf}
+                settings = self.artifact.manifest.get("extractor", {})
+                settings = {k: v for k, v in settings.items() if k in extractor_conf}
                 settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
                 extractor = Extractor(self._model, settings, threads=self._threads)
                 if extractor.fingerprint != self.artifact.fingerprint:
@@ -109,23 +122,15 @@ class Index:
 
     # -- input ----------------------------------------------------------------------------
     def features_of(self, query):
-        """Features of a query: a path/URI, encoded bytes, a uint8 RGB array or Features."""
-        from pipelines.extractor import Features
-        from pipelines.images import ImageError, decode_image_limited, read_image
-
+        """Features of a query: Features as they are, else an image (a path or URI, encoded
+        bytes or a uint8 RGB array) decoded and shrunk as extract does with database images."""
         if isinstance(query, Features):
             return query
         try:
-            if isinstance(query, (bytes, bytearray)):
-                image, (width, height) = decode_image_limited(bytes(query), self.extractor.conf["max_image_size"])
-                features = self.extractor(image)
-                if (features.width, features.height) != (width, height):
-                    features = features.rescaled(width, height)
-                return features
-            if isinstance(query, np.ndarray):
-                return self.extractor(query)
-            return self.extractor(read_image(str(query)))
-        except (ImageError, FileNotFoundError, OSError) as e:
+            return self.extractor.extract_image(query)
+        except (UserError, OSError) as e:
+            if isinstance(e, QueryError):
+                raise
             raise QueryError(f"cannot read the query {str(query)[:200]!r}: {e}") from e
 
     # -- search ---------------------------------------------------------------------------
@@ -201,7 +206,8 @@ class Index:
         """k nearest database descriptors of each query descriptor: (sims, image rows, feature
         indices), each [n, k]; missing neighbours have row -1."""
         reduced = pca_lib.apply_pca(features.descriptors, self.artifact.pca)
-        sims, ids = self.artifact.index.search(reduced, self.conf["knn"])
+        params = faiss.SearchParametersIVF(nprobe=int(self.conf["nprobe"]))
+        sims, ids = self.artifact.index.search(reduced, self.conf["knn"], params=params)
         rows, feats = art.split_ids(np.where(ids < 0, 0, ids))
         rows = np.where(ids < 0, -1, rows)
         return sims, rows, feats

@@ -1,21 +1,21 @@
-"""Reading the feature tables that `delf-index extract` wrote (docs/tables.md)."""
+"""Reading the feature tables that `delf-index extract` writes (docs/tables.md)."""
 
 import posixpath
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import inputs  # noqa: F401  (sets the gcsfs environment before gcsfs loads)
-from schemas.features import descriptors_of, read_table_metadata
+from delf_index.errors import SchemaError
+from delf_index.runtime import storage
+from delf_index.runtime.features import Features
+from delf_index.schemas.features import descriptors_of, read_table_metadata
 
 
 def list_tables(spec):
     """Sorted URIs of the features Parquet files of `spec`: an extract output folder, its
     features/ folder, or a glob."""
-    fs, path = fsspec.core.url_to_fs(spec)
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    fs, path = storage.filesystem(spec)
     if any(c in path for c in "*?["):
         paths = fs.glob(path)
     elif fs.isdir(posixpath.join(path, "features")):
@@ -26,12 +26,12 @@ def list_tables(spec):
         paths = [path] if fs.exists(path) else []
     if not paths:
         raise FileNotFoundError(f"no feature tables at {spec}")
-    return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in sorted(paths)]
+    return [storage.with_protocol(fs, p) for p in sorted(paths)]
 
 
 def open_table(uri):
     """A pyarrow ParquetFile over fsspec (the caller keeps it open while reading)."""
-    return pq.ParquetFile(fsspec.open(uri, "rb").open())
+    return pq.ParquetFile(storage.open_file(uri, "rb").open())
 
 
 def table_info(uri):
@@ -39,8 +39,8 @@ def table_info(uri):
     f = open_table(uri)
     try:
         return f.metadata.num_rows, read_table_metadata(f.schema_arrow)
-    except ValueError as e:
-        raise ValueError(f"{uri}: {e}") from e
+    except SchemaError as e:
+        raise SchemaError(f"{uri}: {e}") from e
 
 
 def same_model(infos, what="feature tables"):
@@ -50,7 +50,7 @@ def same_model(infos, what="feature tables"):
         fingerprints.setdefault(meta["model_fingerprint"], []).append(uri)
     if len(fingerprints) != 1:
         detail = "; ".join(f"{fp[:12]}: {len(uris)} files, e.g. {uris[0]}" for fp, uris in fingerprints.items())
-        raise ValueError(f"{what} come from {len(fingerprints)} different models ({detail}); use one model")
+        raise SchemaError(f"{what} come from {len(fingerprints)} different models ({detail}); use one model")
     return next(iter(fingerprints))
 
 
@@ -58,11 +58,16 @@ def iter_batches(uri, columns, rows=100):
     """pyarrow Tables of at most `rows` rows of one file, in file order."""
     f = open_table(uri)
     for batch in f.iter_batches(batch_size=rows, columns=columns):
-        yield batch_to_table(batch)
+        yield pa.Table.from_batches([batch])
 
 
-def batch_to_table(batch):
-    return pa.Table.from_batches([batch])
+def iter_features(spec, image_ids=None):
+    """(image_id, Features) of every row of the tables of `spec` (only `image_ids` when given)."""
+    for uri in list_tables(spec):
+        for table in iter_batches(uri, None):
+            for row in table.to_pylist():
+                if image_ids is None or row["image_id"] in image_ids:
+                    yield row["image_id"], Features.from_row(row)
 
 
 def read_descriptors(spec):

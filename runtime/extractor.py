@@ -16,12 +16,13 @@ official code, on purpose (docs/extraction.md):
 
 Usage:
 
-    extractor = Extractor()                  # the default model, default conf
-    feats = extractor(image)                 # uint8 RGB [H, W, 3] -> Features
-    many = extractor.extract_batch(images)   # same-size pyramid levels share a forward pass
+    extractor = Extractor()                          # the default model, default conf
+    feats = extractor.extract_image("photo.jpg")     # a path, URI, bytes or RGB array, prepared as
+                                                     # the extract job prepares every image
+    feats = extractor(image)                         # uint8 RGB [H, W, 3] as it is -> Features
+    many = extractor.extract_batch(images)           # same-size pyramid levels share a forward pass
 """
 
-import dataclasses
 import importlib.resources
 import json
 import threading
@@ -32,7 +33,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from schemas import model as model_schema
+from delf_index.errors import UserError
+from delf_index.runtime import storage
+from delf_index.runtime.features import Features
+from delf_index.runtime.images import check_rgb, prepare_for_extraction, shrink_to
+from delf_index.schemas import model as model_schema
 
 default_conf = {
     "scales": (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0),  # image pyramid (official DELF)
@@ -49,67 +54,20 @@ DEFAULT_MODEL = "delf-efficientnet_lite0.onnx"
 
 
 def default_model_path():
-    """The .onnx model shipped with the package (model/default/, see its MODEL_CARD.md)."""
-    return str(importlib.resources.files("model") / "default" / DEFAULT_MODEL)
+    """The .onnx model shipped with the package (model/default/, see its MODEL_CARD.md).
+
+    It is package data of delf_index.model, which holds the weights (the design's layout);
+    reading it imports no code of that package (its __init__ is empty, no torch)."""
+    return str(importlib.resources.files("delf_index.model") / "default" / DEFAULT_MODEL)
 
 
-@dataclasses.dataclass
-class Features:
-    """DELF features of one image. Coordinates are original-image pixels, (x, y) = (column,
-    row), pixel centres at integers; `scale` is 1 / (pyramid scale x pre-resize factor), the
-    size of the feature's receptive field relative to `receptive_field` pixels."""
-
-    x: np.ndarray  # float32 [N]
-    y: np.ndarray  # float32 [N]
-    scale: np.ndarray  # float32 [N]
-    attention: np.ndarray  # float32 [N], sorted descending
-    descriptors: np.ndarray  # float32 [N, D], L2-normalised
-    global_descriptor: np.ndarray  # float32 [G], L2-normalised
-    width: int  # original image size
-    height: int
-
-    def __len__(self):
-        return len(self.x)
-
-    @property
-    def keypoints(self):
-        """[N, 2] array of (x, y)."""
-        return np.stack([self.x, self.y], axis=1)
-
-    def rescaled(self, width, height):
-        """The same features in the pixels of a (width, height) version of the image, e.g. the
-        original of an image that was shrunk before extraction."""
-        fx, fy = width / self.width, height / self.height
-        return dataclasses.replace(
-            self,
-            x=((self.x + 0.5) * fx - 0.5).astype(np.float32),
-            y=((self.y + 0.5) * fy - 0.5).astype(np.float32),
-            scale=(self.scale * np.sqrt(fx * fy)).astype(np.float32),
-            width=int(width),
-            height=int(height),
-        )
-
-    def save(self, path):
-        """Write to .npz (plain arrays, no pickle)."""
-        np.savez_compressed(path, **dataclasses.asdict(self))
-
-    @classmethod
-    def load(cls, path):
-        with np.load(path, allow_pickle=False) as data:
-            fields = {f.name: data[f.name] for f in dataclasses.fields(cls)}
-        fields["width"], fields["height"] = int(fields["width"]), int(fields["height"])
-        return cls(**fields)
+class ModelError(UserError):
+    """A model file that is not a usable delf-index model; the message says why."""
 
 
 def read_model_bytes(uri):
     """The bytes of a model file on any fsspec filesystem (gs://, s3://, local)."""
-    if "://" not in uri:
-        with open(uri, "rb") as f:
-            return f.read()
-    import fsspec
-
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
+    return storage.read_bytes(uri)
 
 
 def load_model(uri=None):
@@ -119,12 +77,12 @@ def load_model(uri=None):
     try:
         proto = onnx.load_from_string(data)
     except Exception as e:
-        raise ValueError(f"{uri} is not an ONNX model ({type(e).__name__}: {e})") from e
+        raise ModelError(f"{uri} is not an ONNX model ({type(e).__name__}: {e})") from e
     props = {p.key: p.value for p in proto.metadata_props}
     metadata = model_schema.parse_metadata(props, source=uri)
     fingerprint = model_schema.fingerprint(proto)
     if props.get(model_schema.FINGERPRINT_KEY) != fingerprint:
-        raise ValueError(
+        raise ModelError(
             f"{uri}: the stored fingerprint does not match the model's content; the file "
             "was altered after export. Re-export it with `delf-index export-model`"
         )
@@ -137,7 +95,7 @@ def available_providers(requested=None):
     if requested:
         missing = [p for p in requested if p not in have]
         if missing:
-            raise ValueError(f"onnxruntime providers {missing} are not available here (have {have})")
+            raise UserError(f"onnxruntime providers {missing} are not available here (have {have})")
         return list(requested)
     preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     return [p for p in preferred if p in have] + ["CPUExecutionProvider"]
@@ -195,14 +153,14 @@ def top_cells(feats, scores, valid_size, k, stride, centre_offset):
 class Extractor:
     """DELF feature extraction with the official procedure; see the module docstring.
 
-    `engine` runs the network (OnnxEngine by default; model.torch_engine.TorchEngine runs
-    the same network in PyTorch). Thread-safe: one engine serves all threads.
+    `engine` runs the network (OnnxEngine by default; delf_index.model.torch_engine.TorchEngine
+    runs the same network in PyTorch). Thread-safe: one engine serves all threads.
     """
 
     def __init__(self, model=None, conf=None, engine=None, providers=None, threads=None):
         unknown = set(conf or {}) - set(default_conf)
         if unknown:
-            raise ValueError(f"unknown extractor options {sorted(unknown)}; known: {sorted(default_conf)}")
+            raise UserError(f"unknown extractor options {sorted(unknown)}; known: {sorted(default_conf)}")
         self.conf = {**default_conf, **(conf or {})}
         self.engine = engine or OnnxEngine(model, providers=providers, threads=threads)
         self.metadata = self.engine.metadata
@@ -219,18 +177,21 @@ class Extractor:
         self.stats = {"images": 0, "forward_passes": 0, "levels": 0, "seconds_network": 0.0}
 
     def __call__(self, image):
+        """Features of a uint8 RGB array [H, W, 3], in its pixels."""
         return self.extract_batch([image])[0]
+
+    def extract_image(self, image, max_pixels=None):
+        """Features of an image given as a path or URI, encoded bytes or a uint8 RGB array,
+        decoded and shrunk exactly as the extract job does with every database image
+        (runtime/images.py, `prepare_for_extraction`); keypoints in original pixels."""
+        limits = {} if max_pixels is None else {"max_pixels": max_pixels}
+        array, size = prepare_for_extraction(image, self.conf["max_image_size"], **limits)
+        return self.extract_batch([array], original_sizes=[size])[0]
 
     # -- pyramid --------------------------------------------------------------------------
     def _levels(self, image):
         """[(scale, resized image padded to the multiple, (h, w) before padding)]."""
-        h0, w0 = image.shape[:2]
-        base, base_factor = image, 1.0
-        max_side = self.conf["max_image_size"]
-        if max_side and max(h0, w0) > max_side:
-            base_factor = max_side / max(h0, w0)
-            size = (max(1, round(w0 * base_factor)), max(1, round(h0 * base_factor)))
-            base = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        base = shrink_to(image, self.conf["max_image_size"])
         hb, wb = base.shape[:2]
         levels = []
         for s in self.conf["scales"]:
@@ -272,13 +233,14 @@ class Extractor:
         return outputs
 
     # -- extraction -----------------------------------------------------------------------
-    def extract_batch(self, images):
-        """Features of each uint8 RGB image [H, W, 3]; pyramid levels of equal size are batched."""
+    def extract_batch(self, images, original_sizes=None):
+        """Features of each uint8 RGB image [H, W, 3]; pyramid levels of equal size are batched.
+        `original_sizes`: (width, height) per image of the originals that `images` were shrunk
+        from; keypoints are then reported in those pixels."""
         pyramids, inputs = [], []
         for n, image in enumerate(images):
             image = np.asarray(image)
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}")
+            check_rgb(image)
             levels = self._levels(image)
             pyramids.append((image.shape[:2], levels))
             inputs += [((n, k), level[1], level[2]) for k, level in enumerate(levels)]
@@ -289,6 +251,9 @@ class Extractor:
             self._select(size, levels, [outputs[(n, k)] for k in range(len(levels))])
             for n, (size, levels) in enumerate(pyramids)
         ]
+        for n, size in enumerate(original_sizes or []):
+            if (results[n].width, results[n].height) != tuple(size):
+                results[n] = results[n].rescaled(*size)
         with self._lock:
             self.stats["images"] += len(images)
         return results

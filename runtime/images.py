@@ -1,16 +1,26 @@
-"""Decoding images from bytes into uint8 RGB arrays, defensively.
+"""Decoding images into uint8 RGB arrays, defensively, and the one way images are prepared
+for extraction.
 
 Inputs come from the internet: truncated files, HTML error pages saved as .jpg, CMYK and
 16-bit scans, palette PNGs, animated GIFs, EXIF-rotated phone photos and decompression
 bombs. `decode_image` either returns a clean [H, W, 3] uint8 array or raises
 `ImageError` with a reason that ends up in the errors table.
+
+`prepare_for_extraction` is what the extract job does to every database image and what a
+query goes through, whether it comes as a path, bytes or an array: decode (JPEGs at a
+reduced DCT scale when that is enough), shrink to the extractor's largest side with area
+interpolation, and remember the original size that keypoints are reported in.
 """
 
 import io
+import os
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from delf_index.errors import UserError
+from delf_index.runtime import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 DEFAULT_MAX_PIXELS = 100_000_000  # refuse larger images before decoding them (bombs)
@@ -20,7 +30,7 @@ MIN_SIDE = 16  # smaller images cannot hold a single stride-16 feature
 Image.MAX_IMAGE_PIXELS = None
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be used; `stage` says where it failed (decode, size, ...)."""
 
     def __init__(self, message, stage="decode"):
@@ -30,10 +40,10 @@ class ImageError(ValueError):
 
 def decode_image(data, max_pixels=DEFAULT_MAX_PIXELS, min_side=MIN_SIDE):
     """bytes -> uint8 RGB [H, W, 3], EXIF orientation applied; raises ImageError."""
-    return decode_image_limited(data, None, max_pixels, min_side)[0]
+    return decode_for_extraction(data, None, max_pixels, min_side)[0]
 
 
-def decode_image_limited(data, max_side, max_pixels=DEFAULT_MAX_PIXELS, min_side=MIN_SIDE):
+def decode_for_extraction(data, max_side, max_pixels=DEFAULT_MAX_PIXELS, min_side=MIN_SIDE):
     """bytes -> (uint8 RGB [h, w, 3] with largest side at most `max_side`, original (W, H)).
 
     JPEGs are decoded at a reduced DCT scale when that is enough (PIL's draft mode), which
@@ -72,12 +82,41 @@ def decode_image_limited(data, max_side, max_pixels=DEFAULT_MAX_PIXELS, min_side
     original = (height, width) if rotated else (width, height)
     if min(original) < min_side:
         raise ImageError(f"image is {original[0]}x{original[1]}, under {min_side} px on a side", stage="size")
-    array = to_rgb(image)
-    h, w = array.shape[:2]
-    if max_side and max(h, w) > max_side:
-        factor = max_side / max(h, w)
-        array = cv2.resize(array, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA)
-    return array, original
+    return shrink_to(to_rgb(image), max_side), original
+
+
+def shrink_to(image, max_side):
+    """`image` with its largest side at most `max_side` (area interpolation); None: as it is.
+    The extractor shrinks the same way, so an image shrunk here is not resized again."""
+    h, w = image.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return image
+    factor = max_side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_AREA)
+
+
+def prepare_for_extraction(image, max_side, max_pixels=DEFAULT_MAX_PIXELS):
+    """(uint8 RGB array with its largest side at most `max_side`, original (width, height))
+    of an image given as a path or URI, encoded bytes or a uint8 RGB array [H, W, 3]."""
+    if isinstance(image, np.ndarray):
+        check_rgb(image)
+        if min(image.shape[:2]) < MIN_SIDE:  # refused as a database image would be
+            raise ImageError(f"image is {image.shape[1]}x{image.shape[0]}, under {MIN_SIDE} px on a side", "size")
+        return shrink_to(image, max_side), (image.shape[1], image.shape[0])
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_for_extraction(bytes(image), max_side, max_pixels)
+    if isinstance(image, (str, os.PathLike)):
+        uri = os.fspath(image)
+        try:
+            return decode_for_extraction(storage.read_bytes(uri), max_side, max_pixels)
+        except ImageError as e:
+            raise ImageError(f"{uri}: {e}", e.stage) from e
+    raise TypeError(f"an image is a path, bytes or a uint8 RGB array, not {type(image).__name__}")
+
+
+def check_rgb(image):
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ImageError(f"expected a uint8 RGB image [H, W, 3], got {image.dtype} {image.shape}", stage="decode")
 
 
 def to_rgb(image):
@@ -101,14 +140,7 @@ def to_rgb(image):
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
-def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
-    """Decode a local or fsspec path."""
-    if "://" in str(path):
-        import fsspec
-
-        with fsspec.open(str(path), "rb") as f:
-            data = f.read()
-    else:
-        with open(path, "rb") as f:
-            data = f.read()
-    return decode_image(data, max_pixels=max_pixels)
+def read_image(uri, max_pixels=DEFAULT_MAX_PIXELS):
+    """The full-size image at a local path or fsspec URI (for display; extraction shrinks it
+    through `prepare_for_extraction`)."""
+    return decode_image(storage.read_bytes(os.fspath(uri)), max_pixels=max_pixels)
