@@ -24,6 +24,7 @@ setup(
         "pyarrow>=14,<26",  # apache-beam 2.77 caps pyarrow
         "fsspec>=2024.2",
         "gcsfs>=2024.2",
+        "filelock>=3.12",  # the artifact cache: one download per file across processes
         "apache-beam[gcp]>=2.60,<3",
         "faiss-cpu>=1.8",
         "matplotlib>=3.7",  # the evaluation report's precision-recall plot
@@ -45,6 +46,8 @@ setup(
             "ruff>=0.5",
             "scikit-image>=0.22",
             "gcp-storage-emulator>=2024.1",
+            "moto[server]>=5",  # an S3 server on loopback for the s3:// tests
+            "s3fs>=2024.2",
             "duckdb>=1.0",
             "pandas>=2",
         ],

@@ -1,13 +1,23 @@
-"""The codebooks (`delf-index fit`) and the index artifact (`delf-index build`) on disk:
-writing, checking and loading them. What the folders hold is in schemas/artifact.py.
-Folders live on any fsspec filesystem; they are loaded from a local copy
-(runtime/storage.py, `fetch_folder`).
+"""The codebooks (`delf-index fit`) and the index artifact (`delf-index build`) on any fsspec
+store: writing, publishing, checking and loading them. What the folders hold is in
+schemas/artifact.py.
+
+An index is a folder of immutable versions and a small pointer object naming the current
+one. A build or append writes a complete new version, then replaces the pointer in one
+write (atomic on GCS, S3 and local disks), so readers load either the old version or the
+new, never a mixture, and an interrupted build changes nothing they see. Remote folders are
+loaded from a content-addressed local cache (runtime/storage.py, `fetch_folder`).
 """
 
-import hashlib
+import contextlib
+import ctypes
 import json
 import os
+import posixpath
+import re
+import sys
 import tempfile
+import uuid
 
 import faiss
 import numpy as np
@@ -18,9 +28,12 @@ from delf_index.indexing import pca as pca_lib
 from delf_index.runtime import storage
 from delf_index.schemas.artifact import (
     ARTIFACT_FORMAT,
+    ARTIFACT_VERSION,
     CODEBOOKS_FORMAT,
+    CODEBOOKS_VERSION,
     FEATURE_BITS,
-    FORMAT_VERSION,
+    POINTER,
+    VERSIONS,
 )
 
 
@@ -38,10 +51,10 @@ def split_ids(ids):
 
 
 def pack_geometry(x, y, scale):
-    """[N, 3] uint16: x and y rounded to pixels, scale as float16 bits."""
+    """[N, 3] uint16: x and y rounded to pixels, scale as float16 bits (range checked by the build)."""
     out = np.empty((len(x), 3), np.uint16)
-    out[:, 0] = np.clip(np.rint(x), 0, 65535)
-    out[:, 1] = np.clip(np.rint(y), 0, 65535)
+    out[:, 0] = np.rint(x)
+    out[:, 1] = np.rint(y)
     out[:, 2] = np.asarray(scale, np.float16).view(np.uint16)
     return out
 
@@ -52,17 +65,9 @@ def unpack_geometry(rows):
     return rows[:, :2].astype(np.float32), rows[:, 2].copy().view(np.float16).astype(np.float32)
 
 
-def sha256_of(path, chunk=1 << 22):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_entries(folder, names):
     return {
-        n: {"sha256": sha256_of(os.path.join(folder, n)), "bytes": os.path.getsize(os.path.join(folder, n))}
+        n: {"sha256": storage.sha256_of(os.path.join(folder, n)), "bytes": os.path.getsize(os.path.join(folder, n))}
         for n in names
     }
 
@@ -77,7 +82,7 @@ def write_codebooks(uri, pca, trained, info):
         names = ["pca.npz", "trained.faiss"]
         manifest = {
             "format": CODEBOOKS_FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": CODEBOOKS_VERSION,
             **info,
             "files": file_entries(tmp, names),
         }
@@ -87,7 +92,7 @@ def write_codebooks(uri, pca, trained, info):
     return manifest
 
 
-def read_manifest(folder, name, expected_format):
+def read_manifest(folder, name, expected_format, expected_version):
     path = os.path.join(folder, name)
     if not os.path.exists(path):
         raise ArtifactError(f"{folder} has no {name}: not a finished {expected_format} folder (did the job complete?)")
@@ -95,10 +100,10 @@ def read_manifest(folder, name, expected_format):
         manifest = json.load(f)
     if manifest.get("format") != expected_format:
         raise ArtifactError(f"{path} is a {manifest.get('format')!r}, expected {expected_format!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") != expected_version:
         raise ArtifactError(
             f"{path} has format version {manifest.get('format_version')}; this delf-index reads version "
-            f"{FORMAT_VERSION}. Rebuild it with this version (delf-index fit / build)"
+            f"{expected_version}. Rebuild it with this version (delf-index fit / build)"
         )
     return manifest
 
@@ -112,27 +117,41 @@ def verify_files(folder, manifest):
             bad.append(f"{name} is missing")
         elif os.path.getsize(path) != entry["bytes"]:
             bad.append(f"{name} has {os.path.getsize(path)} bytes, expected {entry['bytes']} (truncated?)")
-        elif sha256_of(path) != entry["sha256"]:
+        elif storage.sha256_of(path) != entry["sha256"]:
             bad.append(f"{name} does not match its sha256 (altered or corrupted)")
     if bad:
         raise ArtifactError(f"{folder}: " + "; ".join(bad) + ". Rebuild it, or copy it again from its source")
 
 
-def load_codebooks(uri, verify=True):
-    """(pca, trained index, manifest) of a codebooks folder, or of an artifact's copy of them."""
-    folder = storage.fetch_folder(uri)
-    if os.path.exists(os.path.join(folder, "codebooks.json")) or not os.path.exists(
-        os.path.join(folder, "manifest.json")
-    ):
-        manifest = read_manifest(folder, "codebooks.json", CODEBOOKS_FORMAT)
+def codebooks_folder(uri):
+    """(local folder, manifest name, manifest) of a codebooks folder, or of the current version
+    of an index (whose pca.npz and trained.faiss are the codebooks it was built with)."""
+    if read_pointer(uri) is not None or storage_has(uri, "manifest.json"):
+        uri, name, expected = current_version(uri), "manifest.json", (ARTIFACT_FORMAT, ARTIFACT_VERSION)
     else:
-        manifest = read_manifest(folder, "manifest.json", ARTIFACT_FORMAT)
+        name, expected = "codebooks.json", (CODEBOOKS_FORMAT, CODEBOOKS_VERSION)
+    folder = fetch_manifested(uri, name, expected[0])
+    return folder, name, read_manifest(folder, name, *expected)
+
+
+def load_codebooks(uri, verify=True):
+    """(pca, trained index, manifest) of a codebooks folder, or of an index's codebooks."""
+    folder, _, manifest = codebooks_folder(uri)
     if verify:
         files = {n: e for n, e in manifest["files"].items() if n in ("pca.npz", "trained.faiss")}
         verify_files(folder, {"files": files})
     with open(os.path.join(folder, "pca.npz"), "rb") as f:
         pca = pca_lib.pca_from_bytes(f.read())
     return pca, faiss.read_index(os.path.join(folder, "trained.faiss")), manifest
+
+
+def fetch_manifested(uri, name, what):
+    """The local folder of `uri` (storage.fetch_folder), with a clear error when it holds no
+    manifest `name`."""
+    try:
+        return storage.fetch_folder(uri, name)
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{uri} has no {name}: not a finished {what} folder (did the job complete?)") from e
 
 
 def check_fingerprint(expected, actual, what):
@@ -143,47 +162,168 @@ def check_fingerprint(expected, actual, what):
         )
 
 
-# -- the index artifact ---------------------------------------------------------------------
-class Artifact:
-    """A loaded index artifact: faiss indexes memory-mapped, image table and geometry."""
+# -- versions ---------------------------------------------------------------------------------
+def storage_has(uri, name):
+    fs, path = storage.filesystem(uri)
+    return fs.exists(posixpath.join(path, name))
 
-    def __init__(self, folder, manifest):
-        self.folder, self.manifest = folder, manifest
+
+def read_pointer(uri):
+    """The pointer {"version", "manifest_sha256"} of an index folder, or None (no versions)."""
+    fs, path = storage.filesystem(uri)
+    pointer = posixpath.join(path, POINTER)
+    if not fs.exists(pointer):
+        return None
+    return json.loads(storage.read_bytes(storage.with_protocol(fs, pointer)))
+
+
+def current_version(uri):
+    """The URI of the version of `uri` that readers load: the one the pointer names, else
+    `uri` itself (a version folder, or an index written before versions)."""
+    pointer = read_pointer(uri)
+    return posixpath.join(uri.rstrip("/"), VERSIONS, pointer["version"]) if pointer else uri.rstrip("/")
+
+
+def list_versions(uri):
+    """Names of the versions of an index, oldest first."""
+    fs, path = storage.filesystem(posixpath.join(uri, VERSIONS))
+    if not fs.exists(path):
+        return []
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    return sorted(n for n in names if re.fullmatch(r"v\d{6}-[0-9a-f]{8}", n))
+
+
+def new_version_name(uri):
+    """The next version's name: a sequence number after the newest one, and a random part so
+    that two writers never share a folder."""
+    versions = list_versions(uri)
+    number = int(versions[-1][1:7]) + 1 if versions else 1
+    return f"v{number:06d}-{uuid.uuid4().hex[:8]}"
+
+
+def version_work_folder(uri, version):
+    """Where a build assembles a version: next to the versions on a local disk (so that
+    publishing is a rename on one filesystem), else a local temporary folder."""
+    if storage.is_local(uri):
+        folder = os.path.join(storage.local_path(uri), VERSIONS, f".tmp-{version}")
+    else:
+        folder = os.path.join(tempfile.mkdtemp(prefix="delf-index-version-"), version)
+    os.makedirs(folder)
+    return folder
+
+
+def publish_version(folder, uri, version, keep=None):
+    """Make the complete version assembled in the local `folder` the one readers load: move or
+    upload it to ``uri/versions/<version>`` (manifest.json last), then replace the pointer in
+    one write. Files of earlier versions are never rewritten, so readers that mapped them
+    keep working; `keep` prunes all but the newest `keep` versions afterwards."""
+    target = posixpath.join(uri.rstrip("/"), VERSIONS, version)
+    pointer = {"version": version, "manifest_sha256": storage.sha256_of(os.path.join(folder, "manifest.json"))}
+    if storage.is_local(uri):
+        os.rename(folder, storage.local_path(target))
+    else:
+        storage.upload_folder(folder, target, os.listdir(folder))
+    storage.write_bytes(posixpath.join(uri.rstrip("/"), POINTER), json.dumps(pointer, indent=1).encode())
+    if keep:
+        prune(uri, keep)
+    return target
+
+
+def prune(uri, keep):
+    """Delete all versions but the newest `keep` (never the current one), and what interrupted
+    builds left in the versions folder (one writer at a time per index)."""
+    current = (read_pointer(uri) or {}).get("version")
+    versions = list_versions(uri)
+    for name in versions[: max(0, len(versions) - keep)]:
+        if name != current:
+            storage.remove(posixpath.join(uri.rstrip("/"), VERSIONS, name))
+    if storage.is_local(uri):
+        folder = os.path.join(storage.local_path(uri), VERSIONS)
+        for name in os.listdir(folder):
+            if name.startswith(".tmp-"):
+                storage.remove(os.path.join(folder, name))
+
+
+# -- the index artifact ---------------------------------------------------------------------
+@contextlib.contextmanager
+def c_stdout_silenced():
+    """Discard what C code prints to stdout meanwhile (a query's JSON output stays clean)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            try:
+                yield
+            finally:
+                libc.fflush(None)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class Artifact:
+    """A loaded version of an index: faiss indexes memory-mapped, image table, geometry and
+    the images hidden since they were indexed."""
+
+    def __init__(self, folder, manifest, uri=None):
+        self.folder, self.manifest, self.uri = folder, manifest, uri or folder
         with open(os.path.join(folder, "pca.npz"), "rb") as f:
             self.pca = pca_lib.pca_from_bytes(f.read())
         # IO_FLAG_ONDISK_SAME_DIR: index.ivfdata is found next to index.faiss wherever the
         # folder was copied; MMAP keeps the inverted lists out of RAM
-        self.index = faiss.read_index(
-            os.path.join(folder, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
-        )
+        with c_stdout_silenced():  # faiss announces that re-pointing on C's stdout
+            self.index = faiss.read_index(
+                os.path.join(folder, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+            )
         self.global_index = faiss.read_index(os.path.join(folder, "global.faiss"))
         images = pq.read_table(os.path.join(folder, "images.parquet"))
         self.image_ids = images.column("image_id").to_pylist()
         self.uris = images.column("uri").to_pylist()
         self.labels = images.column("label").to_pylist()
+        self.runs = images.column("run").to_pylist()
         self.sizes = np.stack([images.column("width").to_numpy(), images.column("height").to_numpy()], axis=1)
         self.num_features = images.column("num_features").to_numpy()
         self.geometry_offset = images.column("geometry_offset").to_numpy()
         self.geometry = np.load(os.path.join(folder, "geometry.npy"), mmap_mode="r")
-        self.row_of = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        self.hidden = np.load(os.path.join(folder, "hidden.npy"), allow_pickle=False)
+        self.live = np.ones(len(self.image_ids), bool)
+        self.live[self.hidden] = False
+        self.row_of = {image_id: row for row, image_id in enumerate(self.image_ids) if self.live[row]}
+        # the descriptors of hidden images are skipped inside faiss's search, so that the
+        # neighbours and votes are those of an index built without them
+        self.selector = None
+        if len(self.hidden):
+            ids = np.concatenate([feature_ids(row, self.num_features[row]) for row in self.hidden])
+            hidden_ids = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+            self.selector = faiss.IDSelectorNot(hidden_ids)
+            self._keep_alive = hidden_ids  # IDSelectorNot holds a bare pointer to it
 
     @classmethod
     def load(cls, uri, verify=True, model_fingerprint=None):
-        """Load (a local copy of) an artifact; checks format, checksums and, when given, that
-        it was built from `model_fingerprint`'s features."""
-        folder = storage.fetch_folder(uri)
-        manifest = read_manifest(folder, "manifest.json", ARTIFACT_FORMAT)
+        """Load the current version of an index (or a version folder); checks format, checksums
+        and, when given, that it was built from `model_fingerprint`'s features."""
+        version = current_version(uri)
+        folder = fetch_manifested(version, "manifest.json", ARTIFACT_FORMAT)
+        manifest = read_manifest(folder, "manifest.json", ARTIFACT_FORMAT, ARTIFACT_VERSION)
         if verify:
             verify_files(folder, manifest)
         if model_fingerprint is not None:
             check_fingerprint(manifest["model_fingerprint"], model_fingerprint, "query features")
         try:
-            return cls(folder, manifest)
+            return cls(folder, manifest, version)
         except RuntimeError as e:  # faiss refuses a damaged file it was asked to read unverified
             raise ArtifactError(f"{folder}: cannot read the index ({e}); rebuild it") from e
 
-    def __len__(self):
+    @property
+    def num_rows(self):
+        """Images in the files, hidden ones included (int ids are 0 .. num_rows - 1)."""
         return len(self.image_ids)
+
+    def __len__(self):
+        """Images that queries can find."""
+        return len(self.row_of)
 
     @property
     def fingerprint(self):

@@ -143,14 +143,14 @@ class Index:
         clock = time.perf_counter()
         features = self.features_of(query)
         extracted = time.perf_counter()
-        conf = self.conf
-        n = len(self.artifact)
-        if n == 0:
+        conf, artifact = self.conf, self.artifact
+        n = artifact.num_rows  # int ids; hidden images keep theirs and are never ranked
+        if len(artifact) == 0:
             return []
         global_scores = np.zeros(n, np.float32)
         if conf["use_global"]:
             g = np.asarray(features.global_descriptor, np.float32)[None]
-            sims, rows = self.artifact.global_index.search(g, n)
+            sims, rows = artifact.global_index.search(g, n)
             global_scores[rows[0]] = sims[0]
         local_scores = np.zeros(n, np.float32)
         if (conf["use_local"] or conf["use_verification"]) and len(features):
@@ -161,11 +161,9 @@ class Index:
         else:
             neighbours = None
         fused = global_scores * conf["use_global"] + conf["local_weight"] * local_scores
-        excluded = np.array([self.artifact.row_of[i] for i in exclude if i in self.artifact.row_of], np.int64)
-        fused_for_order = fused.copy()
-        fused_for_order[excluded] = -np.inf
-        order = np.argsort(-fused_for_order, kind="stable")
-        order = order[: n - len(excluded)]
+        rankable = artifact.live.copy()
+        rankable[[artifact.row_of[i] for i in exclude if i in artifact.row_of]] = False
+        order = np.argsort(-np.where(rankable, fused, -np.inf), kind="stable")[: int(rankable.sum())]
         searched = time.perf_counter()
         inliers = np.zeros(n, np.int64)
         matches = {}
@@ -206,7 +204,7 @@ class Index:
         """k nearest database descriptors of each query descriptor: (sims, image rows, feature
         indices), each [n, k]; missing neighbours have row -1."""
         reduced = pca_lib.apply_pca(features.descriptors, self.artifact.pca)
-        params = faiss.SearchParametersIVF(nprobe=int(self.conf["nprobe"]))
+        params = faiss.SearchParametersIVF(nprobe=int(self.conf["nprobe"]), sel=self.artifact.selector)
         sims, ids = self.artifact.index.search(reduced, self.conf["knn"], params=params)
         rows, feats = art.split_ids(np.where(ids < 0, 0, ids))
         rows = np.where(ids < 0, -1, rows)

@@ -8,6 +8,8 @@
    geometry is copied shard by shard into a memory-mapped array, so no step holds the
    corpus' descriptors in memory. The global-descriptor index (float16, one row per image)
    is the one part held in RAM while it is written: 2.5 KB per image with the default model.
+   Images of the previous artifact that the new rows replace, or that were removed, are
+   listed in hidden.npy; queries skip them, and the next full build leaves them out.
 """
 
 import os
@@ -19,7 +21,7 @@ import pyarrow.parquet as pq
 
 from delf_index.indexing import artifact as art
 from delf_index.indexing import pca as pca_lib
-from delf_index.schemas.artifact import IMAGES_SCHEMA
+from delf_index.schemas.artifact import IMAGES_SCHEMA, MAX_COORDINATE, MAX_FEATURES
 from delf_index.schemas.features import descriptors_of
 
 SHARD_SUFFIXES = ("ivf.faiss", "geometry.npy", "images.parquet", "global.npy")
@@ -39,6 +41,7 @@ def encode_shard(tables, pca, trained, first_id, prefix):
         counts = table.column("num_features").to_numpy().astype(np.int64)
         descriptors = descriptors_of(table)
         assert len(descriptors) == counts.sum()
+        check_ranges(table, counts)
         if len(descriptors):
             ids = np.concatenate([art.feature_ids(next_id + i, c) for i, c in enumerate(counts)])
             index.add_with_ids(pca_lib.apply_pca(descriptors, pca), ids)
@@ -48,6 +51,7 @@ def encode_shard(tables, pca, trained, first_id, prefix):
         geometry.append(art.pack_geometry(x, y, scale))
         glob = table.column("global_descriptor").combine_chunks()
         globals_.append(glob.flatten().to_numpy().reshape(len(table), -1).astype(np.float16))
+        runs = table.column("run") if "run" in table.column_names else pa.array([""] * len(table), pa.string())
         images.append(
             pa.table(
                 {
@@ -58,6 +62,7 @@ def encode_shard(tables, pca, trained, first_id, prefix):
                     "width": table.column("width"),
                     "height": table.column("height"),
                     "num_features": table.column("num_features"),
+                    "run": runs,
                 }
             )
         )
@@ -71,10 +76,32 @@ def encode_shard(tables, pca, trained, first_id, prefix):
     return {"images": next_id - first_id, "descriptors": int(index.ntotal)}
 
 
-def merge_shards(prefixes, trained, out_dir, previous=None):
+def check_ranges(table, counts):
+    """The geometry packs a feature's index in 16 bits of its id and x, y in uint16 pixels:
+    refuse what does not fit, naming the image, rather than wrap or clip silently."""
+    ids = table.column("image_id").to_pylist()
+    too_many = np.nonzero(counts > MAX_FEATURES)[0]
+    if len(too_many):
+        raise art.ArtifactError(
+            f"{ids[too_many[0]]} has {counts[too_many[0]]} features; an index holds at most {MAX_FEATURES} per "
+            "image: extract with a lower max_features"
+        )
+    for column in ("x", "y"):
+        values = table.column(column).combine_chunks().flatten().to_numpy()
+        bad = np.nonzero((values < -0.5) | (values > MAX_COORDINATE + 0.49))[0]
+        if len(bad):
+            image = np.searchsorted(np.cumsum(counts), bad[0], side="right")
+            raise art.ArtifactError(
+                f"{ids[image]} has a keypoint at {column} = {values[bad[0]]:.1f}, beyond the index's pixel range "
+                f"0..{MAX_COORDINATE}: such images cannot be indexed (shrink them first)"
+            )
+
+
+def merge_shards(prefixes, trained, out_dir, previous=None, hide=()):
     """Shards (local prefixes, in id order) [+ a previous local artifact folder] -> artifact
-    files in `out_dir`: index.faiss + index.ivfdata, images.parquet, geometry.npy, global.faiss.
-    Returns the counts {"images", "descriptors"}."""
+    files in `out_dir`: index.faiss + index.ivfdata, images.parquet, geometry.npy, global.faiss,
+    hidden.npy (the previous artifact's hidden images and the int ids in `hide`).
+    Returns the counts {"images", "descriptors", "hidden"}."""
     # inverted lists: memory-mapped sources merged into one on-disk file
     sources, keep_alive = [], []
     if previous is not None:
@@ -109,16 +136,17 @@ def merge_shards(prefixes, trained, out_dir, previous=None):
     if len(ids) and not np.array_equal(ids, np.arange(len(ids))):
         raise art.ArtifactError("image ids of the shards are not consecutive: shards missing or out of order")
     image_ids = images.column("image_id").to_pylist()
-    if len(set(image_ids)) != len(image_ids):
+    hidden = set(np.load(os.path.join(previous, "hidden.npy")).tolist()) if previous else set()
+    hidden.update(int(h) for h in hide)
+    live = [image_id for row, image_id in enumerate(image_ids) if row not in hidden]
+    if len(set(live)) != len(live):
         seen, dup = set(), []
-        for image_id in image_ids:
+        for image_id in live:
             if image_id in seen:
                 dup.append(image_id)
             seen.add(image_id)
-        raise art.ArtifactError(
-            f"{len(dup)} image_ids occur twice, e.g. {dup[:3]}: an image can be indexed once; "
-            "leave already indexed tables out of --append"
-        )
+        raise art.ArtifactError(f"{len(dup)} image_ids occur twice, e.g. {dup[:3]}: an image can be indexed once")
+    np.save(os.path.join(out_dir, "hidden.npy"), np.array(sorted(hidden), np.int64))
     counts = images.column("num_features").to_numpy().astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
     images = images.append_column("geometry_offset", pa.array(offsets, pa.int64())).cast(IMAGES_SCHEMA)
@@ -152,4 +180,4 @@ def merge_shards(prefixes, trained, out_dir, previous=None):
         if len(chunk):
             global_index.add(chunk.astype(np.float32))
     faiss.write_index(global_index, os.path.join(out_dir, "global.faiss"))
-    return {"images": len(image_ids), "descriptors": int(ntotal)}
+    return {"images": len(image_ids) - len(hidden), "descriptors": int(ntotal), "hidden": len(hidden)}

@@ -33,6 +33,7 @@ COMMANDS = {
     ),
     "fit": ("delf_index.pipelines.fit", "Beam job: feature tables -> PCA and PQ codebooks"),
     "build": ("delf_index.pipelines.build", "Beam job: feature tables + codebooks -> index artifact (or --append)"),
+    "update": ("delf_index.pipelines.update", "the scheduled run: extract what is new, append it, publish a version"),
     "query": ("delf_index.pipelines.query", "search an index with images; ranked results with verified inliers"),
     "evaluate": ("delf_index.pipelines.evaluate", "extract -> fit -> build -> queries -> metrics and report (Beam)"),
 }

@@ -22,14 +22,15 @@ From Python:
 Scores are revisitop's (indexing/metrics.py): mAP over the full ranking, mP@k, R@1. Outputs
 in --workdir/eval: metrics.json, report.md (with the ablation of the ranking stages, a
 precision-recall plot and the worst queries), queries.parquet. A step's outputs in --workdir
-are reused when its inputs and settings are the same as what made them (the image list, the
-model, the extraction, fit and query settings); --fresh recomputes everything. The last line
+are reused when its inputs and settings are the same as what made them: extraction is
+incremental over the image list (only new and changed images; another model or other
+extraction settings start the tables again), codebooks and the index are made again when
+the features or the fit settings changed; --fresh recomputes everything. The last line
 printed is a one-line JSON summary.
 """
 
 import argparse
 import csv
-import io
 import json
 import logging
 import os
@@ -45,10 +46,11 @@ from matplotlib.figure import Figure
 
 from delf_index.errors import UserError
 from delf_index.indexing import metrics
-from delf_index.indexing.artifact import Artifact
+from delf_index.indexing.artifact import Artifact, read_pointer
 from delf_index.indexing.retrieval import Index, presets
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import build, cli, extract, fit
+from delf_index.runtime import storage
 from delf_index.runtime.extractor import load_model
 from delf_index.runtime.images import read_image
 from delf_index.runtime.tables import iter_features
@@ -194,17 +196,11 @@ def read_json(path):
 
 
 def write_manifest(rows, path):
-    """The image list as an extract manifest; True when it differs from the one at `path`."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "uri", "label"])
-    writer.writerows([(i, u, label or "") for i, u, label in rows])
-    text = buffer.getvalue()
-    changed = not os.path.exists(path) or open(path).read() != text
-    if changed:
-        with open(path, "w") as f:
-            f.write(text)
-    return changed
+    """The image list as an extract manifest."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "uri", "label"])
+        writer.writerows([(i, u, label or "") for i, u, label in rows])
 
 
 def summarise(rows, configs, protocols):
@@ -246,33 +242,28 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     # each step reruns when its inputs or settings differ from what made its outputs
     start = time.time()
     features = os.path.join(workdir, "features")
-    images_changed = write_manifest(manifest, os.path.join(workdir, "manifest.csv"))
     done = read_json(os.path.join(features, "_SUMMARY.json")) or {}
-    redo = (
-        fresh
-        or images_changed
-        or (done.get("model_fingerprint"), done.get("extractor"))
-        != (
-            fingerprint,
-            json.loads(json.dumps(extract_conf["extractor"])),
-        )
-    )
-    if redo:
-        extract.run(os.path.join(workdir, "manifest.csv"), features, extract_conf, model, beam_options)
+    stored_settings = json.loads(json.dumps(extract_conf["extractor"]))  # as JSON keeps them
+    if fresh or (done.get("model_fingerprint"), done.get("extractor")) != (fingerprint, stored_settings):
+        storage.remove(features)  # another model or other settings: start the tables again
+    write_manifest(manifest, os.path.join(workdir, "manifest.csv"))
+    # incremental: extracts the images that are new or changed since the last evaluation
+    extracted = extract.run(os.path.join(workdir, "manifest.csv"), features, extract_conf, model, beam_options)
+    redo = bool(extracted["images"] or extracted["superseded"])
     timings["extract_s"] = time.time() - start
 
     start = time.time()
     codebooks = os.path.join(workdir, "codebooks")
     done = (read_json(os.path.join(codebooks, "codebooks.json")) or {}).get("conf", {})
     automatic = {"nlist"} if fit_conf["nlist"] is None else set()  # resolved by fit from the corpus size
-    redo = redo or any(done.get(k) != v for k, v in fit_conf.items() if k not in automatic)
+    redo = redo or fresh or any(done.get(k) != v for k, v in fit_conf.items() if k not in automatic)
     if redo:
         fit.run(features, codebooks, fit_conf, beam_options)
     timings["fit_s"] = time.time() - start
 
     start = time.time()
     index = os.path.join(workdir, "index")
-    if redo or read_json(os.path.join(index, "manifest.json")) is None:  # new codebooks, new index
+    if redo or read_pointer(index) is None:  # new codebooks, new index
         build.run(features, index, codebooks=codebooks, beam_options=beam_options)
     timings["build_s"] = time.time() - start
 

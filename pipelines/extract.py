@@ -18,6 +18,7 @@ without one, the job runs locally on Beam's FnApiRunner with ``--workers`` proce
 """
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from delf_index.runtime import storage
 from delf_index.runtime.extractor import Extractor, load_model
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_extraction
+from delf_index.runtime.tables import iter_batches, list_tables, open_table, output_root, superseded, table_info
 from delf_index.schemas import features as table_schema
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,17 @@ def read_counters(result):
     return totals
 
 
+DECISIONS = ("new", "changed", "removed", "retried", "recomputed", "unchanged")  # what a run did with each listed item
+
+
+def new_run_id():
+    """A run id that sorts in time order: UTC to the microsecond."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
 class ListInputs(beam.DoFn):
-    """--input -> (image_id, uri, label) items, or tar shard URIs."""
+    """--input -> image items (image_id, uri, label, size, version), or tar shard items
+    (uri, size, version)."""
 
     def process(self, spec):
         kind = inputs.input_kind(spec)
@@ -112,9 +123,90 @@ class ListInputs(beam.DoFn):
         yield from items
 
 
+def with_stat(item):
+    """A manifest item with the size and version of its object (unless the manifest said)."""
+    image_id, uri, label, size, version = item
+    if size is None and uri:
+        size, version = inputs.stat(uri)
+    return image_id, uri, label, size, version
+
+
+class ReadState(beam.DoFn):
+    """(table uri, stale image_ids) of an earlier run -> (key, state) of its live rows."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def process(self, element):
+        uri, stale = element
+        ok = "/errors/" not in uri
+        columns = ["image_id", "uri", "run", "source_size", "source_version"]
+        present = [c for c in columns if c in open_table(uri).schema_arrow.names]  # version 1: no run, no source
+        for table in iter_batches(uri, present, rows=10_000, skip=stale):
+            get = {c: table.column(c).to_pylist() if c in present else [None] * table.num_rows for c in columns}
+            for image_id, uri_, run, size, version in zip(*(get[c] for c in columns)):
+                key = (uri_ or "").split("#")[0] if self.kind == "tar" else image_id
+                yield key, {"image_id": image_id, "run": run or "", "size": size, "version": version, "ok": ok}
+
+
+def decide(now, before, run, full=False, retry_errors=False):
+    """What a run does with one key (an image, or a tar shard): the items to extract, the
+    superseded rows it writes for earlier runs' rows, and its counts.
+
+    `now`: the key's items in this run's listing; `before`: the states of its live rows of
+    earlier runs. New and changed items (size or version differ) are extracted, unchanged
+    ones skipped unless `full`, or `retry_errors` and an earlier attempt failed; rows of
+    items gone from the listing are superseded as removed."""
+    if not now:
+        return (
+            [],
+            [table_schema.superseded_row(b["image_id"], b["run"], run, "removed") for b in before],
+            {"removed": len({b["image_id"] for b in before})},
+        )
+    counts = {"listed": len(now)}
+    if not before:
+        return list(now), [], {**counts, "new": len(now)}
+    size, version = now[0][-2], now[0][-1]
+    changed = size is None or any((b["size"], b["version"]) != (size, version) for b in before)
+    # an image with only error rows failed; a duplicate's error row next to an extracted row did not
+    failed = {b["image_id"] for b in before} != {b["image_id"] for b in before if b["ok"]}
+    reason = "recomputed" if full else "changed" if changed else "retried" if retry_errors and failed else None
+    if reason is None:
+        return [], [], {**counts, "unchanged": len(now)}
+    superseded = [table_schema.superseded_row(b["image_id"], b["run"], run, reason) for b in before]
+    return list(now), superseded, {**counts, reason: len(now)}
+
+
+class Decide(beam.DoFn):
+    """(key, {"now": items, "before": states}) -> items to extract; superseded rows and counts
+    as tagged outputs (see `decide`)."""
+
+    def __init__(self, run, full, retry_errors):
+        self.run, self.full, self.retry_errors = run, full, retry_errors
+
+    def process(self, element):
+        _, grouped = element
+        todo, superseded, counts = decide(
+            list(grouped["now"]), list(grouped["before"]), self.run, self.full, self.retry_errors
+        )
+        yield from todo
+        for row in superseded:
+            yield beam.pvalue.TaggedOutput("superseded", row)
+        yield beam.pvalue.TaggedOutput("counts", counts)
+
+
+def add_counts(dicts):
+    total = {}
+    for d in dicts:
+        for key, value in d.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 class ReadAndDecode(beam.DoFn):
-    """Item (or tar shard) -> ((image_id, uri, label), (RGB array, original (width, height))),
-    or error rows. Decoded and shrunk as every query is (runtime/images.py)."""
+    """Item (or tar shard) -> ((image_id, uri, label, source), (RGB array, original (width,
+    height))), or error rows; `source` is the (size, version) of the object read. Decoded and
+    shrunk as every query is (runtime/images.py)."""
 
     def __init__(self, kind, max_side, max_pixels):
         self.kind, self.max_side, self.max_pixels = kind, max_side, max_pixels
@@ -122,17 +214,20 @@ class ReadAndDecode(beam.DoFn):
 
     def process(self, item):
         if self.kind == "tar":
-            shard = item
+            shard, *source = item
             try:
                 for name, data in inputs.iter_tar(shard):
-                    yield from self._decode(name, f"{shard}#{name}", None, data)
+                    yield from self._decode(name, f"{shard}#{name}", None, tuple(source), data)
             except inputs.TruncatedShard as e:
-                yield beam.pvalue.TaggedOutput("errors", table_schema.error_row(f"{shard}#rest", shard, "read", e))
+                row = table_schema.error_row(f"{shard}#rest", shard, "read", e, tuple(source))
+                yield beam.pvalue.TaggedOutput("errors", row)
             return
-        image_id, uri, label = item
+        image_id, uri, label, *source = item
+        source = tuple(source)
         if not image_id or not uri:
             yield beam.pvalue.TaggedOutput(
-                "errors", table_schema.error_row(str(image_id), str(uri), "list", "manifest row without id or uri")
+                "errors",
+                table_schema.error_row(str(image_id), str(uri), "list", "manifest row without id or uri", source),
             )
             return
         try:
@@ -140,19 +235,19 @@ class ReadAndDecode(beam.DoFn):
         except Exception as e:  # missing object, permissions, network after retries
             self.read.inc()
             yield beam.pvalue.TaggedOutput(
-                "errors", table_schema.error_row(image_id, uri, "read", f"{type(e).__name__}: {e}")
+                "errors", table_schema.error_row(image_id, uri, "read", f"{type(e).__name__}: {e}", source)
             )
             return
-        yield from self._decode(image_id, uri, label, data)
+        yield from self._decode(image_id, uri, label, source, data)
 
-    def _decode(self, image_id, uri, label, data):
+    def _decode(self, image_id, uri, label, source, data):
         self.read.inc()
         try:
             prepared = decode_for_extraction(data, self.max_side, self.max_pixels)
         except ImageError as e:
-            yield beam.pvalue.TaggedOutput("errors", table_schema.error_row(image_id, uri, e.stage, e))
+            yield beam.pvalue.TaggedOutput("errors", table_schema.error_row(image_id, uri, e.stage, e, source))
             return
-        yield (image_id, uri, label), prepared
+        yield (image_id, uri, label, source), prepared
 
 
 def extract_batch(extractor, batch, inference_args=None):
@@ -196,7 +291,7 @@ class ToRows(beam.DoFn):
         self.count, self.start, self.last_log = 0, time.time(), 0.0
 
     def process(self, element):
-        (image_id, uri, label), result = element
+        (image_id, uri, label, source), result = element
         features = result.inference
         self.extracted.inc()
         self.features.inc(len(features))
@@ -206,25 +301,34 @@ class ToRows(beam.DoFn):
             self.last_log = now
             rate = self.count / max(now - self.start, 1e-9)
             log.info("worker %d: %d images extracted (%.2f images/s)", os.getpid(), self.count, rate)
-        yield table_schema.feature_row(image_id, uri, label, features, self.descriptor_dtype)
+        yield table_schema.feature_row(image_id, uri, label, features, self.descriptor_dtype, source)
 
 
 def failed_batches_to_errors(failed):
     """RunInference's dead letters, (batch, exception), to one error row per image."""
     batch, exception = failed
-    for (image_id, uri, _), _ in batch:
-        yield table_schema.error_row(image_id, uri, "extract", f"{type(exception).__name__}: {exception}")
+    for (image_id, uri, _, source), _ in batch:
+        yield table_schema.error_row(image_id, uri, "extract", f"{type(exception).__name__}: {exception}", source)
 
 
-def build(p, input, conf, model=None, threads=None):
-    """Add the extraction steps to pipeline `p` (conf: `resolve_conf`'s); returns the features
-    and errors PCollections."""
+def build(p, input, conf, model=None, threads=None, previous=(), run="", full=False, retry_errors=False):
+    """Add the extraction steps to pipeline `p` (conf: `resolve_conf`'s). `previous`: the
+    (table uri, stale image_ids) of earlier runs in the output, compared with the listing
+    (`decide`). Returns the features, errors, superseded and counts PCollections."""
     kind = inputs.input_kind(input)
+    listed = p | "Input" >> beam.Create([input]) | "ListInputs" >> beam.ParDo(ListInputs())
+    if kind == "manifest":  # one lookup per object, spread over the workers
+        listed = listed | "SpreadLookups" >> beam.Reshuffle() | "SizeAndVersion" >> beam.Map(with_stat)
+    now = listed | "KeyListing" >> beam.Map(lambda item: (item[0], item))
+    before = p | "EarlierTables" >> beam.Create(list(previous)) | "ReadEarlierRows" >> beam.ParDo(ReadState(kind))
+    decided = (
+        {"now": now, "before": before}
+        | "Join" >> beam.CoGroupByKey()
+        | "Decide" >> beam.ParDo(Decide(run, full, retry_errors)).with_outputs("superseded", "counts", main="todo")
+    )
     handler = KeyedModelHandler(DelfModelHandler(model, conf["extractor"], threads, batch_size=conf["batch_size"]))
     decoded = (
-        p
-        | "Input" >> beam.Create([input])
-        | "ListInputs" >> beam.ParDo(ListInputs())
+        decided.todo
         | "Redistribute" >> beam.Reshuffle()
         | "ReadAndDecode"
         >> beam.ParDo(ReadAndDecode(kind, conf["extractor"]["max_image_size"], conf["max_pixels"])).with_outputs(
@@ -235,45 +339,88 @@ def build(p, input, conf, model=None, threads=None):
     rows = extracted | "ToRows" >> beam.ParDo(ToRows(conf["descriptor_dtype"]))
     extract_errors = dead_letters.failed_inferences | "FailedToErrors" >> beam.FlatMap(failed_batches_to_errors)
     errors = (decoded.errors, extract_errors) | "AllErrors" >> beam.Flatten()
-    return rows, errors
+    counts = decided.counts | "CountDecisions" >> beam.CombineGlobally(add_counts)
+    return rows, errors, decided.superseded, counts
 
 
-def table_schemas(conf, model_metadata, fingerprint):
-    features_meta = table_schema.table_metadata("features", fingerprint, model_metadata, conf["extractor"])
-    errors_meta = table_schema.table_metadata("errors", fingerprint, model_metadata, conf["extractor"])
+def table_schemas(conf, model_metadata, fingerprint, run):
+    """The features, errors and superseded schemas of a run, with their file metadata."""
+
+    def meta(table):
+        return table_schema.table_metadata(table, fingerprint, model_metadata, conf["extractor"], run)
+
     features = table_schema.features_schema(
-        model_metadata["descriptor_dim"], model_metadata["global_dim"], conf["descriptor_dtype"], features_meta
+        model_metadata["descriptor_dim"], model_metadata["global_dim"], conf["descriptor_dtype"], meta("features")
     )
-    return features, table_schema.ERRORS_SCHEMA.with_metadata(errors_meta)
+    return (
+        features,
+        table_schema.ERRORS_SCHEMA.with_metadata(meta("errors")),
+        table_schema.SUPERSEDED_SCHEMA.with_metadata(meta("superseded")),
+    )
 
 
-def run(input, output, conf=None, model=None, beam_options=None, test_pipeline=None):
-    """Extract the features of every image of `input` (glob, directory, tar shards or
-    manifest, any fsspec URI) into tables under `output`; returns the summary (also in
-    `output`/_SUMMARY.json). `model`: an exported .onnx (default: the shipped one)."""
+def earlier_runs(output, conf, fingerprint):
+    """(table uri, stale image_ids) of the features and errors tables already in `output`;
+    refuses tables of another model, other settings or another descriptor type, which an
+    incremental run could not add to."""
+    if output_root(output) is None:
+        return []
+    stale = superseded(output)
+    previous = []
+    for name in ("features", "errors"):
+        for uri in list_tables(output, name, required=False):
+            _, meta = table_info(uri)
+            settings = json.loads(json.dumps(conf["extractor"]))  # as stored: lists, not tuples
+            if (meta["model_fingerprint"], meta["extractor"]) != (fingerprint, settings):
+                raise UserError(
+                    f"{output} holds tables of model {meta['model_fingerprint'][:12]} with other extraction "
+                    f"settings ({uri}); extract into a new --output (this run: model {fingerprint[:12]})"
+                )
+            previous.append((uri, frozenset(stale.get(meta["run"], ()))))
+    return previous
+
+
+def run(input, output, conf=None, model=None, beam_options=None, test_pipeline=None, full=False, retry_errors=False):
+    """Extract the features of the images of `input` (glob, directory, tar shards or
+    manifest, any fsspec URI) into tables under `output`; returns the run's summary (also in
+    `output`/_SUMMARY.json and `output`/runs/RUN.json). `model`: an exported .onnx (default:
+    the shipped one).
+
+    An output that already holds tables of the same model and settings is updated: only new
+    and changed images are extracted (by image_id, size and the store's generation, ETag or
+    mtime), into new files of this run; rows of changed and removed images are superseded.
+    `retry_errors`: also retry images that failed before; `full`: extract everything again."""
     conf = resolve_conf(conf)
     _, model_metadata, fingerprint = load_model(model)
     flags, threads = cli.beam_flags(beam_options)
-    features_schema, errors_schema = table_schemas(conf, model_metadata, fingerprint)
     output = output.rstrip("/")
+    run_id = new_run_id()
+    schemas = table_schemas(conf, model_metadata, fingerprint, run_id)
+    previous = earlier_runs(output, conf, fingerprint)
     start = time.time()
     summary = {
+        "run": run_id,
         "input": input,
         "output": output,
         "model_fingerprint": fingerprint,
         "schema_version": table_schema.SCHEMA_VERSION,
         "extractor": conf["extractor"],
         "descriptor_dtype": conf["descriptor_dtype"],
+        "full": bool(full),
+        "retry_errors": bool(retry_errors),
+        "earlier_tables": len(previous),
     }
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
     with pipeline as p:
-        rows, errors = build(p, input, conf, model, threads if test_pipeline is None else None)
-        features_out = rows | "WriteFeatures" >> WriteShardedParquet(
-            output, "features", features_schema, conf["rows_per_shard"]
+        rows, errors, replaced, counts = build(
+            p, input, conf, model, threads if test_pipeline is None else None, previous, run_id, full, retry_errors
         )
+        per_shard = conf["rows_per_shard"]
+        features_out = rows | "WriteFeatures" >> WriteShardedParquet(output, "features", schemas[0], run_id, per_shard)
         all_errors = (errors, features_out.duplicates) | "WithDuplicates" >> beam.Flatten()
-        errors_out = all_errors | "WriteErrors" >> WriteShardedParquet(
-            output, "errors", errors_schema, conf["rows_per_shard"]
+        errors_out = all_errors | "WriteErrors" >> WriteShardedParquet(output, "errors", schemas[1], run_id, per_shard)
+        superseded_out = replaced | "WriteSuperseded" >> WriteShardedParquet(
+            output, "superseded", schemas[2], run_id, 100 * per_shard, per_image=False
         )
         (
             p
@@ -283,39 +430,54 @@ def run(input, output, conf=None, model=None, beam_options=None, test_pipeline=N
                 _finalize,
                 output=output,
                 summary=summary,
-                schemas=(features_schema, errors_schema),
+                schemas=schemas,
+                counts=beam.pvalue.AsSingleton(counts),
                 written_features=beam.pvalue.AsList(features_out.written),
                 written_errors=beam.pvalue.AsList(errors_out.written),
+                written_superseded=beam.pvalue.AsList(superseded_out.written),
             )
         )
-    with storage.open_file(posixpath.join(output, "_SUMMARY.json"), "r") as f:
+    with storage.open_file(posixpath.join(output, "runs", f"{run_id}.json"), "r") as f:
         summary = json.load(f)
     summary["seconds"] = round(time.time() - start, 1)
     log.info("counters: %s", read_counters(getattr(p, "result", None)))
+    decided = ", ".join(f"{summary[k]} {k}" for k in DECISIONS if summary[k]) or "nothing"
     print(
-        f"extract: {summary['images']} images: {summary['extracted']} extracted, {summary['failed']} failed; "
-        f"{summary['features']} features written to {output}/features ({summary['seconds']}s)"
+        f"extract: run {run_id}: {summary['listed']} listed ({decided}); {summary['images']} images: "
+        f"{summary['extracted']} extracted, {summary['failed']} failed; {summary['features']} features written "
+        f"to {output}/features ({summary['seconds']}s)"
     )
     return summary
 
 
-def _finalize(_, output, summary, schemas, written_features, written_errors):
-    features_files = finalize(output, "features", schemas[0], written_features)
-    errors_files = finalize(output, "errors", schemas[1], written_errors)
+def _finalize(_, output, summary, schemas, counts, written_features, written_errors, written_superseded):
+    run_id = summary["run"]
+    files = {
+        name: finalize(output, name, schema, written, run_id)
+        for name, schema, written in zip(
+            ("features", "errors", "superseded"), schemas, (written_features, written_errors, written_superseded)
+        )
+    }
     extracted = sum(w["rows"] for w in written_features)
     failed = sum(w["rows"] for w in written_errors)
     summary = dict(
         summary,
+        listed=counts.get("listed", 0),
+        **{key: counts.get(key, 0) for key in DECISIONS},
         images=extracted + failed,
         extracted=extracted,
         failed=failed,
         features=sum(w["features"] for w in written_features),
-        features_files=features_files,
-        errors_files=errors_files,
+        superseded=sum(w["rows"] for w in written_superseded),
+        features_files=files["features"],
+        errors_files=files["errors"],
+        superseded_files=files["superseded"],
     )
-    with storage.open_file(posixpath.join(output, "_SUMMARY.json"), "w") as f:
-        json.dump(summary, f, indent=1, sort_keys=True)
-    log.info("finalized %s: %d feature files, %d error files", output, len(features_files), len(errors_files))
+    # the run's own record, then the output's latest: written last, they mark the run complete
+    for name in (posixpath.join("runs", f"{run_id}.json"), "_SUMMARY.json"):
+        with storage.open_file(posixpath.join(output, name), "w") as f:
+            json.dump(summary, f, indent=1, sort_keys=True)
+    log.info("finalized %s: run %s, files %s", output, run_id, {k: len(v) for k, v in files.items()})
 
 
 def main(argv=None):
@@ -323,6 +485,8 @@ def main(argv=None):
     parser.add_argument("--input", required=True, help="glob, directory, tar shards or manifest (any fsspec URI)")
     parser.add_argument("--output", required=True, help="output folder (any fsspec URI)")
     parser.add_argument("--preset", choices=sorted(presets), default="default", help="named configuration")
+    parser.add_argument("--full", action="store_true", help="extract every image again, not only new and changed")
+    parser.add_argument("--retry-errors", action="store_true", help="also retry the images that failed before")
     parser.add_argument("--descriptor-dtype", choices=sorted(table_schema.DESCRIPTOR_DTYPES))
     parser.add_argument("--rows-per-shard", type=int, help=f"images per file ({default_conf['rows_per_shard']})")
     parser.add_argument("--batch-size", type=int, help=f"images per inference batch ({default_conf['batch_size']})")
@@ -335,4 +499,11 @@ def main(argv=None):
         if getattr(args, key) is not None:
             conf[key] = getattr(args, key)
     conf["extractor"] = {**conf.get("extractor", {}), **cli.extractor_conf_from_args(args)}
-    run(args.input, args.output, conf, model=args.model, beam_options=beam_options)
+    summary = run(
+        args.input, args.output, conf, args.model, beam_options, full=args.full, retry_errors=args.retry_errors
+    )
+    if summary["images"] and not summary["extracted"]:
+        raise UserError(
+            f"every one of the {summary['images']} images failed; the errors table says why: "
+            f"{args.output.rstrip('/')}/errors"
+        )

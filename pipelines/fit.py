@@ -27,7 +27,7 @@ from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import codebooks as cb
 from delf_index.pipelines import cli
-from delf_index.runtime.tables import iter_batches, list_tables, same_model, table_info
+from delf_index.runtime.tables import iter_batches, live_tables, same_model
 from delf_index.schemas.features import descriptors_of
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,10 @@ class SampleTable(beam.DoFn):
         self.k, self.seed = k, seed
         self.descriptors_read = Metrics.counter("delf_index", "descriptors_read")
 
-    def process(self, uri):
+    def process(self, element):
+        uri, stale = element
         parts = []
-        for table in iter_batches(uri, ["image_id", "num_features", "descriptors"]):
+        for table in iter_batches(uri, ["image_id", "num_features", "descriptors"], skip=stale):
             counts = table.column("num_features").to_numpy()
             ids = table.column("image_id").to_pylist()
             keys = [cb.sample_keys(i, c, self.seed) for i, c in zip(ids, counts)]
@@ -101,19 +102,18 @@ def run(features, output, conf=None, beam_options=None, test_pipeline=None):
     Returns the codebooks manifest."""
     conf = resolve_conf(conf)
     flags, _ = cli.beam_flags(beam_options)
-    footers = [(uri, *table_info(uri)) for uri in list_tables(features)]
-    if not any(rows for _, rows, _ in footers):
+    tables = live_tables(features)
+    if not any(rows for _, rows, _, _ in tables):
         raise UserError(
             f"{features}: the feature tables hold no images; if extraction failed for every image, "
             "its errors table (next to the features folder) says why"
         )
-    uris = [uri for uri, rows, _ in footers if rows]  # tables of failed shards are empty
-    infos = [(uri, meta) for uri, _, meta in footers]
-    fingerprint = same_model(infos)
-    model = infos[0][1]["model"]
+    fingerprint = same_model([(uri, meta) for uri, _, meta, _ in tables])
+    model = tables[0][2]["model"]
+    elements = [(uri, stale) for uri, rows, _, stale in tables if rows]  # tables of failed shards are empty
     if conf["pca_dim"] > model["descriptor_dim"]:
         raise UserError(f"pca_dim {conf['pca_dim']} exceeds the descriptor dimension {model['descriptor_dim']}")
-    log.info("fit on %d feature tables of model %s", len(uris), fingerprint[:12])
+    log.info("fit on %d feature tables of model %s", len(elements), fingerprint[:12])
 
     def fit_and_write(sample):
         pca, trained, info = cb.fit_codebooks(sample, conf)
@@ -124,7 +124,7 @@ def run(features, output, conf=None, beam_options=None, test_pipeline=None):
     with pipeline as p:
         (
             p
-            | "Tables" >> beam.Create(uris)
+            | "Tables" >> beam.Create(elements)
             | "Redistribute" >> beam.Reshuffle()
             | "SampleTable" >> beam.ParDo(SampleTable(conf["sample"], conf["seed"]))
             | "Sample" >> beam.CombineGlobally(BottomKSample(conf["sample"]))

@@ -51,7 +51,8 @@ def _fixed_prefix(path):
 
 
 def expand(spec, extensions):
-    """Sorted [(path relative to the fixed prefix, full uri)] of files matching `spec`.
+    """Sorted [(path relative to the fixed prefix, full uri, size, version)] of files matching
+    `spec` (`source_version`).
 
     A directory is searched recursively for files with the given extensions; a glob is
     taken as given (a text file named .jpg must still reach the errors table).
@@ -62,32 +63,63 @@ def expand(spec, extensions):
 def _expand(spec, extensions):
     fs, path = storage.filesystem(spec)
     if _GLOB_CHARS.search(path):
-        paths = [p for p in fs.glob(path) if not fs.isdir(p)]
+        found = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"}
         root = _fixed_prefix(path)
     elif fs.isdir(path):
         root = path.rstrip("/")
-        paths = [
-            p for p in fs.find(path) if p.lower().endswith(extensions) and not posixpath.basename(p).startswith(".")
-        ]
+        found = {
+            p: info
+            for p, info in fs.find(path, detail=True).items()
+            if p.lower().endswith(extensions) and not posixpath.basename(p).startswith(".")
+        }
     elif fs.exists(path):
-        root, paths = posixpath.dirname(path), [path]
+        root, found = posixpath.dirname(path), {path: fs.info(path)}
     else:
         raise FileNotFoundError(f"no such input: {spec}")
-    return [(posixpath.relpath(p, root) if root else p, storage.with_protocol(fs, p)) for p in sorted(paths)]
+    return [
+        (
+            posixpath.relpath(p, root) if root else p,
+            storage.with_protocol(fs, p),
+            info.get("size"),
+            source_version(info),
+        )
+        for p, info in sorted(found.items())
+    ]
+
+
+def source_version(info):
+    """What changes when an object is rewritten, from an fsspec info dict: the generation on
+    GCS, the version id or ETag on S3, the modification time on local disks."""
+    for key in ("generation", "VersionId", "ETag", "etag", "md5Hash", "mtime", "LastModified", "updated"):
+        if info.get(key) not in (None, ""):
+            return str(info[key])
+    return None
+
+
+def stat(uri):
+    """(size, version) of one object, or (None, None) when it cannot be read (reported later)."""
+    try:
+        fs, path = storage.filesystem(uri)
+        info = storage.retrying(lambda: fs.info(path), f"reading the size of {uri}")
+    except (OSError, ValueError):
+        return None, None
+    return info.get("size"), source_version(info)
 
 
 def list_images(spec):
-    """(image_id, uri, label=None) of every image file of a glob or directory."""
-    return [(rel, uri, None) for rel, uri in expand(spec, IMAGE_EXTENSIONS)]
+    """(image_id, uri, label=None, size, version) of every image file of a glob or directory."""
+    return [(rel, uri, None, size, version) for rel, uri, size, version in expand(spec, IMAGE_EXTENSIONS)]
 
 
 def list_shards(spec):
-    """URIs of the tar shards matching `spec`."""
-    return [uri for _, uri in expand(spec, TAR_EXTENSIONS)]
+    """(uri, size, version) of the tar shards matching `spec`."""
+    return [(uri, size, version) for _, uri, size, version in expand(spec, TAR_EXTENSIONS)]
 
 
 def read_manifest(spec):
-    """(image_id, uri, label) rows of a CSV or Parquet manifest; checks its columns."""
+    """(image_id, uri, label, size, version) rows of a CSV or Parquet manifest; checks its
+    columns. Optional columns `size` and `version` say what the objects are, so that
+    incremental runs need not look them up; without them both are None."""
     with storage.open_file(spec, "rb", compression="infer") as f:
         table = pq.read_table(f) if spec.lower().endswith(".parquet") else pacsv.read_csv(f)
     names = set(table.column_names)
@@ -102,11 +134,14 @@ def read_manifest(spec):
     ids = [None if v is None else str(v) for v in table.column(id_col).to_pylist()]
     uris = table.column(uri_col).to_pylist()
     labels = table.column(label_col).to_pylist() if label_col else [None] * len(ids)
+    sizes = table.column("size").to_pylist() if "size" in names else [None] * len(ids)
+    versions = table.column("version").to_pylist() if "version" in names else [None] * len(ids)
     rows = []
-    for image_id, uri, label in zip(ids, uris, labels):
+    for image_id, uri, label, size, version in zip(ids, uris, labels, sizes, versions):
         if uri and "://" not in uri and not os.path.isabs(uri):
             uri = posixpath.join(base, uri) if base else uri
-        rows.append((image_id, uri, None if label is None else str(label)))
+        label = None if label is None else str(label)
+        rows.append((image_id, uri, label, size, None if version is None else str(version)))
     return rows
 
 

@@ -3,13 +3,14 @@
 Rows go to shard ``hash(image_id) mod S`` with ``S = ceil(rows / rows_per_shard)``, are sorted
 by image_id inside their shard, and each shard file appears whole or not at all, so that
 
-- rerunning over the same input writes the same rows to the same files;
-- an interrupted run leaves only whole files, and a rerun replaces them;
+- the same rows of a run always go to the same files;
+- an interrupted run leaves only whole files of its own, never touching other runs' files;
 - rows with the same image_id meet in one shard, where duplicates are caught: the first by
   uri is kept, the others are returned as error rows (nothing vanishes silently).
 
-Layout: ``<output>/<name>/<name>-00003-of-00016.parquet``; `finalize` removes shards of
-earlier runs that this run did not write and writes empty files for shards no row went to.
+Layout: ``<output>/<name>/<name>-<run>-00003-of-00016.parquet`` (tables of version 1 have no
+run in their names); `finalize` removes shards of the same run that a retried bundle left
+behind and writes empty files for shards no row went to.
 """
 
 import hashlib
@@ -34,8 +35,9 @@ def shard_of(image_id, num_shards):
     return int.from_bytes(digest[:8], "big") % num_shards
 
 
-def shard_path(output, name, shard, num_shards):
-    return posixpath.join(output, name, f"{name}-{shard:05d}-of-{num_shards:05d}.parquet")
+def shard_path(output, name, run, shard, num_shards):
+    prefix = f"{name}-{run}-" if run else f"{name}-"
+    return posixpath.join(output, name, f"{prefix}{shard:05d}-of-{num_shards:05d}.parquet")
 
 
 def write_parquet(rows, path, schema):
@@ -62,20 +64,22 @@ def _write_parquet(rows, path, schema):
         fs.mv(target, final)
 
 
+ROWS_COUNTER = {"features": "images_written", "errors": "images_failed", "superseded": "rows_superseded"}
+
+
 class _WriteShard(beam.DoFn):
-    def __init__(self, output, name, schema):
-        self.output, self.name, self.schema = output, name, schema
-        # "features" rows are extracted images, "errors" rows failed ones
-        self.rows_written = Metrics.counter("delf_index", "images_written" if name == "features" else "images_failed")
+    def __init__(self, output, name, schema, run, per_image):
+        self.output, self.name, self.schema, self.run, self.per_image = output, name, schema, run, per_image
+        self.rows_written = Metrics.counter("delf_index", ROWS_COUNTER.get(name, f"{name}_rows"))
         self.features_written = Metrics.counter("delf_index", "features_written")
         self.duplicates = Metrics.counter("delf_index", "duplicate_image_ids")
 
     def process(self, element, num_shards):
         shard, rows = element
-        rows = sorted(rows, key=lambda r: (r["image_id"], r["uri"] or ""))
+        rows = sorted(rows, key=lambda r: (r["image_id"], r.get("uri") or "", r.get("run") or ""))
         kept = []
         for row in rows:
-            if kept and kept[-1]["image_id"] == row["image_id"]:
+            if self.per_image and kept and kept[-1]["image_id"] == row["image_id"]:
                 self.duplicates.inc()
                 yield beam.pvalue.TaggedOutput(
                     "duplicates",
@@ -84,8 +88,8 @@ class _WriteShard(beam.DoFn):
                     ),
                 )
                 continue
-            kept.append(row)
-        path = shard_path(self.output, self.name, shard, num_shards)
+            kept.append({**row, "run": self.run} if self.per_image else row)
+        path = shard_path(self.output, self.name, self.run, shard, num_shards)
         write_parquet(kept, path, self.schema)
         self.rows_written.inc(len(kept))
         self.features_written.inc(sum(r.get("num_features", 0) for r in kept))
@@ -99,12 +103,14 @@ class _WriteShard(beam.DoFn):
 
 
 class WriteShardedParquet(beam.PTransform):
-    """rows -> sharded Parquet table; outputs ``written`` (one dict per file) and
-    ``duplicates`` (error rows of repeated image_ids)."""
+    """rows -> sharded Parquet table of one run; outputs ``written`` (one dict per file) and
+    ``duplicates`` (error rows of repeated image_ids). `per_image`: one row per image_id
+    (features, errors), stamped with the run; else rows are written as they are."""
 
-    def __init__(self, output, name, schema, rows_per_shard=1000):
+    def __init__(self, output, name, schema, run, rows_per_shard=1000, per_image=True):
         super().__init__()
-        self.output, self.name, self.schema, self.rows_per_shard = output, name, schema, rows_per_shard
+        self.output, self.name, self.schema, self.run = output, name, schema, run
+        self.rows_per_shard, self.per_image = rows_per_shard, per_image
 
     def expand(self, rows):
         per_shard = self.rows_per_shard
@@ -120,28 +126,33 @@ class WriteShardedParquet(beam.PTransform):
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard"
             >> beam.ParDo(
-                _WriteShard(self.output, self.name, self.schema), beam.pvalue.AsSingleton(num_shards)
+                _WriteShard(self.output, self.name, self.schema, self.run, self.per_image),
+                beam.pvalue.AsSingleton(num_shards),
             ).with_outputs("duplicates", main="written")
         )
 
 
-def finalize(output, name, schema, written):
-    """After a run: write empty files for shards no row went to (an empty table still gets one
-    file, so that readers find its schema), drop shards and temporary files this run did not
-    write. Returns the table's files."""
+def finalize(output, name, schema, written, run):
+    """After a run: write empty files for shards no row went to, drop this run's shards and
+    temporary files that the run's final attempt did not write. Returns the run's files.
+
+    A table that has no file yet gets one even when empty, so that readers find its schema;
+    a run with no rows for a table that exists adds nothing to it."""
     fs, folder = storage.filesystem(posixpath.join(output, name))
+    existing = fs.ls(folder, detail=False) if fs.exists(folder) else []
     num_shards = max([w["num_shards"] for w in written] or [1])
     paths = {w["path"] for w in written}
-    for shard in range(num_shards):  # shards that no row hashed to still get their (empty) file
-        path = shard_path(output, name, shard, num_shards)
-        if path not in paths:
-            write_parquet([], path, schema)
-            paths.add(path)
-    paths = sorted(paths)
+    tables = [p for p in existing if p.endswith(".parquet")]
+    if paths or not tables:
+        for shard in range(num_shards):  # shards that no row hashed to still get their (empty) file
+            path = shard_path(output, name, run, shard, num_shards)
+            if path not in paths:
+                write_parquet([], path, schema)
+                paths.add(path)
     keep = {storage.filesystem(p)[1] for p in paths}
-    if fs.exists(folder):
-        for existing in fs.ls(folder, detail=False):
-            base = posixpath.basename(existing.rstrip("/"))
-            if base == "_tmp" or (base.startswith(f"{name}-") and base.endswith(".parquet") and existing not in keep):
-                fs.rm(existing, recursive=True)
-    return paths
+    ours = posixpath.basename(shard_path(output, name, run, 0, 1)).split("00000-of")[0]
+    for path in fs.ls(folder, detail=False) if fs.exists(folder) else []:
+        base = posixpath.basename(path.rstrip("/"))
+        if base == "_tmp" or (base.startswith(ours) and base.endswith(".parquet") and path not in keep):
+            fs.rm(path, recursive=True)
+    return sorted(paths)

@@ -7,11 +7,15 @@ disk the same way (`upload_folder`, `fetch_folder`).
 """
 
 import hashlib
+import json
 import os
 import posixpath
+import shutil
 import time
+import uuid
 
 import fsspec
+from filelock import FileLock
 
 from delf_index.errors import UserError
 
@@ -104,7 +108,50 @@ def read_bytes(uri):
     return retrying(read, f"reading {uri}")
 
 
-# -- folders between a store and local disk ----------------------------------------------------
+# -- files and folders between a store and local disk ------------------------------------------
+def sha256_of(path, chunk=1 << 22):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_bytes(uri, data):
+    """Replace the object or file at `uri` with `data` in one step: readers see the old
+    content or the new, never a part (a single upload on object stores; a temporary file
+    renamed over the target on local disks)."""
+    if is_local(uri):
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    fs, path = filesystem(uri)
+    retrying(lambda: fs.pipe_file(path, data), f"writing {uri}")
+
+
+def remove(uri):
+    """Delete a file or folder (recursively); nothing when it is not there."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        retrying(lambda: fs.rm(path, recursive=True), f"removing {uri}")
+
+
+def download(uri, target):
+    """Copy one object to the local path `target` through a temporary file renamed into place."""
+    fs, path = filesystem(uri)
+    tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        retrying(lambda: fs.get_file(path, tmp), f"downloading {uri}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def upload_folder(local_dir, uri, names):
     """Copy `names` from a local folder to `uri` (.json files last: they mark completion)."""
     fs, root = filesystem(uri)
@@ -118,17 +165,69 @@ def default_cache_dir():
     return os.environ.get("DELF_INDEX_CACHE", os.path.expanduser("~/.cache/delf-index"))
 
 
-def fetch_folder(uri, cache_dir=None):
-    """A local folder with the files of `uri`: the folder itself when local, else a cached
-    copy (re-downloaded when the remote manifest changed)."""
+class DigestMismatch(StorageError):
+    """A downloaded file is not the one its manifest describes."""
+
+
+def fetch_blob(uri, sha256, size, cache_dir=None):
+    """A verified local copy of the object `uri`, whose content the caller knows by sha256:
+    ``CACHE/blobs/<sha256>``. Downloaded to a temporary file, checked, renamed into place
+    under a file lock, so that processes sharing the cache neither race nor ever see a file
+    whose digest does not match; a blob already there is not fetched again."""
+    blobs = os.path.join(cache_dir or default_cache_dir(), "blobs")
+    path = os.path.join(blobs, sha256)
+    if os.path.exists(path):
+        return path
+    os.makedirs(blobs, exist_ok=True)
+    with FileLock(path + ".lock"):
+        if os.path.exists(path):  # another process fetched it while this one waited
+            return path
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            download(uri, tmp)
+            actual, actual_size = sha256_of(tmp), os.path.getsize(tmp)
+            if (actual, actual_size) != (sha256, size):
+                raise DigestMismatch(
+                    f"{uri} has {actual_size} bytes, sha256 {actual[:12]}; its manifest says {size} bytes, sha256 "
+                    f"{sha256[:12]}: the object was changed after its manifest was written (copy it again, or rebuild)"
+                )
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+def fetch_folder(uri, manifest_name, cache_dir=None):
+    """A local folder with the files that the manifest `uri`/`manifest_name` lists (its
+    "files": {name: {"sha256", "bytes"}}): the folder itself when local, else a folder of
+    the cache, one per manifest, linking to verified blobs (`fetch_blob`). Files the
+    manifest does not list are not fetched."""
     if is_local(uri):
         return local_path(uri)
-    fs, root = filesystem(uri)
-    local = os.path.join(cache_dir or default_cache_dir(), hashlib.sha256(uri.encode()).hexdigest()[:16])
-    os.makedirs(local, exist_ok=True)
-    for remote in fs.ls(root, detail=False):
-        name = posixpath.basename(remote.rstrip("/"))
-        target = os.path.join(local, name)
-        if name.endswith(".json") or not os.path.exists(target) or os.path.getsize(target) != fs.size(remote):
-            retrying(lambda r=remote, t=target: fs.get_file(r, t), f"downloading {remote}")
-    return local
+    cache_dir = cache_dir or default_cache_dir()
+    data = read_bytes(posixpath.join(uri, manifest_name))
+    try:
+        files = json.loads(data)["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise StorageError(f"{uri}/{manifest_name} is not a delf-index manifest ({type(e).__name__}: {e})") from e
+    folder = os.path.join(cache_dir, "folders", hashlib.sha256(data).hexdigest()[:32])
+    if os.path.exists(os.path.join(folder, manifest_name)):  # complete: the manifest goes in last
+        return folder
+    blobs = {
+        name: fetch_blob(posixpath.join(uri, name), e["sha256"], e["bytes"], cache_dir) for name, e in files.items()
+    }
+    tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    for name, blob in blobs.items():
+        try:
+            os.link(blob, os.path.join(tmp, name))
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(blob, os.path.join(tmp, name))
+    with open(os.path.join(tmp, manifest_name), "wb") as f:
+        f.write(data)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process made the same folder first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,30 +1,43 @@
 """What the codebooks folder (`delf-index fit`) and the index artifact (`delf-index build`)
-hold, version 1 (docs/index.md shows how they are used).
+hold (docs/index.md shows how they are used).
 
-Codebooks folder::
+Codebooks folder, version 1::
 
     codebooks.json   format, model fingerprint, PCA / quantizer parameters, sample, sha256 of files
     pca.npz          mean, components, eigenvalues (indexing/pca.py)
     trained.faiss    the trained, empty faiss index (coarse quantizer + PQ)
 
-Index artifact folder::
+Index artifact, version 2: a folder of versions and a pointer to the current one::
 
-    manifest.json    format, model fingerprint, codebook parameters, counts, sha256 of every file
-    pca.npz, trained.faiss   the codebooks it was built with (append reuses them)
-    index.faiss      IVF-PQ index header; its inverted lists live in index.ivfdata (same folder)
-    index.ivfdata    on-disk inverted lists: PQ code + 8-byte id per descriptor
-    images.parquet   IMAGES_SCHEMA: int id <-> image_id, uri, label, size, features, geometry_offset
-    geometry.npy     uint16 [descriptors, 3]: x, y (rounded pixels), scale (float16 bits)
-    global.faiss     global descriptors, float16, inner product, row = int image id
+    CURRENT                  {"version": ..., "manifest_sha256": ...}: the version readers load;
+                             replaced in one write when a build or append has finished
+    versions/<version>/      one complete, immutable version:
+        manifest.json        format, model fingerprint, extraction settings, codebook
+                             parameters, counts, source tables, sha256 of every file
+        pca.npz, trained.faiss   the codebooks it was built with (append reuses them)
+        index.faiss          IVF-PQ index header; its inverted lists live in index.ivfdata
+        index.ivfdata        on-disk inverted lists: PQ code + 8-byte id per descriptor
+        images.parquet       IMAGES_SCHEMA: int id <-> image_id, uri, label, size, features,
+                             geometry_offset, the extract run of its row
+        geometry.npy         uint16 [descriptors, 3]: x, y (rounded pixels), scale (float16 bits)
+        global.faiss         global descriptors, float16, inner product, row = int image id
+        hidden.npy           int64 ids of images hidden at query time (changed or removed since
+                             they were indexed; a rebuild leaves them out)
+    _staging/<version>/      shards of a build in progress (never inside a version)
 
+A version folder is itself a complete artifact and can be loaded or copied on its own.
 A descriptor's faiss id is ``image_int_id << FEATURE_BITS | feature_index``; its geometry
 row is ``geometry_offset[image] + feature_index``.
 """
 
 import pyarrow as pa
 
-CODEBOOKS_FORMAT, ARTIFACT_FORMAT, FORMAT_VERSION = "delf-index-codebooks", "delf-index-artifact", 1
+CODEBOOKS_FORMAT, CODEBOOKS_VERSION = "delf-index-codebooks", 1
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 2
+POINTER, VERSIONS, STAGING = "CURRENT", "versions", "_staging"
 FEATURE_BITS = 16  # features per image < 65536
+MAX_FEATURES = (1 << FEATURE_BITS) - 1
+MAX_COORDINATE = 65535  # geometry stores x and y as uint16 pixels
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -35,6 +48,7 @@ IMAGES_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("num_features", pa.int32()),
+        ("run", pa.string()),
         ("geometry_offset", pa.int64()),
     ]
 )

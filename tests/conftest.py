@@ -3,6 +3,8 @@ import os
 import numpy as np
 import pytest
 
+from delf_index.runtime.tables import list_tables, open_table, superseded
+
 ONE_WORKER = {"workers": 1}  # beam_options of the jobs in tests: one local worker process
 
 LANDMARKS = os.environ.get(
@@ -76,3 +78,16 @@ def gcs_bucket():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def live_rows(out):
+    """{image_id: row} of the live rows of an extract output (features and errors)."""
+    replaced = superseded(out)
+    rows = {}
+    for name in ("features", "errors"):
+        for uri in list_tables(out, name, required=False):
+            for row in open_table(uri).read().to_pylist():
+                if row["image_id"] not in replaced.get(row["run"], ()):
+                    assert row["image_id"] not in rows, f"{row['image_id']} is live twice"
+                    rows[row["image_id"]] = {**row, "table": name}
+    return rows

@@ -52,7 +52,10 @@ def test_extract_image_summary_and_output(tmp_path, photos, capsys):
 def test_user_errors_are_one_line_that_names_the_problem(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("<html>not an image</html>")
+    (tmp_path / "only-bad").mkdir()
+    (tmp_path / "only-bad" / "bad.jpg").write_text("<html>not an image</html>")
     cases = [
+        (("extract", "--input", str(tmp_path / "only-bad"), "--output", str(tmp_path / "f")), ["every one of the 1"]),
         (("extract-image", str(bad)), ["bad.jpg", "cannot decode", "<html>"]),
         (("extract-image", str(tmp_path / "missing.jpg")), ["missing.jpg", "No such file"]),
         (("extract-image", str(bad), "--model", str(bad)), ["bad.jpg is not an ONNX model"]),

@@ -17,7 +17,7 @@ from PIL import Image
 from delf_index.pipelines import extract
 from delf_index.runtime.extractor import Extractor
 from delf_index.schemas.features import descriptors_of, read_table_metadata
-from tests.conftest import ONE_WORKER, rgb
+from tests.conftest import ONE_WORKER, live_rows, rgb
 
 GOOD = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -88,7 +88,7 @@ def test_rows_with_test_pipeline(image_dir):
         assert all(r["error"] for r in rows)
 
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        rows, errors = extract.build(p, str(image_dir), extract.resolve_conf())
+        rows, errors, _, _ = extract.build(p, str(image_dir), extract.resolve_conf())
         assert_that(rows, check_rows, label="CheckRows")
         assert_that(errors, check_errors, label="CheckErrors")
         assert_that(rows, is_not_empty(), label="NotEmpty")
@@ -116,6 +116,11 @@ def test_job_writes_tables_that_pandas_and_duckdb_read(image_dir, tmp_path, smal
         f"select count(*), max(len(descriptors[1])) from '{out}/features/*.parquet' where num_features > 0"
     ).fetchall()[0]
     assert (n, dim) == (4, meta["model"]["descriptor_dim"])
+    live = con.sql(
+        f"SELECT count(*) FROM '{out}/features/*.parquet' f "
+        f"ANTI JOIN '{out}/superseded/*.parquet' s ON f.image_id = s.image_id AND f.run = s.run"
+    ).fetchall()[0][0]
+    assert live == 4  # docs/tables.md's query of the live rows
     # features equal a bare extractor call on the same decoded image (float16 storage)
     row = frame[frame.image_id == "chelsea.jpg"].iloc[0]
     decoded = np.asarray(Image.open(image_dir / "chelsea.jpg").convert("RGB"))
@@ -126,16 +131,46 @@ def test_job_writes_tables_that_pandas_and_duckdb_read(image_dir, tmp_path, smal
         assert json.load(f)["model_fingerprint"] == meta["model_fingerprint"]
 
 
-def test_rerun_writes_identical_files_and_drops_stale_shards(image_dir, tmp_path):
+def test_reruns_extract_only_what_is_new_changed_or_asked_for(image_dir, tmp_path, small_photos):
     out = str(tmp_path / "out")
-    extract.run(str(image_dir), out, {"rows_per_shard": 1}, beam_options=ONE_WORKER)
-    assert len(os.listdir(os.path.join(out, "features"))) == 4
-    extract.run(str(image_dir), out, beam_options=ONE_WORKER)
-    first = {f: open(os.path.join(out, "features", f), "rb").read() for f in os.listdir(os.path.join(out, "features"))}
-    assert list(first) == ["features-00000-of-00001.parquet"]  # the 4 shards of the earlier run are gone
-    extract.run(str(image_dir), out, beam_options={"workers": 2})  # multi-process this time
-    second = {f: open(os.path.join(out, "features", f), "rb").read() for f in os.listdir(os.path.join(out, "features"))}
-    assert first == second
+    first = extract.run(str(image_dir), out, {"rows_per_shard": 1}, beam_options=ONE_WORKER)
+    assert len(os.listdir(os.path.join(out, "features"))) == 4 and first["new"] == 8
+    before = live_rows(out)
+    # nothing changed: nothing extracted, no table written, the run still recorded
+    again = extract.run(str(image_dir), out, beam_options=ONE_WORKER)
+    assert (again["unchanged"], again["images"], again["superseded"]) == (8, 0, 0)
+    assert len(os.listdir(os.path.join(out, "features"))) == 4 and len(os.listdir(os.path.join(out, "runs"))) == 2
+    # a day later: one new image, one rewritten with other content, one deleted
+    (image_dir / "new.jpg").write_bytes(jpeg_bytes(small_photos["coffee"][::-1]))
+    (image_dir / "chelsea.jpg").write_bytes(jpeg_bytes(small_photos["rocket"]))
+    (image_dir / "sub" / "rocket.jpg").unlink()
+    day = extract.run(str(image_dir), out, beam_options=ONE_WORKER)
+    assert {k: day[k] for k in ("new", "changed", "removed", "unchanged", "extracted")} == {
+        "new": 1,
+        "changed": 1,
+        "removed": 1,
+        "unchanged": 6,
+        "extracted": 2,
+    }
+    live = live_rows(out)
+    assert set(live) == set(before) - {"sub/rocket.jpg"} | {"new.jpg"}
+    assert live["chelsea.jpg"]["run"] == day["run"] != before["chelsea.jpg"]["run"]
+    assert live["chelsea.jpg"]["x"] != before["chelsea.jpg"]["x"]  # the new content's features
+    assert live["astronaut.jpg"] == before["astronaut.jpg"]  # untouched rows stay where they were
+    # the failures again, on request
+    retried = extract.run(str(image_dir), out, beam_options=ONE_WORKER, retry_errors=True)
+    assert (retried["retried"], retried["failed"], retried["extracted"]) == (4, 4, 0)
+    assert {i for i, r in live_rows(out).items() if r["table"] == "errors"} == {
+        i for i, r in live.items() if r["table"] == "errors"
+    }
+    # everything again, on two worker processes: the same live features
+    full = extract.run(str(image_dir), out, beam_options={"workers": 2}, full=True)
+    assert (full["full"], full["recomputed"], full["images"], full["superseded"]) == (True, 8, 8, 8)
+    again = live_rows(out)
+    assert set(again) == set(live) and all(r["run"] == full["run"] for r in again.values())
+    for image_id, row in again.items():
+        if row["table"] == "features":
+            assert row["x"] == live[image_id]["x"] and row["descriptors"] == live[image_id]["descriptors"], image_id
 
 
 def test_large_images_are_shrunk_before_extraction_but_reported_in_original_pixels(tmp_path, photos):
@@ -199,6 +234,23 @@ def test_tar_shards_are_streamed_and_bad_members_reported(tmp_path, small_photos
     assert [d["image_id"] for d in dup] == ["1/coffee.jpg"]
 
 
+def test_tar_shards_are_compared_whole_between_runs(tmp_path, small_photos):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "a.tar", [(f"a/{n}.jpg", jpeg_bytes(small_photos[n])) for n in ("astronaut", "coffee")])
+    write_tar(shards / "b.tar", [("b/rocket.jpg", jpeg_bytes(small_photos["rocket"]))])
+    out = str(tmp_path / "out")
+    first = extract.run(str(shards / "*.tar"), out, beam_options=ONE_WORKER)
+    assert (first["new"], first["extracted"]) == (2, 3)  # shards
+    # shard a rewritten without coffee and with chelsea; shard b untouched
+    write_tar(shards / "a.tar", [(f"a/{n}.jpg", jpeg_bytes(small_photos[n])) for n in ("astronaut", "chelsea")])
+    second = extract.run(str(shards / "*.tar"), out, beam_options=ONE_WORKER)
+    assert (second["changed"], second["unchanged"], second["extracted"], second["superseded"]) == (1, 1, 2, 2)
+    live = live_rows(out)
+    assert sorted(live) == ["a/astronaut.jpg", "a/chelsea.jpg", "b/rocket.jpg"]
+    assert live["a/astronaut.jpg"]["run"] == second["run"] and live["b/rocket.jpg"]["run"] == first["run"]
+
+
 def pa_equal(table, column, text):
     import pyarrow.compute as pc
 
@@ -254,7 +306,8 @@ def test_gcs_emulator_in_and_out(gcs_bucket, small_photos):
     fs.pipe(f"{gcs_bucket}/in/broken.jpg", b"\xff\xd8\xff\xe0 truncated")
     summary = extract.run(f"gs://{gcs_bucket}/in/*.jpg", f"gs://{gcs_bucket}/out", beam_options=ONE_WORKER)
     assert (summary["extracted"], summary["failed"]) == (2, 1)
-    with fs.open(f"{gcs_bucket}/out/features/features-00000-of-00001.parquet", "rb") as f:
+    (table_file,) = fs.glob(f"{gcs_bucket}/out/features/features-{summary['run']}-00000-of-00001.parquet")
+    with fs.open(table_file, "rb") as f:
         table = pq.read_table(f)
     assert sorted(table.column("image_id").to_pylist()) == ["astronaut.jpg", "rocket.jpg"]
     assert fs.exists(f"{gcs_bucket}/out/_SUMMARY.json")

@@ -7,12 +7,14 @@ import shutil
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from delf_index.indexing import artifact as art
 from delf_index.indexing import pca as pca_lib
+from delf_index.indexing import shards
 from delf_index.indexing.codebooks import bottom_k, sample_keys
 from delf_index.pipelines import build, extract, fit
 from delf_index.pipelines.fit import BottomKSample
@@ -138,9 +140,10 @@ def test_fit_build_load_round_trip(feature_tables, codebooks, tmp_path):
 
 
 def test_corrupted_truncated_and_foreign_artifacts_are_refused(feature_tables, codebooks, tmp_path):
-    out = str(tmp_path / "index")
-    build.run(feature_tables["a"], out, codebooks=codebooks, beam_options=ONE_WORKER)
-    art.Artifact.load(out, model_fingerprint=art.Artifact.load(out).fingerprint)
+    index = str(tmp_path / "index")
+    build.run(feature_tables["a"], index, codebooks=codebooks, beam_options=ONE_WORKER)
+    out = art.current_version(index)  # a version folder is a complete artifact of its own
+    art.Artifact.load(out, model_fingerprint=art.Artifact.load(index).fingerprint)
     with pytest.raises(art.ArtifactError, match="made for model"):
         art.Artifact.load(out, model_fingerprint="0" * 64)
     broken = str(tmp_path / "broken")
@@ -191,6 +194,45 @@ def test_features_of_another_model_are_refused(feature_tables, codebooks, tmp_pa
         fit.run(str(mixed), str(tmp_path / "cb"))
 
 
+def rewrite_metadata(source, target, **changes):
+    """Copies of the feature tables of `source` in folder `target`, their metadata changed."""
+    target.mkdir()
+    for name in os.listdir(os.path.join(source, "features")):
+        table = pq.read_table(os.path.join(source, "features", name))
+        meta = {**table.schema.metadata, **{f"delf_index.{k}".encode(): v.encode() for k, v in changes.items()}}
+        pq.write_table(table.replace_schema_metadata(meta), target / name)
+    return str(target)
+
+
+def test_tables_of_other_settings_are_refused(feature_tables, codebooks, tmp_path):
+    settings = json.loads(
+        pq.read_table(os.path.join(feature_tables["b"], "features")).schema.metadata[b"delf_index.extractor"]
+    )
+    fewer = json.dumps({**settings, "max_features": 500})
+    other = rewrite_metadata(feature_tables["b"], tmp_path / "other", extractor=fewer)
+    index = str(tmp_path / "index")
+    build.run(feature_tables["a"], index, codebooks=codebooks, beam_options=ONE_WORKER)
+    with pytest.raises(art.ArtifactError, match="extracted with other settings than the index"):
+        build.run(other, index, append=True, beam_options=ONE_WORKER)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for folder in (other, os.path.join(feature_tables["a"], "features")):
+        for name in os.listdir(folder):
+            shutil.copy(os.path.join(folder, name), mixed / f"{os.path.basename(folder)}-{name}")
+    with pytest.raises(ValueError, match="2 different settings"):
+        fit.run(str(mixed), str(tmp_path / "cb"))
+
+
+def test_what_the_index_cannot_hold_is_refused_not_clipped():
+    table = pa.table({"image_id": ["many.jpg"], "x": [[1.0]], "y": [[2.0]]})
+    with pytest.raises(art.ArtifactError, match="many.jpg has 65536 features; an index holds at most 65535"):
+        shards.check_ranges(table, np.array([65536]))
+    wide = pa.table({"image_id": ["ok.jpg", "panorama.jpg"], "x": [[5.0], [10.0, 70000.0]], "y": [[1.0], [3.0, 4.0]]})
+    with pytest.raises(art.ArtifactError, match="panorama.jpg has a keypoint at x = 70000.0, beyond"):
+        shards.check_ranges(wide, np.array([1, 2]))
+    shards.check_ranges(wide.slice(0, 1), np.array([1]))  # in range: no complaint
+
+
 def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path):
     both = tmp_path / "both"
     both.mkdir()
@@ -211,9 +253,18 @@ def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path
     np.testing.assert_array_equal(
         a.index.search(queries, 5, params=params)[1], b.index.search(queries, 5, params=params)[1]
     )
+    # the same tables again: nothing to do, the current version stays
+    again = build.run(feature_tables["b"], grown, append=True, beam_options=ONE_WORKER)
+    assert again["version"] == appended["version"]
+    # two copies of one table among the new ones: refused before any work
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    for copy in ("x", "y"):
+        for name in os.listdir(os.path.join(feature_tables["b"], "features")):
+            shutil.copy(os.path.join(feature_tables["b"], "features", name), twice / f"{copy}-{name}")
     with pytest.raises(art.ArtifactError, match="occur twice"):
-        build.run(feature_tables["b"], grown, append=True, beam_options=ONE_WORKER)
-    assert len(art.Artifact.load(grown)) == len(a)  # the failed append left the artifact as it was
+        build.run(str(twice), grown, append=True, beam_options=ONE_WORKER)
+    assert art.Artifact.load(grown).manifest["version"] == appended["version"]  # left as it was
 
 
 def test_tables_without_images_are_skipped_and_all_empty_is_a_clear_error(feature_tables, codebooks, tmp_path):

@@ -58,17 +58,33 @@ def test_evaluate_writes_metrics_report_and_per_query_rows(evaluated):
     assert rows.num_rows == 18 and "fused_+_verification|all|ap" in rows.column_names
 
 
-def test_evaluate_reuses_features_and_refits_for_another_seed(evaluated, corpus, tmp_path):
+def test_evaluate_reuses_what_did_not_change(evaluated, corpus, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(evaluated[0], work)
-    features_written = (work / "features" / "_SUMMARY.json").stat().st_mtime_ns
-    conf = {"ablation": False, "fit": {"seed": 1}}
-    evaluate.run(str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), conf=conf)  # default workers
-    assert (work / "features" / "_SUMMARY.json").stat().st_mtime_ns == features_written
+    images, groups = str(corpus / "images"), str(corpus / "groups.csv")
+    tables = sorted(os.listdir(work / "features" / "features"))
+    index_version = Artifact.load(str(work / "index")).manifest["version"]
+    # another fit seed: the same features, new codebooks and a new index
+    evaluate.run(images, str(work), groups=groups, conf={"ablation": False, "fit": {"seed": 1}})  # default workers
+    with open(work / "features" / "_SUMMARY.json") as f:
+        assert json.load(f)["images"] == 0 and sorted(os.listdir(work / "features" / "features")) == tables
     with open(work / "codebooks" / "codebooks.json") as f:
         assert json.load(f)["conf"]["seed"] == 1  # not the seed-0 codebooks of the first run
-    with open(evaluated[0] / "codebooks" / "codebooks.json") as f, open(work / "index" / "manifest.json") as g:
-        assert json.load(f)["files"]["trained.faiss"]["sha256"] != json.load(g)["files"]["trained.faiss"]["sha256"]
+    rebuilt = Artifact.load(str(work / "index")).manifest
+    assert rebuilt["version"] != index_version and rebuilt["codebooks"]["conf"]["seed"] == 1
+    # one image fewer in the ground truth: it leaves the features, the index is rebuilt without it
+    lines = (corpus / "groups.csv").read_text().splitlines()
+    (tmp_path / "fewer.csv").write_text("\n".join(line for line in lines if not line.startswith("rocket-zoom")) + "\n")
+    summary = evaluate.run(
+        images,
+        str(work),
+        groups=str(tmp_path / "fewer.csv"),
+        conf={"ablation": False, "fit": {"seed": 1}},
+        beam_options=ONE_WORKER,
+    )
+    with open(work / "features" / "_SUMMARY.json") as f:
+        assert json.load(f)["removed"] == 1
+    assert "rocket-zoom.jpg" not in Artifact.load(str(work / "index")).image_ids and summary["queries"] == 17
 
 
 def test_search_takes_paths_bytes_arrays_and_features(index, corpus):

@@ -19,7 +19,7 @@ from delf_index.indexing.artifact import Artifact
 from delf_index.indexing.retrieval import Index
 from delf_index.pipelines import build, extract, fit
 from delf_index.runtime.storage import StorageError, retrying
-from tests.conftest import ONE_WORKER, rgb
+from tests.conftest import ONE_WORKER, live_rows, rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,17 +221,17 @@ def test_storage_faults_are_retried_reported_and_healed_by_a_rerun(faulty_gcs, t
     # the object store keeps failing one object: reported with the cause, the rest goes on
     monkeypatch.setenv("DELF_INDEX_IO_ATTEMPTS", "1")  # one round of gcsfs's own backoff (~30 s)
     proxy.fail = lambda method, path, n: method == "GET" and "coffee.jpg" in path and "alt=media" in path
-    summary = extract.run(*args, beam_options=ONE_WORKER)
-    errors = pq.read_table(os.path.join(out, "errors")).to_pylist()
+    summary = extract.run(*args, beam_options=ONE_WORKER, full=True)
     assert (summary["extracted"], summary["failed"]) == (2, 1)
-    assert errors[0]["image_id"] == "coffee.jpg" and errors[0]["stage"] == "read"
-    assert re.search(r"failed after 1 attempts: .*503", errors[0]["error"])
-    # storage healthy again: the rerun completes, every image exactly once
+    live = live_rows(out)
+    assert live["coffee.jpg"]["table"] == "errors" and live["coffee.jpg"]["stage"] == "read"
+    assert re.search(r"failed after 1 attempts: .*503", live["coffee.jpg"]["error"])
+    # storage healthy again: a rerun retries the failure; every image extracted, exactly once
     proxy.fail = lambda method, path, n: False
-    summary = extract.run(*args, beam_options=ONE_WORKER)
-    ids = pq.read_table(os.path.join(out, "features")).column("image_id").to_pylist()
-    assert sorted(ids) == sorted(f"{n}.jpg" for n in names) and summary["failed"] == 0
-    assert pq.read_table(os.path.join(out, "errors")).num_rows == 0
+    summary = extract.run(*args, beam_options=ONE_WORKER, retry_errors=True)
+    assert (summary["retried"], summary["unchanged"], summary["extracted"]) == (1, 2, 1)
+    live = live_rows(out)
+    assert sorted(live) == sorted(f"{n}.jpg" for n in names) and {r["table"] for r in live.values()} == {"features"}
 
 
 # -- determinism, safe loading, tiny indexes ---------------------------------------------------
