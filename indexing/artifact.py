@@ -11,6 +11,7 @@ loaded from a content-addressed local cache (runtime/storage.py, `fetch_folder`)
 
 import contextlib
 import ctypes
+import io
 import json
 import os
 import posixpath
@@ -182,6 +183,26 @@ def current_version(uri):
     `uri` itself (a version folder, or an index written before versions)."""
     pointer = read_pointer(uri)
     return posixpath.join(uri.rstrip("/"), VERSIONS, pointer["version"]) if pointer else uri.rstrip("/")
+
+
+def current_manifest(uri):
+    """The manifest of the current version of an index, read alone (no other file fetched)."""
+    version = current_version(uri)
+    try:
+        return json.loads(storage.read_bytes(posixpath.join(version, "manifest.json")))
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{uri} has no manifest.json: not a finished index (did the build complete?)") from e
+
+
+def read_images(uri):
+    """(image_ids, uris, labels) of the images a query can find in the current version of an
+    index, reading only its image table and hidden list."""
+    version = current_version(uri)
+    images = pq.read_table(io.BytesIO(storage.read_bytes(posixpath.join(version, "images.parquet"))))
+    hidden = set(np.load(io.BytesIO(storage.read_bytes(posixpath.join(version, "hidden.npy")))).tolist())
+    live = [row for row in range(images.num_rows) if row not in hidden]
+    columns = [images.column(c).to_pylist() for c in ("image_id", "uri", "label")]
+    return tuple([column[row] for row in live] for column in columns)
 
 
 def list_versions(uri):

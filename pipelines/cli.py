@@ -34,6 +34,8 @@ COMMANDS = {
     "fit": ("delf_index.pipelines.fit", "Beam job: feature tables -> PCA and PQ codebooks"),
     "build": ("delf_index.pipelines.build", "Beam job: feature tables + codebooks -> index artifact (or --append)"),
     "update": ("delf_index.pipelines.update", "the scheduled run: extract what is new, append it, publish a version"),
+    "search": ("delf_index.pipelines.search", "Beam job: a batch of queries (images or tables) -> results table"),
+    "match": ("delf_index.pipelines.match", "Beam job: an index against itself -> match graph, clusters, labels"),
     "query": ("delf_index.pipelines.query", "search an index with images; ranked results with verified inliers"),
     "evaluate": ("delf_index.pipelines.evaluate", "extract -> fit -> build -> queries -> metrics and report (Beam)"),
 }

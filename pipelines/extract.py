@@ -280,7 +280,7 @@ class DelfModelHandler(OnnxModelHandlerNumpy):
 
 
 class ToRows(beam.DoFn):
-    """(key, PredictionResult) -> features-table row."""
+    """(key, Features) -> features-table row."""
 
     def __init__(self, descriptor_dtype):
         self.descriptor_dtype = descriptor_dtype
@@ -291,8 +291,7 @@ class ToRows(beam.DoFn):
         self.count, self.start, self.last_log = 0, time.time(), 0.0
 
     def process(self, element):
-        (image_id, uri, label, source), result = element
-        features = result.inference
+        (image_id, uri, label, source), features = element
         self.extracted.inc()
         self.features.inc(len(features))
         self.count += 1
@@ -311,24 +310,21 @@ def failed_batches_to_errors(failed):
         yield table_schema.error_row(image_id, uri, "extract", f"{type(exception).__name__}: {exception}", source)
 
 
-def build(p, input, conf, model=None, threads=None, previous=(), run="", full=False, retry_errors=False):
-    """Add the extraction steps to pipeline `p` (conf: `resolve_conf`'s). `previous`: the
-    (table uri, stale image_ids) of earlier runs in the output, compared with the listing
-    (`decide`). Returns the features, errors, superseded and counts PCollections."""
-    kind = inputs.input_kind(input)
+def list_inputs(p, input):
+    """The items of `input` (see ListInputs), with the size and version of every object."""
     listed = p | "Input" >> beam.Create([input]) | "ListInputs" >> beam.ParDo(ListInputs())
-    if kind == "manifest":  # one lookup per object, spread over the workers
+    if inputs.input_kind(input) == "manifest":  # one lookup per object, spread over the workers
         listed = listed | "SpreadLookups" >> beam.Reshuffle() | "SizeAndVersion" >> beam.Map(with_stat)
-    now = listed | "KeyListing" >> beam.Map(lambda item: (item[0], item))
-    before = p | "EarlierTables" >> beam.Create(list(previous)) | "ReadEarlierRows" >> beam.ParDo(ReadState(kind))
-    decided = (
-        {"now": now, "before": before}
-        | "Join" >> beam.CoGroupByKey()
-        | "Decide" >> beam.ParDo(Decide(run, full, retry_errors)).with_outputs("superseded", "counts", main="todo")
-    )
+    return listed
+
+
+def extract_features(items, kind, conf, model=None, threads=None):
+    """Items (of one input kind) -> ((image_id, uri, label, source), Features), in
+    original-image pixels, and error rows of the images that could not be read, decoded or
+    extracted (conf: `resolve_conf`'s)."""
     handler = KeyedModelHandler(DelfModelHandler(model, conf["extractor"], threads, batch_size=conf["batch_size"]))
     decoded = (
-        decided.todo
+        items
         | "Redistribute" >> beam.Reshuffle()
         | "ReadAndDecode"
         >> beam.ParDo(ReadAndDecode(kind, conf["extractor"]["max_image_size"], conf["max_pixels"])).with_outputs(
@@ -336,9 +332,25 @@ def build(p, input, conf, model=None, threads=None, previous=(), run="", full=Fa
         )
     )
     extracted, dead_letters = decoded.images | "Extract" >> RunInference(handler).with_exception_handling()
-    rows = extracted | "ToRows" >> beam.ParDo(ToRows(conf["descriptor_dtype"]))
+    features = extracted | "Features" >> beam.MapTuple(lambda key, result: (key, result.inference))
     extract_errors = dead_letters.failed_inferences | "FailedToErrors" >> beam.FlatMap(failed_batches_to_errors)
-    errors = (decoded.errors, extract_errors) | "AllErrors" >> beam.Flatten()
+    return features, (decoded.errors, extract_errors) | "AllErrors" >> beam.Flatten()
+
+
+def build(p, input, conf, model=None, threads=None, previous=(), run="", full=False, retry_errors=False):
+    """Add the extraction steps to pipeline `p` (conf: `resolve_conf`'s). `previous`: the
+    (table uri, stale image_ids) of earlier runs in the output, compared with the listing
+    (`decide`). Returns the features, errors, superseded and counts PCollections."""
+    kind = inputs.input_kind(input)
+    now = list_inputs(p, input) | "KeyListing" >> beam.Map(lambda item: (item[0], item))
+    before = p | "EarlierTables" >> beam.Create(list(previous)) | "ReadEarlierRows" >> beam.ParDo(ReadState(kind))
+    decided = (
+        {"now": now, "before": before}
+        | "Join" >> beam.CoGroupByKey()
+        | "Decide" >> beam.ParDo(Decide(run, full, retry_errors)).with_outputs("superseded", "counts", main="todo")
+    )
+    features, errors = extract_features(decided.todo, kind, conf, model, threads)
+    rows = features | "ToRows" >> beam.ParDo(ToRows(conf["descriptor_dtype"]))
     counts = decided.counts | "CountDecisions" >> beam.CombineGlobally(add_counts)
     return rows, errors, decided.superseded, counts
 

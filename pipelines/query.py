@@ -14,46 +14,10 @@ import os
 import sys
 import time
 
-import cv2
-import numpy as np
-
 from delf_index.errors import UserError
 from delf_index.indexing.retrieval import Index, default_conf
+from delf_index.pipelines.visualize import draw_matches, save_png
 from delf_index.runtime.images import read_image
-
-
-def draw_matches(query_image, match_image, query_xy, match_xy, title=""):
-    """Both images side by side (same height), inlier correspondences as lines; RGB uint8."""
-    height = 480
-    scale_q = height / query_image.shape[0]
-    scale_m = height / match_image.shape[0]
-    left = cv2.resize(
-        query_image, (max(1, round(query_image.shape[1] * scale_q)), height), interpolation=cv2.INTER_AREA
-    )
-    right = cv2.resize(
-        match_image, (max(1, round(match_image.shape[1] * scale_m)), height), interpolation=cv2.INTER_AREA
-    )
-    canvas = np.concatenate([left, np.full((height, 8, 3), 255, np.uint8), right], axis=1)
-    offset = left.shape[1] + 8
-    if query_xy is not None:
-        rng = np.random.default_rng(0)
-        for (xq, yq), (xm, ym) in zip(query_xy, match_xy):
-            colour = tuple(int(c) for c in rng.integers(60, 255, 3))
-            p = (int(round((xq + 0.5) * scale_q - 0.5)), int(round((yq + 0.5) * scale_q - 0.5)))
-            q = (int(round((xm + 0.5) * scale_m - 0.5)) + offset, int(round((ym + 0.5) * scale_m - 0.5)))
-            cv2.line(canvas, p, q, colour, 1, cv2.LINE_AA)
-            cv2.circle(canvas, p, 3, colour, -1, cv2.LINE_AA)
-            cv2.circle(canvas, q, 3, colour, -1, cv2.LINE_AA)
-    if title:
-        (w, h), _ = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 1)
-        cv2.rectangle(canvas, (0, 0), (w + 20, h + 16), (0, 0, 0), -1)  # legible on any photo
-        cv2.putText(canvas, title, (10, h + 8), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1, cv2.LINE_AA)
-    return canvas
-
-
-def save_png(path, rgb):
-    if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"cannot write {path}")
 
 
 def visualize(query_path, query_image, results, folder):

@@ -1,7 +1,8 @@
 """Deterministic, sharded Parquet tables on any fsspec filesystem, written from Beam.
 
-Rows go to shard ``hash(image_id) mod S`` with ``S = ceil(rows / rows_per_shard)``, are sorted
-by image_id inside their shard, and each shard file appears whole or not at all, so that
+Rows go to shard ``hash(key) mod S`` with ``S = ceil(rows / rows_per_shard)`` (the key is
+the image_id, or a search's query_id), are sorted inside their shard, and each shard file
+appears whole or not at all, so that
 
 - the same rows of a run always go to the same files;
 - an interrupted run leaves only whole files of its own, never touching other runs' files;
@@ -68,15 +69,16 @@ ROWS_COUNTER = {"features": "images_written", "errors": "images_failed", "supers
 
 
 class _WriteShard(beam.DoFn):
-    def __init__(self, output, name, schema, run, per_image):
+    def __init__(self, output, name, schema, run, per_image, key, order):
         self.output, self.name, self.schema, self.run, self.per_image = output, name, schema, run, per_image
+        self.key, self.order = key, order
         self.rows_written = Metrics.counter("delf_index", ROWS_COUNTER.get(name, f"{name}_rows"))
         self.features_written = Metrics.counter("delf_index", "features_written")
         self.duplicates = Metrics.counter("delf_index", "duplicate_image_ids")
 
     def process(self, element, num_shards):
         shard, rows = element
-        rows = sorted(rows, key=lambda r: (r["image_id"], r.get("uri") or "", r.get("run") or ""))
+        rows = sorted(rows, key=lambda r: tuple("" if r.get(c) is None else r[c] for c in self.order))
         kept = []
         for row in rows:
             if self.per_image and kept and kept[-1]["image_id"] == row["image_id"]:
@@ -92,28 +94,31 @@ class _WriteShard(beam.DoFn):
         path = shard_path(self.output, self.name, self.run, shard, num_shards)
         write_parquet(kept, path, self.schema)
         self.rows_written.inc(len(kept))
-        self.features_written.inc(sum(r.get("num_features", 0) for r in kept))
+        self.features_written.inc(sum(r.get("num_features") or 0 for r in kept))
         log.info("wrote %s (%d rows)", path, len(kept))
         yield {
             "path": path,
             "num_shards": num_shards,
             "rows": len(kept),
-            "features": sum(r.get("num_features", 0) for r in kept),
+            "features": sum(r.get("num_features") or 0 for r in kept),
+            "keys": len({r[self.key] for r in kept}),
         }
 
 
 class WriteShardedParquet(beam.PTransform):
     """rows -> sharded Parquet table of one run; outputs ``written`` (one dict per file) and
     ``duplicates`` (error rows of repeated image_ids). `per_image`: one row per image_id
-    (features, errors), stamped with the run; else rows are written as they are."""
+    (features, errors), stamped with the run; else rows are written as they are, sharded by
+    `key` and sorted by the columns `order`."""
 
-    def __init__(self, output, name, schema, run, rows_per_shard=1000, per_image=True):
+    def __init__(self, output, name, schema, run, rows_per_shard=1000, per_image=True, key="image_id", order=None):
         super().__init__()
         self.output, self.name, self.schema, self.run = output, name, schema, run
-        self.rows_per_shard, self.per_image = rows_per_shard, per_image
+        self.rows_per_shard, self.per_image, self.key = rows_per_shard, per_image, key
+        self.order = tuple(order or (key, "uri", "run"))
 
     def expand(self, rows):
-        per_shard = self.rows_per_shard
+        per_shard, key = self.rows_per_shard, self.key
         num_shards = (
             rows
             | "Count" >> beam.combiners.Count.Globally()
@@ -121,12 +126,11 @@ class WriteShardedParquet(beam.PTransform):
         )
         return (
             rows
-            | "AssignShard"
-            >> beam.Map(lambda r, n: (shard_of(r["image_id"], n), r), beam.pvalue.AsSingleton(num_shards))
+            | "AssignShard" >> beam.Map(lambda r, n: (shard_of(r[key], n), r), beam.pvalue.AsSingleton(num_shards))
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard"
             >> beam.ParDo(
-                _WriteShard(self.output, self.name, self.schema, self.run, self.per_image),
+                _WriteShard(self.output, self.name, self.schema, self.run, self.per_image, key, self.order),
                 beam.pvalue.AsSingleton(num_shards),
             ).with_outputs("duplicates", main="written")
         )

@@ -35,6 +35,20 @@ def output_root(spec):
     return None
 
 
+def holds_feature_tables(spec):
+    """True when `spec` names feature tables (an extract output, its features/ folder, or
+    Parquet files whose metadata say so), not images or a manifest."""
+    if output_root(spec) is not None:
+        return True
+    if not spec.lower().endswith(".parquet"):
+        return False
+    uris = list_tables(spec, required=False)
+    try:
+        return bool(uris) and table_info(uris[0])[1]["table"] == "features"
+    except SchemaError:  # a Parquet manifest of images
+        return False
+
+
 def list_tables(spec, name="features", required=True):
     """Sorted URIs of the `name` Parquet files of `spec`: an extract output folder, its
     features/ folder, or a glob (features only)."""

@@ -199,7 +199,7 @@ def _column(values, arrow_type):
         dim = arrow_type.list_size
         flat = np.concatenate([np.asarray(v, np.float32) for v in values]) if values else np.zeros(0, np.float32)
         return pa.FixedSizeListArray.from_arrays(pa.array(flat, arrow_type.value_type), dim)
-    if pa.types.is_list(arrow_type):
+    if pa.types.is_list(arrow_type) and not pa.types.is_string(arrow_type.value_type):
         counts = [len(v) for v in values]
         dtype = numpy_dtype(arrow_type.value_type)
         flat = np.concatenate([np.asarray(v, dtype) for v in values]) if values else np.zeros(0, dtype)

@@ -3,6 +3,7 @@ import os
 import numpy as np
 import pytest
 
+from delf_index.pipelines import demo_corpus, evaluate
 from delf_index.runtime.tables import list_tables, open_table, superseded
 
 ONE_WORKER = {"workers": 1}  # beam_options of the jobs in tests: one local worker process
@@ -91,3 +92,22 @@ def live_rows(out):
                     assert row["image_id"] not in rows, f"{row['image_id']} is live twice"
                     rows[row["image_id"]] = {**row, "table": name}
     return rows
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small demo corpus: three places under synthetic changes, three distractors."""
+    pytest.importorskip("skimage")
+    root = tmp_path_factory.mktemp("corpus")
+    demo_corpus.build(str(root), places=["astronaut", "coffee", "rocket"], distractors=["page", "moon", "brick"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def evaluated(corpus, tmp_path_factory):
+    """`delf-index evaluate` on the corpus: (workdir with features, codebooks, index; summary)."""
+    work = tmp_path_factory.mktemp("work")
+    summary = evaluate.run(
+        str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), beam_options=ONE_WORKER
+    )
+    return work, summary

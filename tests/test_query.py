@@ -15,28 +15,12 @@ import pytest
 
 from delf_index.indexing.artifact import Artifact
 from delf_index.indexing.retrieval import Index, QueryError
-from delf_index.pipelines import demo_corpus, evaluate
+from delf_index.pipelines import evaluate
 from delf_index.runtime.features import Features
 from delf_index.runtime.images import read_image
 from tests.conftest import ONE_WORKER
 
 pytest.importorskip("skimage")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    demo_corpus.build(str(root), places=["astronaut", "coffee", "rocket"], distractors=["page", "moon", "brick"])
-    return root
-
-
-@pytest.fixture(scope="module")
-def evaluated(corpus, tmp_path_factory):
-    work = tmp_path_factory.mktemp("work")
-    summary = evaluate.run(
-        str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), beam_options=ONE_WORKER
-    )
-    return work, summary
 
 
 @pytest.fixture(scope="module")

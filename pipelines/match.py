@@ -1,0 +1,324 @@
+"""`delf-index match`: a collection against itself. The verified match graph of an index,
+its clusters, and what the graph says about the images' labels (Beam).
+
+    delf-index match --index gs://bucket/index --output gs://bucket/match
+    delf-index match --index /data/index --output /data/match --labels noisy_labels.csv --min-inliers 15
+
+From Python:
+
+    from delf_index.pipelines import match
+    summary = match.run("gs://bucket/index", "gs://bucket/match", conf={"top": 50})
+
+Every image of the index is searched against the index, itself excluded, with its features
+from the feature tables the index was built from (or `features`): no extraction. Steps:
+Queries -> Neighbours (the index loaded once per worker process) -> Pairs (each unordered
+pair once, both directions' inliers and scores) -> Clusters (connected components over the
+pairs with at least `min_inliers` inliers) and, when images have labels, the label report (indexing/graph.py) ->
+sharded Parquet tables (schemas/search.py), _SUMMARY.json, and a contact sheet
+(sheet/index.html) of the largest clusters and the most suspicious labels.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import time
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils import shared
+
+from delf_index.errors import UserError
+from delf_index.indexing import artifact as art
+from delf_index.indexing import graph
+from delf_index.indexing.retrieval import Index
+from delf_index.indexing.retrieval import default_conf as query_defaults
+from delf_index.pipelines import cli, visualize
+from delf_index.pipelines.search import ReadQueries
+from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
+from delf_index.runtime import storage
+from delf_index.runtime.tables import live_tables, open_table, output_root
+from delf_index.schemas import search as schema
+
+log = logging.getLogger(__name__)
+
+default_conf = {
+    "top": 50,  # candidates per image: the best of the ranking, verified within the query's shortlist
+    "query": {},  # overrides of indexing.retrieval.default_conf; its min_inliers (12) makes a pair
+    # inliers that make an edge of the clusters and the label report: connected components chain
+    # through any weak edge, so they need more proof than a ranking (measured on landmarks-dev:
+    # adjusted Rand index 0.41 at 12, 0.86 at 20, 0.98 at 30; benchmarks/README.md)
+    "min_inliers": 30,
+    "sheet": True,  # write sheet/: PNGs and an HTML page of the largest clusters and the suspects
+    "sheet_rows": 12,  # clusters and suspects shown
+    "rows_per_shard": 100_000,  # rows per Parquet file
+}
+
+
+def resolve_conf(conf=None):
+    unknown = set(conf or {}) - set(default_conf)
+    if unknown:
+        raise UserError(f"unknown match options {sorted(unknown)}; known: {sorted(default_conf)}")
+    conf = {**default_conf, **(conf or {})}
+    unknown = set(conf["query"]) - set(query_defaults)
+    if unknown:
+        raise UserError(f"unknown query options {sorted(unknown)}; known: {sorted(query_defaults)}")
+    return conf
+
+
+def source_tables(manifest, features=None):
+    """(uri, stale image_ids) of the live rows of the tables the index was built from (or of
+    `features`), grouped by their extract output so that superseded rows are left out."""
+    if features is not None:
+        return [(uri, stale) for uri, rows, _, stale in live_tables(features) if rows]
+    listed, roots = set(manifest.get("tables", [])), {}
+    for uri in listed:
+        folder = posixpath.dirname(uri)
+        root = output_root(posixpath.dirname(folder)) if posixpath.basename(folder) == "features" else None
+        roots.setdefault(root or uri, []).append(uri)
+    tables = []
+    for root in sorted(roots):
+        tables += [(uri, stale) for uri, rows, _, stale in live_tables(root) if uri in listed and rows]
+    if not tables:
+        raise UserError("the index lists no feature tables that can still be read: pass --features")
+    return tables
+
+
+class Neighbours(beam.DoFn):
+    """(query_id, uri, Features) -> ((a, b), (a_is_query, inliers, score)) for each of its
+    results, a < b; images the index does not hold (hidden, or not indexed) are skipped."""
+
+    def __init__(self, index_uri, conf, handle):
+        self.index_uri, self.conf, self.handle = index_uri, conf, handle
+        self.searched = Metrics.counter("delf_index", "images_matched")
+
+    def setup(self):
+        self.index = self.handle.acquire(lambda: Index.load(self.index_uri, conf=self.conf["query"]))
+
+    def process(self, element):
+        query_id, _, features = element
+        if query_id not in self.index.artifact.row_of:
+            return
+        results = self.index.search(features, top_k=self.conf["top"], exclude=[query_id], with_matches=False)
+        self.searched.inc()
+        for r in results:
+            a, b = sorted((query_id, r.image_id))
+            yield (a, b), (query_id == a, r.inliers, r.score)
+
+
+def pair_row(element):
+    """(pair, directional results) -> one pairs-table row, when verified in a direction."""
+    (a, b), found = element
+    row = {"image_a": a, "image_b": b, "inliers_ab": 0, "inliers_ba": 0, "score_ab": None, "score_ba": None}
+    for a_is_query, inliers, score in found:
+        side = "ab" if a_is_query else "ba"
+        row[f"inliers_{side}"], row[f"score_{side}"] = inliers, score
+    row["inliers"] = max(row["inliers_ab"], row["inliers_ba"])
+    if row["inliers"] > 0:  # the index counts inliers only from min_inliers on
+        yield row
+
+
+def edges(pairs, min_inliers):
+    return [(p["image_a"], p["image_b"]) for p in pairs if p["inliers"] >= min_inliers]
+
+
+def cluster_rows(pairs, image_ids, labels, min_inliers):
+    numbers, sizes = graph.clusters(image_ids, edges(pairs, min_inliers))
+    return [
+        {"image_id": i, "label": labels.get(i), "cluster": int(c), "cluster_size": int(s)}
+        for i, c, s in zip(image_ids, numbers, sizes)
+    ]
+
+
+def read_labels(uri):
+    """{image_id: label} of a CSV with image_id (or id) and label columns."""
+    rows = list(csv.DictReader(storage.read_bytes(uri).decode().splitlines()))
+    if not rows or not ({"image_id", "id"} & set(rows[0])) or "label" not in rows[0]:
+        raise UserError(f"{uri} needs columns image_id (or id) and label")
+    return {r.get("image_id") or r["id"]: (r["label"] or None) for r in rows}
+
+
+def run(index, output, features=None, conf=None, labels=None, beam_options=None, test_pipeline=None):
+    """Match every image of `index` against it; tables and the contact sheet under `output`.
+    `labels`: {image_id: label} or a CSV that replaces the index's labels (e.g. a label set to
+    check). Returns the summary (also in `output`/_SUMMARY.json)."""
+    conf = resolve_conf(conf)
+    flags, _ = cli.beam_flags(beam_options)
+    output = output.rstrip("/")
+    manifest = art.current_manifest(index)
+    image_ids, uris, index_labels = art.read_images(index)
+    if isinstance(labels, str):
+        labels = read_labels(labels)
+    labels = labels if labels is not None else dict(zip(image_ids, index_labels))
+    tables = source_tables(manifest, features)
+    metadata = {
+        t: schema.table_metadata(t, manifest["version"], manifest["model_fingerprint"], conf)
+        for t in ("pairs", "clusters", "label_images", "labels")
+    }
+    schemas = {
+        "pairs": schema.PAIRS_SCHEMA,
+        "clusters": schema.CLUSTERS_SCHEMA,
+        "label_images": schema.LABEL_IMAGES_SCHEMA,
+        "labels": schema.LABELS_SCHEMA,
+    }
+    schemas = {name: s.with_metadata(metadata[name]) for name, s in schemas.items()}
+    keys = {
+        "pairs": ("image_a", ("image_a", "image_b")),
+        "clusters": ("image_id", ("image_id",)),
+        "label_images": ("image_id", ("image_id",)),
+        "labels": ("label", ("label",)),
+    }
+    has_labels = any(v is not None for v in labels.values())
+    start = time.time()
+    pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
+    with pipeline as p:
+        pairs = (
+            p
+            | "Tables" >> beam.Create(tables)
+            | "SpreadTables" >> beam.Reshuffle()
+            | "ReadQueries" >> beam.ParDo(ReadQueries())
+            | "SpreadQueries" >> beam.Reshuffle()
+            | "Neighbours" >> beam.ParDo(Neighbours(index, conf, shared.Shared()))
+            | "GroupPairs" >> beam.GroupByKey()
+            | "Pairs" >> beam.FlatMap(pair_row)
+        )
+        every_pair = pairs | "AllPairs" >> beam.combiners.ToList()
+        tables_out = {
+            "pairs": pairs,
+            "clusters": every_pair | "Clusters" >> beam.FlatMap(cluster_rows, image_ids, labels, conf["min_inliers"]),
+        }
+        if has_labels:
+            report = every_pair | "LabelReport" >> beam.Map(
+                lambda rows, n: graph.label_report(labels, edges(rows, n)), conf["min_inliers"]
+            )
+            tables_out["label_images"] = report | "PerImage" >> beam.FlatMap(lambda r: r[0])
+            tables_out["labels"] = report | "PerLabel" >> beam.FlatMap(lambda r: r[1])
+        written = {
+            name: rows
+            | f"Write{name.title().replace('_', '')}"
+            >> WriteShardedParquet(
+                output, name, schemas[name], "", conf["rows_per_shard"], False, keys[name][0], keys[name][1]
+            )
+            for name, rows in tables_out.items()
+        }
+        (
+            p
+            | "Done" >> beam.Create([None])
+            | "Finalize"
+            >> beam.Map(
+                _finalize,
+                output=output,
+                schemas=schemas,
+                summary={"index": index, "index_version": manifest["version"], "conf": conf, "images": len(image_ids)},
+                **{f"written_{name}": beam.pvalue.AsList(w.written) for name, w in written.items()},
+            )
+        )
+    summary = json.loads(storage.read_bytes(posixpath.join(output, "_SUMMARY.json")))
+    if conf["sheet"]:
+        summary["sheet"] = write_sheet(output, dict(zip(image_ids, uris)), conf["sheet_rows"], has_labels)
+    summary["seconds"] = round(time.time() - start, 1)
+    print(
+        f"match: {summary['images']} images, {summary['rows']['pairs']} verified pairs, "
+        f"{summary['clusters']} clusters ({summary['largest_cluster']} images in the largest) -> {output} "
+        f"({summary['seconds']}s)"
+    )
+    return summary
+
+
+def _finalize(_, output, schemas, summary, **written):
+    written = {name[len("written_") :]: w for name, w in written.items()}
+    files, rows = {}, {}
+    for name, schema_ in schemas.items():
+        if name in written:
+            files[name] = finalize(output, name, schema_, written[name], "")
+            rows[name] = sum(w["rows"] for w in written[name])
+    clusters = read_table(output, "clusters")
+    summary = dict(
+        summary,
+        rows=rows,
+        files=files,
+        clusters=len({r["cluster"] for r in clusters}),
+        largest_cluster=max((r["cluster_size"] for r in clusters), default=0),
+        clustered_images=sum(r["cluster_size"] > 1 for r in clusters),
+    )
+    storage.write_bytes(posixpath.join(output, "_SUMMARY.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
+
+
+def read_table(output, name):
+    """All rows of one of match's tables (small ones: clusters, label reports)."""
+    fs, folder = storage.filesystem(posixpath.join(output, name))
+    rows = []
+    for path in sorted(fs.glob(posixpath.join(folder, "*.parquet"))):
+        rows += open_table(storage.with_protocol(fs, path)).read().to_pylist()
+    return rows
+
+
+def write_sheet(output, uri_of, rows, has_labels):
+    """The contact sheet: the largest clusters and, with labels, the most suspicious images
+    with the neighbours that outvote their label."""
+    clusters = read_table(output, "clusters")
+    members = {}
+    for r in sorted(clusters, key=lambda r: r["image_id"]):
+        members.setdefault(r["cluster"], []).append(r["image_id"])
+    biggest = [c for c in sorted(members) if len(members[c]) > 1][:rows]
+    sections = [
+        (
+            "Largest clusters",
+            "clusters.png",
+            [(f"cluster {c}: {len(members[c])} images", [uri_of[i] for i in members[c][:10]]) for c in biggest],
+        )
+    ]
+    if has_labels:
+        suspects = sorted(
+            (r for r in read_table(output, "label_images") if r["suspicion"] > 0), key=lambda r: r["suspect_rank"]
+        )[:rows]
+        pairs = read_table(output, "pairs") if suspects else []
+        shown = []
+        for s in suspects:
+            mates = [
+                p["image_b"] if p["image_a"] == s["image_id"] else p["image_a"]
+                for p in pairs
+                if s["image_id"] in (p["image_a"], p["image_b"])
+            ]
+            caption = (
+                f"#{s['suspect_rank']} {s['image_id']}: label {s['label']}, its {s['neighbours']} verified "
+                f"neighbours say {s['voted_label']} ({s['voted_share']:.0%})"
+            )
+            shown.append((caption, [uri_of[s["image_id"]]] + [uri_of[m] for m in mates[:7] if m in uri_of]))
+        sections.append(("Labels the verified neighbours contradict", "suspects.png", shown))
+    target = posixpath.join(output, "sheet")
+    if storage.is_local(target):
+        visualize.write_sheets(storage.local_path(target), sections)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            visualize.write_sheets(tmp, sections)
+            storage.upload_folder(tmp, target, os.listdir(tmp))
+    return posixpath.join(target, "index.html")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="delf-index match", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--index", required=True, help="the index to match against itself")
+    parser.add_argument("--output", required=True, help="tables and sheet/ go here")
+    parser.add_argument("--features", help="the images' feature tables (default: those the index was built from)")
+    parser.add_argument("--labels", help="CSV of image_id,label replacing the index's labels")
+    parser.add_argument("--top", type=int, default=default_conf["top"], help="candidates per image")
+    parser.add_argument(
+        "--min-inliers",
+        type=int,
+        help=f"inliers that make an edge of clusters and labels ({default_conf['min_inliers']})",
+    )
+    parser.add_argument("--pair-inliers", type=int, help=f"inliers that make a pair ({query_defaults['min_inliers']})")
+    parser.add_argument("--shortlist", type=int, help=f"images verified per query ({query_defaults['shortlist']})")
+    parser.add_argument("--no-sheet", action="store_true", help="write no contact sheet")
+    cli.add_beam_arguments(parser)
+    args, beam_options = cli.parse_job_args(parser, argv)
+    query = {k: v for k, v in (("min_inliers", args.pair_inliers), ("shortlist", args.shortlist)) if v is not None}
+    conf = {"top": args.top, "query": query, "sheet": not args.no_sheet}
+    if args.min_inliers is not None:
+        conf["min_inliers"] = args.min_inliers
+    run(args.index, args.output, args.features, conf, args.labels, beam_options)

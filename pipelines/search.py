@@ -1,0 +1,226 @@
+"""`delf-index search`: a batch of queries against an index, as a Beam job.
+
+    delf-index search --input 'gs://bucket/uploads/2026-11-30/*.jpg' --index gs://bucket/index \
+        --output gs://bucket/search/2026-11-30 --top 20
+    delf-index search --input gs://bucket/features-uploads --index gs://bucket/index --output ...
+
+From Python:
+
+    from delf_index.pipelines import search
+    summary = search.run("uploads/*.jpg", "gs://bucket/index", "/tmp/results", conf={"top": 20})
+
+Queries are images (a glob, a folder, tar shards or a manifest, as extract takes them;
+extracted with the index's model and settings) or feature tables already extracted (an
+extract output, its features/ folder, or Parquet files), which are not extracted again.
+Steps: queries -> Search (the index loaded once per worker process, shared by its threads)
+-> WriteResults / WriteErrors (sharded Parquet, schemas/search.py) -> _SUMMARY.json. Every
+query ends up in exactly one of the two tables, and a rerun over the same input writes the
+same rows to the same files.
+"""
+
+import argparse
+import json
+import logging
+import posixpath
+import time
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils import shared
+
+from delf_index.errors import UserError
+from delf_index.indexing import artifact as art
+from delf_index.indexing.retrieval import Index
+from delf_index.indexing.retrieval import default_conf as query_defaults
+from delf_index.pipelines import cli, extract, inputs
+from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
+from delf_index.runtime import storage
+from delf_index.runtime.extractor import load_model
+from delf_index.runtime.features import Features
+from delf_index.runtime.tables import holds_feature_tables, iter_batches, live_tables
+from delf_index.schemas import features as table_schema
+from delf_index.schemas import search as search_schema
+
+log = logging.getLogger(__name__)
+
+default_conf = {
+    "top": 10,  # results per query
+    "query": {},  # overrides of indexing.retrieval.default_conf (knn, nprobe, shortlist, min_inliers, ...)
+    "exclude_self": False,  # leave a query's own image_id out of its results (a collection against itself)
+    "extract": {},  # image queries: overrides of extract.default_conf but the extractor's (the index's)
+    "rows_per_shard": 100_000,  # result rows per Parquet file
+}
+
+
+def resolve_conf(conf=None):
+    unknown = set(conf or {}) - set(default_conf)
+    if unknown:
+        raise UserError(f"unknown search options {sorted(unknown)}; known: {sorted(default_conf)}")
+    conf = {**default_conf, **(conf or {})}
+    unknown = set(conf["query"]) - set(query_defaults)
+    if unknown:
+        raise UserError(f"unknown query options {sorted(unknown)}; known: {sorted(query_defaults)}")
+    if conf["top"] < 1:
+        raise UserError(f"top must be at least 1, not {conf['top']}")
+    return conf
+
+
+class ReadQueries(beam.DoFn):
+    """(features table uri, stale image_ids) -> (query_id, uri, Features) of its live rows."""
+
+    def process(self, element):
+        uri, stale = element
+        for table in iter_batches(uri, None, skip=stale):
+            for row in table.to_pylist():
+                yield row["image_id"], row["uri"], Features.from_row(row)
+
+
+class Search(beam.DoFn):
+    """(query_id, uri, Features) -> results-table rows; a query that fails goes to the errors
+    table. The index is loaded once per worker process and shared by its threads."""
+
+    def __init__(self, index_uri, conf, handle):
+        self.index_uri, self.conf, self.handle = index_uri, conf, handle
+        self.searched = Metrics.counter("delf_index", "queries_searched")
+        self.failed = Metrics.counter("delf_index", "queries_failed")
+
+    def setup(self):
+        self.index = self.handle.acquire(lambda: Index.load(self.index_uri, conf=self.conf["query"]))
+        self.count, self.start, self.last_log = 0, time.time(), 0.0
+
+    def process(self, element):
+        query_id, uri, features = element
+        exclude = [query_id] if self.conf["exclude_self"] else ()
+        try:
+            results = self.index.search(features, top_k=self.conf["top"], exclude=exclude, with_matches=False)
+        except UserError as e:
+            self.failed.inc()
+            yield beam.pvalue.TaggedOutput("errors", table_schema.error_row(query_id, uri, "search", e))
+            return
+        self.searched.inc()
+        self.count += 1
+        if time.time() - self.last_log > 30:
+            self.last_log = time.time()
+            log.info("%d queries searched (%.1f/s)", self.count, self.count / max(self.last_log - self.start, 1e-9))
+        if not results:
+            yield {"query_id": query_id, "query_uri": uri, "rank": 0}
+        for rank, r in enumerate(results, 1):
+            yield {
+                "query_id": query_id,
+                "query_uri": uri,
+                "rank": rank,
+                "image_id": r.image_id,
+                "score": r.score,
+                "global_score": r.global_score,
+                "local_score": r.local_score,
+                "inliers": r.inliers,
+            }
+
+
+def queries(p, input, conf, manifest, model=None, threads=None):
+    """(query_id, uri, Features) of `input`, and error rows of images that could not be
+    extracted: feature tables are read, images extracted with the index's settings."""
+    if holds_feature_tables(input):
+        tables = live_tables(input)
+        for uri, _, meta, _ in tables:
+            if meta["model_fingerprint"] != manifest["model_fingerprint"]:
+                art.check_fingerprint(manifest["model_fingerprint"], meta["model_fingerprint"], f"queries in {uri}")
+        found = (
+            p
+            | "QueryTables" >> beam.Create([(uri, stale) for uri, rows, _, stale in tables if rows])
+            | "SpreadTables" >> beam.Reshuffle()
+            | "ReadQueries" >> beam.ParDo(ReadQueries())
+        )
+        return found, p | "NoExtractErrors" >> beam.Create([])
+    extract_conf = extract.resolve_conf({**conf["extract"], "extractor": manifest["extractor"]})
+    items = extract.list_inputs(p, input)
+    features, errors = extract.extract_features(items, inputs.input_kind(input), extract_conf, model, threads)
+    return features | "QueryFeatures" >> beam.MapTuple(lambda key, f: (key[0], key[1], f)), errors
+
+
+def run(input, index, output, conf=None, model=None, beam_options=None, test_pipeline=None):
+    """Search the index at `index` with every query of `input`; results and errors tables
+    under `output`. Returns the summary (also in `output`/_SUMMARY.json)."""
+    conf = resolve_conf(conf)
+    flags, threads = cli.beam_flags(beam_options)
+    output = output.rstrip("/")
+    manifest = art.current_manifest(index)
+    if not holds_feature_tables(input):
+        _, _, fingerprint = load_model(model)
+        art.check_fingerprint(manifest["model_fingerprint"], fingerprint, "queries extracted with this model")
+    meta = search_schema.table_metadata("results", manifest["version"], manifest["model_fingerprint"], conf)
+    results_schema = search_schema.RESULTS_SCHEMA.with_metadata(meta)
+    errors_schema = table_schema.ERRORS_SCHEMA.with_metadata({**meta, "delf_index.table": "errors"})
+    start = time.time()
+    pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
+    with pipeline as p:
+        found, extract_errors = queries(p, input, conf, manifest, model, threads if test_pipeline is None else None)
+        searched = found | "Search" >> beam.ParDo(Search(index, conf, shared.Shared())).with_outputs(
+            "errors", main="results"
+        )
+        results_out = searched.results | "WriteResults" >> WriteShardedParquet(
+            output, "results", results_schema, "", conf["rows_per_shard"], False, "query_id", ("query_id", "rank")
+        )
+        errors = (extract_errors, searched.errors) | "QueryErrors" >> beam.Flatten()
+        errors_out = errors | "WriteErrors" >> WriteShardedParquet(output, "errors", errors_schema, "")
+        (
+            p
+            | "Done" >> beam.Create([None])
+            | "Finalize"
+            >> beam.Map(
+                _finalize,
+                output=output,
+                schemas=(results_schema, errors_schema),
+                summary={"input": input, "index": index, "index_version": manifest["version"], "conf": conf},
+                written_results=beam.pvalue.AsList(results_out.written),
+                written_errors=beam.pvalue.AsList(errors_out.written),
+            )
+        )
+    summary = json.loads(storage.read_bytes(posixpath.join(output, "_SUMMARY.json")))
+    summary["seconds"] = round(time.time() - start, 1)
+    print(
+        f"search: {summary['queries']} queries: {summary['answered']} answered ({summary['results']} results), "
+        f"{summary['failed']} failed -> {output} ({summary['seconds']}s)"
+    )
+    return summary
+
+
+def _finalize(_, output, schemas, summary, written_results, written_errors):
+    files = finalize(output, "results", schemas[0], written_results, "")
+    errors_files = finalize(output, "errors", schemas[1], written_errors, "")
+    results = sum(w["rows"] for w in written_results)
+    answered = sum(w["keys"] for w in written_results)  # a query's results share one shard
+    failed = sum(w["rows"] for w in written_errors)
+    summary = dict(
+        summary,
+        queries=answered + failed,
+        answered=answered,
+        failed=failed,
+        results=results,
+        results_files=files,
+        errors_files=errors_files,
+    )
+    storage.write_bytes(posixpath.join(output, "_SUMMARY.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="delf-index search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="images (glob, folder, tar shards, manifest) or feature tables")
+    parser.add_argument("--index", required=True, help="the index to search (any fsspec URI)")
+    parser.add_argument("--output", required=True, help="results and errors tables go here")
+    parser.add_argument("--top", type=int, default=default_conf["top"], help="results per query")
+    parser.add_argument("--exclude-self", action="store_true", help="leave each query's own image_id out")
+    parser.add_argument("--model", help="the .onnx model the index was built from (image queries)")
+    for key in ("knn", "nprobe", "shortlist", "min_inliers"):
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"query {key} ({query_defaults[key]})")
+    parser.add_argument("--local-weight", type=float, help=f"query local_weight ({query_defaults['local_weight']})")
+    parser.add_argument("--no-verification", action="store_true", help="rank without geometric verification")
+    cli.add_beam_arguments(parser)
+    args, beam_options = cli.parse_job_args(parser, argv)
+    query = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight")}
+    query = {k: v for k, v in query.items() if v is not None}
+    if args.no_verification:
+        query["use_verification"] = False
+    conf = {"top": args.top, "exclude_self": args.exclude_self, "query": query}
+    run(args.input, args.index, args.output, conf, args.model, beam_options)
