@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from delf_index.errors import UserError
+from delf_index.indexing import expansion
 from delf_index.indexing import pca as pca_lib
 from delf_index.runtime import storage
 from delf_index.schemas.artifact import (
@@ -312,6 +313,11 @@ class Artifact:
         self.live = np.ones(len(self.image_ids), bool)
         self.live[self.hidden] = False
         self.row_of = {image_id: row for row, image_id in enumerate(self.image_ids) if self.live[row]}
+        # written by `delf-index match --augment`: the verified neighbour graph and the
+        # neighbour-augmented global descriptors (indexing/expansion.py); an append drops them
+        self.graph = expansion.read_graph(folder)
+        dba = os.path.join(folder, expansion.DBA_FILE)
+        self.dba_index = faiss.read_index(dba) if os.path.exists(dba) else None
         # the descriptors of hidden images are skipped inside faiss's search, so that the
         # neighbours and votes are those of an index built without them
         self.selector = None

@@ -30,8 +30,8 @@ import numpy as np
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
+from delf_index.indexing import expansion, verify
 from delf_index.indexing import pca as pca_lib
-from delf_index.indexing import verify
 from delf_index.runtime.extractor import Extractor
 from delf_index.runtime.extractor import default_conf as extractor_conf
 from delf_index.runtime.features import Features
@@ -47,6 +47,14 @@ default_conf = {
     "shortlist": 100,  # images verified geometrically
     "min_inliers": 12,  # fewer inliers do not count as a verified match
     "ransac": {},  # overrides of indexing.verify.default_conf (threshold, trials, ...)
+    # query expansion after verification (indexing/expansion.py), then a second verification round
+    "expansion": False,  # alpha-QE of the global descriptor with the verified results
+    "qe_min_inliers": 20,  # inliers that make a verified result expand the query
+    "qe_top": 5,  # verified results (most inliers first) that expand it
+    "qe_alpha": 3.0,  # a result's weight: its global similarity ** alpha
+    "graph_expansion": False,  # verified results vote for their match-graph neighbours (needs --augment)
+    "graph_weight": 1.0,  # a neighbour of every expanding result gains this much fused score
+    "use_dba": False,  # rank against the neighbour-augmented global descriptors (needs --augment)
 }
 
 # Named configurations: the full ranking and each stage on its own (evaluate's ablation)
@@ -55,6 +63,13 @@ presets = {
     "local voting only": {"use_global": False, "use_verification": False},
     "fused": {"use_verification": False},
     "fused + verification": {},  # the default
+}
+# the expansion stages, each added to the full ranking (evaluate's ablation of an augmented index)
+expansion_presets = {
+    "+ alpha-QE": {"expansion": True},
+    "+ alpha-QE + graph": {"expansion": True, "graph_expansion": True},
+    "+ DBA": {"use_dba": True},
+    "+ DBA + alpha-QE + graph": {"use_dba": True, "expansion": True, "graph_expansion": True},
 }
 
 
@@ -149,9 +164,7 @@ class Index:
             return []
         global_scores = np.zeros(n, np.float32)
         if conf["use_global"]:
-            g = np.asarray(features.global_descriptor, np.float32)[None]
-            sims, rows = artifact.global_index.search(g, n)
-            global_scores[rows[0]] = sims[0]
+            global_scores = self._global_scores(features.global_descriptor)
         local_scores = np.zeros(n, np.float32)
         if (conf["use_local"] or conf["use_verification"]) and len(features):
             if neighbours is None:
@@ -165,14 +178,13 @@ class Index:
         rankable[[artifact.row_of[i] for i in exclude if i in artifact.row_of]] = False
         order = np.argsort(-np.where(rankable, fused, -np.inf), kind="stable")[: int(rankable.sum())]
         searched = time.perf_counter()
-        inliers = np.zeros(n, np.int64)
-        matches = {}
+        inliers, matches, tried = np.zeros(n, np.int64), {}, set()
         if conf["use_verification"] and neighbours is not None:
-            for row in order[: conf["shortlist"]]:
-                count, qxy, dxy = self._verify(features, neighbours, row)
-                if count >= conf["min_inliers"]:
-                    inliers[row] = count
-                    matches[row] = (qxy, dxy)
+            self._verify_shortlist(features, neighbours, order, inliers, matches, tried)
+            if conf["expansion"] or conf["graph_expansion"]:
+                global_scores, fused = self._expand(features, global_scores, local_scores, fused, inliers)
+                order = np.argsort(-np.where(rankable, fused, -np.inf), kind="stable")[: int(rankable.sum())]
+                self._verify_shortlist(features, neighbours, order, inliers, matches, tried)
             # verified first by inliers, then everything by the fused score
             order = sorted(order, key=lambda r: (-inliers[r], -fused[r]))
         if timings is not None:
@@ -199,6 +211,55 @@ class Index:
                 )
             )
         return results
+
+    def _database_globals(self):
+        if self.conf["use_dba"]:
+            if self.artifact.dba_index is None:
+                raise QueryError("use_dba needs an augmented index: run delf-index match --augment on it")
+            return self.artifact.dba_index
+        return self.artifact.global_index
+
+    def _global_scores(self, descriptor):
+        """Cosine similarity of a global descriptor with every indexed image [num_rows]."""
+        scores = np.zeros(self.artifact.num_rows, np.float32)
+        sims, rows = self._database_globals().search(np.asarray(descriptor, np.float32)[None], len(scores))
+        scores[rows[0]] = sims[0]
+        return scores
+
+    def _verify_shortlist(self, features, neighbours, order, inliers, matches, tried):
+        """Verify the rows among the first `shortlist` of `order` not `tried` yet; fills
+        `inliers` and `matches` (rows under min_inliers keep 0)."""
+        for row in order[: self.conf["shortlist"]]:
+            if row in tried:
+                continue
+            tried.add(row)
+            count, qxy, dxy = self._verify(features, neighbours, row)
+            if count >= self.conf["min_inliers"]:
+                inliers[row] = count
+                matches[row] = (qxy, dxy)
+
+    def _expand(self, features, global_scores, local_scores, fused, inliers):
+        """(global scores, fused scores) after expansion with the verified results that have at
+        least qe_min_inliers (at most qe_top, most inliers first); unchanged without any."""
+        conf = self.conf
+        strong = np.nonzero(inliers >= conf["qe_min_inliers"])[0]
+        strong = strong[np.argsort(-inliers[strong], kind="stable")][: conf["qe_top"]]
+        if not len(strong):
+            return global_scores, fused
+        if conf["expansion"] and conf["use_global"]:
+            database = self._database_globals()
+            others = np.stack([database.reconstruct(int(r)) for r in strong])
+            query = expansion.alpha_qe(features.global_descriptor, others, conf["qe_alpha"])
+            global_scores = self._global_scores(query)
+        bonus = np.zeros_like(fused)
+        if conf["graph_expansion"]:
+            if self.artifact.graph is None:
+                raise QueryError("graph_expansion needs an augmented index: run delf-index match --augment on it")
+            for row in strong:
+                near, _ = expansion.neighbours_of(self.artifact.graph, row, conf["qe_min_inliers"])
+                bonus[near] += conf["graph_weight"] / len(strong)
+        fused = global_scores * conf["use_global"] + conf["local_weight"] * local_scores + bonus
+        return global_scores, fused
 
     def neighbours(self, features):
         """k nearest database descriptors of each query descriptor: (sims, image rows, feature

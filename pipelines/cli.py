@@ -109,14 +109,20 @@ def add_extractor_arguments(parser):
     group.add_argument("--score-threshold", type=float, help="attention threshold (default: the model's)")
     group.add_argument("--max-features", type=int, help="features kept per image (default 1000)")
     group.add_argument("--nms-iou", type=float, help="NMS on receptive-field boxes at this IoU (default: off)")
+    group.add_argument(
+        "--global-scales",
+        type=float,
+        nargs="+",
+        help=f"pyramid levels averaged into the global descriptor (default {extractor_defaults['global_scales']})",
+    )
 
 
 def extractor_conf_from_args(args):
     """The extractor options given on the command line, as a conf dict."""
     conf = {}
-    for key in ("scales", "score_threshold", "max_features", "nms_iou"):
+    for key in ("scales", "score_threshold", "max_features", "nms_iou", "global_scales"):
         if getattr(args, key) is not None:
-            conf[key] = tuple(getattr(args, key)) if key == "scales" else getattr(args, key)
+            conf[key] = tuple(getattr(args, key)) if key in ("scales", "global_scales") else getattr(args, key)
     if args.max_image_size is not None:
         conf["max_image_size"] = args.max_image_size or None
     return conf

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import tempfile
 import time
 
@@ -34,7 +35,7 @@ from apache_beam.utils import shared
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
-from delf_index.indexing import graph
+from delf_index.indexing import expansion, graph
 from delf_index.indexing.retrieval import Index
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import cli, visualize
@@ -142,10 +143,12 @@ def read_labels(uri):
     return {r.get("image_id") or r["id"]: (r["label"] or None) for r in rows}
 
 
-def run(index, output, features=None, conf=None, labels=None, beam_options=None, test_pipeline=None):
+def run(index, output, features=None, conf=None, labels=None, beam_options=None, test_pipeline=None, augment=False):
     """Match every image of `index` against it; tables and the contact sheet under `output`.
     `labels`: {image_id: label} or a CSV that replaces the index's labels (e.g. a label set to
-    check). Returns the summary (also in `output`/_SUMMARY.json)."""
+    check). `augment`: also publish a new version of the index with the verified neighbour
+    graph and the neighbour-augmented global descriptors (query expansion, DBA). Returns the
+    summary (also in `output`/_SUMMARY.json)."""
     conf = resolve_conf(conf)
     flags, _ = cli.beam_flags(beam_options)
     output = output.rstrip("/")
@@ -220,6 +223,8 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
     summary = json.loads(storage.read_bytes(posixpath.join(output, "_SUMMARY.json")))
     if conf["sheet"]:
         summary["sheet"] = write_sheet(output, dict(zip(image_ids, uris)), conf["sheet_rows"], has_labels)
+    if augment:
+        summary["augmented_version"] = augment_index(index, read_table(output, "pairs"), manifest["version"])
     summary["seconds"] = round(time.time() - start, 1)
     print(
         f"match: {summary['images']} images, {summary['rows']['pairs']} verified pairs, "
@@ -300,6 +305,45 @@ def write_sheet(output, uri_of, rows, has_labels):
     return posixpath.join(target, "index.html")
 
 
+def augment_index(index, pairs, matched_version, keep=2):
+    """Publish a new version of `index`: the current one's files (hard links where the
+    filesystem allows) plus the verified neighbour graph of `pairs` and the DBA global
+    descriptors (indexing/expansion.py). Refuses when the index changed since it was matched."""
+    artifact = art.Artifact.load(index, verify=False)
+    if artifact.manifest["version"] != matched_version:
+        raise UserError(f"{index} is at version {artifact.manifest['version']}, matched {matched_version}: match again")
+    row = artifact.row_of
+    triples = [
+        (row[p["image_a"]], row[p["image_b"]], p["inliers"])
+        for p in pairs
+        if p["image_a"] in row and p["image_b"] in row
+    ]
+    neighbours = expansion.neighbour_graph(artifact.num_rows, triples)
+    augmented = expansion.augmented_globals(artifact.global_index.reconstruct_n(0, artifact.num_rows), neighbours)
+    version = art.new_version_name(index)
+    work = art.version_work_folder(index, version)
+    for name in artifact.manifest["files"]:
+        if name not in (expansion.GRAPH_FILE, expansion.DBA_FILE):
+            try:
+                os.link(os.path.join(artifact.folder, name), os.path.join(work, name))
+            except OSError:  # another filesystem
+                shutil.copyfile(os.path.join(artifact.folder, name), os.path.join(work, name))
+    expansion.write_graph(work, neighbours)
+    expansion.write_dba(work, augmented)
+    names = sorted(os.listdir(work))
+    manifest = {
+        **artifact.manifest,
+        "version": version,
+        "augmented": {"from_version": matched_version, "pairs": len(triples), "conf": expansion.default_conf},
+        "files": art.file_entries(work, names),
+    }
+    with open(os.path.join(work, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    art.publish_version(work, index, version, keep)
+    log.info("augmented %s: version %s with %d verified pairs", index, version, len(triples))
+    return version
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="delf-index match", description=__doc__.split("\n\n")[0])
     parser.add_argument("--index", required=True, help="the index to match against itself")
@@ -315,10 +359,13 @@ def main(argv=None):
     parser.add_argument("--pair-inliers", type=int, help=f"inliers that make a pair ({query_defaults['min_inliers']})")
     parser.add_argument("--shortlist", type=int, help=f"images verified per query ({query_defaults['shortlist']})")
     parser.add_argument("--no-sheet", action="store_true", help="write no contact sheet")
+    parser.add_argument(
+        "--augment", action="store_true", help="publish a version of the index with the graph and DBA (query expansion)"
+    )
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
     query = {k: v for k, v in (("min_inliers", args.pair_inliers), ("shortlist", args.shortlist)) if v is not None}
     conf = {"top": args.top, "query": query, "sheet": not args.no_sheet}
     if args.min_inliers is not None:
         conf["min_inliers"] = args.min_inliers
-    run(args.index, args.output, args.features, conf, args.labels, beam_options)
+    run(args.index, args.output, args.features, conf, args.labels, beam_options, augment=args.augment)

@@ -50,12 +50,20 @@ def main(argv=None):
     parser.add_argument("--no-global", action="store_true", help="switch off the global descriptor")
     parser.add_argument("--no-local", action="store_true", help="switch off local k-NN votes")
     parser.add_argument("--no-verification", action="store_true", help="switch off geometric verification")
+    parser.add_argument("--expansion", action="store_true", help="alpha-QE with the verified results, verify again")
+    parser.add_argument(
+        "--graph-expansion", action="store_true", help="verified results vote for their graph neighbours (--augment)"
+    )
+    parser.add_argument("--dba", action="store_true", help="rank against neighbour-augmented globals (--augment)")
     args = parser.parse_args(argv)
     conf = {
         "shortlist": args.shortlist,
         "use_global": not args.no_global,
         "use_local": not args.no_local,
         "use_verification": not args.no_verification,
+        "expansion": args.expansion,
+        "graph_expansion": args.graph_expansion,
+        "use_dba": args.dba,
     }
     index = Index.load(args.index, model=args.model, conf=conf)
     failures = 0

@@ -45,7 +45,10 @@ default_conf = {
     "score_threshold": None,  # attention threshold; None: the model's default_score_threshold
     "max_features": 1000,  # keep this many features, best attention first
     "nms_iou": None,  # IoU of receptive-field boxes for NMS; None disables it (official default)
-    "global_scales": (0.7071, 1.0, 1.4142),  # levels averaged into the global descriptor (DELG)
+    # levels averaged into the global descriptor (DELG's); coarser levels rank better alone on
+    # landmarks-dev, through a few queries only, and the full ranking not at all
+    # (benchmarks/README.md, "Global descriptor scales")
+    "global_scales": (0.7071, 1.0, 1.4142),
     "min_level_size": 10,  # pyramid levels with a side under this many pixels are skipped
     "max_batch": 8,  # most pyramid levels of the same size per forward pass
 }

@@ -2,14 +2,16 @@
 
 import csv
 import os
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from delf_index.indexing import graph
-from delf_index.indexing.retrieval import Index
-from delf_index.pipelines import match, search
+from delf_index.indexing import artifact as art
+from delf_index.indexing import expansion, graph
+from delf_index.indexing.retrieval import Index, QueryError
+from delf_index.pipelines import build, match, search
 from tests.conftest import ONE_WORKER
 
 pytest.importorskip("skimage")
@@ -110,3 +112,48 @@ def test_components_and_label_report_by_hand():
     assert {r["label"]: r["alone_ids"] for r in per_label} == {"x": ["d"], "y": ["c"]}  # d: only c, of y
     assert graph.adjusted_rand_index([0, 0, 1, 1], [5, 5, 7, 7]) == 1.0
     assert abs(graph.adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) + 0.5) < 1e-9
+
+
+def test_augment_publishes_the_graph_and_dba_that_expansion_uses(evaluated, corpus, tmp_path):
+    index = str(tmp_path / "index")
+    shutil.copytree(evaluated[0] / "index", index)
+    plain = Index.load(index)
+    with pytest.raises(QueryError, match="needs an augmented index"):
+        Index(plain.artifact, {"use_dba": True}).search(str(corpus / "images" / "coffee.jpg"))
+    summary = match.run(index, str(tmp_path / "m"), conf={"sheet": False}, beam_options=ONE_WORKER, augment=True)
+    artifact = art.Artifact.load(index)
+    assert artifact.manifest["version"] == summary["augmented_version"] != plain.artifact.manifest["version"]
+    assert {"neighbours.npz", "dba.faiss"} <= set(artifact.manifest["files"])
+    coffee = artifact.row_of["coffee.jpg"]
+    near, inliers = expansion.neighbours_of(artifact.graph, coffee, 12)
+    pairs, _ = table(tmp_path / "m" / "pairs")
+    expected = {
+        p["image_b"] if p["image_a"] == "coffee.jpg" else p["image_a"]
+        for p in pairs
+        if "coffee.jpg" in (p["image_a"], p["image_b"])
+    }
+    assert {artifact.image_ids[r] for r in near} == expected and list(inliers) == sorted(inliers, reverse=True)
+    # DBA: coffee's descriptor moved towards its verified neighbours'
+    dba, plain_globals = artifact.dba_index.reconstruct(coffee), artifact.global_index.reconstruct(coffee)
+    mates = artifact.global_index.reconstruct_n(0, artifact.num_rows)[near[:5]]
+    assert (mates @ dba).mean() > (mates @ plain_globals).mean()
+    everything = {"expansion": True, "graph_expansion": True, "use_dba": True}
+    query = str(corpus / "images" / "coffee-mixed.jpg")
+    expanded = Index(artifact, everything).search(query, top_k=8, exclude=["coffee-mixed.jpg"])
+    assert {r.image_id for r in expanded[:5]} == {
+        f"coffee{v}.jpg" for v in ("", "-light", "-occluded", "-view", "-zoom")
+    }
+    # an append drops the graph: it no longer describes the index
+    build.run(str(evaluated[0] / "features"), index, append=True, remove=["rocket.jpg"], beam_options=ONE_WORKER)
+    assert art.Artifact.load(index).graph is None
+
+
+def test_alpha_qe_and_the_neighbour_graph_by_hand():
+    query = np.array([1.0, 0.0], np.float32)
+    others = np.array([[0.6, 0.8], [-1.0, 0.0]], np.float32)  # the second points away: weight 0
+    expanded = expansion.alpha_qe(query, others, alpha=1.0)
+    np.testing.assert_allclose(expanded, [1.36, 0.48] / np.linalg.norm([1.36, 0.48]), rtol=1e-6)
+    offsets, near, inliers = expansion.neighbour_graph(4, [(0, 1, 30), (0, 2, 50), (2, 3, 12)])
+    assert offsets.tolist() == [0, 2, 3, 5, 6]
+    assert near[:2].tolist() == [2, 1] and inliers[:2].tolist() == [50, 30]  # most inliers first
+    assert expansion.neighbours_of((offsets, near, inliers), 2, 20)[0].tolist() == [0]
