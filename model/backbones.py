@@ -63,10 +63,11 @@ class SameConv2d(nn.Conv2d):
         total = kernel - stride if stride > 1 else kernel - 1
         self.pad_before = total // 2
         self.pad_after = total - self.pad_before
+        self.padded_before = False  # True: the input arrives padded (a folded stem, model/delf.py)
 
     def forward(self, x):
         p0, p1 = self.pad_before, self.pad_after
-        return super().forward(F.pad(x, (p0, p1, p0, p1)))
+        return super().forward(x if self.padded_before else F.pad(x, (p0, p1, p0, p1)))
 
 
 def _bn(channels):
@@ -141,7 +142,9 @@ class EfficientNetLite(nn.Module):
         }[feature_layer]
         self.global_dim = 1280
 
-    def forward(self, x):
+    def forward(self, x, with_last=True):
+        """(local features, last map); without `with_last` the network stops at the local
+        features and the last map is None."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         local = None
         for i, block in enumerate(self._blocks):
@@ -151,6 +154,8 @@ class EfficientNetLite(nn.Module):
                 if self.feature_layer == "stage6_expand":
                     nxt = self._blocks[i + 1]
                     local = F.relu6(nxt._bn0(nxt._expand_conv(x)))
+                if not with_last:
+                    return local, None
         last = F.relu6(self._bn1(self._conv_head(x)))
         return local, last
 
@@ -219,10 +224,11 @@ class ResNet50(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
         self.local_dim, self.global_dim = 1024, 2048
 
-    def forward(self, x):
+    def forward(self, x, with_last=True):
+        """(local features, last map); without `with_last`, layer4 is not run (None)."""
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         local = self.layer3(self.layer2(self.layer1(x)))
-        return local, self.layer4(local)
+        return local, self.layer4(local) if with_last else None
 
     def conv_path(self):
         layers = [(7, 2, 3), (3, 2, 1)]

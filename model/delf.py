@@ -6,7 +6,8 @@ that the exported ONNX model is self-contained. Outputs:
 
 - ``features``: dense local descriptors, float32 [B, C, H/16, W/16], not normalised;
 - ``attention``: keypoint scores, float32 [B, H/16, W/16];
-- ``global_descriptor``: GeM (p=3) of the last feature map, L2-normalised, float32 [B, G].
+- ``global_descriptor``: GeM (p=3) of the last feature map (or, with ``global_from="local"``,
+  of the local features, and the network stops there), L2-normalised, float32 [B, G].
 
 Until a trained attention head exists (``attention=None``), ``attention`` is the L2 norm of
 each local descriptor, the usual fallback for untrained DELF-style selection; the model's
@@ -51,9 +52,17 @@ def gem(x, p=3.0, eps=1e-6):
     return x.clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
+GLOBAL_FROM = ("final", "local")  # the layer the global descriptor pools: the network's last, or the local one
+
+
 class DELF(nn.Module):
-    def __init__(self, backbone="efficientnet_lite0", feature_layer=None, attention=False, gem_p=3.0):
+    def __init__(
+        self, backbone="efficientnet_lite0", feature_layer=None, attention=False, gem_p=3.0, global_from="final"
+    ):
         super().__init__()
+        if global_from not in GLOBAL_FROM:
+            raise ValueError(f"global_from must be one of {GLOBAL_FROM}, got {global_from!r}")
+        self.global_from = global_from
         self.backbone = build_backbone(backbone, feature_layer)
         self.attention = AttentionHead(self.backbone.local_dim) if attention else None
         self.gem_p = gem_p
@@ -66,12 +75,42 @@ class DELF(nn.Module):
         return self.backbone.input_multiple
 
     def normalise(self, images):
-        """uint8 (or float 0..255) NHWC RGB -> normalised float NCHW."""
-        x = images.permute(0, 3, 1, 2).float()
-        return (x - self.mean) / self.std
+        """uint8 (or float 0..255) NHWC RGB -> normalised float NCHW. Once the normalisation is
+        folded into the stem, the raw pixels, with the stem's padding in the mean colour."""
+        x = images.permute(0, 3, 1, 2)
+        if not self.folded:
+            return (x.float() - self.mean) / self.std
+        stem = self.backbone._conv_stem
+        p0, p1 = stem.pad_before, stem.pad_after
+        # padded while still uint8 (a quarter of the bytes); the mean rounded to a pixel value
+        return F.pad(x, (p0, p1, p0, p1), value=self.folded).float()
+
+    folded = 0  # once folded: the pixel value the stem pads with (the mean, rounded)
+
+    @torch.no_grad()
+    def fold_normalisation(self):
+        """Fold the input normalisation into the stem convolution and its batch norm, exactly:
+        (W / std) x, the batch norm's mean moved by W (mean / std), the padding made of the
+        mean colour. An int8 model then quantizes raw pixels (scale 1, no loss) and runs no
+        float Sub and Div over every input pixel. Needs one mean and std for all channels
+        (EfficientNet-Lite's); returns self."""
+        stem, bn = getattr(self.backbone, "_conv_stem", None), getattr(self.backbone, "_bn0", None)
+        mean, std = self.mean.flatten().tolist(), self.std.flatten().tolist()
+        if stem is None or len(set(mean)) != 1 or len(set(std)) != 1:
+            raise ValueError(f"{self.backbone.name}: only a stem after one mean and std per channel can be folded")
+        bn.running_mean += (stem.weight.sum(dim=(1, 2, 3)) * mean[0] / std[0]).to(bn.running_mean.dtype)
+        stem.weight /= std[0]
+        stem.padded_before = True  # normalise() pads, before the float conversion
+        self.folded = round(mean[0])
+        return self
+
+    @property
+    def global_dim(self):
+        return self.backbone.global_dim if self.global_from == "final" else self.backbone.local_dim
 
     def forward_normalised(self, x):
-        local, last = self.backbone(x)
+        local, last = self.backbone(x, with_last=self.global_from == "final")
+        last = local if last is None else last
         if self.attention is not None:
             scores = self.attention(local)
         else:

@@ -22,7 +22,8 @@ import torch
 
 from delf_index.errors import UserError
 from delf_index.model.backbones import DEFAULT_FEATURE_LAYER
-from delf_index.model.delf import DELF, NORMALISATION
+from delf_index.model.delf import DELF, GLOBAL_FROM, NORMALISATION
+from delf_index.model.quantize import quantize_int8
 from delf_index.model.weights import backbone_provenance, default_weights_path, read_state_dict, sha256_file
 from delf_index.schemas import model as model_schema
 
@@ -38,7 +39,7 @@ def default_attention_path(backbone, feature_layer=None):
     return path if os.path.exists(path) else None
 
 
-def build_model(backbone=DEFAULT_BACKBONE, weights=None, attention="default", feature_layer=None):
+def build_model(backbone=DEFAULT_BACKBONE, weights=None, attention="default", feature_layer=None, global_from="final"):
     """A DELF model in eval mode with real weights, and the provenance of those weights.
 
     `weights`: torchvision/lukemelas-format state dict file; packaged ImageNet weights when
@@ -54,7 +55,7 @@ def build_model(backbone=DEFAULT_BACKBONE, weights=None, attention="default", fe
         attention = None
     if weights is None:
         weights = default_weights_path(backbone)
-    model = DELF(backbone, feature_layer, attention=attention is not None)
+    model = DELF(backbone, feature_layer, attention=attention is not None, global_from=global_from)
     model.backbone.load_imagenet(read_state_dict(weights))
     provenance = {"weights": backbone_provenance(backbone, weights)}
     if attention is not None:
@@ -93,7 +94,7 @@ def metadata(model, provenance, score_threshold=None):
         "backbone": backbone.name,
         "feature_layer": backbone.feature_layer,
         "descriptor_dim": backbone.local_dim,
-        "global_dim": backbone.global_dim,
+        "global_dim": model.global_dim,
         **model.geometry(),
         "input": {"layout": "NHWC", "dtype": "uint8", "color": "RGB"},
         "input_multiple": model.input_multiple,
@@ -102,7 +103,12 @@ def metadata(model, provenance, score_threshold=None):
         "pad_value": [int(round(m)) for m in mean],
         "attention": provenance["attention"],
         "default_score_threshold": float(score_threshold),
-        "global_pooling": {"type": "gem", "p": model.gem_p},
+        # the last layer unless said otherwise (models exported before the choice say nothing)
+        "global_pooling": {
+            "type": "gem",
+            "p": model.gem_p,
+            **({"layer": "local"} if model.global_from == "local" else {}),
+        },
         "weights": provenance["weights"],
         "outputs": list(model_schema.OUTPUTS),
         "exported_with": {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__, "opset": OPSET},
@@ -174,15 +180,35 @@ def main(argv=None):
     )
     parser.add_argument("--feature-layer", help="layer of the local features (default: the backbone's)")
     parser.add_argument("--score-threshold", type=float, help="default attention threshold stored in the model")
+    parser.add_argument(
+        "--global",
+        dest="global_from",
+        choices=GLOBAL_FROM,
+        default="final",
+        help="the global descriptor pools the last layer (default), or the local features: the network then "
+        "stops at the local layer, as the official extractor does (ResNet-50: no layer4)",
+    )
+    parser.add_argument(
+        "--precision", choices=["fp32", "int8"], default="fp32", help="int8: static quantization for CPU workers"
+    )
+    parser.add_argument("--calibration", help="int8: glob of photos to calibrate on (default: scikit-image's)")
     parser.add_argument("--output", required=True, help="path of the .onnx file to write")
     args = parser.parse_args(argv)
-    model, provenance = build_model(args.backbone, args.weights, args.attention, args.feature_layer)
+    model, provenance = build_model(args.backbone, args.weights, args.attention, args.feature_layer, args.global_from)
     meta = metadata(model, provenance, args.score_threshold)
-    fp = export_onnx(model, args.output, meta)
+    if args.precision == "int8":
+        if args.backbone.startswith("efficientnet"):  # one mean and std: raw pixels quantize losslessly
+            model.fold_normalisation()
+        with tempfile.TemporaryDirectory() as tmp:
+            export_onnx(model, os.path.join(tmp, "fp32.onnx"), meta)
+            fp = quantize_int8(os.path.join(tmp, "fp32.onnx"), args.output, args.calibration)
+    else:
+        fp = export_onnx(model, args.output, meta)
     size = os.path.getsize(args.output) / 2**20
     print(
         f"wrote {args.output} ({size:.1f} MiB): {meta['backbone']} {meta['feature_layer']}, "
-        f"{meta['descriptor_dim']}-d local / {meta['global_dim']}-d global, attention={meta['attention']['type']}"
+        f"{meta['descriptor_dim']}-d local / {meta['global_dim']}-d global, attention={meta['attention']['type']}, "
+        f"{args.precision}"
     )
     print(f"fingerprint {fp}")
     return 0

@@ -33,6 +33,7 @@ class TorchEngine:
     def __init__(self, net, metadata, fingerprint, device=None, bf16=None, channels_last=True):
         self.metadata, self.fingerprint = metadata, fingerprint
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.accelerated = self.device.type != "cpu"
         self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
         self.channels_last = channels_last
         if self.device.type == "cuda":

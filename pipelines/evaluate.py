@@ -51,7 +51,7 @@ from delf_index.indexing.retrieval import Index, expansion_presets, presets
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import build, cli, extract, fit, match
 from delf_index.runtime import storage
-from delf_index.runtime.extractor import load_model
+from delf_index.runtime.extractor import load_model, recorded_settings
 from delf_index.runtime.images import read_image
 from delf_index.runtime.tables import iter_features
 
@@ -245,7 +245,7 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     start = time.time()
     features = os.path.join(workdir, "features")
     done = read_json(os.path.join(features, "_SUMMARY.json")) or {}
-    stored_settings = json.loads(json.dumps(extract_conf["extractor"]))  # as JSON keeps them
+    stored_settings = recorded_settings(extract_conf["extractor"])
     if fresh or (done.get("model_fingerprint"), done.get("extractor")) != (fingerprint, stored_settings):
         storage.remove(features)  # another model or other settings: start the tables again
     write_manifest(manifest, os.path.join(workdir, "manifest.csv"))

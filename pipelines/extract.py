@@ -36,7 +36,7 @@ from delf_index.errors import UserError
 from delf_index.pipelines import cli, inputs
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
 from delf_index.runtime import storage
-from delf_index.runtime.extractor import Extractor, load_model
+from delf_index.runtime.extractor import Extractor, load_model, recorded_settings
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_extraction
 from delf_index.runtime.tables import iter_batches, list_tables, open_table, output_root, superseded, table_info
@@ -359,7 +359,9 @@ def table_schemas(conf, model_metadata, fingerprint, run):
     """The features, errors and superseded schemas of a run, with their file metadata."""
 
     def meta(table):
-        return table_schema.table_metadata(table, fingerprint, model_metadata, conf["extractor"], run)
+        return table_schema.table_metadata(
+            table, fingerprint, model_metadata, recorded_settings(conf["extractor"]), run
+        )
 
     features = table_schema.features_schema(
         model_metadata["descriptor_dim"], model_metadata["global_dim"], conf["descriptor_dtype"], meta("features")
@@ -382,7 +384,7 @@ def earlier_runs(output, conf, fingerprint):
     for name in ("features", "errors"):
         for uri in list_tables(output, name, required=False):
             _, meta = table_info(uri)
-            settings = json.loads(json.dumps(conf["extractor"]))  # as stored: lists, not tuples
+            settings = recorded_settings(conf["extractor"])
             if (meta["model_fingerprint"], meta["extractor"]) != (fingerprint, settings):
                 raise UserError(
                     f"{output} holds tables of model {meta['model_fingerprint'][:12]} with other extraction "
@@ -416,7 +418,7 @@ def run(input, output, conf=None, model=None, beam_options=None, test_pipeline=N
         "output": output,
         "model_fingerprint": fingerprint,
         "schema_version": table_schema.SCHEMA_VERSION,
-        "extractor": conf["extractor"],
+        "extractor": recorded_settings(conf["extractor"]),
         "descriptor_dtype": conf["descriptor_dtype"],
         "full": bool(full),
         "retry_errors": bool(retry_errors),

@@ -50,10 +50,19 @@ default_conf = {
     # (benchmarks/README.md, "Global descriptor scales")
     "global_scales": (0.7071, 1.0, 1.4142),
     "min_level_size": 10,  # pyramid levels with a side under this many pixels are skipped
-    "max_batch": 8,  # most pyramid levels of the same size per forward pass
+    # most pyramid levels of the same size per forward pass; None: 1 on CPUs, where batching
+    # was slower (benchmarks/README.md, "CPU extraction"), 8 on accelerators
+    "max_batch": None,
 }
 
+SPEED_ONLY = ("max_batch",)  # knobs that change how fast features come, not which
 DEFAULT_MODEL = "delf-efficientnet_lite0.onnx"
+
+
+def recorded_settings(conf):
+    """The extraction settings a table records and compares: those that decide the features,
+    as JSON keeps them (lists, not tuples)."""
+    return json.loads(json.dumps({k: v for k, v in conf.items() if k not in SPEED_ONLY}))
 
 
 def default_model_path():
@@ -117,6 +126,7 @@ class OnnxEngine:
         self.providers = available_providers(providers)
         self.session = ort.InferenceSession(data, options, providers=self.providers)
         self.uri = uri
+        self.accelerated = self.session.get_providers()[0] != "CPUExecutionProvider"
 
     def __call__(self, images):
         """uint8 [B, H, W, 3] -> (features [B, C, h, w], attention [B, h, w], global [B, G])."""
@@ -174,6 +184,7 @@ class Extractor:
         self.receptive_field = meta["receptive_field"]
         self.multiple = meta["input_multiple"]
         self.pad_value = np.array(meta["pad_value"], dtype=np.uint8)
+        self.max_batch = self.conf["max_batch"] or (8 if getattr(self.engine, "accelerated", False) else 1)
         threshold = self.conf["score_threshold"]
         self.score_threshold = meta["default_score_threshold"] if threshold is None else float(threshold)
         self._lock = threading.Lock()
@@ -192,8 +203,9 @@ class Extractor:
         return self.extract_batch([array], original_sizes=[size])[0]
 
     # -- pyramid --------------------------------------------------------------------------
-    def _levels(self, image):
-        """[(scale, resized image padded to the multiple, (h, w) before padding)]."""
+    def pyramid(self, image):
+        """[(scale, resized image padded to the multiple, (h, w) before padding)] of a uint8
+        RGB image: the network's inputs."""
         base = shrink_to(image, self.conf["max_image_size"])
         hb, wb = base.shape[:2]
         levels = []
@@ -205,11 +217,9 @@ class Extractor:
             resized = base if (h, w) == (hb, wb) else cv2.resize(base, (w, h), interpolation=interp)
             m = self.multiple
             hp, wp = -(-h // m) * m, -(-w // m) * m
-            if (hp, wp) != (h, w):
-                padded = np.empty((hp, wp, 3), np.uint8)
-                padded[:] = self.pad_value
-                padded[:h, :w] = resized
-                resized = padded
+            if (hp, wp) != (h, w):  # OpenCV's border fill: a fifth of numpy's fill-then-copy time
+                colour = [int(v) for v in self.pad_value]
+                resized = cv2.copyMakeBorder(resized, 0, hp - h, 0, wp - w, cv2.BORDER_CONSTANT, value=colour)
             levels.append((s, resized, (h, w)))
         return levels
 
@@ -222,8 +232,8 @@ class Extractor:
         passes = 0
         start = time.perf_counter()
         for group in by_shape.values():
-            for i in range(0, len(group), self.conf["max_batch"]):
-                chunk = group[i : i + self.conf["max_batch"]]
+            for i in range(0, len(group), self.max_batch):
+                chunk = group[i : i + self.max_batch]
                 batch = np.stack([a for _, a, _ in chunk]) if len(chunk) > 1 else chunk[0][1][None]
                 found = self.engine.candidates(batch, [size for _, _, size in chunk], k)
                 passes += 1
@@ -244,7 +254,7 @@ class Extractor:
         for n, image in enumerate(images):
             image = np.asarray(image)
             check_rgb(image)
-            levels = self._levels(image)
+            levels = self.pyramid(image)
             pyramids.append((image.shape[:2], levels))
             inputs += [((n, k), level[1], level[2]) for k, level in enumerate(levels)]
         # the best max_features of each level hold the best of the image; NMS may need more

@@ -16,10 +16,13 @@ input_multiple          height and width must be multiples of this (pad with pad
 mean, std, pad_value    normalisation applied inside the graph, in uint8 units
 attention               {"type": "learned" | "l2norm", ...provenance}
 default_score_threshold attention threshold the runtime uses unless told otherwise
-global_pooling          {"type": "gem", "p": 3.0}
+global_pooling          {"type": "gem", "p": 3.0[, "layer": "local"]}: GeM of the last
+                        layer, or of the local features ("local": the network stops there)
 weights                 provenance of the backbone weights (source, file, sha256)
 outputs                 names of the three outputs
 exported_with           versions of torch and onnx, the opset
+precision               optional: {"type": "int8", "calibration": ..., "fp32_fingerprint":
+                        ...} for a quantized model; absent means float32
 =====================  =========================================================
 """
 

@@ -6,6 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from delf_index.model.delf import DELF
 from delf_index.model.export import build_model, export_onnx, metadata
 from delf_index.model.export import main as export_main
 from delf_index.model.torch_engine import TorchEngine
@@ -99,7 +100,6 @@ def test_wrong_weights_file_names_the_missing_keys(tmp_path):
 
 
 def test_attention_head_file_is_exported_as_learned(tmp_path):
-    from delf_index.model.delf import DELF
 
     head = {f"attention.{k}": v for k, v in DELF(attention=True).attention.state_dict().items()}
     torch.save(head, tmp_path / "head.pt")
@@ -119,7 +119,6 @@ def test_default_attention_is_the_shipped_head_or_the_l2_norm(tmp_path, monkeypa
         model, provenance = build_model(attention=attention)
         assert metadata(model, provenance)["attention"]["type"] == "l2norm"
     # a head shipped for the backbone and layer is taken by default, never for other weights
-    from delf_index.model.delf import DELF
 
     torch.save(DELF(attention=True).attention.state_dict(), tmp_path / "head.pt")
     monkeypatch.setattr(export, "default_attention_path", lambda backbone, layer=None: str(tmp_path / "head.pt"))
@@ -127,3 +126,49 @@ def test_default_attention_is_the_shipped_head_or_the_l2_norm(tmp_path, monkeypa
     assert metadata(model, provenance)["attention"]["type"] == "learned"
     model, provenance = build_model(attention="l2norm")
     assert metadata(model, provenance)["attention"]["type"] == "l2norm"
+
+
+def test_folding_the_normalisation_into_the_stem_is_exact():
+    model, _ = build_model()
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 96, 128, 3), dtype=np.uint8))
+    with torch.no_grad():
+        before = model(images)
+        geometry = model.geometry()
+        model.fold_normalisation()
+        after = model(images)
+    assert model.geometry() == geometry  # the stem's padding moved, not its geometry
+    for b, a in zip(before, after):
+        # padding with pixel 128 instead of the mean 127.5 moves the border cells a little
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=0.05 * float(b.abs().max()))
+    with pytest.raises(ValueError, match="one mean and std"):
+        DELF("resnet50").fold_normalisation()  # per-channel means: not foldable into one padding colour
+
+
+def test_int8_export_agrees_with_float32(tmp_path, photos):
+    out = tmp_path / "int8.onnx"
+    assert export_main(["--precision", "int8", "--output", str(out)]) == 0
+    int8, fp32 = Extractor(str(out)), Extractor()
+    precision = int8.metadata["precision"]
+    assert precision["type"] == "int8" and precision["raw_pixel_input"] and len(precision["calibration"]) == 8
+    assert int8.fingerprint != fp32.fingerprint  # tables and indexes never mix the two
+    image = rgb(photos["chelsea"])
+    a, b = fp32(image), int8(image)
+    d = np.hypot(a.x[:, None] - b.x[None], a.y[:, None] - b.y[None]) + 1e9 * (a.scale[:, None] != b.scale[None])
+    near = d.min(axis=1) <= 1.0
+    assert near.mean() > 0.85  # the same keypoints, mostly
+    cosine = (a.descriptors[near] * b.descriptors[d.argmin(axis=1)[near]]).sum(axis=1)
+    assert np.median(cosine) > 0.98
+    assert float(a.global_descriptor @ b.global_descriptor) > 0.98
+
+
+def test_global_descriptor_from_the_local_layer(tmp_path, photos):
+    out = tmp_path / "local.onnx"
+    assert export_main(["--global", "local", "--output", str(out)]) == 0
+    local, final = Extractor(str(out)), Extractor()
+    meta = local.metadata
+    assert meta["global_dim"] == meta["descriptor_dim"] == 112 and meta["global_pooling"]["layer"] == "local"
+    image = rgb(photos["rocket"])
+    a, b = final(image), local(image)
+    np.testing.assert_array_equal(a.x, b.x)  # the local features are the same network's
+    np.testing.assert_allclose(a.descriptors, b.descriptors, atol=1e-4)
+    assert b.global_descriptor.shape == (112,)

@@ -63,11 +63,14 @@ def test_deterministic_and_batch_equals_single(default_extractor, photos):
 
 
 def test_same_size_levels_share_forward_passes(photos):
-    ex = Extractor()
     image = rgb(photos["coffee"])
-    ex.extract_batch([image] * 4)
-    assert ex.stats["levels"] == 28
-    assert ex.stats["forward_passes"] == 7  # one batch of 4 per pyramid level
+    batched = Extractor(conf={"max_batch": 8})
+    batched.extract_batch([image] * 4)
+    assert batched.stats["levels"] == 28
+    assert batched.stats["forward_passes"] == 7  # one batch of 4 per pyramid level
+    on_cpu = Extractor()  # batching is slower on CPUs: one level per pass
+    on_cpu.extract_batch([image] * 4)
+    assert (on_cpu.max_batch, on_cpu.stats["forward_passes"]) == (1, 28)
 
 
 @pytest.mark.parametrize("factor,interpolation", [(0.5, cv2.INTER_AREA), (2.0, cv2.INTER_LINEAR)])
