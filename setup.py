@@ -50,6 +50,7 @@ setup(
             "s3fs>=2024.2",
             "duckdb>=1.0",
             "pandas>=2",
+            "asmk==0.1.1",  # the ASMK of the method's authors: tests/test_asmk.py compares against it
         ],
     },
     entry_points={"console_scripts": ["delf-index=delf_index.pipelines.cli:main"]},

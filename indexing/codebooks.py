@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from delf_index.errors import UserError
+from delf_index.indexing import asmk
 from delf_index.indexing import pca as pca_lib
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ default_conf = {
     "nlist": None,  # coarse cells; None: a power of two near 4 sqrt(descriptors), see auto_nlist
     "sample": 1_000_000,  # descriptors drawn (seeded, uniform) to train PCA and codebooks
     "seed": 0,
+    # ASMK's visual words (indexing/asmk.py), in the same reduced space; 0: none (k-NN voting
+    # only); "auto": a power of two near corpus descriptors / 45, from 1024 to 65536
+    "asmk_words": 0,
 }
 
 presets = {
@@ -94,8 +98,13 @@ def fit_codebooks(sample, conf):
     spec = index_string(conf["pca_dim"], nlist, conf["pq"], conf["opq"])
     log.info("training %s on %d descriptors", spec, len(reduced))
     trained = train_index(reduced, spec, conf["seed"])
+    words = None
+    if conf["asmk_words"]:
+        count = auto_words(sample["descriptors_total"]) if conf["asmk_words"] == "auto" else int(conf["asmk_words"])
+        log.info("training %d ASMK visual words on %d descriptors", count, len(reduced))
+        words = asmk.fit_words(reduced, count, conf["seed"])
     info = {
-        "conf": {**conf, "nlist": nlist},
+        "conf": {**conf, "nlist": nlist, "asmk_words": 0 if words is None else len(words)},
         "index_string": spec,
         "code_bytes": code_bytes(trained),
         "pca_explained_variance": pca["explained_variance"],
@@ -104,10 +113,16 @@ def fit_codebooks(sample, conf):
         "corpus_descriptors": sample["descriptors_total"],
         "fit_seconds": round(time.time() - start, 1),
     }
-    return pca, trained, info
+    return pca, trained, words, info
 
 
 # -- quantizers ----------------------------------------------------------------------------
+
+
+def auto_words(num_descriptors):
+    """ASMK visual words for a corpus: a power of two near descriptors / 45, from 1024 to 65536
+    (landmarks-dev's 186,000 descriptors: 4096, the best of 2048 to 16384 measured there)."""
+    return int(min(65536, max(1024, 2 ** round(math.log2(max(num_descriptors, 1) / 45)))))
 
 
 def auto_nlist(num_descriptors, sample_size):

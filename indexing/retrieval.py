@@ -9,13 +9,18 @@
 Ranking, every stage switchable so that its contribution can be measured:
 
 1. **global**: cosine similarity of GeM global descriptors, against every indexed image;
-2. **local voting** (DELF): each query descriptor's k nearest neighbours in the PQ index vote
+2. **local**, by one of two methods (`local_method`; an index holds one or both):
+   **k-NN voting** (DELF): each query descriptor's k nearest neighbours in the PQ index vote
    for their images, weighted by similarity (each query descriptor counts once per image);
-3. **fusion**: ``global + local_weight * votes`` (the DELF paper fused with a global
-   descriptor too; DELG does it in one network);
-4. **verification** of the `shortlist` best: one-to-one correspondences from the k-NN
-   results, RANSAC affine (indexing/verify.py); final order: images with at least
-   `min_inliers` inliers first by inliers, then everything by the fused score.
+   or **ASMK** (indexing/asmk.py): the query's descriptors aggregated per visual word,
+   compared with each image's aggregated binary signatures through an inverted file;
+3. **fusion**: ``global + local_weight * votes`` or ``global + asmk_weight * asmk`` (the DELF
+   paper fused with a global descriptor too; DELG does it in one network);
+4. **verification** of the `shortlist` best: one-to-one correspondences (from the k-NN
+   results; with ASMK, from the k nearest neighbours of each query descriptor among the
+   shortlisted images' descriptors, decoded from their compact codes: the same rule over an
+   exact search of the shortlist), RANSAC affine (indexing/verify.py); final order: images with at
+   least `min_inliers` inliers first by inliers, then everything by the fused score.
 
 `Index` is safe to share between threads: searching only reads the faiss indexes, the
 extractor's onnxruntime session and the geometry, and takes its search parameters per call.
@@ -30,7 +35,7 @@ import numpy as np
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
-from delf_index.indexing import expansion, verify
+from delf_index.indexing import asmk, expansion, verify
 from delf_index.indexing import pca as pca_lib
 from delf_index.runtime.extractor import Extractor
 from delf_index.runtime.extractor import default_conf as extractor_conf
@@ -38,12 +43,17 @@ from delf_index.runtime.features import Features
 
 default_conf = {
     "use_global": True,  # rank by the global descriptor
-    "use_local": True,  # rank by k-NN votes of local descriptors
+    "use_local": True,  # rank by the local descriptors (k-NN votes or ASMK, `local_method`)
     "use_verification": True,  # re-rank the shortlist by RANSAC inliers
+    "local_method": None,  # "knn" or "asmk"; None: the index's (k-NN voting when it has its lists)
     "knn": 20,  # neighbours per query descriptor (votes and correspondences)
     "nprobe": 32,  # coarse cells visited per query descriptor
     "vote_floor": 0.5,  # similarity below which a neighbour does not vote; votes weigh (sim - floor)
     "local_weight": 10.0,  # weight of the normalised local votes against the global similarity
+    # weight of the ASMK similarity (in [0, 1]) against the global similarity; at 1 the fused
+    # ranking was the global one on landmarks-dev, 10 used ASMK and verified +0.002 on 2 seeds
+    "asmk_weight": 10.0,
+    "asmk": {},  # overrides of indexing.asmk.default_conf (alpha, threshold, query_assignments, ...)
     "shortlist": 100,  # images verified geometrically
     "min_inliers": 12,  # fewer inliers do not count as a verified match
     "ransac": {},  # overrides of indexing.verify.default_conf (threshold, trials, ...)
@@ -105,7 +115,18 @@ class Index:
             raise UserError(f"unknown query options {sorted(unknown)}; known: {sorted(default_conf)}")
         self.conf = {**default_conf, **(conf or {})}
         self.ransac_conf = {**verify.default_conf, **self.conf["ransac"]}
+        self.asmk_conf = {**asmk.default_conf, **self.conf["asmk"]}
         self.artifact = artifact
+        self.method = self.conf["local_method"] or ("knn" if artifact.index is not None else "asmk")
+        if self.method not in ("knn", "asmk"):
+            raise UserError(f"local_method {self.method!r}: use knn or asmk")
+        has = {"knn": artifact.index is not None, "asmk": artifact.asmk is not None}
+        if not has[self.method]:
+            built = [m for m, present in has.items() if present]
+            raise QueryError(
+                f"local_method {self.method}: the index has no {self.method} lists (it has {built or 'none'}); "
+                "rebuild it with build --method both to query by either"
+            )
         self._model, self._threads, self._extractor = model, threads, extractor
         self._lock = threading.Lock()
 
@@ -149,12 +170,12 @@ class Index:
             raise QueryError(f"cannot read the query {str(query)[:200]!r}: {e}") from e
 
     # -- search ---------------------------------------------------------------------------
-    def search(self, query, top_k=10, exclude=(), with_matches=True, timings=None, neighbours=None):
+    def search(self, query, top_k=10, exclude=(), with_matches=True, timings=None, prepared=None):
         """Ranked results (best first) for one query; `exclude`: image_ids to leave out (the
         query itself in leave-one-out evaluation). `top_k=None` ranks the whole index.
         A `timings` dict receives the seconds spent extracting, searching and verifying.
-        `neighbours`: this query's `neighbours(features)`, when several rankings of the same
-        query share them (the evaluation's ablation)."""
+        `prepared`: this query's `prepare(features)`, when several rankings of the same query
+        with the same local method share it (the evaluation's ablation)."""
         clock = time.perf_counter()
         features = self.features_of(query)
         extracted = time.perf_counter()
@@ -167,24 +188,27 @@ class Index:
             global_scores = self._global_scores(features.global_descriptor)
         local_scores = np.zeros(n, np.float32)
         if (conf["use_local"] or conf["use_verification"]) and len(features):
-            if neighbours is None:
-                neighbours = self.neighbours(features)
-            if conf["use_local"]:
-                local_scores = self._votes(neighbours, n, len(features))
+            if prepared is None:
+                prepared = self.prepare(features)
+            if conf["use_local"] and self.method == "knn":
+                local_scores = self._votes(prepared["neighbours"], n, len(features))
+            elif conf["use_local"]:
+                local_scores = asmk.search(self.artifact.asmk, *prepared["asmk"], self.asmk_conf)
         else:
-            neighbours = None
-        fused = global_scores * conf["use_global"] + conf["local_weight"] * local_scores
+            prepared = None
+        weight = conf["local_weight"] if self.method == "knn" else conf["asmk_weight"]
+        fused = global_scores * conf["use_global"] + weight * local_scores
         rankable = artifact.live.copy()
         rankable[[artifact.row_of[i] for i in exclude if i in artifact.row_of]] = False
         order = np.argsort(-np.where(rankable, fused, -np.inf), kind="stable")[: int(rankable.sum())]
         searched = time.perf_counter()
         inliers, matches, tried = np.zeros(n, np.int64), {}, set()
-        if conf["use_verification"] and neighbours is not None:
-            self._verify_shortlist(features, neighbours, order, inliers, matches, tried)
+        if conf["use_verification"] and prepared is not None:
+            self._verify_shortlist(features, prepared, order, inliers, matches, tried)
             if conf["expansion"] or conf["graph_expansion"]:
                 global_scores, fused = self._expand(features, global_scores, local_scores, fused, inliers)
                 order = np.argsort(-np.where(rankable, fused, -np.inf), kind="stable")[: int(rankable.sum())]
-                self._verify_shortlist(features, neighbours, order, inliers, matches, tried)
+                self._verify_shortlist(features, prepared, order, inliers, matches, tried)
             # verified first by inliers, then everything by the fused score
             order = sorted(order, key=lambda r: (-inliers[r], -fused[r]))
         if timings is not None:
@@ -226,14 +250,15 @@ class Index:
         scores[rows[0]] = sims[0]
         return scores
 
-    def _verify_shortlist(self, features, neighbours, order, inliers, matches, tried):
+    def _verify_shortlist(self, features, prepared, order, inliers, matches, tried):
         """Verify the rows among the first `shortlist` of `order` not `tried` yet; fills
         `inliers` and `matches` (rows under min_inliers keep 0)."""
-        for row in order[: self.conf["shortlist"]]:
-            if row in tried:
-                continue
+        rows = [row for row in order[: self.conf["shortlist"]] if row not in tried]
+        if self.method == "asmk":
+            prepared = {**prepared, "neighbours": self.shortlist_neighbours(prepared["reduced"], rows)}
+        for row in rows:
             tried.add(row)
-            count, qxy, dxy = self._verify(features, neighbours, row)
+            count, qxy, dxy = self._verify(features, prepared, row)
             if count >= self.conf["min_inliers"]:
                 inliers[row] = count
                 matches[row] = (qxy, dxy)
@@ -258,12 +283,26 @@ class Index:
             for row in strong:
                 near, _ = expansion.neighbours_of(self.artifact.graph, row, conf["qe_min_inliers"])
                 bonus[near] += conf["graph_weight"] / len(strong)
-        fused = global_scores * conf["use_global"] + conf["local_weight"] * local_scores + bonus
+        weight = conf["local_weight"] if self.method == "knn" else conf["asmk_weight"]
+        fused = global_scores * conf["use_global"] + weight * local_scores + bonus
         return global_scores, fused
+
+    def prepare(self, features):
+        """What the local stages of this query need, computed once: {"neighbours": ...} for
+        k-NN voting, {"asmk": (words, signatures), "reduced": ...} for ASMK."""
+        if self.method == "knn":
+            return {"neighbours": self.neighbours(features)}
+        reduced = pca_lib.apply_pca(features.descriptors, self.artifact.pca)
+        assignments = asmk.assign(
+            self.artifact.asmk_words, reduced, self.asmk_conf["query_assignments"], self.asmk_conf["hnsw_ef"]
+        )
+        return {"asmk": asmk.aggregate(reduced, assignments, self.artifact.asmk_centroids), "reduced": reduced}
 
     def neighbours(self, features):
         """k nearest database descriptors of each query descriptor: (sims, image rows, feature
         indices), each [n, k]; missing neighbours have row -1."""
+        if self.artifact.index is None:
+            raise QueryError("the index has no k-NN lists (built with --method asmk)")
         reduced = pca_lib.apply_pca(features.descriptors, self.artifact.pca)
         params = faiss.SearchParametersIVF(nprobe=int(self.conf["nprobe"]), sel=self.artifact.selector)
         sims, ids = self.artifact.index.search(reduced, self.conf["knn"], params=params)
@@ -300,9 +339,26 @@ class Index:
         db_xy, db_scale = self.artifact.geometry_of(row, f)
         return q, features.keypoints[q], db_xy, db_scale
 
-    def _verify(self, features, neighbours, row):
+    def shortlist_neighbours(self, reduced, rows):
+        """k nearest neighbours of each query descriptor (PCA-reduced) among the descriptors of
+        database images `rows`, decoded from their compact codes (an index with ASMK): what
+        `neighbours` gives k-NN voting, over an exact search of the shortlist only."""
+        decoded = self.artifact.reduced_descriptors(rows)
+        counts = [len(decoded[row]) for row in rows]
+        owners = np.repeat(np.asarray(rows, np.int64), counts)
+        feature = np.arange(sum(counts)) - np.repeat(np.cumsum(counts) - counts, counts)
+        flat = faiss.IndexFlatIP(reduced.shape[1])
+        flat.add(np.concatenate([decoded[row] for row in rows] + [np.zeros((0, reduced.shape[1]), np.float32)]))
+        sims, ids = flat.search(np.ascontiguousarray(reduced, np.float32), self.conf["knn"])
+        found = ids >= 0  # fewer than k descriptors in the shortlist: -1
+        safe = np.where(found, ids, 0)
+        if not len(owners):
+            return sims, np.full(ids.shape, -1), np.zeros(ids.shape, np.int64)
+        return sims, np.where(found, owners[safe], -1), np.where(found, feature[safe], 0)
+
+    def _verify(self, features, prepared, row):
         """(inliers, query xy, database xy) of one database image."""
-        q, query_xy, db_xy, db_scale = self.correspondences(features, neighbours, row)
+        q, query_xy, db_xy, db_scale = self.correspondences(features, prepared["neighbours"], row)
         if len(q) < self.ransac_conf["min_inliers"]:
             return 0, None, None
         _, mask = verify.ransac_affine(

@@ -1,8 +1,10 @@
 """Building the index artifact in two steps that bound memory (schemas/artifact.py has the layout).
 
 1. `encode_shard`: one features table (or any iterator of rows) -> shard files: an IVF-PQ
-   index of its descriptors, their geometry, its images and global descriptors. Shards are
-   independent, so Beam runs them in parallel; each holds one table's descriptors at most.
+   index of its descriptors (k-NN voting), their geometry, its images and global
+   descriptors, and with ASMK its aggregated word codes and a compact code per descriptor
+   for verification. Shards are independent, so Beam runs them in parallel; each holds one
+   table's descriptors at most.
 2. `merge_shards`: all shards (and, to append, a previous artifact) -> the artifact. The
    inverted lists are merged into an on-disk file through faiss's memory-mapped readers, and
    geometry is copied shard by shard into a memory-mapped array, so no step holds the
@@ -13,6 +15,7 @@
 """
 
 import os
+import time
 
 import faiss
 import numpy as np
@@ -20,31 +23,72 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from delf_index.indexing import artifact as art
+from delf_index.indexing import asmk
 from delf_index.indexing import pca as pca_lib
 from delf_index.schemas.artifact import IMAGES_SCHEMA, MAX_COORDINATE, MAX_FEATURES
 from delf_index.schemas.features import descriptors_of
 
-SHARD_SUFFIXES = ("ivf.faiss", "geometry.npy", "images.parquet", "global.npy")
+SHARD_SUFFIXES = ("ivf.faiss", "geometry.npy", "images.parquet", "global.npy", "codes.npy")
+# ASMK entries of a shard, sorted by (word, image): words int32, images int32, packed signatures
+ASMK_SHARD_SUFFIXES = ("asmk-words.npy", "asmk-images.npy", "asmk-signatures.npy")
+METHODS = ("knn", "asmk", "both")  # what a build writes: k-NN voting's lists, ASMK's inverted file, or both
+ASMK_FILES = ("asmk_offsets.npy", "asmk_images.npy", "asmk_signatures.npy", "asmk_idf.npy", "asmk_norms.npy")
 
 
 def shard_files(prefix):
-    return {suffix: f"{prefix}.{suffix}" for suffix in SHARD_SUFFIXES}
+    return {suffix: f"{prefix}.{suffix}" for suffix in SHARD_SUFFIXES + ASMK_SHARD_SUFFIXES}
 
 
-def encode_shard(tables, pca, trained, first_id, prefix):
+class WordAssigner:
+    """ASMK's words for a build: the centroids and the index that assigns descriptors to them."""
+
+    def __init__(self, centroids, index=None):
+        self.centroids = np.ascontiguousarray(centroids, np.float32)
+        self.index = asmk.word_index(self.centroids) if index is None else index
+
+
+def encode_shard(tables, pca, trained, first_id, prefix, method="knn", words=None, timings=None):
     """Encode feature-table chunks (pyarrow Tables) into shard files `prefix`.*; image int ids
-    are consecutive from `first_id` in row order. Returns {"images", "descriptors"}."""
+    are consecutive from `first_id` in row order. `method` (METHODS) says which local index to
+    encode; ASMK needs `words` (a WordAssigner). Returns {"images", "descriptors", "files"};
+    `timings` (a dict) receives the seconds of each step (benchmarks/local_scale.py)."""
+    timings = {} if timings is None else timings
+    clock = Clock(timings)
+    knn, use_asmk = method in ("knn", "both"), method in ("asmk", "both")
+    if use_asmk and words is None:
+        raise art.ArtifactError("an ASMK index needs ASMK visual words: fit the codebooks with --asmk-words")
     index = faiss.clone_index(trained)
-    geometry, globals_, images = [], [], []
+    geometry, globals_, images, entries, codes = [], [], [], [], []
     next_id = first_id
+    dim = pca["components"].shape[0]  # of the reduced descriptors: bits of an ASMK signature
     for table in tables:
+        clock.lap("read_s")  # producing the table: reading a features file (here, or a generator)
         counts = table.column("num_features").to_numpy().astype(np.int64)
         descriptors = descriptors_of(table)
         assert len(descriptors) == counts.sum()
         check_ranges(table, counts)
-        if len(descriptors):
+        reduced = pca_lib.apply_pca(descriptors, pca) if len(descriptors) else np.zeros((0, dim))
+        encoded = trained.sa_encode(np.ascontiguousarray(reduced, np.float32)) if len(descriptors) else None
+        clock.lap("encode_s")  # PCA, coarse assignment and PQ codes, shared by both methods
+        if knn and len(descriptors):
+            # the codes are the lists' entries: one coarse assignment serves both stores
             ids = np.concatenate([art.feature_ids(next_id + i, c) for i, c in enumerate(counts)])
-            index.add_with_ids(pca_lib.apply_pca(descriptors, pca), ids)
+            # IndexPreTransform (OPQ) has no add_sa_codes; its codes are its IVF's codes
+            lists = faiss.extract_index_ivf(index)
+            lists.add_sa_codes(encoded, ids)
+            index.ntotal = lists.ntotal
+            clock.lap("knn_lists_s")
+        if use_asmk and len(descriptors):
+            codes.append(encoded)
+            assigned = asmk.assign(words.index, reduced, 1)
+            clock.lap("asmk_assign_s")
+            starts = np.concatenate([[0], np.cumsum(counts)])
+            for i in range(len(counts)):
+                if counts[i]:
+                    mine = slice(starts[i], starts[i + 1])
+                    found, signatures = asmk.aggregate(reduced[mine], assigned[mine], words.centroids)
+                    entries.append((found, np.full(len(found), next_id + i), signatures))
+            clock.lap("asmk_aggregate_s")
         x = table.column("x").combine_chunks().flatten().to_numpy()
         y = table.column("y").combine_chunks().flatten().to_numpy()
         scale = table.column("scale").combine_chunks().flatten().to_numpy()
@@ -67,13 +111,43 @@ def encode_shard(tables, pca, trained, first_id, prefix):
             )
         )
         next_id += len(table)
+        clock.lap("tables_s")  # geometry, global descriptors, image table
     files = shard_files(prefix)
-    faiss.write_index(index, files["ivf.faiss"])
+    written = ["geometry.npy", "global.npy", "images.parquet"]
     np.save(files["geometry.npy"], np.concatenate(geometry) if geometry else np.zeros((0, 3), np.uint16))
     np.save(files["global.npy"], np.concatenate(globals_) if globals_ else np.zeros((0, 0), np.float16))
     schema = IMAGES_SCHEMA.remove(IMAGES_SCHEMA.get_field_index("geometry_offset"))
     pq.write_table(pa.concat_tables(images).cast(schema) if images else schema.empty_table(), files["images.parquet"])
-    return {"images": next_id - first_id, "descriptors": int(index.ntotal)}
+    if knn:
+        faiss.write_index(index, files["ivf.faiss"])
+        written.append("ivf.faiss")
+    if use_asmk:
+        code_size = trained.sa_code_size()
+        np.save(files["codes.npy"], np.concatenate(codes) if codes else np.zeros((0, code_size), np.uint8))
+        found, owners, signatures = (
+            (np.concatenate(parts) for parts in zip(*entries))
+            if entries
+            else (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, (dim + 7) // 8), np.uint8))
+        )
+        order = np.lexsort((owners, found))  # sorted, so the merge streams word ranges
+        for suffix, array in zip(ASMK_SHARD_SUFFIXES, (found, owners, signatures)):
+            np.save(files[suffix], array[order].astype(np.int32) if array.ndim == 1 else array[order])
+        written += ["codes.npy", *ASMK_SHARD_SUFFIXES]
+    clock.lap("write_s")
+    descriptors = sum(len(g) for g in geometry)
+    return {"images": next_id - first_id, "descriptors": int(descriptors), "files": sorted(written)}
+
+
+class Clock:
+    """Adds the seconds since the last lap to timings[name]."""
+
+    def __init__(self, timings):
+        self.timings, self.last = timings, time.perf_counter()
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.last
+        self.last = now
 
 
 def check_ranges(table, counts):
@@ -97,36 +171,16 @@ def check_ranges(table, counts):
             )
 
 
-def merge_shards(prefixes, trained, out_dir, previous=None, hide=()):
+def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn", words=None, timings=None):
     """Shards (local prefixes, in id order) [+ a previous local artifact folder] -> artifact
-    files in `out_dir`: index.faiss + index.ivfdata, images.parquet, geometry.npy, global.faiss,
-    hidden.npy (the previous artifact's hidden images and the int ids in `hide`).
-    Returns the counts {"images", "descriptors", "hidden"}."""
-    # inverted lists: memory-mapped sources merged into one on-disk file
-    sources, keep_alive = [], []
-    if previous is not None:
-        old = faiss.read_index(os.path.join(previous, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
-        keep_alive.append(old)
-        sources.append(faiss.extract_index_ivf(old).invlists)
-    for prefix in prefixes:
-        shard = faiss.read_index(shard_files(prefix)["ivf.faiss"], faiss.IO_FLAG_MMAP)
-        keep_alive.append(shard)
-        sources.append(faiss.extract_index_ivf(shard).invlists)
-    index = faiss.clone_index(trained)
-    ivf = faiss.extract_index_ivf(index)
-    invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, os.path.join(out_dir, "index.ivfdata"))
-    vector = faiss.InvertedListsPtrVector()
-    for source in sources:
-        vector.push_back(source)
-    ntotal = invlists.merge_from_multiple(vector.data(), vector.size(), False) if sources else 0
-    index.ntotal = ivf.ntotal = ntotal
-    # the header stores the data file's name: a bare name keeps index.faiss identical across
-    # builds (readers find the file next to it, IO_FLAG_ONDISK_SAME_DIR)
-    invlists.filename = "index.ivfdata"
-    ivf.replace_invlists(invlists, True)
-    invlists.this.disown()
-    faiss.write_index(index, os.path.join(out_dir, "index.faiss"))
-    del index, keep_alive
+    files in `out_dir`: images.parquet, geometry.npy, global.faiss, hidden.npy (the previous
+    artifact's hidden images and the int ids in `hide`), and per `method` the k-NN lists
+    (index.faiss + index.ivfdata) and ASMK's inverted file, word index and codes (`words`: a
+    WordAssigner). Returns the counts {"images", "descriptors", "hidden"}; `timings` (a dict)
+    receives the seconds of each step."""
+    clock = Clock({} if timings is None else timings)
+    listed = merge_lists(prefixes, trained, out_dir, previous) if method in ("knn", "both") else None
+    clock.lap("knn_lists_s")
 
     # image table, with where each image's geometry starts
     tables = [pq.read_table(os.path.join(previous, "images.parquet")).drop(["geometry_offset"])] if previous else []
@@ -151,22 +205,31 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=()):
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
     images = images.append_column("geometry_offset", pa.array(offsets, pa.int64())).cast(IMAGES_SCHEMA)
     pq.write_table(images, os.path.join(out_dir, "images.parquet"))
-    if int(counts.sum()) != ntotal:
-        raise art.ArtifactError(f"{ntotal} indexed descriptors but the image table counts {int(counts.sum())}")
+    descriptors = int(counts.sum())
+    if listed is not None and listed != descriptors:
+        raise art.ArtifactError(f"{listed} indexed descriptors but the image table counts {descriptors}")
+    clock.lap("images_s")
 
-    # geometry, copied piece by piece into a memory-mapped array
-    pieces = [os.path.join(previous, "geometry.npy")] if previous else []
-    pieces += [shard_files(p)["geometry.npy"] for p in prefixes]
-    geometry = np.lib.format.open_memmap(
-        os.path.join(out_dir, "geometry.npy"), mode="w+", dtype=np.uint16, shape=(int(counts.sum()), 3)
+    # geometry (and ASMK's per-descriptor codes), copied piece by piece into memory-mapped arrays
+    concatenate_arrays(
+        [os.path.join(previous, "geometry.npy")] if previous else [],
+        [shard_files(p)["geometry.npy"] for p in prefixes],
+        os.path.join(out_dir, "geometry.npy"),
+        descriptors,
     )
-    start = 0
-    for piece in pieces:
-        rows = np.load(piece, mmap_mode="r")
-        geometry[start : start + len(rows)] = rows
-        start += len(rows)
-    geometry.flush()
-    del geometry
+    clock.lap("geometry_s")
+    if method in ("asmk", "both"):
+        if previous and not os.path.exists(os.path.join(previous, "codes.npy")):
+            raise art.ArtifactError("the index has no ASMK codes to append to: build it with --method asmk or both")
+        concatenate_arrays(
+            [os.path.join(previous, "codes.npy")] if previous else [],
+            [shard_files(p)["codes.npy"] for p in prefixes],
+            os.path.join(out_dir, "codes.npy"),
+            descriptors,
+        )
+        clock.lap("codes_s")
+        write_asmk(prefixes, previous, out_dir, len(image_ids), words)
+        clock.lap("asmk_lists_s")
 
     # global descriptors: float16, inner product, row = image int id
     chunks = []
@@ -180,4 +243,98 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=()):
         if len(chunk):
             global_index.add(chunk.astype(np.float32))
     faiss.write_index(global_index, os.path.join(out_dir, "global.faiss"))
-    return {"images": len(image_ids) - len(hidden), "descriptors": int(ntotal), "hidden": len(hidden)}
+    clock.lap("global_s")
+    return {"images": len(image_ids) - len(hidden), "descriptors": descriptors, "hidden": len(hidden)}
+
+
+def merge_lists(prefixes, trained, out_dir, previous=None):
+    """k-NN voting's inverted lists: memory-mapped sources merged into one on-disk file.
+    Returns the number of entries."""
+    sources, keep_alive = [], []
+    if previous is not None:
+        if not os.path.exists(os.path.join(previous, "index.faiss")):
+            raise art.ArtifactError("the index has no k-NN lists to append to: build it with --method knn or both")
+        old = faiss.read_index(os.path.join(previous, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        keep_alive.append(old)
+        sources.append(faiss.extract_index_ivf(old).invlists)
+    for prefix in prefixes:
+        shard = faiss.read_index(shard_files(prefix)["ivf.faiss"], faiss.IO_FLAG_MMAP)
+        keep_alive.append(shard)
+        sources.append(faiss.extract_index_ivf(shard).invlists)
+    index = faiss.clone_index(trained)
+    ivf = faiss.extract_index_ivf(index)
+    invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, os.path.join(out_dir, "index.ivfdata"))
+    vector = faiss.InvertedListsPtrVector()
+    for source in sources:
+        vector.push_back(source)
+    ntotal = invlists.merge_from_multiple(vector.data(), vector.size(), False) if sources else 0
+    index.ntotal = ivf.ntotal = ntotal
+    # the header stores the data file's name: a bare name keeps index.faiss identical across
+    # builds (readers find the file next to it, IO_FLAG_ONDISK_SAME_DIR)
+    invlists.filename = "index.ivfdata"
+    ivf.replace_invlists(invlists, True)
+    invlists.this.disown()
+    faiss.write_index(index, os.path.join(out_dir, "index.faiss"))
+    return int(ntotal)
+
+
+def concatenate_arrays(previous, pieces, path, rows):
+    """The .npy files `previous` + `pieces`, row after row, into one memory-mapped array."""
+    first = np.load((previous + pieces)[0], mmap_mode="r")
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=first.dtype, shape=(rows,) + first.shape[1:])
+    start = 0
+    for piece in previous + pieces:
+        part = np.load(piece, mmap_mode="r")
+        out[start : start + len(part)] = part
+        start += len(part)
+    assert start == rows, (path, start, rows)
+    out.flush()
+
+
+def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096):
+    """ASMK's inverted file of the previous version's entries and the shards', its IDF and
+    image norms over all images (hidden ones are masked at query time), and the word index.
+    Streams: every source is sorted by (word, image) and memory-mapped, and the output is
+    written `block_words` words at a time, so memory holds one block of entries, not the
+    corpus (asmk.build_ivf is the same file built in memory)."""
+    sources = []  # (words, images, signatures) per source, in image id order
+    if previous:
+        offsets = np.load(os.path.join(previous, "asmk_offsets.npy"))
+        sources.append(
+            (
+                np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets)),
+                np.load(os.path.join(previous, "asmk_images.npy"), mmap_mode="r"),
+                np.load(os.path.join(previous, "asmk_signatures.npy"), mmap_mode="r"),
+            )
+        )
+    for prefix in prefixes:
+        files = shard_files(prefix)
+        sources.append(tuple(np.load(files[suffix], mmap_mode="r") for suffix in ASMK_SHARD_SUFFIXES))
+    num_words = len(words.centroids)
+    counts = sum(np.bincount(found, minlength=num_words) for found, _, _ in sources)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    idf = np.log(max(num_images, 1) / np.maximum(counts, 1)).astype(np.float32)
+    total, code_bytes = int(offsets[-1]), sources[0][2].shape[1]
+    images_out = np.lib.format.open_memmap(os.path.join(out_dir, "asmk_images.npy"), "w+", np.int32, (total,))
+    signatures_out = np.lib.format.open_memmap(
+        os.path.join(out_dir, "asmk_signatures.npy"), "w+", np.uint8, (total, code_bytes)
+    )
+    squared_norms = np.zeros(num_images, np.float64)
+    for first in range(0, num_words, block_words):
+        last = min(first + block_words, num_words)
+        parts = []
+        for found, owners, signatures in sources:
+            lo, hi = np.searchsorted(found, [first, last])
+            parts.append((np.asarray(found[lo:hi]), np.asarray(owners[lo:hi]), np.asarray(signatures[lo:hi])))
+        found, owners, signatures = (np.concatenate(p) for p in zip(*parts))
+        order = np.argsort(found, kind="stable")  # stable: images stay in source (= id) order
+        images_out[offsets[first] : offsets[last]] = owners[order]
+        signatures_out[offsets[first] : offsets[last]] = signatures[order]
+        squared_norms += np.bincount(owners, weights=idf[found].astype(np.float64) ** 2, minlength=num_images)
+    images_out.flush()
+    signatures_out.flush()
+    del images_out, signatures_out
+    np.save(os.path.join(out_dir, "asmk_offsets.npy"), offsets)
+    np.save(os.path.join(out_dir, "asmk_idf.npy"), idf)
+    np.save(os.path.join(out_dir, "asmk_norms.npy"), np.sqrt(squared_norms).astype(np.float32))
+    faiss.write_index(words.index, os.path.join(out_dir, "asmk_words.faiss"))

@@ -46,31 +46,43 @@ from delf_index.indexing import shards as shards_lib
 from delf_index.pipelines import cli
 from delf_index.runtime import storage
 from delf_index.runtime.tables import iter_batches, live_tables, same_model, superseded
-from delf_index.schemas.artifact import STAGING
+from delf_index.schemas.artifact import ARTIFACT_VERSION, STAGING
 
 log = logging.getLogger(__name__)
-SHARD_FILES = shards_lib.SHARD_SUFFIXES
 DEFAULT_KEEP = 2  # versions kept: the current one and the one before (for readers still on it)
+
+
+def word_assigner(codebooks_uri, method):
+    """ASMK's words of the codebooks when the method needs them, else None."""
+    if method == "knn":
+        return None
+    words = art.load_words(codebooks_uri)
+    if words is None:
+        raise UserError(f"--method {method} needs ASMK visual words: fit the codebooks with --asmk-words auto")
+    return shards_lib.WordAssigner(words)
 
 
 class EncodeShard(beam.DoFn):
     """(shard number, features table URI, first image id, stale image_ids) -> shard files
     under `staging`."""
 
-    def __init__(self, codebooks_uri, staging):
-        self.codebooks_uri, self.staging = codebooks_uri, staging
+    def __init__(self, codebooks_uri, staging, method):
+        self.codebooks_uri, self.staging, self.method = codebooks_uri, staging, method
         self.images = Metrics.counter("delf_index", "images_encoded")
         self.descriptors = Metrics.counter("delf_index", "descriptors_encoded")
 
     def setup(self):
         self.pca, self.trained, _ = art.load_codebooks(self.codebooks_uri)
+        self.words = word_assigner(self.codebooks_uri, self.method)
 
     def process(self, element):
         shard, uri, first_id, skip = element
         name = f"shard-{shard:05d}"
         with tempfile.TemporaryDirectory() as tmp:
             tables = iter_batches(uri, None, skip=skip)
-            counts = shards_lib.encode_shard(tables, self.pca, self.trained, first_id, os.path.join(tmp, name))
+            counts = shards_lib.encode_shard(
+                tables, self.pca, self.trained, first_id, os.path.join(tmp, name), self.method, self.words
+            )
             storage.upload_folder(tmp, self.staging, os.listdir(tmp))
         self.images.inc(counts["images"])
         self.descriptors.inc(counts["descriptors"])
@@ -78,7 +90,7 @@ class EncodeShard(beam.DoFn):
         yield {"shard": shard, "name": name, "table": uri, **counts}
 
 
-def merge_and_publish(_, shards, output, version, staging, codebooks_uri, previous_uri, hide, info, keep):
+def merge_and_publish(_, shards, output, version, staging, codebooks_uri, previous_uri, hide, info, keep, method):
     """Merge the staged shards (and the previous version) into a new version of `output`,
     then make it current."""
     shards = sorted(shards, key=lambda s: s["shard"])
@@ -88,35 +100,47 @@ def merge_and_publish(_, shards, output, version, staging, codebooks_uri, previo
         shard_dir = os.path.join(work, "shards")
         os.makedirs(shard_dir)
         for shard in shards:
-            for suffix in SHARD_FILES:
+            for suffix in shard["files"]:
                 name = f"{shard['name']}.{suffix}"
                 storage.download(posixpath.join(staging, name), os.path.join(shard_dir, name))
         previous = art.fetch_manifested(previous_uri, "manifest.json", "index") if previous_uri else None
         codebooks_dir, _, _ = art.codebooks_folder(codebooks_uri)  # an append's: the previous version's
         _, trained, _ = art.load_codebooks(codebooks_dir)
         prefixes = [os.path.join(shard_dir, s["name"]) for s in shards]
-        counts = shards_lib.merge_shards(prefixes, trained, out, previous, hide)
-    for name in ("pca.npz", "trained.faiss"):
+        words = word_assigner(codebooks_dir, method)
+        steps = {}
+        counts = shards_lib.merge_shards(prefixes, trained, out, previous, hide, method, words, timings=steps)
+    # the codebooks travel with the index: an append encodes with them
+    for name in ("pca.npz", "trained.faiss") + ((art.WORDS_FILE,) if method != "knn" else ()):
         shutil.copy(os.path.join(codebooks_dir, name), os.path.join(out, name))
     names = sorted(os.listdir(out))
-    ivf_bytes = os.path.getsize(os.path.join(out, "index.ivfdata"))
-    geometry_bytes = os.path.getsize(os.path.join(out, "geometry.npy"))
+    sizes = {name: os.path.getsize(os.path.join(out, name)) for name in names}
+    stored = {  # bytes of the per-descriptor and per-image stores
+        "knn_lists": sizes.get("index.ivfdata", 0),
+        "asmk_lists": sum(sizes.get(name, 0) for name in shards_lib.ASMK_FILES),
+        "codes": sizes.get("codes.npy", 0),
+        "geometry": sizes["geometry.npy"],
+    }
     manifest = {
         "format": art.ARTIFACT_FORMAT,
-        "format_version": art.ARTIFACT_VERSION,
+        "format_version": ARTIFACT_VERSION if method != "knn" else 2,  # 2: readable by earlier versions
         **info,
         "version": version,
+        "method": method,
         "counts": counts,
-        "bytes_per_descriptor": round((ivf_bytes + geometry_bytes) / max(counts["descriptors"], 1), 2),
+        "bytes": stored,
+        # what each descriptor costs on disk: its k-NN list entry and/or code, and its geometry
+        "bytes_per_descriptor": round(
+            (stored["knn_lists"] + stored["codes"] + stored["geometry"]) / max(counts["descriptors"], 1), 2
+        ),
         "tables": (info.get("tables") or []) + [s["table"] for s in shards],
         "merge_seconds": round(time.time() - start, 1),
+        "merge_steps_seconds": {k: round(v, 1) for k, v in steps.items()},
         "files": art.file_entries(out, names),
     }
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     art.publish_version(out, output, version, keep)
-    if not storage.is_local(output):
-        shutil.rmtree(os.path.dirname(out), ignore_errors=True)
     storage.remove(posixpath.join(output, STAGING))  # this build's staging and any left by interrupted ones
 
 
@@ -192,6 +216,7 @@ def run(
     keep=DEFAULT_KEEP,
     beam_options=None,
     test_pipeline=None,
+    method="knn",
 ):
     """Build a new version of the index at `output` from the live rows of the feature tables of
     `features` with the codebooks of `fit`; with `append`, add the tables the index does not
@@ -219,6 +244,7 @@ def run(
         tables, hide, reasons = plan_append(previous, tables, superseded(features), remove)
         previous_uri, codebooks_uri, first_id = previous.uri, output, previous.num_rows
         info = {k: v for k, v in previous.manifest.items() if k not in ("files", "counts", "format", "format_version")}
+        method = previous.manifest.get("method", "knn")  # an append keeps the index's local method
         if not tables and not hide:
             print(f"build: nothing to append to {output}: every table is indexed and nothing was removed")
             return previous.manifest
@@ -260,7 +286,7 @@ def run(
             p
             | "Tables" >> beam.Create(elements)
             | "Redistribute" >> beam.Reshuffle()
-            | "EncodeShard" >> beam.ParDo(EncodeShard(codebooks_uri, staging))
+            | "EncodeShard" >> beam.ParDo(EncodeShard(codebooks_uri, staging, method))
         )
         (
             p
@@ -277,6 +303,7 @@ def run(
                 hide=hide,
                 info=info,
                 keep=keep,
+                method=method,
             )
         )
     manifest = art.Artifact.load(output).manifest
@@ -300,6 +327,21 @@ def main(argv=None):
     parser.add_argument(
         "--keep", type=int, default=DEFAULT_KEEP, help=f"versions to keep ({DEFAULT_KEEP}); 0 keeps all"
     )
+    parser.add_argument(
+        "--method",
+        choices=shards_lib.METHODS,
+        default="knn",
+        help="local index: k-NN voting (default), ASMK (needs codebooks fitted with --asmk-words), or both",
+    )
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
-    run(args.features, args.output, args.codebooks, args.append, args.remove, args.keep, beam_options=beam_options)
+    run(
+        args.features,
+        args.output,
+        args.codebooks,
+        args.append,
+        args.remove,
+        args.keep,
+        beam_options,
+        method=args.method,
+    )

@@ -49,11 +49,12 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import metrics
 from delf_index.indexing.retrieval import Index, expansion_presets, presets
 from delf_index.indexing.retrieval import default_conf as query_defaults
+from delf_index.indexing.shards import METHODS
 from delf_index.pipelines import build, cli, extract, fit, match
 from delf_index.runtime import storage
 from delf_index.runtime.extractor import load_model, recorded_settings
 from delf_index.runtime.images import read_image
-from delf_index.runtime.tables import iter_features
+from delf_index.runtime.tables import iter_features, live_tables
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ default_conf = {
     "query": {},  # overrides of indexing.retrieval.default_conf
     "ablation": True,  # also score each ranking stage alone (retrieval.presets)
     "augment": False,  # match the index against itself (--augment) and score the expansion stages too
+    "method": "knn",  # local ranking: knn (k-NN voting), asmk, or both side by side ("ASMK ..." rows)
 }
 
 
@@ -142,17 +144,21 @@ class RunQueries(beam.DoFn):
                 image = np.ascontiguousarray(image[max(0, y1) : y2, max(0, x1) : x2])
             features = next(iter(self.indexes.values())).features_of(image)
         row = {"query": query["id"], "label": query.get("label")}
-        # the configurations differ only in the use_* switches: one k-NN search serves them all
-        start = time.perf_counter()
-        neighbours = next(iter(self.indexes.values())).neighbours(features) if len(features) else None
-        knn_seconds = time.perf_counter() - start
+        # the configurations of one local method differ only in the use_* switches: one k-NN
+        # search (or one ASMK aggregation) serves them all
+        prepared, prepare_seconds = {}, {}
+        for index in self.indexes.values():
+            if index.method not in prepared and len(features):
+                start = time.perf_counter()
+                prepared[index.method] = index.prepare(features)
+                prepare_seconds[index.method] = time.perf_counter() - start
         for name, index in self.indexes.items():
             start = time.perf_counter()
             results = index.search(
-                features, top_k=None, exclude=query["exclude"], with_matches=False, neighbours=neighbours
+                features, top_k=None, exclude=query["exclude"], with_matches=False, prepared=prepared.get(index.method)
             )
-            uses_knn = index.conf["use_local"] or index.conf["use_verification"]
-            seconds = time.perf_counter() - start + knn_seconds * uses_knn
+            uses_local = index.conf["use_local"] or index.conf["use_verification"]
+            seconds = time.perf_counter() - start + prepare_seconds.get(index.method, 0.0) * uses_local
             ranking = [r.image_id for r in results]
             for protocol, positives in query["positives"].items():
                 m = metrics.query_metrics(ranking, positives, query["junk"][protocol], KAPPAS)
@@ -197,6 +203,11 @@ def read_json(path):
         return json.load(f)
 
 
+def write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
 def write_manifest(rows, path):
     """The image list as an extract manifest."""
     with open(path, "w", newline="") as f:
@@ -232,6 +243,10 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     if (groups is None) == (gnd is None):
         raise UserError("give the ground truth as groups (groups.csv) or gnd (revisitop .pkl), one of them")
     conf = resolve_conf(conf)
+    if conf["method"] not in METHODS:
+        raise UserError(f"method {conf['method']!r}: use one of {METHODS}")
+    if conf["method"] != "knn" and not conf["fit"].get("asmk_words"):
+        conf["fit"] = {**conf["fit"], "asmk_words": "auto"}
     extract_conf, fit_conf = extract.resolve_conf(conf["extract"]), fit.resolve_conf(conf["fit"])
     query_conf = {**query_defaults, **conf["query"]}
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
@@ -251,31 +266,49 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     write_manifest(manifest, os.path.join(workdir, "manifest.csv"))
     # incremental: extracts the images that are new or changed since the last evaluation
     extracted = extract.run(os.path.join(workdir, "manifest.csv"), features, extract_conf, model, beam_options)
-    redo = bool(extracted["images"] or extracted["superseded"])
+    # what fit and build last finished with (steps.json): an interrupted run redoes them
+    state = [[uri, rows] for uri, rows, _, _ in live_tables(features)]
+    steps_file = os.path.join(workdir, "steps.json")
+    finished = (read_json(steps_file) or {}) if not fresh else {}
+    redo = bool(extracted["images"] or extracted["superseded"]) or finished.get("fit") != state
     timings["extract_s"] = time.time() - start
 
     start = time.time()
     codebooks = os.path.join(workdir, "codebooks")
     done = (read_json(os.path.join(codebooks, "codebooks.json")) or {}).get("conf", {})
-    automatic = {"nlist"} if fit_conf["nlist"] is None else set()  # resolved by fit from the corpus size
+    # resolved by fit from the corpus size
+    automatic = {k for k in ("nlist", "asmk_words") if fit_conf[k] in (None, "auto")}
     redo = redo or fresh or any(done.get(k) != v for k, v in fit_conf.items() if k not in automatic)
+    redo = redo or (fit_conf["asmk_words"] == "auto" and not done.get("asmk_words"))  # words wanted, none fitted
     if redo:
         fit.run(features, codebooks, fit_conf, beam_options)
+        write_json(steps_file, {"fit": state})
     timings["fit_s"] = time.time() - start
 
     start = time.time()
     index = os.path.join(workdir, "index")
-    if redo or art.read_pointer(index) is None:  # new codebooks, new index
-        build.run(features, index, codebooks=codebooks, beam_options=beam_options)
+    built = art.current_manifest(index) if art.read_pointer(index) is not None else None
+    if redo or built is None or built.get("method", "knn") != conf["method"] or finished.get("build") != state:
+        build.run(features, index, codebooks=codebooks, beam_options=beam_options, method=conf["method"])
+        write_json(steps_file, {"fit": state, "build": state})
     timings["build_s"] = time.time() - start
 
     if conf["augment"] and (redo or not art.current_manifest(index).get("augmented")):
         match.run(index, os.path.join(workdir, "match"), conf={"sheet": False}, beam_options=beam_options, augment=True)
-    configs = {name: {**query_conf, **stage} for name, stage in presets.items()}
+    stages = {**presets, **(expansion_presets if conf["augment"] else {})}
     if not conf["ablation"]:
-        configs = {FINAL: query_conf}
-    if conf["augment"]:
-        configs.update({name: {**query_conf, **stage} for name, stage in expansion_presets.items()})
+        stages = {FINAL: {}, **(expansion_presets if conf["augment"] else {})}
+    methods = {"knn": ["knn"], "asmk": ["asmk"], "both": ["knn", "asmk"]}[conf["method"]]
+    configs = {
+        (f"ASMK {name.replace('local voting', 'local')}" if len(methods) == 2 and method == "asmk" else name): {
+            **query_conf,
+            "local_method": method,
+            **stage,
+        }
+        for method in methods
+        for name, stage in stages.items()
+        if not (method == "asmk" and len(methods) == 2 and name == "global only")  # the same as k-NN's
+    }
     start = time.time()
     elements = query_elements(queries, features, in_database)
     missing = len(queries) - len(elements)
@@ -304,6 +337,8 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
         "R@1": round(final["R@1"], 4),
         "queries": final["queries"],
     }
+    if conf["method"] == "both":
+        summary["ASMK mAP"] = round(scores[f"ASMK {FINAL}"][main_protocol]["mAP"], 4)
     with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
         json.dump({"summary": summary, "protocol": main_protocol, "scores": scores, "timings": timings}, f, indent=1)
     print(f"report: {os.path.join(workdir, 'eval', 'report.md')}")
@@ -405,6 +440,9 @@ def main(argv=None):
     parser.add_argument("--augment", action="store_true", help="also match the index and score query expansion, DBA")
     parser.add_argument("--fresh", action="store_true", help="recompute every step, reuse nothing")
     parser.add_argument("--seed", type=int, help="seed of the codebook training (fit; default 0)")
+    parser.add_argument(
+        "--method", choices=METHODS, default="knn", help="local ranking: knn, asmk, or both side by side"
+    )
     for key in ("knn", "nprobe", "shortlist", "min_inliers"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"query {key} ({query_defaults[key]})")
     parser.add_argument("--local-weight", type=float, help=f"query local_weight ({query_defaults['local_weight']})")
@@ -416,5 +454,6 @@ def main(argv=None):
         "query": {k: v for k, v in query.items() if v is not None},
         "ablation": not args.no_ablation,
         "augment": args.augment,
+        "method": args.method,
     }
     run(args.images, args.workdir, args.groups, args.gnd, conf, args.model, beam_options, args.fresh)

@@ -116,9 +116,9 @@ def run(features, output, conf=None, beam_options=None, test_pipeline=None):
     log.info("fit on %d feature tables of model %s", len(elements), fingerprint[:12])
 
     def fit_and_write(sample):
-        pca, trained, info = cb.fit_codebooks(sample, conf)
+        pca, trained, words, info = cb.fit_codebooks(sample, conf)
         info.update(model_fingerprint=fingerprint, model=model, features=features)
-        art.write_codebooks(output, pca, trained, info)
+        art.write_codebooks(output, pca, trained, info, words)
 
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
     with pipeline as p:
@@ -151,6 +151,11 @@ def main(argv=None):
     parser.add_argument("--opq", action="store_true", default=None, help="learn an OPQ rotation before PQ")
     parser.add_argument("--nlist", type=int, help="coarse cells (default: about 4 sqrt(descriptors))")
     parser.add_argument("--seed", type=int, help="seed of the sample and the k-means (0)")
+    parser.add_argument(
+        "--asmk-words",
+        type=lambda v: v if v == "auto" else int(v),
+        help="ASMK visual words: a number or auto (0: none)",
+    )
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
     conf = dict(cb.presets[args.preset])

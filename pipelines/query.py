@@ -48,7 +48,10 @@ def main(argv=None):
     parser.add_argument("--model", help="the .onnx model the index was built from (default: the shipped one)")
     parser.add_argument("--shortlist", type=int, default=default_conf["shortlist"], help="images verified per query")
     parser.add_argument("--no-global", action="store_true", help="switch off the global descriptor")
-    parser.add_argument("--no-local", action="store_true", help="switch off local k-NN votes")
+    parser.add_argument(
+        "--local-method", choices=("knn", "asmk"), help="local ranking of an index built with both (default: knn)"
+    )
+    parser.add_argument("--no-local", action="store_true", help="switch off the local ranking (votes or ASMK)")
     parser.add_argument("--no-verification", action="store_true", help="switch off geometric verification")
     parser.add_argument("--expansion", action="store_true", help="alpha-QE with the verified results, verify again")
     parser.add_argument(
@@ -64,6 +67,7 @@ def main(argv=None):
         "expansion": args.expansion,
         "graph_expansion": args.graph_expansion,
         "use_dba": args.dba,
+        "local_method": args.local_method,
     }
     index = Index.load(args.index, model=args.model, conf=conf)
     failures = 0

@@ -124,8 +124,7 @@ def queries(p, input, conf, manifest, model=None, threads=None):
     if holds_feature_tables(input):
         tables = live_tables(input)
         for uri, _, meta, _ in tables:
-            if meta["model_fingerprint"] != manifest["model_fingerprint"]:
-                art.check_fingerprint(manifest["model_fingerprint"], meta["model_fingerprint"], f"queries in {uri}")
+            art.check_fingerprint(manifest["model_fingerprint"], meta["model_fingerprint"], f"queries in {uri}")
         found = (
             p
             | "QueryTables" >> beam.Create([(uri, stale) for uri, rows, _, stale in tables if rows])
@@ -145,7 +144,8 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
     conf = resolve_conf(conf)
     flags, threads = cli.beam_flags(beam_options)
     output = output.rstrip("/")
-    manifest = art.current_manifest(index)
+    pinned = art.current_version(index)  # every worker reads this version, whatever builds meanwhile
+    manifest = art.current_manifest(pinned)
     if not holds_feature_tables(input):
         _, _, fingerprint = load_model(model)
         art.check_fingerprint(manifest["model_fingerprint"], fingerprint, "queries extracted with this model")
@@ -156,7 +156,7 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
     with pipeline as p:
         found, extract_errors = queries(p, input, conf, manifest, model, threads if test_pipeline is None else None)
-        searched = found | "Search" >> beam.ParDo(Search(index, conf, shared.Shared())).with_outputs(
+        searched = found | "Search" >> beam.ParDo(Search(pinned, conf, shared.Shared())).with_outputs(
             "errors", main="results"
         )
         results_out = searched.results | "WriteResults" >> WriteShardedParquet(
@@ -215,10 +215,13 @@ def main(argv=None):
     for key in ("knn", "nprobe", "shortlist", "min_inliers"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"query {key} ({query_defaults[key]})")
     parser.add_argument("--local-weight", type=float, help=f"query local_weight ({query_defaults['local_weight']})")
+    parser.add_argument(
+        "--local-method", choices=("knn", "asmk"), help="local ranking of an index built with both (default: knn)"
+    )
     parser.add_argument("--no-verification", action="store_true", help="rank without geometric verification")
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
-    query = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight")}
+    query = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight", "local_method")}
     query = {k: v for k, v in query.items() if v is not None}
     if args.no_verification:
         query["use_verification"] = False

@@ -6,8 +6,10 @@ Codebooks folder, version 1::
     codebooks.json   format, model fingerprint, PCA / quantizer parameters, sample, sha256 of files
     pca.npz          mean, components, eigenvalues (indexing/pca.py)
     trained.faiss    the trained, empty faiss index (coarse quantizer + PQ)
+    asmk_words.npy   float32 [words, pca dim]: ASMK's visual words (fit --asmk-words; optional)
 
-Index artifact, version 2: a folder of versions and a pointer to the current one::
+Index artifact, version 3 (2 without ASMK): a folder of versions and a pointer to the
+current one::
 
     CURRENT                  {"version": ..., "manifest_sha256": ...}: the version readers load;
                              replaced in one write when a build or append has finished
@@ -17,12 +19,23 @@ Index artifact, version 2: a folder of versions and a pointer to the current one
         pca.npz, trained.faiss   the codebooks it was built with (append reuses them)
         index.faiss          IVF-PQ index header; its inverted lists live in index.ivfdata
         index.ivfdata        on-disk inverted lists: PQ code + 8-byte id per descriptor
+                             (both absent when built with --method asmk)
         images.parquet       IMAGES_SCHEMA: int id <-> image_id, uri, label, size, features,
                              geometry_offset, the extract run of its row
         geometry.npy         uint16 [descriptors, 3]: x, y (rounded pixels), scale (float16 bits)
         global.faiss         global descriptors, float16, inner product, row = int image id
         hidden.npy           int64 ids of images hidden at query time (changed or removed since
                              they were indexed; a rebuild leaves them out)
+      with --method asmk or both (indexing/asmk.py; docs/index.md, "ASMK"):
+        asmk_offsets.npy     int64 [words + 1]: where each word's entries start (CSR)
+        asmk_images.npy      int32 [entries]: image int id of each entry, ascending within a word
+        asmk_signatures.npy  uint8 [entries, bits / 8]: packed binarized residual of each entry
+        asmk_idf.npy         float32 [words]: log(images / images of the word)
+        asmk_norms.npy       float32 [images]: each image's self-similarity, sqrt(sum of idf^2)
+        asmk_words.faiss     the index that assigns query descriptors to words
+        asmk_words.npy       the word centroids (an append assigns with them)
+        codes.npy            uint8 [descriptors, code bytes]: each descriptor's IVF-PQ code (coarse
+                             cell + PQ), decoded for the verification of a shortlist
     _staging/<version>/      shards of a build in progress (never inside a version)
 
 A version folder is itself a complete artifact and can be loaded or copied on its own.
@@ -33,7 +46,10 @@ row is ``geometry_offset[image] + feature_index``.
 import pyarrow as pa
 
 CODEBOOKS_FORMAT, CODEBOOKS_VERSION = "delf-index-codebooks", 1
-ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 2
+# version 3 adds ASMK's files; a build without them (--method knn) still writes 2, which
+# earlier delf-index versions read; this one reads both
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 3
+ARTIFACT_READS = (2, 3)
 POINTER, VERSIONS, STAGING = "CURRENT", "versions", "_staging"
 FEATURE_BITS = 16  # features per image < 65536
 MAX_FEATURES = (1 << FEATURE_BITS) - 1

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import pathlib
 import shutil
 
 import faiss
@@ -15,9 +16,10 @@ from PIL import Image
 from delf_index.indexing import artifact as art
 from delf_index.indexing import pca as pca_lib
 from delf_index.indexing import shards
-from delf_index.indexing.codebooks import bottom_k, sample_keys
+from delf_index.indexing.codebooks import bottom_k, sample_keys, train_index
 from delf_index.pipelines import build, extract, fit
 from delf_index.pipelines.fit import BottomKSample
+from delf_index.schemas.features import descriptors_of
 from tests.conftest import ONE_WORKER, rgb
 
 
@@ -284,3 +286,23 @@ def test_tables_without_images_are_skipped_and_all_empty_is_a_clear_error(featur
     out = str(tmp_path / "index")
     build.run(str(mixed), out, codebooks=codebooks, beam_options=ONE_WORKER)
     assert len(art.Artifact.load(out)) == 6
+
+
+@pytest.mark.parametrize("spec", ["IVF16,PQ8x4", "OPQ8,IVF16,PQ8x4"])
+def test_shard_lists_from_one_encoding_equal_adding_the_vectors(feature_tables, tmp_path, spec):
+    """encode_shard adds the codes it encoded once (shared with ASMK's verification store);
+    the lists must be those faiss builds from the vectors, with and without an OPQ rotation."""
+    table = pq.read_table(sorted(pathlib.Path(feature_tables["a"]).glob("features/*.parquet"))[0])
+    descriptors = descriptors_of(table)
+    pca = pca_lib.fit_pca(descriptors, 16)
+    reduced = np.ascontiguousarray(pca_lib.apply_pca(descriptors, pca), np.float32)
+    trained = train_index(reduced, spec)
+    shards.encode_shard([table], pca, trained, 0, str(tmp_path / "shard"))
+    from_codes = faiss.read_index(str(tmp_path / "shard.ivf.faiss"))
+    from_vectors = faiss.clone_index(trained)
+    counts = table.column("num_features").to_numpy()
+    from_vectors.add_with_ids(reduced, np.concatenate([art.feature_ids(i, c) for i, c in enumerate(counts)]))
+    assert from_codes.ntotal == from_vectors.ntotal == len(reduced)
+    for index in (from_codes, from_vectors):
+        faiss.extract_index_ivf(index).nprobe = 4
+    assert np.array_equal(from_codes.search(reduced[:50], 5)[1], from_vectors.search(reduced[:50], 5)[1])

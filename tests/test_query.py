@@ -69,6 +69,14 @@ def test_evaluate_reuses_what_did_not_change(evaluated, corpus, tmp_path):
     with open(work / "features" / "_SUMMARY.json") as f:
         assert json.load(f)["removed"] == 1
     assert "rocket-zoom.jpg" not in Artifact.load(str(work / "index")).image_ids and summary["queries"] == 17
+    # a run interrupted after extract and fit, before build: the next run builds, though
+    # nothing is left to extract
+    steps = json.loads((work / "steps.json").read_text())
+    (work / "steps.json").write_text(json.dumps({"fit": steps["fit"]}))
+    version = Artifact.load(str(work / "index")).manifest["version"]
+    evaluate.run(images, str(work), groups=str(tmp_path / "fewer.csv"), conf={"ablation": False, "fit": {"seed": 1}})
+    assert Artifact.load(str(work / "index")).manifest["version"] != version
+    assert json.loads((work / "steps.json").read_text())["build"] == steps["fit"]
 
 
 def test_search_takes_paths_bytes_arrays_and_features(index, corpus):
@@ -80,7 +88,7 @@ def test_search_takes_paths_bytes_arrays_and_features(index, corpus):
     assert by_path[0].image_id.startswith("coffee") and by_path[0].inliers >= 8
     assert by_path[0].query_xy.shape == by_path[0].match_xy.shape == (by_path[0].inliers, 2)
     features = index.features_of(image)
-    shared = {"neighbours": index.neighbours(features)}  # what the evaluation's ablation passes
+    shared = {"prepared": index.prepare(features)}  # what the evaluation's ablation passes
     for query, extra in ((data, {}), (image, {}), (features, {}), (features, shared)):
         again = index.search(query, top_k=5, exclude=["coffee-view.jpg"], **extra)
         assert [r.image_id for r in again] == [r.image_id for r in by_path]

@@ -1,0 +1,254 @@
+"""ASMK: the kernel against the reference `asmk` package, word assignment, and the pipeline
+(fit --asmk-words, build --method asmk / both, search by either local method)."""
+
+import functools
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from delf_index.errors import UserError
+from delf_index.indexing import artifact as art
+from delf_index.indexing import asmk
+from delf_index.indexing.codebooks import auto_words
+from delf_index.indexing.retrieval import Index, QueryError
+from delf_index.pipelines import build, evaluate, fit
+from delf_index.pipelines import query as query_cli
+from tests.conftest import ONE_WORKER
+
+
+def clustered(rng, images, per_image, dim, centres):
+    """Descriptors [images * per_image, dim] (L2-normalised) around shared centres, so that
+    images share words as real ones do; and the image of each descriptor."""
+    picks = rng.integers(0, len(centres), size=images * per_image)
+    x = centres[picks] + 0.3 * rng.normal(size=(len(picks), dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), np.repeat(np.arange(images), per_image)
+
+
+def test_signatures_are_the_signs_of_the_summed_residuals():
+    centroids = np.array([[0.0, 0.0, 0.0, 0.0], [10.0, 10.0, 10.0, 10.0]], np.float32)
+    reduced = np.array([[1, -2, 3, -4], [2, 1, -1, -1], [11, 9, 10.5, 9.9]], np.float32)
+    words, signatures = asmk.aggregate(reduced, np.array([[0], [0], [1]]), centroids)
+    assert words.tolist() == [0, 1]
+    # word 0: residual sum (3, -1, 2, -5) -> bits 1010; word 1: (1, -1, 0.5, -0.1) -> 1010
+    np.testing.assert_array_equal(np.unpackbits(signatures, axis=1)[:, :4], [[1, 0, 1, 0], [1, 0, 1, 0]])
+    # multiple assignment: a descriptor counts in each of its words
+    words, _ = asmk.aggregate(reduced, np.array([[0, 1], [0, 1], [1, 0]]), centroids)
+    assert words.tolist() == [0, 1]
+
+
+def test_scores_equal_the_reference_asmk_package():
+    """Our CSR inverted file and vectorised search against the authors' implementation
+    (pip package `asmk`): the same scores for every image, with multiple assignment on the
+    query side, IDF, selectivity alpha 3 and threshold 0. 32 dimensions: the package packs
+    bits in uint32 words and normalises Hamming distances by whole words (docs/index.md)."""
+    reference_kernel = pytest.importorskip("asmk.kernel")
+    reference_ivf = pytest.importorskip("asmk.inverted_file")
+    rng = np.random.default_rng(0)
+    dim, num_words, num_images = 32, 24, 30
+    centres = rng.normal(size=(40, dim))
+    database, owners = clustered(rng, num_images, 60, dim, centres)
+    centroids = asmk.fit_words(database, num_words, seed=0)
+    words_index = asmk.word_index(centroids)
+
+    entries = [
+        asmk.aggregate(database[owners == i], asmk.assign(words_index, database[owners == i], 1), centroids)
+        for i in range(num_images)
+    ]
+    found = np.concatenate([w for w, _ in entries])
+    ivf = asmk.build_ivf(
+        found,
+        np.concatenate([np.full(len(w), i) for i, (w, _) in enumerate(entries)]),
+        np.concatenate([s for _, s in entries]),
+        num_images,
+        num_words,
+    )
+    assert np.all(np.diff(ivf["offsets"]) > 0), "every word used: the package gives unused words IDF 1"
+
+    codebook = type("Codebook", (), {"centroids": centroids})()
+    kernel = reference_kernel.ASMKKernel(codebook, binary=True)
+    db_words = asmk.assign(words_index, database, 1)
+    agg, agg_words, agg_images = kernel.aggregate(database, db_words, owners)
+    reference = reference_ivf.IVF.initialize_empty(codebook_size=num_words, use_idf=True)
+    reference.add(agg, agg_words, agg_images)
+    similarity = functools.partial(kernel.similarity, alpha=3.0, similarity_threshold=0.0)
+
+    for image in (0, 5, 9):  # a noisy copy of a database image: real matches, and the rest
+        query = database[owners == image] + 0.01 * rng.normal(size=(60, dim)).astype(np.float32)
+        assignments = asmk.assign(words_index, query, 3)
+        ours = asmk.search(ivf, *asmk.aggregate(query, assignments, centroids), {"alpha": 3.0, "threshold": 0.0})
+        q_agg, q_words = kernel.aggregate_image(query, assignments)
+        ranks, scores = reference.search(q_agg, q_words, similarity_func=similarity, topk=num_images)
+        theirs = np.zeros(num_images)
+        theirs[ranks] = scores
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+        assert np.count_nonzero(ours) > num_images // 2  # shared words: a comparison of substance
+        single = asmk.search(ivf, *asmk.aggregate(query, asmk.assign(words_index, query, 1), centroids))
+        assert np.argmax(single) == image  # the copied image ranks first
+
+
+def test_an_image_is_most_similar_to_itself():
+    rng = np.random.default_rng(1)
+    database, owners = clustered(rng, 20, 80, 40, rng.normal(size=(30, 40)))
+    centroids = asmk.fit_words(database, 32)
+    index = asmk.word_index(centroids)
+    parts = [
+        asmk.aggregate(database[owners == i], asmk.assign(index, database[owners == i], 1), centroids)
+        for i in range(20)
+    ]
+    ivf = asmk.build_ivf(
+        np.concatenate([w for w, _ in parts]),
+        np.concatenate([np.full(len(w), i) for i, (w, _) in enumerate(parts)]),
+        np.concatenate([s for _, s in parts]),
+        20,
+        32,
+    )
+    for i in (0, 7, 19):
+        scores = asmk.search(ivf, *parts[i])
+        assert np.argmax(scores) == i and scores[i] == pytest.approx(1.0, abs=1e-6)
+        assert np.all(scores <= 1.0 + 1e-6)
+    live = np.ones(20, bool)
+    live[7] = False
+    assert asmk.search(ivf, *parts[7], live=live)[7] == 0
+
+
+def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
+    """write_asmk merges sorted, memory-mapped shards (and a previous version) in word blocks;
+    the files must equal asmk.build_ivf of all entries at once, for any block size."""
+    from delf_index.indexing import shards
+
+    rng = np.random.default_rng(3)
+    num_words, num_images, bytes_ = 50, 40, 5
+    words = rng.integers(0, num_words, 900)
+    images = np.sort(rng.integers(0, num_images, 900))  # shards hold consecutive image ids
+    keep = np.unique(np.stack([words, images], 1), axis=0, return_index=True)[1]  # a word once per image
+    words, images = words[keep], images[keep]
+    signatures = rng.integers(0, 256, (len(words), bytes_), dtype=np.uint8)
+    expected = asmk.build_ivf(words, images, signatures, num_images, num_words)
+    assigner = type(
+        "Words",
+        (),
+        {
+            "centroids": np.zeros((num_words, 8), np.float32),
+            "index": asmk.word_index(np.zeros((num_words, 8), np.float32)),
+        },
+    )()
+
+    def write_shard(prefix, rows):
+        order = np.lexsort((images[rows], words[rows]))
+        files = shards.shard_files(prefix)
+        for suffix, array in zip(shards.ASMK_SHARD_SUFFIXES, (words[rows], images[rows], signatures[rows])):
+            np.save(files[suffix], array[order].astype(np.int32) if array.ndim == 1 else array[order])
+
+    bounds = [0, 10, 25, 33, num_images]  # images [0, 10) in a previous version, then three shards
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    first = np.flatnonzero(images < bounds[1])
+    old = asmk.build_ivf(words[first], images[first], signatures[first], num_images, num_words)
+    for key in ("offsets", "images", "signatures"):
+        np.save(previous / f"asmk_{key}.npy", old[key])
+    prefixes = []
+    for lo, hi in zip(bounds[1:-1], bounds[2:]):
+        prefixes.append(str(tmp_path / f"shard-{lo}"))
+        write_shard(prefixes[-1], np.flatnonzero((images >= lo) & (images < hi)))
+    for block in (3, 4096):
+        out = tmp_path / f"out-{block}"
+        out.mkdir()
+        shards.write_asmk(prefixes, str(previous), str(out), num_images, assigner, block_words=block)
+        for key in ("offsets", "images", "signatures", "idf", "norms"):
+            np.testing.assert_allclose(np.load(out / f"asmk_{key}.npy"), expected[key], rtol=1e-6, err_msg=key)
+
+
+def test_hnsw_assignment_finds_the_exact_nearest_word_almost_always():
+    rng = np.random.default_rng(2)
+    centroids = rng.normal(size=(4000, 40)).astype(np.float32)
+    queries = (centroids[rng.integers(0, 4000, 3000)] + 0.5 * rng.normal(size=(3000, 40))).astype(np.float32)
+    exact = asmk.assign(asmk.word_index(centroids), queries, 1)[:, 0]
+    graph = asmk.word_index(centroids, {"hnsw_above": 1000})
+    assert "HNSW" in type(graph).__name__
+    approximate = asmk.assign(graph, queries, 1)[:, 0]
+    assert np.mean(approximate == exact) > 0.95
+
+
+def test_automatic_word_counts():
+    assert auto_words(186_000) == 4096  # landmarks-dev
+    assert auto_words(1_000) == 1024 and auto_words(10**9) == 65536
+    assert auto_words(100_000_000) == 65536
+
+
+@pytest.fixture(scope="module")
+def asmk_codebooks(evaluated, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("asmk") / "codebooks")
+    fit.run(str(evaluated[0] / "features"), out, {"asmk_words": 128}, beam_options=ONE_WORKER)
+    return out
+
+
+def test_build_both_answers_by_either_method(evaluated, asmk_codebooks, corpus, tmp_path, capsys):
+    features = str(evaluated[0] / "features")
+    out = str(tmp_path / "both")
+    manifest = build.run(features, out, codebooks=asmk_codebooks, beam_options=ONE_WORKER, method="both")
+    assert manifest["method"] == "both" and "asmk_signatures.npy" in manifest["files"]
+    # format 3 with ASMK; a k-NN-only index stays at 2, which earlier versions read
+    assert (manifest["format_version"], art.current_manifest(str(evaluated[0] / "index"))["format_version"]) == (3, 2)
+    artifact = art.Artifact.load(out)
+    assert artifact.index is not None and len(artifact.asmk["offsets"]) == 129
+    assert len(artifact.codes) == manifest["counts"]["descriptors"]
+    query = str(corpus / "images" / "rocket-zoom.jpg")
+    for method in ("knn", "asmk"):
+        index = Index(artifact, {"local_method": method})
+        assert index.method == method
+        results = index.search(query, top_k=3, exclude=["rocket-zoom.jpg"])
+        assert results[0].image_id.startswith("rocket") and results[0].inliers >= 12, method
+        assert results[0].query_xy.shape == (results[0].inliers, 2)
+    # the query's own image, by ASMK alone with one word per descriptor: similarity 1
+    itself = Index(artifact, {"local_method": "asmk", "use_global": False, "use_verification": False})
+    itself.asmk_conf["query_assignments"] = 1
+    best = itself.search(query, top_k=1)[0]
+    assert best.image_id == "rocket-zoom.jpg" and best.local_score == pytest.approx(1.0, abs=1e-3)
+    # the command line chooses the method of an index that has both
+    for method in ("knn", "asmk"):
+        capsys.readouterr()
+        assert query_cli.main([query, "--index", out, "--json", "--local-method", method]) == 0
+        answer = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert answer["results"][0]["image_id"] == "rocket-zoom.jpg", method
+
+
+def test_an_asmk_index_needs_words_and_answers_only_asmk(evaluated, asmk_codebooks, corpus, tmp_path):
+    features = str(evaluated[0] / "features")
+    plain = str(evaluated[0] / "codebooks")  # fitted without words
+    with pytest.raises(UserError, match="--asmk-words"):
+        build.run(features, str(tmp_path / "none"), codebooks=plain, beam_options=ONE_WORKER, method="asmk")
+    out = str(tmp_path / "asmk")
+    manifest = build.run(features, out, codebooks=asmk_codebooks, beam_options=ONE_WORKER, method="asmk")
+    assert "index.faiss" not in manifest["files"] and manifest["method"] == "asmk"
+    index = Index.load(out)
+    assert index.method == "asmk" and index.artifact.index is None
+    results = index.search(str(corpus / "images" / "coffee-view.jpg"), top_k=2, exclude=["coffee-view.jpg"])
+    assert results[0].image_id.startswith("coffee") and results[0].inliers >= 12
+    with pytest.raises(QueryError, match="no knn lists"):
+        Index(index.artifact, {"local_method": "knn"})
+    with pytest.raises(QueryError, match="no asmk lists"):
+        Index.load(str(evaluated[0] / "index"), conf={"local_method": "asmk"})
+    # remove an image: an append hides it from ASMK's ranking too, and keeps the method
+    removed = build.run(features, out, append=True, remove=["coffee-view.jpg"], beam_options=ONE_WORKER)
+    assert removed["method"] == "asmk"
+    results = Index.load(out).search(str(corpus / "images" / "coffee-view.jpg"), top_k=None)
+    assert "coffee-view.jpg" not in [r.image_id for r in results]
+
+
+def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
+    """evaluate --method both: words fitted, one index with both, every stage of each method
+    scored; the ASMK rows are the ASMK index's own rankings."""
+    work = tmp_path / "work"
+    shutil.copytree(evaluated[0], work)
+    summary = evaluate.run(
+        str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), conf={"method": "both"}
+    )
+    assert art.current_manifest(str(work / "index"))["method"] == "both"
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())["scores"]
+    assert "ASMK local only" in metrics and "ASMK global only" not in metrics  # global: the same as k-NN's
+    assert summary["ASMK mAP"] == round(metrics["ASMK fused + verification"]["all"]["mAP"], 4) > 0.8
+    report = (work / "eval" / "report.md").read_text()
+    assert "| ASMK fused + verification |" in report
