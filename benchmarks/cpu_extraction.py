@@ -169,7 +169,7 @@ def main(argv=None):
                 best[name], network[name] = seconds, extractor.stats["seconds_network"] / seconds
     for name, (_, backbone, weights, global_from) in variants.items():
         gflop = gflop_per_image(backbone, weights, global_from, images[:3])
-        rate = args.images / best[name]
+        rate = len(images) / best[name]
         print(
             json.dumps(
                 {

@@ -9,7 +9,7 @@ exhaustively (mutual nearest neighbours, then RANSAC affine). Reported, leave-on
 - inliers: ranked by RANSAC inliers, ties broken by mutual NN count;
 - inliers+global: ranked by RANSAC inliers, ties broken by global similarity;
 - PQ votes, system: the whole system on these features (PCA 40 + PQ index from `fit` and
-  `build` with their defaults, queries through indexing/query.py): k-NN votes alone, and
+  `build` with their defaults, queries through indexing/retrieval.py): k-NN votes alone, and
   the full ranking (global + votes, verified shortlist).
 
     python benchmarks/feature_layers.py --workdir /tmp/layers [--configs efficientnet_lite0:stage5 ...]

@@ -44,7 +44,7 @@ def level_globals(extractor, path):
     with open(path, "rb") as f:
         image, _ = prepare_for_extraction(f.read(), extractor.conf["max_image_size"])
     levels = extractor.pyramid(image)
-    outputs = extractor._run_network([(k, level[1], level[2]) for k, level in enumerate(levels)], 1)
+    outputs = extractor.run_network([(k, level[1], level[2]) for k, level in enumerate(levels)], 1)
     return {round(level[0], 4): outputs[k][3] for k, level in enumerate(levels)}
 
 

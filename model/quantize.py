@@ -27,7 +27,9 @@ from delf_index.runtime.images import decode_for_extraction
 from delf_index.schemas import model as model_schema
 
 default_conf = {
-    "calibration_images": 16,  # photos whose pyramid levels calibrate the activation ranges
+    # photos (at most) whose pyramid levels calibrate the activation ranges; the default set,
+    # scikit-image's, has 8
+    "calibration_images": 16,
     "seed": 0,  # which photos, when more are given
     "per_channel": True,  # one weight scale per output channel
 }

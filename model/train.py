@@ -358,7 +358,7 @@ def mutual_nearest(desc_a, desc_b, ratio=0.95, chunk=4096):
 
 class PyramidCells:
     """All candidate cells of an image over the extractor's pyramid: raw features (the head's
-    input), original-pixel positions and scales, as `pipelines.extractor` computes them."""
+    input), original-pixel positions and scales, as `delf_index.runtime.extractor` computes them."""
 
     def __init__(self, trainer, image, scales, min_level_size=10):
         h0, w0 = image.shape[:2]

@@ -166,8 +166,10 @@ def decide(now, before, run, full=False, retry_errors=False):
     counts = {"listed": len(now)}
     if not before:
         return list(now), [], {**counts, "new": len(now)}
-    size, version = now[0][-2], now[0][-1]
-    changed = size is None or any((b["size"], b["version"]) != (size, version) for b in before)
+    # (size, version) of every item now against those of the rows before: a duplicate
+    # image_id's error row carries its own file's, so a listing with duplicates is unchanged
+    sources = {(item[-2], item[-1]) for item in now}
+    changed = any(size is None for size, _ in sources) or sources != {(b["size"], b["version"]) for b in before}
     # an image with only error rows failed; a duplicate's error row next to an extracted row did not
     failed = {b["image_id"] for b in before} != {b["image_id"] for b in before if b["ok"]}
     reason = "recomputed" if full else "changed" if changed else "retried" if retry_errors and failed else None
@@ -390,6 +392,14 @@ def earlier_runs(output, conf, fingerprint):
                     f"{output} holds tables of model {meta['model_fingerprint'][:12]} with other extraction "
                     f"settings ({uri}); extract into a new --output (this run: model {fingerprint[:12]})"
                 )
+            if name == "features":
+                stored = open_table(uri).schema_arrow.field("descriptors").type.value_type.value_type
+                wanted = table_schema.DESCRIPTOR_DTYPES[conf["descriptor_dtype"]][0]
+                if stored != wanted:
+                    raise UserError(
+                        f"{output} holds {stored} descriptors ({uri}), this run writes {wanted}: "
+                        "extract into a new --output, or with the same --descriptor-dtype"
+                    )
             previous.append((uri, frozenset(stale.get(meta["run"], ()))))
     return previous
 

@@ -39,6 +39,7 @@ from delf_index.indexing import expansion, graph
 from delf_index.indexing.retrieval import Index
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import cli, visualize
+from delf_index.pipelines.build import DEFAULT_KEEP
 from delf_index.pipelines.search import ReadQueries
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
 from delf_index.runtime import storage
@@ -54,6 +55,7 @@ default_conf = {
     # through any weak edge, so they need more proof than a ranking (measured on landmarks-dev:
     # adjusted Rand index 0.41 at 12, 0.86 at 20, 0.98 at 30; benchmarks/README.md)
     "min_inliers": 30,
+    "keep": DEFAULT_KEEP,  # index versions kept when --augment publishes one (as build --keep)
     "sheet": True,  # write sheet/: PNGs and an HTML page of the largest clusters and the suspects
     "sheet_rows": 12,  # clusters and suspects shown
     "rows_per_shard": 100_000,  # rows per Parquet file
@@ -140,7 +142,8 @@ def read_labels(uri):
     rows = list(csv.DictReader(storage.read_bytes(uri).decode().splitlines()))
     if not rows or not ({"image_id", "id"} & set(rows[0])) or "label" not in rows[0]:
         raise UserError(f"{uri} needs columns image_id (or id) and label")
-    return {r.get("image_id") or r["id"]: (r["label"] or None) for r in rows}
+    key = "image_id" if "image_id" in rows[0] else "id"
+    return {r[key].strip(): (r["label"] or None) for r in rows if (r[key] or "").strip()}
 
 
 def run(index, output, features=None, conf=None, labels=None, beam_options=None, test_pipeline=None, augment=False):
@@ -152,11 +155,18 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
     conf = resolve_conf(conf)
     flags, _ = cli.beam_flags(beam_options)
     output = output.rstrip("/")
-    manifest = art.current_manifest(index)
-    image_ids, uris, index_labels = art.read_images(index)
+    pinned = art.current_version(index)  # every worker reads this version, whatever builds meanwhile
+    manifest = art.current_manifest(pinned)
+    image_ids, uris, index_labels = art.read_images(pinned)
     if isinstance(labels, str):
         labels = read_labels(labels)
-    labels = labels if labels is not None else dict(zip(image_ids, index_labels))
+    if labels is not None:  # they replace the index's: for its images only
+        unknown = len(set(labels) - set(image_ids))
+        if unknown:
+            log.warning("%d labelled image_ids are not in %s: ignored", unknown, index)
+        labels = {image_id: labels.get(image_id) for image_id in image_ids}
+    else:
+        labels = dict(zip(image_ids, index_labels))
     tables = source_tables(manifest, features)
     metadata = {
         t: schema.table_metadata(t, manifest["version"], manifest["model_fingerprint"], conf)
@@ -185,7 +195,7 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
             | "SpreadTables" >> beam.Reshuffle()
             | "ReadQueries" >> beam.ParDo(ReadQueries())
             | "SpreadQueries" >> beam.Reshuffle()
-            | "Neighbours" >> beam.ParDo(Neighbours(index, conf, shared.Shared()))
+            | "Neighbours" >> beam.ParDo(Neighbours(pinned, conf, shared.Shared()))
             | "GroupPairs" >> beam.GroupByKey()
             | "Pairs" >> beam.FlatMap(pair_row)
         )
@@ -224,7 +234,9 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
     if conf["sheet"]:
         summary["sheet"] = write_sheet(output, dict(zip(image_ids, uris)), conf["sheet_rows"], has_labels)
     if augment:
-        summary["augmented_version"] = augment_index(index, read_table(output, "pairs"), manifest["version"])
+        summary["augmented_version"] = augment_index(
+            index, read_table(output, "pairs"), manifest["version"], conf["keep"]
+        )
     summary["seconds"] = round(time.time() - start, 1)
     print(
         f"match: {summary['images']} images, {summary['rows']['pairs']} verified pairs, "
@@ -305,7 +317,7 @@ def write_sheet(output, uri_of, rows, has_labels):
     return posixpath.join(target, "index.html")
 
 
-def augment_index(index, pairs, matched_version, keep=2):
+def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP):
     """Publish a new version of `index`: the current one's files (hard links where the
     filesystem allows) plus the verified neighbour graph of `pairs` and the DBA global
     descriptors (indexing/expansion.py). Refuses when the index changed since it was matched."""
@@ -362,10 +374,15 @@ def main(argv=None):
     parser.add_argument(
         "--augment", action="store_true", help="publish a version of the index with the graph and DBA (query expansion)"
     )
+    parser.add_argument(
+        "--keep", type=int, help=f"with --augment: index versions to keep ({DEFAULT_KEEP}); 0 keeps all"
+    )
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
     query = {k: v for k, v in (("min_inliers", args.pair_inliers), ("shortlist", args.shortlist)) if v is not None}
     conf = {"top": args.top, "query": query, "sheet": not args.no_sheet}
     if args.min_inliers is not None:
         conf["min_inliers"] = args.min_inliers
+    if args.keep is not None:
+        conf["keep"] = args.keep
     run(args.index, args.output, args.features, conf, args.labels, beam_options, augment=args.augment)

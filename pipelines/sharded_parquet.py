@@ -86,7 +86,11 @@ class _WriteShard(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(
                     "duplicates",
                     error_row(
-                        row["image_id"], row["uri"], "list", f"duplicate image_id, also read from {kept[-1]['uri']}"
+                        row["image_id"],
+                        row["uri"],
+                        "list",
+                        f"duplicate image_id, also read from {kept[-1]['uri']}",
+                        (row.get("source_size"), row.get("source_version")),  # so the next run sees it unchanged
                     ),
                 )
                 continue

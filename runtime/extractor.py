@@ -223,8 +223,9 @@ class Extractor:
             levels.append((s, resized, (h, w)))
         return levels
 
-    def _run_network(self, inputs, k):
-        """Candidates of all (key, level array, valid size) inputs; same shapes batched together."""
+    def run_network(self, inputs, k):
+        """{key: the network's outputs (top-k candidates, global pooling)} of (key, level array,
+        valid size) inputs: pyramid levels of one shape run as one batch."""
         by_shape = {}
         for item in inputs:
             by_shape.setdefault(item[1].shape, []).append(item)
@@ -259,7 +260,7 @@ class Extractor:
             inputs += [((n, k), level[1], level[2]) for k, level in enumerate(levels)]
         # the best max_features of each level hold the best of the image; NMS may need more
         nms_on = self.conf["nms_iou"] is not None and self.conf["nms_iou"] < 1.0
-        outputs = self._run_network(inputs, None if nms_on else self.conf["max_features"])
+        outputs = self.run_network(inputs, None if nms_on else self.conf["max_features"])
         results = [
             self._select(size, levels, [outputs[(n, k)] for k in range(len(levels))])
             for n, (size, levels) in enumerate(pyramids)

@@ -54,7 +54,7 @@ from delf_index.errors import SchemaError
 SCHEMA_VERSION = 2
 READS_VERSIONS = (1, 2)
 DESCRIPTOR_DTYPES = {"float16": (pa.float16(), np.float16), "float32": (pa.float32(), np.float32)}
-ERROR_STAGES = ("list", "read", "decode", "size", "extract")
+ERROR_STAGES = ("list", "read", "decode", "size", "extract", "search")
 SUPERSEDED_REASONS = ("changed", "removed", "retried", "recomputed")
 RUN_COLUMNS = [
     pa.field("run", pa.string()),

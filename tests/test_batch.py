@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import expansion, graph
 from delf_index.indexing.retrieval import Index, QueryError
@@ -157,3 +158,27 @@ def test_alpha_qe_and_the_neighbour_graph_by_hand():
     assert offsets.tolist() == [0, 2, 3, 5, 6]
     assert near[:2].tolist() == [2, 1] and inliers[:2].tolist() == [50, 30]  # most inliers first
     assert expansion.neighbours_of((offsets, near, inliers), 2, 20)[0].tolist() == [0]
+
+
+def test_a_query_the_index_refuses_becomes_an_error_row():
+    """A query that Index.search refuses (QueryError) is written to the errors table with
+    stage `search`; the job goes on."""
+
+    class Refusing:
+        def search(self, *args, **kwargs):
+            raise QueryError("use_dba needs an augmented index")
+
+    fn = search.Search("unused", search.resolve_conf(None), handle=None)
+    fn.index = Refusing()
+    (out,) = list(fn.process(("q.jpg", "/photos/q.jpg", None)))
+    assert out.tag == "errors"
+    assert (out.value["image_id"], out.value["stage"]) == ("q.jpg", "search")
+    assert "augmented" in out.value["error"]
+
+
+def test_label_csv_rows_without_an_image_id_are_skipped(tmp_path):
+    (tmp_path / "labels.csv").write_text("image_id,label\na.jpg,x\n,y\n b.jpg ,\n")
+    assert match.read_labels(str(tmp_path / "labels.csv")) == {"a.jpg": "x", "b.jpg": None}
+    (tmp_path / "bad.csv").write_text("name,label\na.jpg,x\n")
+    with pytest.raises(UserError, match="needs columns image_id"):
+        match.read_labels(str(tmp_path / "bad.csv"))

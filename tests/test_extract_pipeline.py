@@ -14,6 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, is_not_empty
 from PIL import Image
 
+from delf_index.errors import UserError
 from delf_index.pipelines import extract
 from delf_index.runtime.extractor import Extractor
 from delf_index.schemas.features import descriptors_of, read_table_metadata
@@ -140,6 +141,9 @@ def test_reruns_extract_only_what_is_new_changed_or_asked_for(image_dir, tmp_pat
     again = extract.run(str(image_dir), out, beam_options=ONE_WORKER)
     assert (again["unchanged"], again["images"], again["superseded"]) == (8, 0, 0)
     assert len(os.listdir(os.path.join(out, "features"))) == 4 and len(os.listdir(os.path.join(out, "runs"))) == 2
+    # another descriptor type cannot join these tables
+    with pytest.raises(UserError, match="holds halffloat descriptors .*, this run writes float"):
+        extract.run(str(image_dir), out, {"descriptor_dtype": "float32"}, beam_options=ONE_WORKER)
     # a day later: one new image, one rewritten with other content, one deleted
     (image_dir / "new.jpg").write_bytes(jpeg_bytes(small_photos["coffee"][::-1]))
     (image_dir / "chelsea.jpg").write_bytes(jpeg_bytes(small_photos["rocket"]))
@@ -276,6 +280,20 @@ def test_manifest_with_labels_and_missing_files(tmp_path, small_photos):
     (folder / "bad.csv").write_text("name,where\nx,y\n")
     with pytest.raises(Exception, match="needs an 'id' column"):
         extract.run(str(folder / "bad.csv"), out, beam_options=ONE_WORKER)
+
+
+def test_a_duplicate_image_id_is_reported_once_not_re_extracted_every_run(tmp_path, small_photos):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("astronaut", "coffee"):
+        (folder / f"{name}.jpg").write_bytes(jpeg_bytes(small_photos[name]))
+    (folder / "m.csv").write_text("id,url\na1,astronaut.jpg\na1,coffee.jpg\n")
+    out = str(tmp_path / "out")
+    first = extract.run(str(folder / "m.csv"), out, beam_options=ONE_WORKER)
+    _, errors = read_tables(out)
+    assert (first["extracted"], errors.column("error").to_pylist()[0][:24]) == (1, "duplicate image_id, also")
+    again = extract.run(str(folder / "m.csv"), out, beam_options=ONE_WORKER)
+    assert (again["unchanged"], again["extracted"]) == (2, 0)
 
 
 def test_landmarks_dev_subset(landmarks_dir, tmp_path):
