@@ -16,7 +16,7 @@ setup(
     package_data={"delf_index.model": ["default/*.onnx", "default/*.md", "default/*.pt"]},
     # Workers need no torch: inference runs on onnxruntime with the shipped .onnx model.
     install_requires=[
-        "numpy>=1.24,<2.5",  # apache-beam 2.77 caps numpy
+        "numpy>=2.0,<2.5",  # apache-beam 2.77 caps numpy; ASMK counts bits with numpy 2's bitwise_count
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "pillow>=10",

@@ -9,11 +9,11 @@ distance); the selectivity function keeps it when it reaches `threshold` and rai
 the power `alpha`; IDF weighs words by rarity. Scores are normalised by each image's and the
 query's self-similarity, so they lie in [0, 1].
 
-Layout on disk (index version files, memory-mapped): the word centroids and the words' HNSW
-graph (`asmk_words.faiss`), and the inverted file as CSR arrays (`asmk.npz`): offsets per
-word, image ids (int32) and packed signatures (uint8) per entry, IDF per word, and each
-image's normalisation. Differences from the `asmk` package of the method's authors are in
-docs/index.md.
+Layout on disk (index version files, memory-mapped; schemas/artifact.py): the index that
+assigns descriptors to words (`asmk_words.faiss`: exact, or an HNSW graph over many words),
+and the inverted file as CSR `.npy` arrays: offsets per word, image ids (int32) and packed
+signatures (uint8) per entry, IDF per word, and each image's normalisation. Differences
+from the `asmk` package of the method's authors are in docs/index.md.
 """
 
 import faiss
@@ -54,7 +54,8 @@ def word_index(centroids, conf=None):
 
 
 def assign(index, reduced, k, ef=None):
-    """The k nearest words of each descriptor [n, k] (int64)."""
+    """The k nearest words of each descriptor [n, k] (int64; -1 where fewer were found)."""
+    k = min(int(k), index.ntotal)
     if isinstance(index, faiss.IndexHNSWFlat):
         params = faiss.SearchParametersHNSW(efSearch=max(int(ef or default_conf["hnsw_ef"]), k))
         return index.search(np.ascontiguousarray(reduced, np.float32), k, params=params)[1]
@@ -67,6 +68,8 @@ def aggregate(reduced, assignments, centroids):
     n, k = assignments.shape
     words = assignments.ravel()
     rows = np.repeat(np.arange(n), k)
+    found = words >= 0  # faiss gives -1 for neighbours it did not find
+    words, rows = words[found], rows[found]
     unique, inverse = np.unique(words, return_inverse=True)
     sums = np.zeros((len(unique), reduced.shape[1]), np.float32)
     np.add.at(sums, inverse, reduced[rows] - centroids[words])
@@ -85,9 +88,11 @@ def build_ivf(words, images, signatures, num_images, num_words):
     return {"offsets": offsets, "images": images, "signatures": signatures, "idf": idf, "norms": norms}
 
 
-def search(ivf, words, signatures, conf=None, live=None):
+def search(ivf, words, signatures, conf=None, live=None, bits=None):
     """ASMK similarity of a query (its aggregated words and signatures) with every image
-    [num_images]: sum over shared words of idf^2 * selectivity(code similarity), normalised."""
+    [num_images]: sum over shared words of idf^2 * selectivity(code similarity), normalised.
+    `bits`: of a signature, the dimension of the descriptors (default: its bytes x 8; the
+    padding bits are 0 in every code, so they change no distance, only this scale)."""
     conf = {**default_conf, **(conf or {})}
     offsets, idf, norms = ivf["offsets"], ivf["idf"], ivf["norms"]
     scores = np.zeros(len(norms), np.float64)
@@ -100,7 +105,7 @@ def search(ivf, words, signatures, conf=None, live=None):
         # Hamming distances on uint64 words: numpy counts them ~6x faster than bytes (measured)
         differing = np.bitwise_count(as_uint64(stored) ^ np.repeat(as_uint64(signatures), lengths, axis=0))
         distance = differing[:, 0] if differing.shape[1] == 1 else differing.sum(axis=1)
-        bits = signatures.shape[1] * 8
+        bits = bits or signatures.shape[1] * 8
         similarity = 1.0 - 2.0 * np.arange(bits + 1) / bits  # for each possible distance
         selectivity = np.where(similarity >= conf["threshold"], np.maximum(similarity, 0) ** conf["alpha"], 0.0)
         weight = selectivity[distance] * np.repeat(idf[words].astype(np.float64) ** 2, lengths)

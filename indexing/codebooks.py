@@ -101,6 +101,10 @@ def fit_codebooks(sample, conf):
     words = None
     if conf["asmk_words"]:
         count = auto_words(sample["descriptors_total"]) if conf["asmk_words"] == "auto" else int(conf["asmk_words"])
+        if conf["asmk_words"] == "auto":  # a small corpus: k-means needs points, ~39 per word
+            count = min(count, max(2, len(reduced) // 39))
+        if count > len(reduced):
+            raise UserError(f"{count} ASMK words need at least as many sampled descriptors, not {len(reduced)}")
         log.info("training %d ASMK visual words on %d descriptors", count, len(reduced))
         words = asmk.fit_words(reduced, count, conf["seed"])
     info = {

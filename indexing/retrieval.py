@@ -193,7 +193,8 @@ class Index:
             if conf["use_local"] and self.method == "knn":
                 local_scores = self._votes(prepared["neighbours"], n, len(features))
             elif conf["use_local"]:
-                local_scores = asmk.search(self.artifact.asmk, *prepared["asmk"], self.asmk_conf)
+                bits = self.artifact.pca["components"].shape[0]
+                local_scores = asmk.search(self.artifact.asmk, *prepared["asmk"], self.asmk_conf, bits=bits)
         else:
             prepared = None
         weight = conf["local_weight"] if self.method == "knn" else conf["asmk_weight"]
@@ -253,9 +254,12 @@ class Index:
     def _verify_shortlist(self, features, prepared, order, inliers, matches, tried):
         """Verify the rows among the first `shortlist` of `order` not `tried` yet; fills
         `inliers` and `matches` (rows under min_inliers keep 0)."""
-        rows = [row for row in order[: self.conf["shortlist"]] if row not in tried]
-        if self.method == "asmk":
-            prepared = {**prepared, "neighbours": self.shortlist_neighbours(prepared["reduced"], rows)}
+        shortlist = list(order[: self.conf["shortlist"]])
+        rows = [row for row in shortlist if row not in tried]
+        if self.method == "asmk" and rows:
+            # neighbours among the whole shortlist (as k-NN voting's are among the whole index),
+            # also when an expansion round verifies only its new rows
+            prepared = {**prepared, "neighbours": self.shortlist_neighbours(prepared["reduced"], shortlist)}
         for row in rows:
             tried.add(row)
             count, qxy, dxy = self._verify(features, prepared, row)

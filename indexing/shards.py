@@ -297,24 +297,32 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
     Streams: every source is sorted by (word, image) and memory-mapped, and the output is
     written `block_words` words at a time, so memory holds one block of entries, not the
     corpus (asmk.build_ivf is the same file built in memory)."""
-    sources = []  # (words, images, signatures) per source, in image id order
-    if previous:
-        offsets = np.load(os.path.join(previous, "asmk_offsets.npy"))
-        sources.append(
-            (
-                np.repeat(np.arange(len(offsets) - 1, dtype=np.int32), np.diff(offsets)),
-                np.load(os.path.join(previous, "asmk_images.npy"), mmap_mode="r"),
-                np.load(os.path.join(previous, "asmk_signatures.npy"), mmap_mode="r"),
-            )
-        )
-    for prefix in prefixes:
-        files = shard_files(prefix)
-        sources.append(tuple(np.load(files[suffix], mmap_mode="r") for suffix in ASMK_SHARD_SUFFIXES))
+    if num_images >= 2**31:
+        raise art.ArtifactError(f"{num_images} images: ASMK's inverted file holds int32 image ids, at most 2**31 - 1")
     num_words = len(words.centroids)
-    counts = sum(np.bincount(found, minlength=num_words) for found, _, _ in sources)
+    sources = []  # per source, in image id order: word offsets (CSR) or sorted words, images, signatures
+    if previous:
+        load = lambda name: np.load(os.path.join(previous, name), mmap_mode="r")  # noqa: E731
+        sources.append((np.load(os.path.join(previous, "asmk_offsets.npy")), None, *map(load, ASMK_FILES[1:3])))
+    for prefix in prefixes:
+        found, owners, signatures = (np.load(shard_files(prefix)[s], mmap_mode="r") for s in ASMK_SHARD_SUFFIXES)
+        sources.append((None, found, owners, signatures))
+
+    def block(source, first, last):  # (words, images, signatures) of one source's words [first, last)
+        offsets, found, owners, signatures = source
+        if offsets is not None:  # a previous version: CSR, its words implied by the offsets
+            lo, hi = offsets[first], offsets[last]
+            found = np.repeat(np.arange(first, last, dtype=np.int32), np.diff(offsets[first : last + 1]))
+            return found, np.asarray(owners[lo:hi]), np.asarray(signatures[lo:hi])
+        lo, hi = np.searchsorted(found, [first, last])
+        return np.asarray(found[lo:hi]), np.asarray(owners[lo:hi]), np.asarray(signatures[lo:hi])
+
+    counts = np.zeros(num_words, np.int64)
+    for offsets, found, _, _ in sources:
+        counts += np.diff(offsets) if offsets is not None else np.bincount(found, minlength=num_words)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     idf = np.log(max(num_images, 1) / np.maximum(counts, 1)).astype(np.float32)
-    total, code_bytes = int(offsets[-1]), sources[0][2].shape[1]
+    total, code_bytes = int(offsets[-1]), sources[0][3].shape[1]
     images_out = np.lib.format.open_memmap(os.path.join(out_dir, "asmk_images.npy"), "w+", np.int32, (total,))
     signatures_out = np.lib.format.open_memmap(
         os.path.join(out_dir, "asmk_signatures.npy"), "w+", np.uint8, (total, code_bytes)
@@ -322,11 +330,7 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
     squared_norms = np.zeros(num_images, np.float64)
     for first in range(0, num_words, block_words):
         last = min(first + block_words, num_words)
-        parts = []
-        for found, owners, signatures in sources:
-            lo, hi = np.searchsorted(found, [first, last])
-            parts.append((np.asarray(found[lo:hi]), np.asarray(owners[lo:hi]), np.asarray(signatures[lo:hi])))
-        found, owners, signatures = (np.concatenate(p) for p in zip(*parts))
+        found, owners, signatures = (np.concatenate(p) for p in zip(*(block(s, first, last) for s in sources)))
         order = np.argsort(found, kind="stable")  # stable: images stay in source (= id) order
         images_out[offsets[first] : offsets[last]] = owners[order]
         signatures_out[offsets[first] : offsets[last]] = signatures[order]

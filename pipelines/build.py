@@ -216,13 +216,15 @@ def run(
     keep=DEFAULT_KEEP,
     beam_options=None,
     test_pipeline=None,
-    method="knn",
+    method=None,
 ):
     """Build a new version of the index at `output` from the live rows of the feature tables of
     `features` with the codebooks of `fit`; with `append`, add the tables the index does not
     list yet to its current version, with its own codebooks, and hide what changed or was
-    removed (`remove`: image_ids, or the URI of a CSV of them). Returns the new version's
-    manifest (the current one, unchanged, when an append finds nothing to do)."""
+    removed (`remove`: image_ids, or the URI of a CSV of them). `method`: the local index,
+    shards.METHODS (default: the index's own when appending to or rebuilding one, else
+    "knn"). Returns the new version's manifest (the current one, unchanged, when an append
+    finds nothing to do)."""
     flags, _ = cli.beam_flags(beam_options)
     output = output.rstrip("/")
     if isinstance(remove, str):
@@ -244,7 +246,12 @@ def run(
         tables, hide, reasons = plan_append(previous, tables, superseded(features), remove)
         previous_uri, codebooks_uri, first_id = previous.uri, output, previous.num_rows
         info = {k: v for k, v in previous.manifest.items() if k not in ("files", "counts", "format", "format_version")}
-        method = previous.manifest.get("method", "knn")  # an append keeps the index's local method
+        built_with = previous.manifest.get("method", "knn")
+        if method not in (None, built_with):
+            raise UserError(
+                f"--append keeps the index's local method ({built_with}); rebuild it to use --method {method}"
+            )
+        method = built_with
         if not tables and not hide:
             print(f"build: nothing to append to {output}: every table is indexed and nothing was removed")
             return previous.manifest
@@ -256,6 +263,9 @@ def run(
                 "--remove hides images of an existing index: use it with --append (a build indexes the live rows)"
             )
         _, _, codebooks_manifest = art.load_codebooks(codebooks)  # of fit, or an index's own (a rebuild)
+        if method is None:  # a rebuild (update's compaction too) keeps the index's local method
+            current = art.current_manifest(output) if art.read_pointer(output) is not None else {}
+            method = current.get("method", "knn")
         art.check_fingerprint(codebooks_manifest["model_fingerprint"], fingerprint, "the feature tables")
         codebooks_uri = codebooks
         info = {
@@ -330,8 +340,8 @@ def main(argv=None):
     parser.add_argument(
         "--method",
         choices=shards_lib.METHODS,
-        default="knn",
-        help="local index: k-NN voting (default), ASMK (needs codebooks fitted with --asmk-words), or both",
+        help="local index: k-NN voting, ASMK (needs codebooks fitted with --asmk-words), or both "
+        "(default: the index's when rebuilding one, else knn)",
     )
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)

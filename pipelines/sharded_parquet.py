@@ -90,7 +90,10 @@ class _WriteShard(beam.DoFn):
                         row["uri"],
                         "list",
                         f"duplicate image_id, also read from {kept[-1]['uri']}",
-                        (row.get("source_size"), row.get("source_version")),  # so the next run sees it unchanged
+                        # an image file's source, so the next run sees it unchanged; a tar member
+                        # ("shard.tar#name") gets none: its shard is read again while the duplicate
+                        # stands, in case the shard of the kept copy changes without it
+                        (None, None) if "#" in row["uri"] else (row.get("source_size"), row.get("source_version")),
                     ),
                 )
                 continue

@@ -232,10 +232,15 @@ def test_an_asmk_index_needs_words_and_answers_only_asmk(evaluated, asmk_codeboo
     with pytest.raises(QueryError, match="no asmk lists"):
         Index.load(str(evaluated[0] / "index"), conf={"local_method": "asmk"})
     # remove an image: an append hides it from ASMK's ranking too, and keeps the method
+    with pytest.raises(UserError, match="--append keeps the index's local method"):
+        build.run(features, out, append=True, remove=["coffee-view.jpg"], beam_options=ONE_WORKER, method="knn")
     removed = build.run(features, out, append=True, remove=["coffee-view.jpg"], beam_options=ONE_WORKER)
     assert removed["method"] == "asmk"
     results = Index.load(out).search(str(corpus / "images" / "coffee-view.jpg"), top_k=None)
     assert "coffee-view.jpg" not in [r.image_id for r in results]
+    # a rebuild in place with the index's own codebooks (update's compaction) keeps ASMK
+    rebuilt = build.run(features, out, codebooks=out, beam_options=ONE_WORKER)
+    assert rebuilt["method"] == "asmk" and rebuilt["counts"]["hidden"] == 0
 
 
 def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
@@ -252,3 +257,18 @@ def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
     assert summary["ASMK mAP"] == round(metrics["ASMK fused + verification"]["all"]["mAP"], 4) > 0.8
     report = (work / "eval" / "report.md").read_text()
     assert "| ASMK fused + verification |" in report
+
+
+def test_similarity_is_scaled_by_the_descriptor_bits_and_missing_words_are_ignored():
+    """12-d signatures take 2 bytes: 6 differing bits are similarity 0 (1 - 2 * 6 / 12), not
+    0.25 as 16 padded bits would make it. A word faiss did not find (-1) counts nowhere."""
+    database = np.packbits(np.ones((1, 12), bool), axis=1)
+    query = np.packbits(np.r_[np.ones(6, bool), np.zeros(6, bool)][None], axis=1)
+    ivf = asmk.build_ivf(np.array([3]), np.array([0]), database, 2, 4)  # 2 images: idf log 2
+    assert asmk.search(ivf, np.array([3]), query, bits=12)[0] == 0.0
+    assert asmk.search(ivf, np.array([3]), query)[0] > 0  # the padded scale: what bits= corrects
+    centroids = np.eye(4, 12, dtype=np.float32)
+    index = asmk.word_index(centroids)
+    assert asmk.assign(index, centroids, 6).shape == (4, 4)  # k capped at the words there are
+    words, _ = asmk.aggregate(centroids[:2], np.array([[0, -1], [1, -1]]), centroids)
+    assert words.tolist() == [0, 1]
