@@ -76,18 +76,6 @@ def aggregate(reduced, assignments, centroids):
     return unique.astype(np.int64), np.packbits(sums > 0, axis=1)
 
 
-def build_ivf(words, images, signatures, num_images, num_words):
-    """The inverted file of all entries (word, image, signature): CSR by word, images in
-    order inside a word; IDF log(N / images of the word); image norms sqrt(sum of idf^2)."""
-    order = np.lexsort((images, words))
-    words, images, signatures = words[order], images[order].astype(np.int32), signatures[order]
-    offsets = np.searchsorted(words, np.arange(num_words + 1)).astype(np.int64)
-    counts = np.diff(offsets)
-    idf = np.log(max(num_images, 1) / np.maximum(counts, 1)).astype(np.float32)
-    norms = np.sqrt(np.bincount(images, weights=idf[words] ** 2, minlength=num_images)).astype(np.float32)
-    return {"offsets": offsets, "images": images, "signatures": signatures, "idf": idf, "norms": norms}
-
-
 def search(ivf, words, signatures, conf=None, live=None, bits=None):
     """ASMK similarity of a query (its aggregated words and signatures) with every image
     [num_images]: sum over shared words of idf^2 * selectivity(code similarity), normalised.

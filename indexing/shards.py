@@ -296,7 +296,7 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
     image norms over all images (hidden ones are masked at query time), and the word index.
     Streams: every source is sorted by (word, image) and memory-mapped, and the output is
     written `block_words` words at a time, so memory holds one block of entries, not the
-    corpus (asmk.build_ivf is the same file built in memory)."""
+    corpus (tests/test_asmk.py checks it against the file built in memory)."""
     if num_images >= 2**31:
         raise art.ArtifactError(f"{num_images} images: ASMK's inverted file holds int32 image ids, at most 2**31 - 1")
     num_words = len(words.centroids)

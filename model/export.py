@@ -12,7 +12,6 @@ the runtime needs, and its fingerprint identifies every table and index built fr
 """
 
 import argparse
-import json
 import logging
 import os
 import tempfile
@@ -140,12 +139,7 @@ def export_onnx(model, output, meta):
     _name_dynamic_dims(proto)
     proto.producer_name = "delf-index"
     proto.doc_string = f"DELF local features, {meta['backbone']} {meta['feature_layer']}"
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = model_schema.METADATA_KEY, json.dumps(meta, sort_keys=True)
-    fp = model_schema.fingerprint(proto)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = model_schema.FINGERPRINT_KEY, fp
+    fp = model_schema.stamp(proto, meta)
     onnx.checker.check_model(proto)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     onnx.save(proto, output)

@@ -12,7 +12,6 @@ the two. Speed and quality against float32: benchmarks/README.md, "CPU extractio
 """
 
 import glob
-import json
 import os
 import tempfile
 
@@ -137,11 +136,6 @@ def quantize_int8(fp32_path, output, calibration=None, conf=None):
         "fp32_fingerprint": props[model_schema.FINGERPRINT_KEY],
         "raw_pixel_input": raw,
     }
-    del proto.metadata_props[:]
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = model_schema.METADATA_KEY, json.dumps(meta, sort_keys=True)
-    fingerprint = model_schema.fingerprint(proto)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = model_schema.FINGERPRINT_KEY, fingerprint
+    fingerprint = model_schema.stamp(proto, meta)
     onnx.save(proto, output)
     return fingerprint

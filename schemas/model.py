@@ -78,6 +78,17 @@ def fingerprint(model_proto):
             entry.key, entry.value = key, value
 
 
+def stamp(model_proto, meta):
+    """Replace the model's metadata by `meta` (JSON) and its fingerprint; returns the fingerprint."""
+    del model_proto.metadata_props[:]
+    entry = model_proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
+    value = fingerprint(model_proto)
+    entry = model_proto.metadata_props.add()
+    entry.key, entry.value = FINGERPRINT_KEY, value
+    return value
+
+
 def parse_metadata(props, source="the model"):
     """Validated metadata dict from ONNX metadata_props (a mapping); clear errors otherwise."""
     if METADATA_KEY not in props:

@@ -18,6 +18,19 @@ from delf_index.pipelines import query as query_cli
 from tests.conftest import ONE_WORKER
 
 
+def build_ivf(words, images, signatures, num_images, num_words):
+    """The inverted file of all entries (word, image, signature) built in memory, the
+    reference for shards.write_asmk's streamed merge: CSR by word, images in order inside a
+    word; IDF log(N / images of the word); image norms sqrt(sum of idf^2)."""
+    order = np.lexsort((images, words))
+    words, images, signatures = words[order], images[order].astype(np.int32), signatures[order]
+    offsets = np.searchsorted(words, np.arange(num_words + 1)).astype(np.int64)
+    counts = np.diff(offsets)
+    idf = np.log(max(num_images, 1) / np.maximum(counts, 1)).astype(np.float32)
+    norms = np.sqrt(np.bincount(images, weights=idf[words] ** 2, minlength=num_images)).astype(np.float32)
+    return {"offsets": offsets, "images": images, "signatures": signatures, "idf": idf, "norms": norms}
+
+
 def clustered(rng, images, per_image, dim, centres):
     """Descriptors [images * per_image, dim] (L2-normalised) around shared centres, so that
     images share words as real ones do; and the image of each descriptor."""
@@ -58,7 +71,7 @@ def test_scores_equal_the_reference_asmk_package():
         for i in range(num_images)
     ]
     found = np.concatenate([w for w, _ in entries])
-    ivf = asmk.build_ivf(
+    ivf = build_ivf(
         found,
         np.concatenate([np.full(len(w), i) for i, (w, _) in enumerate(entries)]),
         np.concatenate([s for _, s in entries]),
@@ -98,7 +111,7 @@ def test_an_image_is_most_similar_to_itself():
         asmk.aggregate(database[owners == i], asmk.assign(index, database[owners == i], 1), centroids)
         for i in range(20)
     ]
-    ivf = asmk.build_ivf(
+    ivf = build_ivf(
         np.concatenate([w for w, _ in parts]),
         np.concatenate([np.full(len(w), i) for i, (w, _) in enumerate(parts)]),
         np.concatenate([s for _, s in parts]),
@@ -126,7 +139,7 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
     keep = np.unique(np.stack([words, images], 1), axis=0, return_index=True)[1]  # a word once per image
     words, images = words[keep], images[keep]
     signatures = rng.integers(0, 256, (len(words), bytes_), dtype=np.uint8)
-    expected = asmk.build_ivf(words, images, signatures, num_images, num_words)
+    expected = build_ivf(words, images, signatures, num_images, num_words)
     assigner = type(
         "Words",
         (),
@@ -146,7 +159,7 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
     previous = tmp_path / "previous"
     previous.mkdir()
     first = np.flatnonzero(images < bounds[1])
-    old = asmk.build_ivf(words[first], images[first], signatures[first], num_images, num_words)
+    old = build_ivf(words[first], images[first], signatures[first], num_images, num_words)
     for key in ("offsets", "images", "signatures"):
         np.save(previous / f"asmk_{key}.npy", old[key])
     prefixes = []
@@ -264,7 +277,7 @@ def test_similarity_is_scaled_by_the_descriptor_bits_and_missing_words_are_ignor
     0.25 as 16 padded bits would make it. A word faiss did not find (-1) counts nowhere."""
     database = np.packbits(np.ones((1, 12), bool), axis=1)
     query = np.packbits(np.r_[np.ones(6, bool), np.zeros(6, bool)][None], axis=1)
-    ivf = asmk.build_ivf(np.array([3]), np.array([0]), database, 2, 4)  # 2 images: idf log 2
+    ivf = build_ivf(np.array([3]), np.array([0]), database, 2, 4)  # 2 images: idf log 2
     assert asmk.search(ivf, np.array([3]), query, bits=12)[0] == 0.0
     assert asmk.search(ivf, np.array([3]), query)[0] > 0  # the padded scale: what bits= corrects
     centroids = np.eye(4, 12, dtype=np.float32)
