@@ -16,7 +16,8 @@ setup(
     package_data={"delf_index.model": ["default/*.onnx", "default/*.md", "default/*.pt"]},
     # Workers need no torch: inference runs on onnxruntime with the shipped .onnx model.
     install_requires=[
-        "numpy>=2.0,<2.5",  # apache-beam 2.77 caps numpy; ASMK counts bits with numpy 2's bitwise_count
+        "numpy>=2.0,<2.5",  # apache-beam 2.77 caps numpy
+        "numba>=0.60",  # ASMK's list scan and id coding, compiled (indexing/asmk.py)
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "pillow>=10",

@@ -107,8 +107,10 @@ def queries(count, centres, seed=0):
 
 
 def time_queries(output, method, query_set, conf=None):
-    """Median seconds of search (for ASMK also of its first step alone: assigning the query's
-    descriptors to words and aggregating them) and verification; R@1 of the copies."""
+    """Median seconds of search and verification, R@1 of the copies; for ASMK also the parts
+    of its search, each alone: assigning the query's descriptors to words and aggregating
+    them (assign_s), scanning the lists (scan_s), and the global descriptor's scores that
+    both methods fuse with (global_s)."""
     index = Index.load(output, conf={"local_method": method, **(conf or {})})
     index.search(query_set[0][1], top_k=1)  # warm: page in the lists' headers, faiss threads
     splits, hits = [], 0
@@ -118,8 +120,14 @@ def time_queries(output, method, query_set, conf=None):
         hits += bool(results) and results[0].image_id == image_id
         if method == "asmk":
             start = time.perf_counter()
-            index.prepare(features)
+            prepared = index.prepare(features)
             timings["assign_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            asmk.search(index.artifact.asmk, *prepared["asmk"], index.asmk_conf, bits=DIM)
+            timings["scan_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            index._global_scores(features.global_descriptor)
+            timings["global_s"] = time.perf_counter() - start
         splits.append(timings)
     median = {k: round(float(np.median([t[k] for t in splits])), 4) for k in splits[0] if k != "extract_s"}
     return {**median, "R@1": hits / len(query_set)}
@@ -135,6 +143,8 @@ def query_times(output, centres, count):
         "asmk": time_queries(output, "asmk", query_set),
         "asmk_ma3": time_queries(output, "asmk", query_set, {"asmk": {"query_assignments": 3}}),
         "asmk_ma1": time_queries(output, "asmk", query_set, {"asmk": {"query_assignments": 1}}),
+        "asmk_ef64": time_queries(output, "asmk", query_set, {"asmk": {"hnsw_ef": 64}}),
+        "asmk_1_thread": time_queries(output, "asmk", query_set, {"asmk": {"threads": 1}}),
     }
 
 
@@ -252,7 +262,8 @@ def main(argv=None):
         centres,
         **{
             f"ivf{args.assign_nlist}_nprobe{args.assign_nprobe} (database side here)": (database_side, None),
-            "hnsw ef 64 (the product's, query side)": (asmk.word_index(words), 64),
+            "hnsw ef 64": (asmk.word_index(words), 64),
+            f"hnsw ef {asmk.default_conf['hnsw_ef']} (the product's, query side)": (asmk.word_index(words), None),
         },
     )
     assigner = faiss.serialize_index(database_side)

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from delf_index.errors import UserError
-from delf_index.indexing import expansion
+from delf_index.indexing import asmk, expansion
 from delf_index.indexing import pca as pca_lib
 from delf_index.runtime import storage
 from delf_index.schemas.artifact import (
@@ -323,10 +323,7 @@ class Artifact:
         # ASMK's inverted file (memory-mapped), word index and per-descriptor codes
         self.asmk, self.asmk_words, self.codes = None, None, None
         if "asmk_offsets.npy" in files:
-            self.asmk = {
-                key: np.load(os.path.join(folder, f"asmk_{key}.npy"), mmap_mode="r", allow_pickle=False)
-                for key in ("offsets", "images", "signatures", "idf", "norms")
-            }
+            self.asmk = asmk.open_lists(folder)
             self.asmk_words = faiss.read_index(os.path.join(folder, "asmk_words.faiss"))
             self.asmk_centroids = self.asmk_words.reconstruct_n(0, self.asmk_words.ntotal)
             self.codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")

@@ -11,12 +11,18 @@ query's self-similarity, so they lie in [0, 1].
 
 Layout on disk (index version files, memory-mapped; schemas/artifact.py): the index that
 assigns descriptors to words (`asmk_words.faiss`: exact, or an HNSW graph over many words),
-and the inverted file as CSR `.npy` arrays: offsets per word, image ids (int32) and packed
-signatures (uint8) per entry, IDF per word, and each image's normalisation. Differences
-from the `asmk` package of the method's authors are in docs/index.md.
+and the inverted file as CSR `.npy` arrays: offsets per word, packed signatures (uint8) per
+entry, the entries' image ids as one-byte differences within a word (the rare larger ones
+apart), IDF per word, and each image's normalisation. A query's lists are scanned by a
+compiled loop (numba). Differences from the `asmk` package of the method's authors are in
+docs/index.md.
 """
 
+import concurrent.futures
+import os
+
 import faiss
+import numba
 import numpy as np
 
 # the number of words is a codebook setting (codebooks.default_conf["asmk_words"]); a
@@ -26,7 +32,8 @@ default_conf = {
     "threshold": 0.0,  # selectivity threshold tau on the code similarity (the paper: 0)
     "query_assignments": 5,  # words per query descriptor (multiple assignment, the paper: 5)
     "hnsw_above": 8192,  # assign to words through an HNSW graph when there are more words
-    "hnsw_ef": 64,  # HNSW search breadth (recall against the cost of an assignment)
+    "hnsw_ef": 32,  # HNSW search breadth: recall of the words against the cost of assigning them
+    "threads": None,  # threads scanning one query's lists (None: one per core)
 }
 
 
@@ -79,30 +86,146 @@ def aggregate(reduced, assignments, centroids):
 def search(ivf, words, signatures, conf=None, live=None, bits=None):
     """ASMK similarity of a query (its aggregated words and signatures) with every image
     [num_images]: sum over shared words of idf^2 * selectivity(code similarity), normalised.
-    `bits`: of a signature, the dimension of the descriptors (default: its bytes x 8; the
-    padding bits are 0 in every code, so they change no distance, only this scale)."""
+    `ivf`: the inverted file (open_lists). `bits`: of a signature, the dimension of the
+    descriptors (default: its bytes x 8; the padding bits are 0 in every code, so they change
+    no distance, only this scale). The lists are scanned by a compiled loop (numba), the
+    query's words split over `threads` threads."""
     conf = {**default_conf, **(conf or {})}
     offsets, idf, norms = ivf["offsets"], ivf["idf"], ivf["norms"]
-    scores = np.zeros(len(norms), np.float64)
-    starts, ends = offsets[words], offsets[words + 1]
-    lengths = ends - starts
-    if lengths.sum():
-        # the query words' posting lists, copied as contiguous slices of the memory-mapped file
-        images = np.concatenate([ivf["images"][s:e] for s, e in zip(starts, ends)])
-        stored = np.concatenate([ivf["signatures"][s:e] for s, e in zip(starts, ends)])
-        # Hamming distances on uint64 words: numpy counts them ~6x faster than bytes (measured)
-        differing = np.bitwise_count(as_uint64(stored) ^ np.repeat(as_uint64(signatures), lengths, axis=0))
-        distance = differing[:, 0] if differing.shape[1] == 1 else differing.sum(axis=1)
-        bits = bits or signatures.shape[1] * 8
-        similarity = 1.0 - 2.0 * np.arange(bits + 1) / bits  # for each possible distance
-        selectivity = np.where(similarity >= conf["threshold"], np.maximum(similarity, 0) ** conf["alpha"], 0.0)
-        weight = selectivity[distance] * np.repeat(idf[words].astype(np.float64) ** 2, lengths)
-        scores = np.bincount(images, weights=weight, minlength=len(norms))
+    words = np.asarray(words, np.int64)
+    assert len(words) == len(signatures) and signatures.shape[1] == ivf["signatures"].shape[1], signatures.shape
+    assert len(words) == 0 or (words.min() >= 0 and words.max() < len(offsets) - 1), "word out of range"
+    query = as_uint64(signatures)
+    bits = bits or signatures.shape[1] * 8
+    # the selectivity of every possible Hamming distance (0 past `bits`: the padding never differs)
+    similarity = 1.0 - 2.0 * np.arange(64 * query.shape[1] + 1) / bits
+    table = np.where(similarity >= conf["threshold"], np.maximum(similarity, 0) ** conf["alpha"], 0.0)
+    table[bits + 1 :] = 0.0
+    weights = idf[words].astype(np.float64) ** 2
+    threads = max(1, min(int(conf["threads"] or os.cpu_count()), len(words)))
+    scores = np.zeros((threads, len(norms)), np.float64)
+    lists = (offsets, ivf["gaps"], ivf["exceptions"], ivf["exception_offsets"], ivf["signatures"])
+
+    def scan(t):  # every threads-th word: each thread adds into its own row of scores
+        _scan(*lists, words[t::threads], query[t::threads], weights[t::threads], table, scores[t])
+
+    if threads == 1:
+        scan(0)
+    else:  # _scan releases the GIL, so the threads run in parallel
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(scan, range(threads)))
     query_norm = np.sqrt(float((idf[words] ** 2).sum()))
-    scores = scores / np.maximum(norms * query_norm, 1e-12)
+    scores = scores.sum(axis=0) / np.maximum(norms * query_norm, 1e-12)
     if live is not None:
         scores[~live] = 0
     return scores.astype(np.float32)
+
+
+@numba.njit(cache=True, nogil=True)
+def _scan(offsets, gaps, exceptions, exception_offsets, signatures, words, query, weights, table, scores):
+    """For each query word and each entry of its list: scores[image] += weight *
+    table[Hamming distance between the entry's and the query's signature]."""
+    code_bytes = signatures.shape[1]
+    for q in range(len(words)):
+        word, weight, first = words[q], weights[q], query[q, 0]
+        image, k, k_end = 0, exception_offsets[word], exception_offsets[word + 1]
+        for entry in range(offsets[word], offsets[word + 1]):
+            if gaps[entry]:
+                image += gaps[entry]
+            elif k < k_end:
+                image, k = exceptions[k], k + 1
+            # the first 8 bytes of the signature as one uint64 (most signatures: 40 or 64 bits)
+            code = np.uint64(0)
+            for b in range(min(8, code_bytes)):
+                code |= np.uint64(signatures[entry, b]) << np.uint64(8 * b)
+            distance = _popcount(code ^ first)
+            for chunk in range(1, query.shape[1]):
+                code = np.uint64(0)
+                for b in range(8 * chunk, min(8 * chunk + 8, code_bytes)):
+                    code |= np.uint64(signatures[entry, b]) << np.uint64(8 * (b - 8 * chunk))
+                distance += _popcount(code ^ query[q, chunk])
+            if image < len(scores):  # a damaged file must not write outside the array
+                scores[image] += weight * table[distance]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _popcount(x):
+    """Set bits of a uint64 (the SWAR count; LLVM turns it into one instruction where it can)."""
+    x = x - ((x >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+
+
+@numba.njit(cache=True, nogil=True)
+def encode_ids(ids, offsets):
+    """Image ids ascending within each word of a CSR (`offsets` [words + 1]) as one byte per
+    entry, the difference from the previous id of the word (the first from 0), with the
+    exceptions: a difference that is 0 or over 255 is stored as byte 0 and the id itself, in
+    order, in `exceptions`. Returns (gaps uint8 [entries], exceptions int32, exception
+    offsets int64 [words + 1]). With 65,536 words and ~1000 entries per image, 3 % of the
+    differences exceed 255, whatever the collection's size (benchmarks/README.md)."""
+    num_words = len(offsets) - 1
+    gaps = np.zeros(len(ids), np.uint8)
+    exception_offsets = np.zeros(num_words + 1, np.int64)
+    for word in range(num_words):
+        previous, count = -1, 0
+        for entry in range(offsets[word], offsets[word + 1]):
+            gap = np.int64(ids[entry]) - max(previous, 0)
+            if ids[entry] <= previous:
+                raise ValueError("image ids must ascend within a word")
+            if 1 <= gap <= 255:
+                gaps[entry] = gap
+            else:
+                count += 1
+            previous = ids[entry]
+        exception_offsets[word + 1] = exception_offsets[word] + count
+    exceptions = np.empty(exception_offsets[num_words], np.int32)
+    k = 0
+    for entry in range(len(ids)):
+        if gaps[entry] == 0:
+            exceptions[k] = ids[entry]
+            k += 1
+    return gaps, exceptions, exception_offsets
+
+
+def list_images(lists, first=0, last=None):
+    """The image ids (int32) of the entries of words [first, last) of an inverted file (the
+    dict of open_lists, or encode_ids' arrays and offsets), in list order."""
+    last = len(lists["offsets"]) - 1 if last is None else last
+    coded = (lists[key] for key in ("gaps", "exceptions", "exception_offsets", "offsets"))
+    return _decode_ids(*coded, first, last)
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_ids(gaps, exceptions, exception_offsets, offsets, first, last):
+    out = np.empty(offsets[last] - offsets[first], np.int32)
+    i = 0
+    for word in range(first, last):
+        image, k = 0, exception_offsets[word]
+        for entry in range(offsets[word], offsets[word + 1]):
+            if gaps[entry]:
+                image += gaps[entry]
+            else:
+                image, k = exceptions[k], k + 1
+            out[i] = image
+            i += 1
+    return out
+
+
+LIST_KEYS = ("offsets", "signatures", "gaps", "exceptions", "exception_offsets", "idf", "norms")
+
+
+def open_lists(folder):
+    """The inverted file of an index version folder, memory-mapped: {key: array} for
+    LIST_KEYS, the files `asmk_<key>.npy` of schemas/artifact.py. A version of format 3
+    stored int32 image ids (`asmk_images.npy`): they are coded in memory."""
+    load = lambda key: np.load(os.path.join(folder, f"asmk_{key}.npy"), mmap_mode="r", allow_pickle=False)  # noqa: E731
+    if os.path.exists(os.path.join(folder, "asmk_gaps.npy")):
+        return {key: load(key) for key in LIST_KEYS}
+    lists = {key: load(key) for key in ("offsets", "signatures", "idf", "norms")}
+    coded = encode_ids(np.asarray(load("images")), np.asarray(lists["offsets"]))
+    return {**lists, **dict(zip(("gaps", "exceptions", "exception_offsets"), coded))}
 
 
 def as_uint64(rows):

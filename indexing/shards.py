@@ -32,7 +32,7 @@ SHARD_SUFFIXES = ("ivf.faiss", "geometry.npy", "images.parquet", "global.npy", "
 # ASMK entries of a shard, sorted by (word, image): words int32, images int32, packed signatures
 ASMK_SHARD_SUFFIXES = ("asmk-words.npy", "asmk-images.npy", "asmk-signatures.npy")
 METHODS = ("knn", "asmk", "both")  # what a build writes: k-NN voting's lists, ASMK's inverted file, or both
-ASMK_FILES = ("asmk_offsets.npy", "asmk_images.npy", "asmk_signatures.npy", "asmk_idf.npy", "asmk_norms.npy")
+ASMK_FILES = tuple(f"asmk_{key}.npy" for key in asmk.LIST_KEYS)
 
 
 def shard_files(prefix):
@@ -300,44 +300,54 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
     if num_images >= 2**31:
         raise art.ArtifactError(f"{num_images} images: ASMK's inverted file holds int32 image ids, at most 2**31 - 1")
     num_words = len(words.centroids)
-    sources = []  # per source, in image id order: word offsets (CSR) or sorted words, images, signatures
+    sources = []  # per source, in image id order: a previous version's lists, or a shard's sorted entries
     if previous:
-        load = lambda name: np.load(os.path.join(previous, name), mmap_mode="r")  # noqa: E731
-        sources.append((np.load(os.path.join(previous, "asmk_offsets.npy")), None, *map(load, ASMK_FILES[1:3])))
+        sources.append(asmk.open_lists(previous))
     for prefix in prefixes:
-        found, owners, signatures = (np.load(shard_files(prefix)[s], mmap_mode="r") for s in ASMK_SHARD_SUFFIXES)
-        sources.append((None, found, owners, signatures))
+        files = shard_files(prefix)
+        keys = ("words", "images", "signatures")  # of ASMK_SHARD_SUFFIXES
+        sources.append({key: np.load(files[s], mmap_mode="r") for key, s in zip(keys, ASMK_SHARD_SUFFIXES)})
 
     def block(source, first, last):  # (words, images, signatures) of one source's words [first, last)
-        offsets, found, owners, signatures = source
-        if offsets is not None:  # a previous version: CSR, its words implied by the offsets
-            lo, hi = offsets[first], offsets[last]
+        if "offsets" in source:  # a previous version: CSR, its words implied by the offsets
+            offsets = source["offsets"]
             found = np.repeat(np.arange(first, last, dtype=np.int32), np.diff(offsets[first : last + 1]))
-            return found, np.asarray(owners[lo:hi]), np.asarray(signatures[lo:hi])
-        lo, hi = np.searchsorted(found, [first, last])
-        return np.asarray(found[lo:hi]), np.asarray(owners[lo:hi]), np.asarray(signatures[lo:hi])
+            owners = asmk.list_images(source, first, last)
+            return found, owners, np.asarray(source["signatures"][offsets[first] : offsets[last]])
+        lo, hi = np.searchsorted(source["words"], [first, last])
+        return tuple(np.asarray(source[key][lo:hi]) for key in ("words", "images", "signatures"))
 
     counts = np.zeros(num_words, np.int64)
-    for offsets, found, _, _ in sources:
-        counts += np.diff(offsets) if offsets is not None else np.bincount(found, minlength=num_words)
+    for source in sources:
+        previous_lists = "offsets" in source
+        counts += np.diff(source["offsets"]) if previous_lists else np.bincount(source["words"], minlength=num_words)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     idf = np.log(max(num_images, 1) / np.maximum(counts, 1)).astype(np.float32)
-    total, code_bytes = int(offsets[-1]), sources[0][3].shape[1]
-    images_out = np.lib.format.open_memmap(os.path.join(out_dir, "asmk_images.npy"), "w+", np.int32, (total,))
+    total, code_bytes = int(offsets[-1]), sources[0]["signatures"].shape[1]
+    gaps_out = np.lib.format.open_memmap(os.path.join(out_dir, "asmk_gaps.npy"), "w+", np.uint8, (total,))
     signatures_out = np.lib.format.open_memmap(
         os.path.join(out_dir, "asmk_signatures.npy"), "w+", np.uint8, (total, code_bytes)
     )
+    # the exceptions (~3 % of the entries, 4 bytes each) are held until the end: their count is
+    # known only then
+    exceptions, exception_counts = [], np.zeros(num_words, np.int64)
     squared_norms = np.zeros(num_images, np.float64)
     for first in range(0, num_words, block_words):
         last = min(first + block_words, num_words)
         found, owners, signatures = (np.concatenate(p) for p in zip(*(block(s, first, last) for s in sources)))
         order = np.argsort(found, kind="stable")  # stable: images stay in source (= id) order
-        images_out[offsets[first] : offsets[last]] = owners[order]
+        block_offsets = offsets[first : last + 1] - offsets[first]
+        gaps, block_exceptions, block_exception_offsets = asmk.encode_ids(owners[order], block_offsets)
+        gaps_out[offsets[first] : offsets[last]] = gaps
         signatures_out[offsets[first] : offsets[last]] = signatures[order]
+        exceptions.append(block_exceptions)
+        exception_counts[first:last] = np.diff(block_exception_offsets)
         squared_norms += np.bincount(owners, weights=idf[found].astype(np.float64) ** 2, minlength=num_images)
-    images_out.flush()
+    gaps_out.flush()
     signatures_out.flush()
-    del images_out, signatures_out
+    del gaps_out, signatures_out
+    np.save(os.path.join(out_dir, "asmk_exceptions.npy"), np.concatenate(exceptions).astype(np.int32))
+    np.save(os.path.join(out_dir, "asmk_exception_offsets.npy"), np.concatenate([[0], np.cumsum(exception_counts)]))
     np.save(os.path.join(out_dir, "asmk_offsets.npy"), offsets)
     np.save(os.path.join(out_dir, "asmk_idf.npy"), idf)
     np.save(os.path.join(out_dir, "asmk_norms.npy"), np.sqrt(squared_norms).astype(np.float32))

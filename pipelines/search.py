@@ -31,7 +31,7 @@ from apache_beam.utils import shared
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
-from delf_index.indexing.retrieval import Index
+from delf_index.indexing.retrieval import Index, local_method
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import cli, extract, inputs
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
@@ -146,6 +146,9 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
     output = output.rstrip("/")
     pinned = art.current_version(index)  # every worker reads this version, whatever builds meanwhile
     manifest = art.current_manifest(pinned)
+    # refused here, not in every worker: a local method the index was not built with
+    has = {"knn": "index.faiss" in manifest["files"], "asmk": "asmk_offsets.npy" in manifest["files"]}
+    local_method(conf["query"].get("local_method"), has)
     if not holds_feature_tables(input):
         _, _, fingerprint = load_model(model)
         art.check_fingerprint(manifest["model_fingerprint"], fingerprint, "queries extracted with this model")

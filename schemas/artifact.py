@@ -8,7 +8,7 @@ Codebooks folder, version 1::
     trained.faiss    the trained, empty faiss index (coarse quantizer + PQ)
     asmk_words.npy   float32 [words, pca dim]: ASMK's visual words (fit --asmk-words; optional)
 
-Index artifact, version 3 (2 without ASMK): a folder of versions and a pointer to the
+Index artifact, version 4 (2 without ASMK): a folder of versions and a pointer to the
 current one::
 
     CURRENT                  {"version": ..., "manifest_sha256": ...}: the version readers load;
@@ -28,8 +28,14 @@ current one::
                              they were indexed; a rebuild leaves them out)
       with --method asmk or both (indexing/asmk.py; docs/index.md, "ASMK"):
         asmk_offsets.npy     int64 [words + 1]: where each word's entries start (CSR)
-        asmk_images.npy      int32 [entries]: image int id of each entry, ascending within a word
         asmk_signatures.npy  uint8 [entries, bits / 8]: packed binarized residual of each entry
+        asmk_gaps.npy        uint8 [entries]: each entry's image int id (ascending within a
+                             word) minus the previous entry's of the word (the first: minus 0);
+                             0 where that is 0 or over 255: the id is then the word's next
+        asmk_exceptions.npy  int32 [exceptions]: ids of those entries, in entry order
+        asmk_exception_offsets.npy  int64 [words + 1]: where each word's exceptions start
+                             (version 3 stored asmk_images.npy, int32 [entries], instead of
+                             these three; it is still read)
         asmk_idf.npy         float32 [words]: log(images / images of the word)
         asmk_norms.npy       float32 [images]: each image's self-similarity, sqrt(sum of idf^2)
         asmk_words.faiss     the index that assigns query descriptors to words
@@ -46,10 +52,10 @@ row is ``geometry_offset[image] + feature_index``.
 import pyarrow as pa
 
 CODEBOOKS_FORMAT, CODEBOOKS_VERSION = "delf-index-codebooks", 1
-# version 3 adds ASMK's files; a build without them (--method knn) still writes 2, which
-# earlier delf-index versions read; this one reads both
-ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 3
-ARTIFACT_READS = (2, 3)
+# version 3 added ASMK's files, 4 codes their image ids in a byte per entry; a build without
+# them (--method knn) still writes 2, which earlier delf-index versions read; this one reads all
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 4
+ARTIFACT_READS = (2, 3, 4)
 POINTER, VERSIONS, STAGING = "CURRENT", "versions", "_staging"
 FEATURE_BITS = 16  # features per image < 65536
 MAX_FEATURES = (1 << FEATURE_BITS) - 1

@@ -13,7 +13,7 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk
 from delf_index.indexing.codebooks import auto_words
 from delf_index.indexing.retrieval import Index, QueryError
-from delf_index.pipelines import build, evaluate, fit
+from delf_index.pipelines import build, evaluate, fit, search
 from delf_index.pipelines import query as query_cli
 from tests.conftest import ONE_WORKER
 
@@ -28,7 +28,17 @@ def build_ivf(words, images, signatures, num_images, num_words):
     counts = np.diff(offsets)
     idf = np.log(max(num_images, 1) / np.maximum(counts, 1)).astype(np.float32)
     norms = np.sqrt(np.bincount(images, weights=idf[words] ** 2, minlength=num_images)).astype(np.float32)
-    return {"offsets": offsets, "images": images, "signatures": signatures, "idf": idf, "norms": norms}
+    gaps, exceptions, exception_offsets = asmk.encode_ids(images, offsets)
+    return {
+        "offsets": offsets,
+        "images": images,  # what the three coded arrays hold
+        "gaps": gaps,
+        "exceptions": exceptions,
+        "exception_offsets": exception_offsets,
+        "signatures": signatures,
+        "idf": idf,
+        "norms": norms,
+    }
 
 
 def clustered(rng, images, per_image, dim, centres):
@@ -160,18 +170,68 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
     previous.mkdir()
     first = np.flatnonzero(images < bounds[1])
     old = build_ivf(words[first], images[first], signatures[first], num_images, num_words)
-    for key in ("offsets", "images", "signatures"):
+    for key in ("offsets", "gaps", "exceptions", "exception_offsets", "signatures", "idf", "norms"):
         np.save(previous / f"asmk_{key}.npy", old[key])
+    previous_v3 = tmp_path / "previous-format-3"  # its ids uncoded, int32
+    previous_v3.mkdir()
+    for key in ("offsets", "images", "signatures", "idf", "norms"):
+        np.save(previous_v3 / f"asmk_{key}.npy", old[key])
     prefixes = []
     for lo, hi in zip(bounds[1:-1], bounds[2:]):
         prefixes.append(str(tmp_path / f"shard-{lo}"))
         write_shard(prefixes[-1], np.flatnonzero((images >= lo) & (images < hi)))
-    for block in (3, 4096):
+    for block, earlier in ((3, previous), (4096, previous), (7, previous_v3)):
         out = tmp_path / f"out-{block}"
         out.mkdir()
-        shards.write_asmk(prefixes, str(previous), str(out), num_images, assigner, block_words=block)
-        for key in ("offsets", "images", "signatures", "idf", "norms"):
+        shards.write_asmk(prefixes, str(earlier), str(out), num_images, assigner, block_words=block)
+        for key in ("offsets", "gaps", "exceptions", "exception_offsets", "signatures", "idf", "norms"):
             np.testing.assert_allclose(np.load(out / f"asmk_{key}.npy"), expected[key], rtol=1e-6, err_msg=key)
+        lists = asmk.open_lists(str(out))
+        np.testing.assert_array_equal(asmk.list_images(lists), expected["images"])
+    # a format-3 version is read: its ids are coded in memory
+    np.testing.assert_array_equal(asmk.open_lists(str(previous_v3))["gaps"], old["gaps"])
+
+
+def test_image_ids_are_coded_in_a_byte_per_entry_and_decoded_exactly():
+    # words: empty; from id 0 (difference 0: an exception), differences 1, 255, 256, to the
+    # largest id; from id 5; a first id over 255
+    ids = np.array([0, 1, 256, 512, 2**31 - 1, 5, 260, 261, 300], np.int32)
+    offsets = np.array([0, 0, 5, 8, 9], np.int64)
+    gaps, exceptions, exception_offsets = asmk.encode_ids(ids, offsets)
+    assert gaps.tolist() == [0, 1, 255, 0, 0, 5, 255, 1, 0]
+    assert exceptions.tolist() == [0, 512, 2**31 - 1, 300] and exception_offsets.tolist() == [0, 0, 3, 3, 4]
+    coded = {"gaps": gaps, "exceptions": exceptions, "exception_offsets": exception_offsets, "offsets": offsets}
+    np.testing.assert_array_equal(asmk.list_images(coded), ids)
+    np.testing.assert_array_equal(asmk.list_images(coded, 2, 4), ids[5:])
+    with pytest.raises(ValueError, match="ascend"):
+        asmk.encode_ids(np.array([3, 3], np.int32), np.array([0, 2], np.int64))
+    with pytest.raises(ValueError, match="ascend"):
+        asmk.encode_ids(np.array([3, 2], np.int32), np.array([0, 2], np.int64))
+
+
+@pytest.mark.parametrize("bits", [32, 40, 72, 128])
+def test_the_compiled_scan_equals_the_kernel_written_out(bits):
+    """asmk.search (compiled, coded ids, signatures of one or more uint64 words, any number of
+    threads) against the formula computed entry by entry from uncoded lists."""
+    rng = np.random.default_rng(bits)
+    num_words, num_images = 30, 20_000  # ~100 entries per word: many differences over 255
+    entries = {(int(w), int(i)) for w, i in zip(rng.integers(0, num_words, 3000), rng.integers(0, num_images, 3000))}
+    words, images = np.array(sorted(entries)).T
+    signatures = np.packbits(rng.random((len(words), bits)) < 0.5, axis=1)
+    ivf = build_ivf(words, images, signatures, num_images, num_words)
+    assert len(ivf["exceptions"]) > num_words  # the exception path is exercised
+    query_words = np.array([0, 3, 4, 17, 29])
+    query = np.packbits(rng.random((5, bits)) < 0.5, axis=1)
+    expected = np.zeros(num_images)
+    for word, code in zip(query_words, query):
+        for entry in range(ivf["offsets"][word], ivf["offsets"][word + 1]):
+            similarity = 1 - 2 * np.count_nonzero(np.unpackbits(code ^ ivf["signatures"][entry])) / bits
+            expected[ivf["images"][entry]] += ivf["idf"][word] ** 2 * max(similarity, 0) ** 3 * (similarity >= 0)
+    expected /= np.maximum(ivf["norms"] * np.sqrt((ivf["idf"][query_words] ** 2).sum()), 1e-12)
+    for threads in (1, 2, 3):
+        scores = asmk.search(ivf, query_words, query, {"threads": threads}, bits=bits)
+        np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7)
+    assert np.count_nonzero(expected) > 100
 
 
 def test_hnsw_assignment_finds_the_exact_nearest_word_almost_always():
@@ -203,8 +263,8 @@ def test_build_both_answers_by_either_method(evaluated, asmk_codebooks, corpus, 
     out = str(tmp_path / "both")
     manifest = build.run(features, out, codebooks=asmk_codebooks, beam_options=ONE_WORKER, method="both")
     assert manifest["method"] == "both" and "asmk_signatures.npy" in manifest["files"]
-    # format 3 with ASMK; a k-NN-only index stays at 2, which earlier versions read
-    assert (manifest["format_version"], art.current_manifest(str(evaluated[0] / "index"))["format_version"]) == (3, 2)
+    # format 4 with ASMK; a k-NN-only index stays at 2, which earlier versions read
+    assert (manifest["format_version"], art.current_manifest(str(evaluated[0] / "index"))["format_version"]) == (4, 2)
     artifact = art.Artifact.load(out)
     assert artifact.index is not None and len(artifact.asmk["offsets"]) == 129
     assert len(artifact.codes) == manifest["counts"]["descriptors"]
@@ -244,6 +304,10 @@ def test_an_asmk_index_needs_words_and_answers_only_asmk(evaluated, asmk_codeboo
         Index(index.artifact, {"local_method": "knn"})
     with pytest.raises(QueryError, match="no asmk lists"):
         Index.load(str(evaluated[0] / "index"), conf={"local_method": "asmk"})
+    # a search job refuses before it starts, not in each worker
+    with pytest.raises(QueryError, match="no knn lists"):
+        search.run(features, out, str(tmp_path / "s"), conf={"query": {"local_method": "knn"}})
+    assert not (tmp_path / "s").exists()
     # remove an image: an append hides it from ASMK's ranking too, and keeps the method
     with pytest.raises(UserError, match="--append keeps the index's local method"):
         build.run(features, out, append=True, remove=["coffee-view.jpg"], beam_options=ONE_WORKER, method="knn")

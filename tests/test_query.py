@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from delf_index.indexing.artifact import Artifact
-from delf_index.indexing.retrieval import Index, QueryError
+from delf_index.indexing.retrieval import Index, QueryError, best_rows
 from delf_index.pipelines import evaluate
 from delf_index.runtime.features import Features
 from delf_index.runtime.images import read_image
@@ -215,3 +215,12 @@ def test_revisitop_ground_truth_protocol(corpus, tmp_path, evaluated):
     assert result["protocol"] == "medium" and summary["queries"] == 2
     assert set(result["scores"]["fused + verification"]) >= {"easy", "medium", "hard"}
     assert result["scores"]["fused + verification"]["medium"]["mAP"] > 0.7
+
+
+def test_best_rows_is_the_start_of_a_stable_sort():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 200).astype(np.float32)  # many ties
+    rankable = rng.random(200) < 0.8
+    full = np.argsort(-np.where(rankable, scores, -np.inf), kind="stable")[: rankable.sum()]
+    for count in (0, 1, 7, 40, int(rankable.sum()), 500):
+        np.testing.assert_array_equal(best_rows(scores, rankable, count), full[:count])
