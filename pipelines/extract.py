@@ -151,7 +151,8 @@ class ReadState(beam.DoFn):
 
 def decide(now, before, run, full=False, retry_errors=False):
     """What a run does with one key (an image, or a tar shard): the items to extract, the
-    superseded rows it writes for earlier runs' rows, and its counts.
+    superseded rows it would write for earlier runs' rows, each as (row, whether the earlier
+    row holds features: see kept_superseded), and its counts.
 
     `now`: the key's items in this run's listing; `before`: the states of its live rows of
     earlier runs. New and changed items (size or version differ) are extracted, unchanged
@@ -160,7 +161,7 @@ def decide(now, before, run, full=False, retry_errors=False):
     if not now:
         return (
             [],
-            [table_schema.superseded_row(b["image_id"], b["run"], run, "removed") for b in before],
+            [(table_schema.superseded_row(b["image_id"], b["run"], run, "removed"), b["ok"]) for b in before],
             {"removed": len({b["image_id"] for b in before})},
         )
     counts = {"listed": len(now)}
@@ -175,8 +176,22 @@ def decide(now, before, run, full=False, retry_errors=False):
     reason = "recomputed" if full else "changed" if changed else "retried" if retry_errors and failed else None
     if reason is None:
         return [], [], {**counts, "unchanged": len(now)}
-    superseded = [table_schema.superseded_row(b["image_id"], b["run"], run, reason) for b in before]
+    superseded = [(table_schema.superseded_row(b["image_id"], b["run"], run, reason), b["ok"]) for b in before]
     return list(now), superseded, {**counts, reason: len(now)}
+
+
+def kept_superseded(element):
+    """(image_id, {"superseded": [(row, holds features)], "failed": [...]}) -> the superseded
+    rows to write. An image this run tried and failed keeps its earlier features: superseding
+    them would leave it with none (a wrong --images root, a store outage), so they stay live
+    next to the new error row until a run extracts the image; the next run retries it, as its
+    rows' sizes and versions now differ. Earlier error rows, and the rows of removed images,
+    are always superseded."""
+    _, grouped = element
+    failed = any(True for _ in grouped["failed"])
+    for row, holds_features in grouped["superseded"]:
+        if not (failed and holds_features and row["reason"] != "removed"):
+            yield row
 
 
 class Decide(beam.DoFn):
@@ -192,8 +207,8 @@ class Decide(beam.DoFn):
             list(grouped["now"]), list(grouped["before"]), self.run, self.full, self.retry_errors
         )
         yield from todo
-        for row in superseded:
-            yield beam.pvalue.TaggedOutput("superseded", row)
+        for pair in superseded:
+            yield beam.pvalue.TaggedOutput("superseded", pair)
         yield beam.pvalue.TaggedOutput("counts", counts)
 
 
@@ -354,7 +369,14 @@ def build(p, input, conf, model=None, threads=None, previous=(), run="", full=Fa
     features, errors = extract_features(decided.todo, kind, conf, model, threads)
     rows = features | "ToRows" >> beam.ParDo(ToRows(conf["descriptor_dtype"]))
     counts = decided.counts | "CountDecisions" >> beam.CombineGlobally(add_counts)
-    return rows, errors, decided.superseded, counts
+    failed = errors | "FailedImages" >> beam.Map(lambda row: (row["image_id"], None))
+    candidates = decided.superseded | "KeySuperseded" >> beam.Map(lambda pair: (pair[0]["image_id"], pair))
+    superseded = (
+        {"superseded": candidates, "failed": failed}
+        | "JoinFailures" >> beam.CoGroupByKey()
+        | "KeepFeaturesOfFailures" >> beam.FlatMap(kept_superseded)
+    )
+    return rows, errors, superseded, counts
 
 
 def table_schemas(conf, model_metadata, fingerprint, run):

@@ -81,11 +81,11 @@ def gcs_bucket():
             os.environ[key] = value
 
 
-def live_rows(out):
+def live_rows(out, table_names=("features", "errors")):
     """{image_id: row} of the live rows of an extract output (features and errors)."""
     replaced = superseded(out)
     rows = {}
-    for name in ("features", "errors"):
+    for name in table_names:
         for uri in list_tables(out, name, required=False):
             for row in open_table(uri).read().to_pylist():
                 if row["image_id"] not in replaced.get(row["run"], ()):

@@ -177,6 +177,32 @@ def test_reruns_extract_only_what_is_new_changed_or_asked_for(image_dir, tmp_pat
             assert row["x"] == live[image_id]["x"] and row["descriptors"] == live[image_id]["descriptors"], image_id
 
 
+def test_a_failed_re_extraction_keeps_the_features_it_would_replace(image_dir, tmp_path):
+    """A manifest pointing one folder off (every object missing) must not take the images'
+    features out of the live tables; the run after the fix extracts them again."""
+    names = ["astronaut.jpg", "chelsea.jpg", "sub/rocket.jpg"]
+    good, wrong = tmp_path / "good.csv", tmp_path / "wrong.csv"
+    good.write_text("id,uri\n" + "".join(f"{n},{image_dir / n}\n" for n in names))
+    wrong.write_text("id,uri\n" + "".join(f"{n},{tmp_path / 'elsewhere' / n}\n" for n in names))
+    out = str(tmp_path / "out")
+    first = extract.run(str(good), out, beam_options=ONE_WORKER)
+    assert first["extracted"] == 3
+    before = live_rows(out)
+    failed = extract.run(str(wrong), out, beam_options=ONE_WORKER)
+    assert (failed["changed"], failed["failed"], failed["superseded"]) == (3, 3, 0)
+    assert live_rows(out, ["features"]) == before  # still live, next to the new error rows
+    assert set(live_rows(out, ["errors"])) == set(names)
+    fixed = extract.run(str(good), out, beam_options=ONE_WORKER)
+    assert (fixed["changed"], fixed["extracted"]) == (3, 3)  # the error rows' sources differ: tried again
+    after = live_rows(out)  # one live row per image again: the new features
+    assert set(after) == set(names)
+    assert all(r["table"] == "features" and r["run"] == fixed["run"] for r in after.values())
+    # a removed image's rows go, failed or not
+    (tmp_path / "one.csv").write_text(f"id,uri\n{names[0]},{image_dir / names[0]}\n")
+    removed = extract.run(str(tmp_path / "one.csv"), out, beam_options=ONE_WORKER)
+    assert removed["removed"] == 2 and set(live_rows(out)) == {names[0]}
+
+
 def test_large_images_are_shrunk_before_extraction_but_reported_in_original_pixels(tmp_path, photos):
     big = np.ascontiguousarray(np.tile(rgb(photos["astronaut"]), (3, 3, 1)))  # 1536 x 1536
     (tmp_path / "in").mkdir()
