@@ -245,7 +245,10 @@ def run(
             )
         tables, hide, reasons = plan_append(previous, tables, superseded(features), remove)
         previous_uri, codebooks_uri, first_id = previous.uri, output, previous.num_rows
-        info = {k: v for k, v in previous.manifest.items() if k not in ("files", "counts", "format", "format_version")}
+        # what describes this version alone is not carried over; nor is an augmentation, whose
+        # graph and DBA files an append drops
+        dropped = ("files", "counts", "format", "format_version", "augmented")
+        info = {k: v for k, v in previous.manifest.items() if k not in dropped}
         built_with = previous.manifest.get("method", "knn")
         if method not in (None, built_with):
             raise UserError(

@@ -146,7 +146,9 @@ def test_augment_publishes_the_graph_and_dba_that_expansion_uses(evaluated, corp
     }
     # an append drops the graph: it no longer describes the index
     build.run(str(evaluated[0] / "features"), index, append=True, remove=["rocket.jpg"], beam_options=ONE_WORKER)
-    assert art.Artifact.load(index).graph is None
+    appended = art.Artifact.load(index)
+    # nor does its manifest say it is augmented (evaluate --augment would not augment it again)
+    assert appended.graph is None and appended.dba_index is None and "augmented" not in appended.manifest
 
 
 def test_alpha_qe_and_the_neighbour_graph_by_hand():
