@@ -144,7 +144,7 @@ def query_times(output, centres, count):
         "asmk_ma3": time_queries(output, "asmk", query_set, {"asmk": {"query_assignments": 3}}),
         "asmk_ma1": time_queries(output, "asmk", query_set, {"asmk": {"query_assignments": 1}}),
         "asmk_ef64": time_queries(output, "asmk", query_set, {"asmk": {"hnsw_ef": 64}}),
-        "asmk_1_thread": time_queries(output, "asmk", query_set, {"asmk": {"threads": 1}}),
+        "asmk_2_threads": time_queries(output, "asmk", query_set, {"asmk": {"threads": 2}}),
     }
 
 

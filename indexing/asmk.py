@@ -25,6 +25,8 @@ import faiss
 import numba
 import numpy as np
 
+from delf_index.errors import UserError
+
 # the number of words is a codebook setting (codebooks.default_conf["asmk_words"]); a
 # signature has one bit per dimension of the PCA-reduced descriptors (codebooks' pca_dim)
 default_conf = {
@@ -33,7 +35,7 @@ default_conf = {
     "query_assignments": 5,  # words per query descriptor (multiple assignment, the paper: 5)
     "hnsw_above": 8192,  # assign to words through an HNSW graph when there are more words
     "hnsw_ef": 32,  # HNSW search breadth: recall of the words against the cost of assigning them
-    "threads": None,  # threads scanning one query's lists (None: one per core)
+    "threads": 1,  # threads scanning one query's lists (more: lower latency on an idle multi-core machine)
 }
 
 
@@ -102,7 +104,7 @@ def search(ivf, words, signatures, conf=None, live=None, bits=None):
     table = np.where(similarity >= conf["threshold"], np.maximum(similarity, 0) ** conf["alpha"], 0.0)
     table[bits + 1 :] = 0.0
     weights = idf[words].astype(np.float64) ** 2
-    threads = max(1, min(int(conf["threads"] or os.cpu_count()), len(words)))
+    threads = max(1, min(int(conf["threads"]), len(words)))
     scores = np.zeros((threads, len(norms)), np.float64)
     lists = (offsets, ivf["gaps"], ivf["exceptions"], ivf["exception_offsets"], ivf["signatures"])
 
@@ -144,7 +146,7 @@ def _scan(offsets, gaps, exceptions, exception_offsets, signatures, words, query
                 for b in range(8 * chunk, min(8 * chunk + 8, code_bytes)):
                     code |= np.uint64(signatures[entry, b]) << np.uint64(8 * (b - 8 * chunk))
                 distance += _popcount(code ^ query[q, chunk])
-            if image < len(scores):  # a damaged file must not write outside the array
+            if image < len(scores):  # never outside the array (open_lists checks the files too)
                 scores[image] += weight * table[distance]
 
 
@@ -163,8 +165,8 @@ def encode_ids(ids, offsets):
     entry, the difference from the previous id of the word (the first from 0), with the
     exceptions: a difference that is 0 or over 255 is stored as byte 0 and the id itself, in
     order, in `exceptions`. Returns (gaps uint8 [entries], exceptions int32, exception
-    offsets int64 [words + 1]). With 65,536 words and ~1000 entries per image, 3 % of the
-    differences exceed 255, whatever the collection's size (benchmarks/README.md)."""
+    offsets int64 [words + 1]). With 65,536 words and ~1000 entries per image, a few of the
+    differences exceed 255 (3.5 % measured), whatever the collection's size."""
     num_words = len(offsets) - 1
     gaps = np.zeros(len(ids), np.uint8)
     exception_offsets = np.zeros(num_words + 1, np.int64)
@@ -202,11 +204,11 @@ def _decode_ids(gaps, exceptions, exception_offsets, offsets, first, last):
     out = np.empty(offsets[last] - offsets[first], np.int32)
     i = 0
     for word in range(first, last):
-        image, k = 0, exception_offsets[word]
+        image, k, k_end = 0, exception_offsets[word], exception_offsets[word + 1]
         for entry in range(offsets[word], offsets[word + 1]):
             if gaps[entry]:
                 image += gaps[entry]
-            else:
+            elif k < k_end:
                 image, k = exceptions[k], k + 1
             out[i] = image
             i += 1
@@ -222,10 +224,35 @@ def open_lists(folder):
     stored int32 image ids (`asmk_images.npy`): they are coded in memory."""
     load = lambda key: np.load(os.path.join(folder, f"asmk_{key}.npy"), mmap_mode="r", allow_pickle=False)  # noqa: E731
     if os.path.exists(os.path.join(folder, "asmk_gaps.npy")):
-        return {key: load(key) for key in LIST_KEYS}
-    lists = {key: load(key) for key in ("offsets", "signatures", "idf", "norms")}
-    coded = encode_ids(np.asarray(load("images")), np.asarray(lists["offsets"]))
-    return {**lists, **dict(zip(("gaps", "exceptions", "exception_offsets"), coded))}
+        lists = {key: load(key) for key in LIST_KEYS}
+    else:  # format 3: every load codes the ids again (1.1 bytes per entry of memory)
+        lists = {key: load(key) for key in ("offsets", "signatures", "idf", "norms")}
+        coded = encode_ids(np.asarray(load("images")), np.asarray(lists["offsets"]))
+        lists.update(zip(("gaps", "exceptions", "exception_offsets"), coded))
+    check_lists(lists, folder)
+    return lists
+
+
+def check_lists(lists, folder):
+    """Refuse an inverted file whose arrays disagree (the compiled scan trusts them: a
+    damaged offset would read outside an array). Cheap: per-word arrays and the exceptions."""
+    offsets, exception_offsets = np.asarray(lists["offsets"]), np.asarray(lists["exception_offsets"])
+    exceptions = np.asarray(lists["exceptions"])
+
+    def ascending(array, last):  # from 0 to `last`, never down
+        return len(array) >= 2 and array[0] == 0 and array[-1] == last and not np.any(np.diff(array) < 0)
+
+    what = None
+    if len(lists["gaps"]) != len(lists["signatures"]) or not ascending(offsets, len(lists["gaps"])):
+        what = "word offsets and entries disagree"
+    elif len(lists["idf"]) != len(offsets) - 1 or len(exception_offsets) != len(offsets):
+        what = "word counts differ"
+    elif not ascending(exception_offsets, len(exceptions)):
+        what = "exception offsets and exceptions disagree"
+    elif len(exceptions) and (exceptions.min() < 0 or exceptions.max() >= len(lists["norms"])):
+        what = "image id out of range"
+    if what:
+        raise UserError(f"damaged ASMK inverted file in {folder}: {what}; rebuild the index")
 
 
 def as_uint64(rows):

@@ -124,6 +124,15 @@ def local_method(requested, has):
     return method
 
 
+def verified_first(order, fused, inliers):
+    """The final ranking: the verified rows (inliers > 0) by inliers, then fused score, then
+    row; then the rest of `order` (best_rows' rows, by fused score). Equal to a stable sort of
+    every rankable row by (-inliers, -fused), without sorting them all."""
+    verified = np.flatnonzero(inliers > 0)
+    verified = verified[np.lexsort((verified, -fused[verified], -inliers[verified]))]
+    return np.concatenate([verified, order[inliers[order] == 0]])
+
+
 def best_rows(scores, rankable, count):
     """The `count` rankable rows of highest score, best first, ties in row order: the start of
     a stable argsort of every row, without sorting them all (at 100,000 images the full sort
@@ -238,10 +247,7 @@ class Index:
                 global_scores, fused = self._expand(features, global_scores, local_scores, fused, inliers)
                 order = best_rows(fused, rankable, count)
                 self._verify_shortlist(features, prepared, order, inliers, matches, tried)
-            # verified first by inliers (then fused score, then row), then the rest by fused score
-            verified = np.flatnonzero(inliers > 0)
-            verified = verified[np.lexsort((verified, -fused[verified], -inliers[verified]))]
-            order = np.concatenate([verified, order[inliers[order] == 0]])
+            order = verified_first(order, fused, inliers)
         if timings is not None:
             timings.update(
                 extract_s=extracted - clock, search_s=searched - extracted, verify_s=time.perf_counter() - searched

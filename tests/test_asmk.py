@@ -190,6 +190,16 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
         np.testing.assert_array_equal(asmk.list_images(lists), expected["images"])
     # a format-3 version is read: its ids are coded in memory
     np.testing.assert_array_equal(asmk.open_lists(str(previous_v3))["gaps"], old["gaps"])
+    # damaged arrays are refused before the compiled scan trusts them
+    damaged = tmp_path / "out-3"
+    assert len(expected["exceptions"]) > 0
+    damages = [("offsets", expected["offsets"][:-1]), ("exceptions", expected["exceptions"] + num_images)]
+    damages.append(("exception_offsets", expected["exception_offsets"][::-1]))
+    for key, array in damages:
+        np.save(damaged / f"asmk_{key}.npy", array)
+        with pytest.raises(UserError, match="damaged ASMK inverted file"):
+            asmk.open_lists(str(damaged))
+        np.save(damaged / f"asmk_{key}.npy", expected[key])
 
 
 def test_image_ids_are_coded_in_a_byte_per_entry_and_decoded_exactly():

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from delf_index.indexing.artifact import Artifact
-from delf_index.indexing.retrieval import Index, QueryError, best_rows
+from delf_index.indexing.retrieval import Index, QueryError, best_rows, verified_first
 from delf_index.pipelines import evaluate
 from delf_index.runtime.features import Features
 from delf_index.runtime.images import read_image
@@ -224,3 +224,12 @@ def test_best_rows_is_the_start_of_a_stable_sort():
     full = np.argsort(-np.where(rankable, scores, -np.inf), kind="stable")[: rankable.sum()]
     for count in (0, 1, 7, 40, int(rankable.sum()), 500):
         np.testing.assert_array_equal(best_rows(scores, rankable, count), full[:count])
+    # verified first: what sorting every rankable row by (-inliers, -fused) gives
+    inliers = np.zeros(200, np.int64)
+    shortlist = full[:30]
+    inliers[shortlist] = rng.integers(0, 3, 30) * rng.integers(12, 14, 30)  # zeros and ties
+    expected = sorted(full, key=lambda r: (-inliers[r], -scores[r]))
+    for count in (30, 60, int(rankable.sum())):
+        order = verified_first(best_rows(scores, rankable, count), scores, inliers)
+        np.testing.assert_array_equal(order, expected[: len(order)])
+        assert len(order) >= count
