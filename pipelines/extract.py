@@ -171,8 +171,10 @@ def decide(now, before, run, full=False, retry_errors=False):
     # image_id's error row carries its own file's, so a listing with duplicates is unchanged
     sources = {(item[-2], item[-1]) for item in now}
     changed = any(size is None for size, _ in sources) or sources != {(b["size"], b["version"]) for b in before}
-    # an image with only error rows failed; a duplicate's error row next to an extracted row did not
-    failed = {b["image_id"] for b in before} != {b["image_id"] for b in before if b["ok"]}
+    # failed: an error row newer than every features row (a duplicate's error row, written by
+    # the run that extracted its image, is not; nor is a run's that kept the older features)
+    latest_features = max((b["run"] for b in before if b["ok"]), default="")
+    failed = any(not b["ok"] and b["run"] > latest_features for b in before)
     reason = "recomputed" if full else "changed" if changed else "retried" if retry_errors and failed else None
     if reason is None:
         return [], [], {**counts, "unchanged": len(now)}
@@ -181,16 +183,19 @@ def decide(now, before, run, full=False, retry_errors=False):
 
 
 def kept_superseded(element):
-    """(image_id, {"superseded": [(row, holds features)], "failed": [...]}) -> the superseded
-    rows to write. An image this run tried and failed keeps its earlier features: superseding
-    them would leave it with none (a wrong --images root, a store outage), so they stay live
-    next to the new error row until a run extracts the image; the next run retries it, as its
-    rows' sizes and versions now differ. Earlier error rows, and the rows of removed images,
-    are always superseded."""
+    """(key, {"superseded": [(row, holds features)], "failed": [...], "extracted": image_ids})
+    -> the superseded rows to write, per key of `decide` (an image, or a tar shard). An image
+    this run tried and did not extract, where something failed, keeps its earlier features:
+    superseding them would leave it with none (a wrong --images root, a store outage, a
+    truncated shard), so they stay live next to the new error row until a run extracts the
+    image; the next run retries it (its newest row is an error). Earlier error rows, rows of
+    images extracted now, and rows of removed images are always superseded."""
     _, grouped = element
     failed = any(True for _ in grouped["failed"])
+    extracted = set(grouped["extracted"])
     for row, holds_features in grouped["superseded"]:
-        if not (failed and holds_features and row["reason"] != "removed"):
+        keep = failed and holds_features and row["reason"] != "removed" and row["image_id"] not in extracted
+        if not keep:
             yield row
 
 
@@ -202,13 +207,13 @@ class Decide(beam.DoFn):
         self.run, self.full, self.retry_errors = run, full, retry_errors
 
     def process(self, element):
-        _, grouped = element
+        key, grouped = element
         todo, superseded, counts = decide(
             list(grouped["now"]), list(grouped["before"]), self.run, self.full, self.retry_errors
         )
         yield from todo
         for pair in superseded:
-            yield beam.pvalue.TaggedOutput("superseded", pair)
+            yield beam.pvalue.TaggedOutput("superseded", (key, pair))
         yield beam.pvalue.TaggedOutput("counts", counts)
 
 
@@ -369,10 +374,12 @@ def build(p, input, conf, model=None, threads=None, previous=(), run="", full=Fa
     features, errors = extract_features(decided.todo, kind, conf, model, threads)
     rows = features | "ToRows" >> beam.ParDo(ToRows(conf["descriptor_dtype"]))
     counts = decided.counts | "CountDecisions" >> beam.CombineGlobally(add_counts)
-    failed = errors | "FailedImages" >> beam.Map(lambda row: (row["image_id"], None))
-    candidates = decided.superseded | "KeySuperseded" >> beam.Map(lambda pair: (pair[0]["image_id"], pair))
+    # joined by decide's key: a tar member's rows by its shard (uri "shard#member")
+    key_of = (lambda row: row["uri"].split("#")[0]) if kind == "tar" else (lambda row: row["image_id"])
+    failed = errors | "FailedKeys" >> beam.Map(lambda row: (key_of(row), None))
+    extracted = rows | "ExtractedKeys" >> beam.Map(lambda row: (key_of(row), row["image_id"]))
     superseded = (
-        {"superseded": candidates, "failed": failed}
+        {"superseded": decided.superseded, "failed": failed, "extracted": extracted}
         | "JoinFailures" >> beam.CoGroupByKey()
         | "KeepFeaturesOfFailures" >> beam.FlatMap(kept_superseded)
     )

@@ -201,6 +201,13 @@ def test_a_failed_re_extraction_keeps_the_features_it_would_replace(image_dir, t
     (tmp_path / "one.csv").write_text(f"id,uri\n{names[0]},{image_dir / names[0]}\n")
     removed = extract.run(str(tmp_path / "one.csv"), out, beam_options=ONE_WORKER)
     assert removed["removed"] == 2 and set(live_rows(out)) == {names[0]}
+    # listed twice, one copy missing: the copy that extracts replaces the features (once)
+    (tmp_path / "dup.csv").write_text(
+        f"id,uri\n{names[0]},{image_dir / names[0]}\n{names[0]},{tmp_path / 'elsewhere' / names[0]}\n"
+    )
+    dup = extract.run(str(tmp_path / "dup.csv"), out, beam_options=ONE_WORKER)
+    assert (dup["extracted"], dup["failed"]) == (1, 1)
+    assert live_rows(out, ["features"])[names[0]]["run"] == dup["run"]  # live_rows: never twice
 
 
 def test_large_images_are_shrunk_before_extraction_but_reported_in_original_pixels(tmp_path, photos):
@@ -279,6 +286,14 @@ def test_tar_shards_are_compared_whole_between_runs(tmp_path, small_photos):
     live = live_rows(out)
     assert sorted(live) == ["a/astronaut.jpg", "a/chelsea.jpg", "b/rocket.jpg"]
     assert live["a/astronaut.jpg"]["run"] == second["run"] and live["b/rocket.jpg"]["run"] == first["run"]
+    # shard a cut inside its second member (an interrupted upload): chelsea keeps its features
+    first_member = jpeg_bytes(small_photos["astronaut"])
+    cut = 512 + -(-len(first_member) // 512) * 512 + 512 + 100
+    (shards / "a.tar").write_bytes((shards / "a.tar").read_bytes()[:cut])
+    third = extract.run(str(shards / "*.tar"), out, beam_options=ONE_WORKER)
+    assert (third["changed"], third["extracted"], third["failed"]) == (1, 1, 1)
+    live = live_rows(out, ["features"])
+    assert live["a/chelsea.jpg"]["run"] == second["run"] and live["a/astronaut.jpg"]["run"] == third["run"]
 
 
 def pa_equal(table, column, text):

@@ -223,9 +223,11 @@ def test_storage_faults_are_retried_reported_and_healed_by_a_rerun(faulty_gcs, t
     proxy.fail = lambda method, path, n: method == "GET" and "coffee.jpg" in path and "alt=media" in path
     summary = extract.run(*args, beam_options=ONE_WORKER, full=True)
     assert (summary["extracted"], summary["failed"]) == (2, 1)
-    live = live_rows(out)
-    assert live["coffee.jpg"]["table"] == "errors" and live["coffee.jpg"]["stage"] == "read"
-    assert re.search(r"failed after 1 attempts: .*503", live["coffee.jpg"]["error"])
+    errors = live_rows(out, ["errors"])
+    assert errors["coffee.jpg"]["stage"] == "read"
+    assert re.search(r"failed after 1 attempts: .*503", errors["coffee.jpg"]["error"])
+    # the failed image keeps its earlier features meanwhile
+    assert set(live_rows(out, ["features"])) == {f"{n}.jpg" for n in names}
     # storage healthy again: a rerun retries the failure; every image extracted, exactly once
     proxy.fail = lambda method, path, n: False
     summary = extract.run(*args, beam_options=ONE_WORKER, retry_errors=True)
