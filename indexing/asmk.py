@@ -132,10 +132,7 @@ def _scan(offsets, gaps, exceptions, exception_offsets, signatures, words, query
         word, weight, first = words[q], weights[q], query[q, 0]
         image, k, k_end = 0, exception_offsets[word], exception_offsets[word + 1]
         for entry in range(offsets[word], offsets[word + 1]):
-            if gaps[entry]:
-                image += gaps[entry]
-            elif k < k_end:
-                image, k = exceptions[k], k + 1
+            image, k = _next_image(gaps, exceptions, entry, image, k, k_end)
             # the first 8 bytes of the signature as one uint64 (most signatures: 40 or 64 bits)
             code = np.uint64(0)
             for b in range(min(8, code_bytes)):
@@ -148,6 +145,17 @@ def _scan(offsets, gaps, exceptions, exception_offsets, signatures, words, query
                 distance += _popcount(code ^ query[q, chunk])
             if image < len(scores):  # never outside the array (open_lists checks the files too)
                 scores[image] += weight * table[distance]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _next_image(gaps, exceptions, entry, image, k, k_end):
+    """(the image id of `entry`, the next exception) given the previous entry's id `image`
+    and the word's next exception k (of those before k_end; see encode_ids)."""
+    if gaps[entry]:
+        return image + gaps[entry], k
+    if k < k_end:
+        return exceptions[k], k + 1
+    return image, k
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -206,10 +214,7 @@ def _decode_ids(gaps, exceptions, exception_offsets, offsets, first, last):
     for word in range(first, last):
         image, k, k_end = 0, exception_offsets[word], exception_offsets[word + 1]
         for entry in range(offsets[word], offsets[word + 1]):
-            if gaps[entry]:
-                image += gaps[entry]
-            elif k < k_end:
-                image, k = exceptions[k], k + 1
+            image, k = _next_image(gaps, exceptions, entry, image, k, k_end)
             out[i] = image
             i += 1
     return out
