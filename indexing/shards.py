@@ -211,22 +211,16 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
     clock.lap("images_s")
 
     # geometry (and ASMK's per-descriptor codes), copied piece by piece into memory-mapped arrays
-    concatenate_arrays(
-        [os.path.join(previous, "geometry.npy")] if previous else [],
-        [shard_files(p)["geometry.npy"] for p in prefixes],
-        os.path.join(out_dir, "geometry.npy"),
-        descriptors,
-    )
+    def concatenate(name):  # the previous version's rows, then the shards', in image id order
+        earlier = [os.path.join(previous, name)] if previous else []
+        concatenate_arrays(earlier, [shard_files(p)[name] for p in prefixes], os.path.join(out_dir, name), descriptors)
+
+    concatenate("geometry.npy")
     clock.lap("geometry_s")
     if method in ("asmk", "both"):
         if previous and not os.path.exists(os.path.join(previous, "codes.npy")):
             raise art.ArtifactError("the index has no ASMK codes to append to: build it with --method asmk or both")
-        concatenate_arrays(
-            [os.path.join(previous, "codes.npy")] if previous else [],
-            [shard_files(p)["codes.npy"] for p in prefixes],
-            os.path.join(out_dir, "codes.npy"),
-            descriptors,
-        )
+        concatenate("codes.npy")
         clock.lap("codes_s")
         write_asmk(prefixes, previous, out_dir, len(image_ids), words)
         clock.lap("asmk_lists_s")
