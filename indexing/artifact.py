@@ -325,7 +325,8 @@ class Artifact:
         if "asmk_offsets.npy" in files:
             self.asmk = asmk.open_lists(folder)
             self.asmk_words = faiss.read_index(os.path.join(folder, "asmk_words.faiss"))
-            self.asmk_centroids = self.asmk_words.reconstruct_n(0, self.asmk_words.ntotal)
+            # exact centroids for the residuals (the word index may hold them in float16)
+            self.asmk_centroids = np.load(os.path.join(folder, WORDS_FILE), allow_pickle=False)
             self.codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")
             self.trained = faiss.read_index(os.path.join(folder, "trained.faiss"))
         self.global_index = faiss.read_index(os.path.join(folder, "global.faiss"))
