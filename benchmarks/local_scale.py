@@ -107,10 +107,10 @@ def queries(count, centres, seed=0):
 
 
 def time_queries(output, method, query_set, conf=None):
-    """Median seconds of search and verification, R@1 of the copies; for ASMK also the parts
-    of its search, each alone: assigning the query's descriptors to words and aggregating
-    them (assign_s), scanning the lists (scan_s), and the global descriptor's scores that
-    both methods fuse with (global_s)."""
+    """Median seconds of search and verification, R@1 of the copies; the parts of search:
+    the local scores (local_s) and the global descriptor's that both methods fuse with
+    (global_s); for ASMK also the parts of its local scores, each alone: assigning the
+    query's descriptors to words and aggregating them (assign_s), scanning the lists (scan_s)."""
     index = Index.load(output, conf={"local_method": method, **(conf or {})})
     index.search(query_set[0][1], top_k=1)  # warm: page in the lists' headers, faiss threads
     splits, hits = [], 0
@@ -125,9 +125,6 @@ def time_queries(output, method, query_set, conf=None):
             start = time.perf_counter()
             asmk.search(index.artifact.asmk, *prepared["asmk"], index.asmk_conf, bits=DIM)
             timings["scan_s"] = time.perf_counter() - start
-            start = time.perf_counter()
-            index._global_scores(features.global_descriptor)
-            timings["global_s"] = time.perf_counter() - start
         splits.append(timings)
     median = {k: round(float(np.median([t[k] for t in splits])), 4) for k in splits[0] if k != "extract_s"}
     return {**median, "R@1": hits / len(query_set)}

@@ -252,3 +252,35 @@ def test_a_query_runs_numpy_blas_on_one_thread_and_restores_it():
     inside = retrieval._one_blas_thread(numpy_blas_threads)()
     assert inside == [1] * len(before) and numpy_blas_threads() == before
     assert Index.search.__wrapped__ and Index.prepare.__wrapped__
+
+
+def test_scoring_only_the_rows_that_can_rank_gives_the_full_ranking(evaluated, corpus, monkeypatch):
+    """search(top_k=k) scores by the global descriptor only the GLOBAL_TOP best rows and those
+    a local score can lift among the best fused (the others -inf): the same results and
+    scores as ranking every row (top_k=None)."""
+    from delf_index.indexing import retrieval
+
+    artifact = Artifact.load(str(evaluated[0] / "index"))
+    index = Index(artifact, {"shortlist": 3})
+    queries = sorted(str(p) for p in (corpus / "images").iterdir())
+    assert len(index) > 8
+    full = {q: index.search(q, top_k=None, exclude=[os.path.basename(q)]) for q in queries}
+    monkeypatch.setattr(retrieval, "GLOBAL_TOP", 5)
+    partial_rows = 0
+    for q in queries:
+        found = index.search(q, top_k=3, exclude=[os.path.basename(q)])
+        expected = full[q][:3]
+        assert [(r.image_id, r.score, r.global_score, r.inliers) for r in found] == [
+            (r.image_id, r.score, r.global_score, r.inliers) for r in expected
+        ]
+        features = index.features_of(q)
+        local = index.conf["local_weight"] * index._votes(index.neighbours(features), artifact.num_rows, len(features))
+        rankable = artifact.live.copy()
+        rankable[artifact.row_of[os.path.basename(q)]] = False
+        scores = index._global_scores(features.global_descriptor, local, rankable, 3)
+        every = index._global_scores(features.global_descriptor)
+        scored = np.isfinite(scores)
+        np.testing.assert_array_equal(scores[scored], every[scored])
+        assert best_rows(scores + local, rankable, 3).tolist() == best_rows(every + local, rankable, 3).tolist()
+        partial_rows += int((~scored).sum())
+    assert partial_rows > 0  # some rows were never scored
