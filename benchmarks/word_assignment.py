@@ -9,6 +9,8 @@ real data, not a good codebook), queries are the descriptors of the other images
 the words of a local_scale run (`--synthetic-words`, its codebooks folder) and 5000 of its
 nearly uniform 40-d descriptors. Recall@1: the nearest word found; recall@5: the share of the
 exact 5 nearest found (a query uses 5: `query_assignments`). Time: best of 3, all cores.
+The product's graph holds the words in float16; one row measures a float32 graph (what
+earlier indexes held) at the default ef.
 
     python -m benchmarks.word_assignment --features /tmp/lmA/features --codebooks /tmp/lmA/codebooks \
         --synthetic-words /tmp/words65536
@@ -32,8 +34,13 @@ def measure(words, queries, efs, k=5):
     exact = faiss.IndexFlatL2(words.shape[1])
     exact.add(words)
     graph = asmk.word_index(words, {"hnsw_above": 0})
+    float32 = faiss.IndexHNSWFlat(words.shape[1], 32)
+    float32.hnsw.efConstruction = 80
+    float32.add(words)
+    default = asmk.default_conf["hnsw_ef"]
+    runs = [("exact", exact, None)] + [(f"hnsw ef {ef}", graph, ef) for ef in efs]
     rows = []
-    for name, index, ef in [("exact", exact, None)] + [(f"hnsw ef {ef}", graph, ef) for ef in efs]:
+    for name, index, ef in runs + [(f"hnsw float32 ef {default}", float32, default)]:
         seconds = []
         for _ in range(3):
             start = time.perf_counter()

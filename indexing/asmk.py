@@ -53,7 +53,7 @@ def word_index(centroids, conf=None):
     """A faiss index that assigns descriptors to their nearest words: exact when there are few
     words, an HNSW graph over them when there are many (assigning 100M descriptors to 65k words
     exactly costs hours on 2 cores; benchmarks/README.md measures what HNSW costs in recall).
-    The graph holds the words in float16: the same recall as float32 in 40% less time
+    The graph holds the words in float16: the same recall as float32 in 3 to 18 % less time
     (benchmarks/word_assignment.py); residuals are taken from the exact centroids."""
     conf = {**default_conf, **(conf or {})}
     centroids = np.ascontiguousarray(centroids, np.float32)

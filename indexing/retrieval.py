@@ -8,7 +8,8 @@
 
 Ranking, every stage switchable so that its contribution can be measured:
 
-1. **global**: cosine similarity of GeM global descriptors, against every indexed image;
+1. **global**: cosine similarity of GeM global descriptors, against every indexed image (for
+   the best `top_k`, only against those that can rank: `_global_scores`);
 2. **local**, by one of two methods (`local_method`; an index holds one or both):
    **k-NN voting** (DELF): each query descriptor's k nearest neighbours in the PQ index vote
    for their images, weighted by similarity (each query descriptor counts once per image);

@@ -38,7 +38,9 @@ current one::
                              these three; it is still read)
         asmk_idf.npy         float32 [words]: log(images / images of the word)
         asmk_norms.npy       float32 [images]: each image's self-similarity, sqrt(sum of idf^2)
-        asmk_words.faiss     the index that assigns query descriptors to words
+        asmk_words.faiss     the index that assigns query descriptors to words (exact; above
+                             8192 words an HNSW graph, its words in float16; earlier
+                             indexes' float32 graphs are read as well)
         asmk_words.npy       the word centroids (an append assigns with them)
         codes.npy            uint8 [descriptors, code bytes]: each descriptor's IVF-PQ code (coarse
                              cell + PQ), decoded for the verification of a shortlist
