@@ -276,9 +276,11 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     start = time.time()
     codebooks = os.path.join(workdir, "codebooks")
     done = (read_json(os.path.join(codebooks, "codebooks.json")) or {}).get("conf", {})
-    # resolved by fit from the corpus size
-    automatic = {k for k in ("nlist", "asmk_words") if fit_conf[k] in (None, "auto")}
-    redo = redo or fresh or any(done.get(k) != v for k, v in fit_conf.items() if k not in automatic)
+    # resolved by fit from the corpus size; k-NN voting does not use ASMK's words, so codebooks
+    # fitted with them serve --method knn as they are (the same PCA and PQ from the same seed)
+    unchecked = {k for k in ("nlist", "asmk_words") if fit_conf[k] in (None, "auto")}
+    unchecked |= {"asmk_words"} if conf["method"] == "knn" else set()
+    redo = redo or fresh or any(done.get(k) != v for k, v in fit_conf.items() if k not in unchecked)
     redo = redo or (fit_conf["asmk_words"] == "auto" and not done.get("asmk_words"))  # words wanted, none fitted
     if redo:
         fit.run(features, codebooks, fit_conf, beam_options)

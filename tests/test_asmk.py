@@ -344,6 +344,14 @@ def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
     assert summary["ASMK mAP"] == round(metrics["ASMK fused + verification"]["all"]["mAP"], 4) > 0.8
     report = (work / "eval" / "report.md").read_text()
     assert "| ASMK fused + verification |" in report
+    # back to k-NN voting alone: the codebooks (with words k-NN does not use) are kept, the
+    # index is built again with the k-NN lists only
+    fitted = (work / "codebooks" / "codebooks.json").read_text()
+    evaluate.run(
+        str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), conf={"method": "knn", "ablation": False}
+    )
+    assert (work / "codebooks" / "codebooks.json").read_text() == fitted
+    assert art.current_manifest(str(work / "index"))["method"] == "knn"
 
 
 def test_similarity_is_scaled_by_the_descriptor_bits_and_missing_words_are_ignored():
