@@ -29,7 +29,6 @@ setup(
         "apache-beam[gcp]>=2.60,<3",
         "faiss-cpu>=1.8",
         "matplotlib>=3.7",  # the evaluation report's precision-recall plot
-        "threadpoolctl>=3.1",  # one numpy BLAS thread during a query (indexing/retrieval.py)
     ],
     extras_require={
         # training and ONNX export; pin torch yourself if you want a CPU-only build

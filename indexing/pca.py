@@ -3,6 +3,7 @@ whiten, L2-normalise again (delf-reference: 40-d, no whitening in DELF v1)."""
 
 import io
 
+import faiss
 import numpy as np
 
 
@@ -29,12 +30,26 @@ def fit_pca(descriptors, dim, whiten=False):
 
 
 def apply_pca(descriptors, pca):
-    """[N, D] -> [N, dim] float32, L2-normalised."""
+    """[N, D] -> [N, dim] float32, L2-normalised.
+
+    The projection is a faiss LinearTransform, not a numpy product: numpy's BLAS (OpenBLAS on
+    pthreads in numpy's wheels) keeps its idle threads spinning for a while after a product,
+    and they held the second core while the faiss search that follows in a query ran on
+    OpenMP threads (the query's word assignment took up to 2x longer on 2 cores; faiss's own
+    BLAS shares its OpenMP threads; benchmarks/README.md, "Synthetic scale")."""
     x = l2_normalise(np.asarray(descriptors, np.float32))
-    y = (x - pca["mean"]) @ pca["components"].T
+    components = np.asarray(pca["components"], np.float32)
     if pca["whiten"]:
-        y /= np.sqrt(np.maximum(pca["eigenvalues"], 1e-12))
-    return l2_normalise(y)
+        components = components / np.sqrt(np.maximum(pca["eigenvalues"], 1e-12))[:, None]
+    if not len(x):
+        return np.zeros((0, len(components)), np.float32)
+    # y = (x - mean) @ components.T = x @ components.T + b
+    transform = faiss.LinearTransform(components.shape[1], len(components), True)
+    faiss.copy_array_to_vector(np.ascontiguousarray(components).ravel(), transform.A)
+    bias = -(components.astype(np.float64) * pca["mean"]).sum(axis=1)  # no BLAS call either
+    faiss.copy_array_to_vector(bias.astype(np.float32), transform.b)
+    transform.is_trained = True
+    return l2_normalise(transform.apply(np.ascontiguousarray(x)))
 
 
 def l2_normalise(x):

@@ -28,13 +28,11 @@ extractor's onnxruntime session and the geometry, and takes its search parameter
 """
 
 import dataclasses
-import functools
 import threading
 import time
 
 import faiss
 import numpy as np
-import threadpoolctl
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
@@ -153,32 +151,6 @@ def best_rows(scores, rankable, count):
     return rows[np.argsort(-scores[rows], kind="stable")]
 
 
-def _blas_spinning_when_idle():
-    """The loaded BLAS libraries whose idle threads busy-wait (OpenBLAS built on pthreads, as
-    in numpy's wheels; not faiss's, which shares OpenMP's threads)."""
-    controller = threadpoolctl.ThreadpoolController()
-    info = controller.info()
-    spinning = [lib["filepath"] for lib in info if lib["user_api"] == "blas" and lib.get("threading_layer") != "openmp"]
-    return controller.select(filepath=spinning)
-
-
-_SPINNING_BLAS = _blas_spinning_when_idle()
-
-
-def _one_blas_thread(method):
-    """Run `method` with numpy's BLAS on one thread. Its idle threads spin for a while after
-    each product and held the second core while faiss's OpenMP search ran right after the
-    query's PCA product: the word assignment took 45 ms instead of 23 on 2 cores, k-NN
-    voting's search likewise (measured). A query's own BLAS products are small."""
-
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        with _SPINNING_BLAS.limit(limits=1):
-            return method(*args, **kwargs)
-
-    return wrapper
-
-
 # rows first scored by the global descriptor when the best fused scores are asked for
 # (_global_scores): a few times the shortlist, and a small heap for faiss
 GLOBAL_TOP = 1000
@@ -239,7 +211,6 @@ class Index:
             raise QueryError(f"cannot read the query {str(query)[:200]!r}: {e}") from e
 
     # -- search ---------------------------------------------------------------------------
-    @_one_blas_thread
     def search(self, query, top_k=10, exclude=(), with_matches=True, timings=None, prepared=None):
         """Ranked results (best first) for one query; `exclude`: image_ids to leave out (the
         query itself in leave-one-out evaluation). `top_k=None` ranks the whole index.
@@ -395,7 +366,6 @@ class Index:
         fused = global_scores * conf["use_global"] + weight * local_scores + bonus
         return global_scores, fused
 
-    @_one_blas_thread
     def prepare(self, features):
         """What the local stages of this query need, computed once: {"neighbours": ...} for
         k-NN voting, {"asmk": (words, signatures), "reduced": ...} for ASMK."""

@@ -106,6 +106,7 @@ def test_pca_is_the_eigendecomposition_of_the_sample_covariance_in_delf_order():
     signs = np.sign((pca["components"] * top).sum(axis=1))
     expected = (xn - xn.mean(0)) @ (top * signs[:, None]).T
     np.testing.assert_allclose(y, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-4)
+    assert pca_lib.apply_pca(x[:0], pca).shape == (0, 4)
     whitened = pca_lib.apply_pca(x, {**pca, "whiten": True})
     ratio = whitened[:, 0] / whitened[:, 3] / (y[:, 0] / y[:, 3])  # whitening divides by sqrt(eigenvalue)
     np.testing.assert_allclose(ratio, np.sqrt(values[::-1][3] / values[::-1][0]), rtol=1e-3)

@@ -235,25 +235,6 @@ def test_best_rows_is_the_start_of_a_stable_sort():
         assert len(order) >= count
 
 
-def test_a_query_runs_numpy_blas_on_one_thread_and_restores_it():
-    """Idle OpenBLAS (pthreads) threads spin and slowed faiss's OpenMP search after the query's
-    PCA product 2x (benchmarks/README.md): search and prepare run with one BLAS thread."""
-    import threadpoolctl
-
-    from delf_index.indexing import retrieval
-
-    def numpy_blas_threads():
-        paths = {lib["filepath"] for lib in retrieval._SPINNING_BLAS.info()}
-        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["filepath"] in paths]
-
-    before = numpy_blas_threads()
-    if not before:
-        pytest.skip("numpy's BLAS here does not spin (no pthreads OpenBLAS)")
-    inside = retrieval._one_blas_thread(numpy_blas_threads)()
-    assert inside == [1] * len(before) and numpy_blas_threads() == before
-    assert Index.search.__wrapped__ and Index.prepare.__wrapped__
-
-
 def test_scoring_only_the_rows_that_can_rank_gives_the_full_ranking(evaluated, corpus, monkeypatch):
     """search(top_k=k) scores by the global descriptor only the GLOBAL_TOP best rows and those
     a local score can lift among the best fused (the others -inf): the same results and
