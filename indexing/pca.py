@@ -30,13 +30,23 @@ def fit_pca(descriptors, dim, whiten=False):
 
 
 def apply_pca(descriptors, pca):
-    """[N, D] -> [N, dim] float32, L2-normalised.
+    """[N, D] -> [N, dim] float32, L2-normalised (fit and build; queries: apply_pca_in_faiss)."""
+    x = l2_normalise(np.asarray(descriptors, np.float32))
+    y = (x - pca["mean"]) @ pca["components"].T
+    if pca["whiten"]:
+        y /= np.sqrt(np.maximum(pca["eigenvalues"], 1e-12))
+    return l2_normalise(y)
 
-    The projection is a faiss LinearTransform, not a numpy product: numpy's BLAS (OpenBLAS on
-    pthreads in numpy's wheels) keeps its idle threads spinning for a while after a product,
-    and they held the second core while the faiss search that follows in a query ran on
-    OpenMP threads (the query's word assignment took up to 2x longer on 2 cores; faiss's own
-    BLAS shares its OpenMP threads; benchmarks/README.md, "Synthetic scale")."""
+
+def apply_pca_in_faiss(descriptors, pca):
+    """apply_pca for a query, its product in faiss (a LinearTransform). numpy's BLAS (OpenBLAS
+    on pthreads in numpy's wheels) keeps its idle threads spinning for a while after a
+    product; they held the second core while the faiss search that follows in a query ran on
+    OpenMP threads, which then took up to 2x longer on 2 cores (faiss's own BLAS shares its
+    OpenMP threads; benchmarks/README.md, "Synthetic scale"). The result differs from
+    apply_pca in the last bits. fit and build keep apply_pca: k-means amplifies such bits into
+    other codebooks (seed 0 of landmarks-dev moved by 0.006 mAP, measured), and the quality
+    reported was measured with them."""
     x = l2_normalise(np.asarray(descriptors, np.float32))
     components = np.asarray(pca["components"], np.float32)
     if pca["whiten"]:

@@ -306,24 +306,28 @@ class Index:
         row, whose heap cost 11-23 ms at 100k images (benchmarks/README.md)."""
         database, n = self._database_globals(), self.artifact.num_rows
         query = np.asarray(descriptor, np.float32)[None]
-        if local is not None and n > GLOBAL_TOP:
+
+        def score_rows(k, params=None):  # into scores; faiss's -1 (a descriptor it could not score) skipped
+            sims, rows = database.search(query, k, params=params)
+            found = rows[0] >= 0
+            scores[rows[0][found]] = sims[0][found]
+            return rows[0], found.all()
+
+        if local is not None and n > GLOBAL_TOP and count > 0:
             scores = np.full(n, -np.inf, np.float32)
-            sims, rows = database.search(query, GLOBAL_TOP)
-            scores[rows[0]] = sims[0]
-            top = rows[0][rankable[rows[0]]]
-            if len(top) >= count:
+            rows, complete = score_rows(GLOBAL_TOP)
+            top = rows[rankable[rows]]
+            if complete and len(top) >= count:
                 fused = scores[top] + local[top]
                 threshold = np.partition(fused, len(fused) - count)[len(fused) - count]
-                lifted = np.flatnonzero(rankable & (sims[0, -1] + local >= threshold) & np.isneginf(scores))
+                lifted = rankable & (scores[rows[-1]] + local >= threshold) & np.isneginf(scores)
+                lifted = np.flatnonzero(lifted)
                 if len(lifted) <= n // 4:  # else scoring every row costs less
                     if len(lifted):
-                        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(lifted))
-                        sims, rows = database.search(query, len(lifted), params=params)
-                        scores[rows[0]] = sims[0]
+                        score_rows(len(lifted), faiss.SearchParameters(sel=faiss.IDSelectorBatch(lifted)))
                     return scores
         scores = np.zeros(n, np.float32)
-        sims, rows = database.search(query, n)
-        scores[rows[0]] = sims[0]
+        score_rows(n)
         return scores
 
     def _verify_shortlist(self, features, prepared, order, inliers, matches, tried):
@@ -371,7 +375,7 @@ class Index:
         k-NN voting, {"asmk": (words, signatures), "reduced": ...} for ASMK."""
         if self.method == "knn":
             return {"neighbours": self.neighbours(features)}
-        reduced = pca_lib.apply_pca(features.descriptors, self.artifact.pca)
+        reduced = pca_lib.apply_pca_in_faiss(features.descriptors, self.artifact.pca)
         assignments = asmk.assign(
             self.artifact.asmk_words, reduced, self.asmk_conf["query_assignments"], self.asmk_conf["hnsw_ef"]
         )
@@ -382,7 +386,7 @@ class Index:
         indices), each [n, k]; missing neighbours have row -1."""
         if self.artifact.index is None:
             raise QueryError("the index has no k-NN lists (built with --method asmk)")
-        reduced = pca_lib.apply_pca(features.descriptors, self.artifact.pca)
+        reduced = pca_lib.apply_pca_in_faiss(features.descriptors, self.artifact.pca)
         params = faiss.SearchParametersIVF(nprobe=int(self.conf["nprobe"]), sel=self.artifact.selector)
         sims, ids = self.artifact.index.search(reduced, self.conf["knn"], params=params)
         rows, feats = art.split_ids(np.where(ids < 0, 0, ids))

@@ -5,6 +5,7 @@ import functools
 import json
 import shutil
 
+import faiss
 import numpy as np
 import pytest
 
@@ -219,10 +220,21 @@ def test_image_ids_are_coded_in_a_byte_per_entry_and_decoded_exactly():
         asmk.encode_ids(np.array([3, 2], np.int32), np.array([0, 2], np.int64))
 
 
-@pytest.mark.parametrize("bits", [32, 40, 72, 128])
+def scores_written_out(ivf, query_words, query, bits, num_images):
+    """ASMK's scores computed entry by entry from the uncoded lists (alpha 3, threshold 0)."""
+    expected = np.zeros(num_images)
+    for word, code in zip(query_words, query):
+        for entry in range(ivf["offsets"][word], ivf["offsets"][word + 1]):
+            similarity = 1 - 2 * np.count_nonzero(np.unpackbits(code ^ ivf["signatures"][entry])) / bits
+            expected[ivf["images"][entry]] += ivf["idf"][word] ** 2 * max(similarity, 0) ** 3 * (similarity >= 0)
+    return expected / np.maximum(ivf["norms"] * np.sqrt((ivf["idf"][query_words] ** 2).sum()), 1e-12)
+
+
+@pytest.mark.parametrize("bits", [8, 32, 40, 64, 72, 128])
 def test_the_compiled_scan_equals_the_kernel_written_out(bits):
-    """asmk.search (compiled, coded ids, signatures of one or more uint64 words, any number of
-    threads) against the formula computed entry by entry from uncoded lists."""
+    """asmk.search (compiled, coded ids, signatures of one or more uint64 words, read with
+    one 8-byte load or byte by byte at the end of the file, any number of threads) against
+    the formula computed entry by entry from uncoded lists."""
     rng = np.random.default_rng(bits)
     num_words, num_images = 30, 20_000  # ~100 entries per word: many differences over 255
     entries = {(int(w), int(i)) for w, i in zip(rng.integers(0, num_words, 3000), rng.integers(0, num_images, 3000))}
@@ -230,18 +242,40 @@ def test_the_compiled_scan_equals_the_kernel_written_out(bits):
     signatures = np.packbits(rng.random((len(words), bits)) < 0.5, axis=1)
     ivf = build_ivf(words, images, signatures, num_images, num_words)
     assert len(ivf["exceptions"]) > num_words  # the exception path is exercised
-    query_words = np.array([0, 3, 4, 17, 29])
+    query_words = np.array([0, 3, 4, 17, 29])  # 29: the last entries, whose load would pass the end
     query = np.packbits(rng.random((5, bits)) < 0.5, axis=1)
-    expected = np.zeros(num_images)
-    for word, code in zip(query_words, query):
-        for entry in range(ivf["offsets"][word], ivf["offsets"][word + 1]):
-            similarity = 1 - 2 * np.count_nonzero(np.unpackbits(code ^ ivf["signatures"][entry])) / bits
-            expected[ivf["images"][entry]] += ivf["idf"][word] ** 2 * max(similarity, 0) ** 3 * (similarity >= 0)
-    expected /= np.maximum(ivf["norms"] * np.sqrt((ivf["idf"][query_words] ** 2).sum()), 1e-12)
+    expected = scores_written_out(ivf, query_words, query, bits, num_images)
     for threads in (1, 2, 3):
         scores = asmk.search(ivf, query_words, query, {"threads": threads}, bits=bits)
         np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7)
     assert np.count_nonzero(expected) > 100
+
+
+@pytest.mark.parametrize("bits,count", [(8, 3), (40, 1), (16, 4)])
+def test_the_compiled_scan_of_a_file_under_8_bytes(bits, count):
+    """Inverted files of fewer than 8 bytes of signatures: no entry can be read with one
+    8-byte load."""
+    rng = np.random.default_rng(count)
+    words, images = np.zeros(count, np.int64), np.arange(count)
+    signatures = np.packbits(rng.random((count, bits)) < 0.5, axis=1)
+    ivf = build_ivf(words, images, signatures, count + 1, 1)  # an image without the word: idf > 0
+    query = signatures[:1] ^ np.uint8(1)  # one bit from the first entry
+    scores = asmk.search(ivf, np.array([0]), query, bits=bits)
+    expected = scores_written_out(ivf, [0], query, bits, count + 1)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7)
+    assert scores[0] > 0
+
+
+def test_assignment_searches_float32_graphs_of_earlier_indexes_at_the_given_ef():
+    rng = np.random.default_rng(3)
+    centroids = rng.normal(size=(3000, 40)).astype(np.float32)
+    queries = rng.normal(size=(500, 40)).astype(np.float32)
+    graph = faiss.IndexHNSWFlat(40, 32)  # what asmk_words.faiss held before float16 words
+    graph.add(centroids)
+    found = asmk.assign(graph, queries, 5, ef=64)
+    params = faiss.SearchParametersHNSW(efSearch=64)
+    np.testing.assert_array_equal(found, graph.search(queries, 5, params=params)[1])
+    assert not np.array_equal(found, graph.search(queries, 5)[1])  # faiss's default ef differs
 
 
 def test_hnsw_assignment_finds_the_exact_nearest_word_almost_always():
@@ -273,8 +307,8 @@ def test_build_both_answers_by_either_method(evaluated, asmk_codebooks, corpus, 
     out = str(tmp_path / "both")
     manifest = build.run(features, out, codebooks=asmk_codebooks, beam_options=ONE_WORKER, method="both")
     assert manifest["method"] == "both" and "asmk_signatures.npy" in manifest["files"]
-    # format 4 with ASMK; a k-NN-only index stays at 2, which earlier versions read
-    assert (manifest["format_version"], art.current_manifest(str(evaluated[0] / "index"))["format_version"]) == (4, 2)
+    # format 5 with ASMK; a k-NN-only index stays at 2, which earlier versions read
+    assert (manifest["format_version"], art.current_manifest(str(evaluated[0] / "index"))["format_version"]) == (5, 2)
     artifact = art.Artifact.load(out)
     assert artifact.index is not None and len(artifact.asmk["offsets"]) == 129
     assert len(artifact.codes) == manifest["counts"]["descriptors"]

@@ -106,10 +106,13 @@ def test_pca_is_the_eigendecomposition_of_the_sample_covariance_in_delf_order():
     signs = np.sign((pca["components"] * top).sum(axis=1))
     expected = (xn - xn.mean(0)) @ (top * signs[:, None]).T
     np.testing.assert_allclose(y, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-4)
-    assert pca_lib.apply_pca(x[:0], pca).shape == (0, 4)
     whitened = pca_lib.apply_pca(x, {**pca, "whiten": True})
     ratio = whitened[:, 0] / whitened[:, 3] / (y[:, 0] / y[:, 3])  # whitening divides by sqrt(eigenvalue)
     np.testing.assert_allclose(ratio, np.sqrt(values[::-1][3] / values[::-1][0]), rtol=1e-3)
+    # the queries' projection in faiss: the same to float32 rounding, whitened or not
+    for conf in (pca, {**pca, "whiten": True}):
+        np.testing.assert_allclose(pca_lib.apply_pca_in_faiss(x, conf), pca_lib.apply_pca(x, conf), atol=1e-5)
+    assert pca_lib.apply_pca_in_faiss(x[:0], pca).shape == (0, 4)
 
 
 def test_fit_build_load_round_trip(feature_tables, codebooks, tmp_path):

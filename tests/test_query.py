@@ -247,6 +247,9 @@ def test_scoring_only_the_rows_that_can_rank_gives_the_full_ranking(evaluated, c
     assert len(index) > 8
     full = {q: index.search(q, top_k=None, exclude=[os.path.basename(q)]) for q in queries}
     monkeypatch.setattr(retrieval, "GLOBAL_TOP", 5)
+    selected = []  # the rows scored after the GLOBAL_TOP, per query that had any
+    batch = faiss.IDSelectorBatch
+    monkeypatch.setattr(faiss, "IDSelectorBatch", lambda rows: selected.append(len(rows)) or batch(rows))
     partial_rows = 0
     for q in queries:
         found = index.search(q, top_k=3, exclude=[os.path.basename(q)])
@@ -264,4 +267,5 @@ def test_scoring_only_the_rows_that_can_rank_gives_the_full_ranking(evaluated, c
         np.testing.assert_array_equal(scores[scored], every[scored])
         assert best_rows(scores + local, rankable, 3).tolist() == best_rows(every + local, rankable, 3).tolist()
         partial_rows += int((~scored).sum())
-    assert partial_rows > 0  # some rows were never scored
+    assert partial_rows > 0 and selected  # some rows were never scored, some were lifted
+    assert Index(artifact, {"shortlist": 0}).search(queries[0], top_k=0) == []
