@@ -54,10 +54,10 @@ row is ``geometry_offset[image] + feature_index``.
 import pyarrow as pa
 
 CODEBOOKS_FORMAT, CODEBOOKS_VERSION = "delf-index-codebooks", 1
-# version 3 added ASMK's files, 4 codes their image ids in a byte per entry, 5 holds the words
-# of the HNSW word index in float16 (4's float32 graph searched by a reader that does not know
-# the float16 graph would fall back to faiss's default breadth); a build without them (--method
-# knn) still writes 2, which earlier delf-index versions read; this one reads all
+# version 3 added ASMK's files, 4 codes their image ids in a byte per entry, 5 holds the HNSW
+# word index's words in float16 (a reader of 4 would search that graph at faiss's default
+# breadth, so it must refuse it); a build without them (--method knn) still writes 2, which
+# earlier delf-index versions read; this one reads all
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 5
 ARTIFACT_READS = (2, 3, 4, 5)
 POINTER, VERSIONS, STAGING = "CURRENT", "versions", "_staging"
