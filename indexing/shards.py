@@ -318,30 +318,38 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     idf = np.log(max(num_images, 1) / np.maximum(counts, 1)).astype(np.float32)
     total, code_bytes = int(offsets[-1]), sources[0]["signatures"].shape[1]
-    gaps_out = np.lib.format.open_memmap(os.path.join(out_dir, "asmk_gaps.npy"), "w+", np.uint8, (total,))
     signatures_out = np.lib.format.open_memmap(
         os.path.join(out_dir, "asmk_signatures.npy"), "w+", np.uint8, (total, code_bytes)
     )
-    # the exceptions (~3 % of the entries, 4 bytes each) are held until the end: their count is
-    # known only then
-    exceptions, exception_counts = [], np.zeros(num_words, np.int64)
+    # the coded ids' size is known only once coded: blocks go to a raw file, copied into the
+    # .npy at the end
+    ids_raw = os.path.join(out_dir, "asmk_ids.raw")
+    low_bits, id_sizes = np.zeros(num_words, np.uint8), np.zeros(num_words, np.int64)
     squared_norms = np.zeros(num_images, np.float64)
-    for first in range(0, num_words, block_words):
-        last = min(first + block_words, num_words)
-        found, owners, signatures = (np.concatenate(p) for p in zip(*(block(s, first, last) for s in sources)))
-        order = np.argsort(found, kind="stable")  # stable: images stay in source (= id) order
-        block_offsets = offsets[first : last + 1] - offsets[first]
-        gaps, block_exceptions, block_exception_offsets = asmk.encode_ids(owners[order], block_offsets)
-        gaps_out[offsets[first] : offsets[last]] = gaps
-        signatures_out[offsets[first] : offsets[last]] = signatures[order]
-        exceptions.append(block_exceptions)
-        exception_counts[first:last] = np.diff(block_exception_offsets)
-        squared_norms += np.bincount(owners, weights=idf[found].astype(np.float64) ** 2, minlength=num_images)
-    gaps_out.flush()
+    with open(ids_raw, "wb") as raw:
+        for first in range(0, num_words, block_words):
+            last = min(first + block_words, num_words)
+            found, owners, signatures = (np.concatenate(p) for p in zip(*(block(s, first, last) for s in sources)))
+            order = np.argsort(found, kind="stable")  # stable: images stay in source (= id) order
+            block_offsets = offsets[first : last + 1] - offsets[first]
+            ids, low_bits[first:last], block_id_offsets = asmk.encode_ids(owners[order], block_offsets)
+            raw.write(ids.astype("<u8").tobytes())
+            id_sizes[first:last] = np.diff(block_id_offsets)
+            signatures_out[offsets[first] : offsets[last]] = signatures[order]
+            squared_norms += np.bincount(owners, weights=idf[found].astype(np.float64) ** 2, minlength=num_images)
     signatures_out.flush()
-    del gaps_out, signatures_out
-    np.save(os.path.join(out_dir, "asmk_exceptions.npy"), np.concatenate(exceptions).astype(np.int32))
-    np.save(os.path.join(out_dir, "asmk_exception_offsets.npy"), np.concatenate([[0], np.cumsum(exception_counts)]))
+    del signatures_out
+    id_offsets = np.concatenate([[0], np.cumsum(id_sizes)]).astype(np.int64)
+    ids_out = np.lib.format.open_memmap(os.path.join(out_dir, "asmk_ids.npy"), "w+", "<u8", (int(id_offsets[-1]),))
+    with open(ids_raw, "rb") as raw:
+        for start in range(0, len(ids_out), 1 << 22):
+            chunk = np.fromfile(raw, "<u8", count=min(1 << 22, len(ids_out) - start))
+            ids_out[start : start + len(chunk)] = chunk
+    ids_out.flush()
+    del ids_out
+    os.remove(ids_raw)
+    np.save(os.path.join(out_dir, "asmk_low_bits.npy"), low_bits)
+    np.save(os.path.join(out_dir, "asmk_id_offsets.npy"), id_offsets)
     np.save(os.path.join(out_dir, "asmk_offsets.npy"), offsets)
     np.save(os.path.join(out_dir, "asmk_idf.npy"), idf)
     np.save(os.path.join(out_dir, "asmk_norms.npy"), np.sqrt(squared_norms).astype(np.float32))

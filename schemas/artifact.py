@@ -29,13 +29,15 @@ current one::
       with --method asmk or both (indexing/asmk.py; docs/index.md, "ASMK"):
         asmk_offsets.npy     int64 [words + 1]: where each word's entries start (CSR)
         asmk_signatures.npy  uint8 [entries, bits / 8]: packed binarized residual of each entry
-        asmk_gaps.npy        uint8 [entries]: each entry's image int id (ascending within a
-                             word) minus the previous entry's of the word (the first: minus 0);
-                             0 where that is 0 or over 255: the id is then the word's next
-        asmk_exceptions.npy  int32 [exceptions]: ids of those entries, in entry order
-        asmk_exception_offsets.npy  int64 [words + 1]: where each word's exceptions start
-                             (version 3 stored asmk_images.npy, int32 [entries], instead of
-                             these three; it is still read)
+        asmk_ids.npy         uint64 [...]: each entry's image int id (ascending within a
+                             word), Elias-Fano coded per word (indexing/asmk.py encode_ids):
+                             the low bits of each id packed, then the high parts in unary
+        asmk_low_bits.npy    uint8 [words]: the low bits per id of each word
+        asmk_id_offsets.npy  int64 [words + 1]: where each word's ids start, in uint64
+                             (version 3 stored asmk_images.npy, int32 [entries], and versions
+                             4 and 5 asmk_gaps.npy, uint8 differences, with
+                             asmk_exceptions.npy and asmk_exception_offsets.npy, instead of
+                             these three; they are still read)
         asmk_idf.npy         float32 [words]: log(images / images of the word)
         asmk_norms.npy       float32 [images]: each image's self-similarity, sqrt(sum of idf^2)
         asmk_words.faiss     the index that assigns query descriptors to words (exact; above
@@ -56,10 +58,10 @@ import pyarrow as pa
 CODEBOOKS_FORMAT, CODEBOOKS_VERSION = "delf-index-codebooks", 1
 # version 3 added ASMK's files, 4 codes their image ids in a byte per entry, 5 holds the HNSW
 # word index's words in float16 (a reader of 4 would search that graph at faiss's default
-# breadth, so it must refuse it); a build without them (--method knn) still writes 2, which
-# earlier delf-index versions read; this one reads all
-ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 5
-ARTIFACT_READS = (2, 3, 4, 5)
+# breadth, so it must refuse it), 6 codes the ids in Elias-Fano; a build without them
+# (--method knn) still writes 2, which earlier delf-index versions read; this one reads all
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 6
+ARTIFACT_READS = (2, 3, 4, 5, 6)
 POINTER, VERSIONS, STAGING = "CURRENT", "versions", "_staging"
 FEATURE_BITS = 16  # features per image < 65536
 MAX_FEATURES = (1 << FEATURE_BITS) - 1

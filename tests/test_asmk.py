@@ -29,13 +29,13 @@ def build_ivf(words, images, signatures, num_images, num_words):
     counts = np.diff(offsets)
     idf = np.log(max(num_images, 1) / np.maximum(counts, 1)).astype(np.float32)
     norms = np.sqrt(np.bincount(images, weights=idf[words] ** 2, minlength=num_images)).astype(np.float32)
-    gaps, exceptions, exception_offsets = asmk.encode_ids(images, offsets)
+    ids, low_bits, id_offsets = asmk.encode_ids(images, offsets)
     return {
         "offsets": offsets,
         "images": images,  # what the three coded arrays hold
-        "gaps": gaps,
-        "exceptions": exceptions,
-        "exception_offsets": exception_offsets,
+        "ids": ids,
+        "low_bits": low_bits,
+        "id_offsets": id_offsets,
         "signatures": signatures,
         "idf": idf,
         "norms": norms,
@@ -171,53 +171,101 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
     previous.mkdir()
     first = np.flatnonzero(images < bounds[1])
     old = build_ivf(words[first], images[first], signatures[first], num_images, num_words)
-    for key in ("offsets", "gaps", "exceptions", "exception_offsets", "signatures", "idf", "norms"):
+    for key in asmk.LIST_KEYS:
         np.save(previous / f"asmk_{key}.npy", old[key])
     previous_v3 = tmp_path / "previous-format-3"  # its ids uncoded, int32
-    previous_v3.mkdir()
-    for key in ("offsets", "images", "signatures", "idf", "norms"):
-        np.save(previous_v3 / f"asmk_{key}.npy", old[key])
+    previous_v5 = tmp_path / "previous-format-5"  # a byte per difference
+    for folder, coded in ((previous_v3, {"images": old["images"]}), (previous_v5, byte_differences(old))):
+        folder.mkdir()
+        for key, array in {**coded, **{k: old[k] for k in ("offsets", "signatures", "idf", "norms")}}.items():
+            np.save(folder / f"asmk_{key}.npy", array)
     prefixes = []
     for lo, hi in zip(bounds[1:-1], bounds[2:]):
         prefixes.append(str(tmp_path / f"shard-{lo}"))
         write_shard(prefixes[-1], np.flatnonzero((images >= lo) & (images < hi)))
-    for block, earlier in ((3, previous), (4096, previous), (7, previous_v3)):
+    for block, earlier in ((3, previous), (4096, previous), (7, previous_v3), (5, previous_v5)):
         out = tmp_path / f"out-{block}"
         out.mkdir()
         shards.write_asmk(prefixes, str(earlier), str(out), num_images, assigner, block_words=block)
-        for key in ("offsets", "gaps", "exceptions", "exception_offsets", "signatures", "idf", "norms"):
+        assert not (out / "asmk_ids.raw").exists()
+        for key in asmk.LIST_KEYS:
             np.testing.assert_allclose(np.load(out / f"asmk_{key}.npy"), expected[key], rtol=1e-6, err_msg=key)
         lists = asmk.open_lists(str(out))
         np.testing.assert_array_equal(asmk.list_images(lists), expected["images"])
-    # a format-3 version is read: its ids are coded in memory
-    np.testing.assert_array_equal(asmk.open_lists(str(previous_v3))["gaps"], old["gaps"])
+    # versions of formats 3 to 5 are read: their ids are coded in memory
+    for earlier in (previous_v3, previous_v5):
+        lists = asmk.open_lists(str(earlier))
+        for key in ("ids", "low_bits", "id_offsets"):
+            np.testing.assert_array_equal(lists[key], old[key])
     # damaged arrays are refused before the compiled scan trusts them
     damaged = tmp_path / "out-3"
-    assert len(expected["exceptions"]) > 0
-    damages = [("offsets", expected["offsets"][:-1]), ("exceptions", expected["exceptions"] + num_images)]
-    damages.append(("exception_offsets", expected["exception_offsets"][::-1]))
+    damages = [("offsets", expected["offsets"][:-1]), ("id_offsets", expected["id_offsets"][::-1])]
+    damages += [("ids", expected["ids"][:-1]), ("low_bits", expected["low_bits"] + 32)]
+    damages.append(("low_bits", np.where(np.diff(expected["offsets"]) > 0, 30, 0).astype(np.uint8)))  # parts too short
     for key, array in damages:
         np.save(damaged / f"asmk_{key}.npy", array)
         with pytest.raises(UserError, match="damaged ASMK inverted file"):
             asmk.open_lists(str(damaged))
         np.save(damaged / f"asmk_{key}.npy", expected[key])
+    # ids of the right sizes but wrong bits (all set, none set) decode to wrong ids, never
+    # outside the arrays: the scan and the decoder stay inside every word's part
+    for bits in (np.uint64(2**64 - 1), np.uint64(0)):
+        lists = {**expected, "ids": np.full_like(expected["ids"], bits)}
+        assert len(asmk.list_images(lists)) == len(expected["images"])
+        signatures = expected["signatures"][:2]
+        for threads in (1, 2):
+            scores = asmk.search(lists, np.arange(num_words)[[3, -1]], signatures, {"threads": threads})
+            assert scores.shape == (num_images,) and np.isfinite(scores).all()
+    np.save(previous_v5 / "asmk_gaps.npy", byte_differences(old)["gaps"][:-1])
+    with pytest.raises(UserError, match="damaged ASMK inverted file"):
+        asmk.open_lists(str(previous_v5))
 
 
-def test_image_ids_are_coded_in_a_byte_per_entry_and_decoded_exactly():
-    # words: empty; from id 0 (difference 0: an exception), differences 1, 255, 256, to the
-    # largest id; from id 5; a first id over 255
-    ids = np.array([0, 1, 256, 512, 2**31 - 1, 5, 260, 261, 300], np.int32)
-    offsets = np.array([0, 0, 5, 8, 9], np.int64)
-    gaps, exceptions, exception_offsets = asmk.encode_ids(ids, offsets)
-    assert gaps.tolist() == [0, 1, 255, 0, 0, 5, 255, 1, 0]
-    assert exceptions.tolist() == [0, 512, 2**31 - 1, 300] and exception_offsets.tolist() == [0, 0, 3, 3, 4]
-    coded = {"gaps": gaps, "exceptions": exceptions, "exception_offsets": exception_offsets, "offsets": offsets}
+def byte_differences(ivf):
+    """The ids of an inverted file as formats 4 and 5 stored them, coded entry by entry: a
+    byte per difference from the word's previous id (the first from 0), byte 0 and the id in
+    `exceptions` where the difference is 0 or over 255."""
+    gaps, exceptions, exception_offsets = np.zeros(len(ivf["images"]), np.uint8), [], [0]
+    for word in range(len(ivf["offsets"]) - 1):
+        previous = 0
+        for entry in range(ivf["offsets"][word], ivf["offsets"][word + 1]):
+            difference = int(ivf["images"][entry]) - previous
+            if 1 <= difference <= 255:
+                gaps[entry] = difference
+            else:
+                exceptions.append(ivf["images"][entry])
+            previous = int(ivf["images"][entry])
+        exception_offsets.append(len(exceptions))
+    exceptions, exception_offsets = np.array(exceptions, np.int32), np.array(exception_offsets, np.int64)
+    return {"gaps": gaps, "exceptions": exceptions, "exception_offsets": exception_offsets}
+
+
+def test_image_ids_are_coded_in_elias_fano_and_decoded_exactly():
+    # words: empty; 3, 4, 9, 14 (one low bit each: 1 0 1 0; high parts 1 2 4 7 at bits 1 3 6 10);
+    # id 0 alone (no low bit); the largest id
+    ids = np.array([3, 4, 9, 14, 0, 5, 2**31 - 1], np.int32)
+    offsets = np.array([0, 0, 4, 5, 7], np.int64)
+    coded, low_bits, id_offsets = asmk.encode_ids(ids, offsets)
+    assert low_bits.tolist()[:3] == [0, 1, 0] and low_bits[3] == 30  # floor(log2(2**31 / 2))
+    assert coded[:3].tolist() == [0b0101, 2 + 8 + 64 + 1024, 1]
+    assert id_offsets.tolist() == [0, 0, 2, 3, 3 + 1 + 1]  # 60 low bits in one uint64, high parts in one
+    lists = {"ids": coded, "low_bits": low_bits, "id_offsets": id_offsets, "offsets": offsets}
+    np.testing.assert_array_equal(asmk.list_images(lists), ids)
+    np.testing.assert_array_equal(asmk.list_images(lists, 2, 4), ids[4:])
+    # dense and sparse words: low bits across uint64 boundaries, high parts over many uint64
+    rng = np.random.default_rng(0)
+    sizes = [(10**6, 3), (5000, 4999), (10**5, 700)]
+    lists = [np.sort(rng.choice(universe, size, replace=False)) for universe, size in sizes] + [np.array([76])]
+    ids, offsets = np.concatenate(lists).astype(np.int32), np.cumsum([0] + [len(x) for x in lists])
+    coded = dict(zip(("ids", "low_bits", "id_offsets"), asmk.encode_ids(ids, offsets)), offsets=offsets)
     np.testing.assert_array_equal(asmk.list_images(coded), ids)
-    np.testing.assert_array_equal(asmk.list_images(coded, 2, 4), ids[5:])
+    assert coded["low_bits"].tolist() == [18, 0, 7, 6]
     with pytest.raises(ValueError, match="ascend"):
         asmk.encode_ids(np.array([3, 3], np.int32), np.array([0, 2], np.int64))
     with pytest.raises(ValueError, match="ascend"):
         asmk.encode_ids(np.array([3, 2], np.int32), np.array([0, 2], np.int64))
+    with pytest.raises(ValueError, match=">= 0"):
+        asmk.encode_ids(np.array([-1], np.int32), np.array([0, 1], np.int64))
 
 
 def scores_written_out(ivf, query_words, query, bits, num_images):
@@ -241,7 +289,7 @@ def test_the_compiled_scan_equals_the_kernel_written_out(bits):
     words, images = np.array(sorted(entries)).T
     signatures = np.packbits(rng.random((len(words), bits)) < 0.5, axis=1)
     ivf = build_ivf(words, images, signatures, num_images, num_words)
-    assert len(ivf["exceptions"]) > num_words  # the exception path is exercised
+    assert np.diff(ivf["id_offsets"]).min() > 3  # low bits across uint64, high parts over several
     query_words = np.array([0, 3, 4, 17, 29])  # 29: the last entries, whose load would pass the end
     query = np.packbits(rng.random((5, bits)) < 0.5, axis=1)
     expected = scores_written_out(ivf, query_words, query, bits, num_images)
@@ -307,8 +355,8 @@ def test_build_both_answers_by_either_method(evaluated, asmk_codebooks, corpus, 
     out = str(tmp_path / "both")
     manifest = build.run(features, out, codebooks=asmk_codebooks, beam_options=ONE_WORKER, method="both")
     assert manifest["method"] == "both" and "asmk_signatures.npy" in manifest["files"]
-    # format 5 with ASMK; a k-NN-only index stays at 2, which earlier versions read
-    assert (manifest["format_version"], art.current_manifest(str(evaluated[0] / "index"))["format_version"]) == (5, 2)
+    # format 6 with ASMK; a k-NN-only index stays at 2, which earlier versions read
+    assert (manifest["format_version"], art.current_manifest(str(evaluated[0] / "index"))["format_version"]) == (6, 2)
     artifact = art.Artifact.load(out)
     assert artifact.index is not None and len(artifact.asmk["offsets"]) == 129
     assert len(artifact.codes) == manifest["counts"]["descriptors"]
