@@ -168,7 +168,7 @@ def _scan(offsets, ids, id_bytes, low_bits, id_offsets, codes, code_bytes, words
                 scores,
             )
             continue
-        at, pending = high_start, ids[high_start]
+        at, pending = _first_high(ids, high_start)
         for entry in range(start, end):
             image, at, pending = _next_id(
                 ids, id_bytes, entry - start, low_count, lows, high_start, high_end, at, pending
@@ -186,21 +186,25 @@ def _scan_word(
     with one 8-byte load: the high parts of the ids a uint64 at a time, an entry per set bit
     (the same work as _next_id without its test for the next uint64 per entry: 15 % faster)."""
     low_mask = (np.uint64(1) << np.uint64(low_count)) - np.uint64(1)
-    entry, base = start, np.int64(0)
-    for at in range(high_start, high_end):
-        pending = ids[at]
+    entry, at, last = start, high_start >> 6, (high_end - 1) >> 6
+    pending = ids[at] & (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(high_start & 63))
+    while True:
+        base = at * 64 - high_start  # the position of the uint64's first bit in the high parts
         while pending and entry < end:
             i = entry - start
             high = base + np.int64(_trailing_zeros(pending)) - i
             pending &= pending - np.uint64(1)
-            position = i * low_count
-            loaded = _load_uint64(id_bytes, lows * 8 + (position >> 3)) >> np.uint64(position & 7)
+            position = lows + i * low_count
+            loaded = _load_uint64(id_bytes, position >> 3) >> np.uint64(position & 7)
             image = (high << low_count) | np.int64(loaded & low_mask)
             distance = _popcount((_load_uint64(codes, entry * code_bytes) & mask) ^ query)
             if 0 <= image < len(scores):  # never outside the array, whatever the files hold
                 scores[image] += row[distance]
             entry += 1
-        base += 64
+        at += 1
+        if at > last or entry == end:
+            return
+        pending = ids[at]
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -252,13 +256,14 @@ def _popcount(x):
 def encode_ids(ids, offsets):
     """The image ids of a CSR (`offsets` [words + 1]), ascending within each word, in the
     Elias-Fano code: per word of n entries whose largest id is m, L = floor(log2((m + 1) / n))
-    low bits of each id packed one after the other (little-endian), then the high parts
-    id >> L in unary (entry i sets bit (id >> L) + i), each part starting on a uint64.
-    About 2 + log2(images / entries of the word) bits per entry: 7.7 on a synthetic 100M
-    collection against the 9.1 of a byte per difference (benchmarks/README.md), and each id
-    decodes from one unaligned load and one count of trailing zeros.
+    low bits of each id, packed one after the other, then the high parts id >> L in unary
+    (entry i sets bit (id >> L) + i); the words' parts follow each other bit after bit
+    (little-endian), and one uint64 of padding ends the array (the scan's 8-byte loads).
+    About log2((m + 1) / n) + 2 bits per entry: 7.7 on a synthetic 100M collection against
+    the 9.1 of a byte per difference (benchmarks/README.md), and each id decodes from one
+    unaligned load and one count of trailing zeros.
     Returns (ids uint64 [...], low_bits uint8 [words], id_offsets int64 [words + 1]: where each
-    word's part starts, in uint64)."""
+    word's part starts, in bits)."""
     num_words = len(offsets) - 1
     low_bits = np.zeros(num_words, np.uint8)
     id_offsets = np.zeros(num_words + 1, np.int64)
@@ -275,9 +280,9 @@ def encode_ids(ids, offsets):
             while n << (low_count + 1) <= largest + 1:
                 low_count += 1
             low_bits[word] = low_count
-            size = (n * low_count + 63) // 64 + ((largest >> low_count) + n + 63) // 64
+            size = n * low_count + (largest >> low_count) + n
         id_offsets[word + 1] = id_offsets[word] + size
-    out = np.zeros(id_offsets[num_words], np.uint64)
+    out = np.zeros((id_offsets[num_words] + 63) // 64 + 1, np.uint64)
     for word in range(num_words):
         start, end = offsets[word], offsets[word + 1]
         if start == end:
@@ -287,37 +292,44 @@ def encode_ids(ids, offsets):
         for i in range(end - start):
             value = np.int64(ids[start + i])
             if low_count:
-                position = i * low_count
-                at, shift = lows + position // 64, position % 64
+                position = lows + i * low_count
+                at, shift = position // 64, position % 64
                 out[at] |= np.uint64(value & low_mask) << np.uint64(shift)
                 if shift + low_count > 64:  # the rest in the next uint64
                     out[at + 1] |= np.uint64(value & low_mask) >> np.uint64(64 - shift)
-            position = (value >> low_count) + i
-            out[high_start + position // 64] |= np.uint64(1) << np.uint64(position % 64)
+            position = high_start + (value >> low_count) + i
+            out[position // 64] |= np.uint64(1) << np.uint64(position % 64)
     return out, low_bits, id_offsets
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _id_block(low_bits, id_offsets, word, n):
     """(L, where the low bits start, where the high parts start, where they end) of a word of
-    n >= 1 entries, the last three in uint64 of the ids array."""
+    n >= 1 entries, the last three in bits of the ids array."""
     low_count = np.int64(low_bits[word])
     lows = id_offsets[word]
-    return low_count, lows, lows + (n * low_count + 63) // 64, id_offsets[word + 1]
+    return low_count, lows, lows + n * low_count, id_offsets[word + 1]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _first_high(ids, high_start):
+    """(the uint64 that holds a word's first high bit, its bits from that one on)."""
+    at = high_start >> 6
+    return at, ids[at] & (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(high_start & 63))
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _next_id(ids, id_bytes, i, low_count, lows, high_start, high_end, at, pending):
     """The id of a word's entry i, read in order: `at` is the uint64 of the high parts being
-    read and `pending` its bits not consumed yet. Returns (id, at, pending). A damaged block
-    cannot make it read outside the word's part (the scan skips ids out of range)."""
-    while pending == 0 and at + 1 < high_end:
+    read and `pending` its bits not consumed yet (_first_high for entry 0). Returns (id, at,
+    pending). Damaged files cannot make it read past the word's part."""
+    while pending == 0 and at < (high_end - 1) >> 6:
         at += 1
         pending = ids[at]
-    high = (at - high_start) * 64 + np.int64(_trailing_zeros(pending)) - i
+    high = at * 64 + np.int64(_trailing_zeros(pending)) - high_start - i
     pending &= pending - np.uint64(1)
-    position = i * low_count  # the low bits: one unaligned load, shifted and masked
-    loaded = _load_uint64(id_bytes, lows * 8 + (position >> 3)) >> np.uint64(position & 7)
+    position = lows + i * low_count  # the low bits: one unaligned load, shifted and masked
+    loaded = _load_uint64(id_bytes, position >> 3) >> np.uint64(position & 7)
     low = np.int64(loaded & ((np.uint64(1) << np.uint64(low_count)) - np.uint64(1)))
     return (high << low_count) | low, at, pending
 
@@ -339,7 +351,7 @@ def _decode_ids(ids, id_bytes, low_bits, id_offsets, offsets, first, last):
         if n == 0:
             continue
         low_count, lows, high_start, high_end = _id_block(low_bits, id_offsets, word, n)
-        at, pending = high_start, ids[high_start]
+        at, pending = _first_high(ids, high_start)
         for entry in range(n):
             out[i], at, pending = _next_id(ids, id_bytes, entry, low_count, lows, high_start, high_end, at, pending)
             i += 1
@@ -406,12 +418,11 @@ def check_lists(lists, folder):
         what = "word offsets and entries disagree"
     elif len(lists["idf"]) != len(offsets) - 1 or len(id_offsets) != len(offsets) or len(low_bits) != len(offsets) - 1:
         what = "word counts differ"
-    elif not ascending(id_offsets, len(lists["ids"])):
+    elif not ascending(id_offsets, id_offsets[-1]) or len(lists["ids"]) != (id_offsets[-1] + 63) // 64 + 1:
         what = "id offsets and ids disagree"
-    else:  # every word's part holds its low bits and at least a uint64 of high parts
+    else:  # every word's part holds its low bits and a high bit per entry
         counts = np.diff(offsets)
-        needed = (counts * low_bits + 63) // 64 + (counts > 0)
-        if np.any(low_bits > 31) or np.any(np.diff(id_offsets) < needed):
+        if np.any(low_bits > 31) or np.any(np.diff(id_offsets) < counts * (low_bits + 1)):
             what = "id parts too short"
     if what:
         raise UserError(f"damaged ASMK inverted file in {folder}: {what}; rebuild the index")

@@ -285,6 +285,23 @@ def concatenate_arrays(previous, pieces, path, rows):
     out.flush()
 
 
+def append_bits(carry, carry_bits, words, bits):
+    """Bits [0, bits) of the uint64 array `words` appended to the `carry_bits` low bits of the
+    uint64 `carry` (the bits above them 0): (the complete uint64 words, the new carry and its
+    bit count)."""
+    words = np.asarray(words[: (bits + 63) // 64], np.uint64)
+    if carry_bits == 0:
+        joined = np.concatenate([words, np.zeros(1, np.uint64)])
+    else:
+        up, down = np.uint64(carry_bits), np.uint64(64 - carry_bits)
+        joined = np.zeros(len(words) + 1, np.uint64)
+        joined[0] = carry
+        joined[: len(words)] |= words << up
+        joined[1:] |= words >> down
+    complete, rest = divmod(carry_bits + bits, 64)
+    return joined[:complete], joined[complete], rest
+
+
 def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096):
     """ASMK's inverted file of the previous version's entries and the shards', its IDF and
     image norms over all images (hidden ones are masked at query time), and the word index.
@@ -321,11 +338,12 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
     signatures_out = np.lib.format.open_memmap(
         os.path.join(out_dir, "asmk_signatures.npy"), "w+", np.uint8, (total, code_bytes)
     )
-    # the coded ids' size is known only once coded: blocks go to a raw file, copied into the
-    # .npy at the end
+    # the coded ids' size is known only once coded: blocks go to a raw file, bit after bit (a
+    # block's last bits wait in `carry` for the next), copied into the .npy at the end
     ids_raw = os.path.join(out_dir, "asmk_ids.raw")
     low_bits, id_sizes = np.zeros(num_words, np.uint8), np.zeros(num_words, np.int64)
     squared_norms = np.zeros(num_images, np.float64)
+    carry, carry_bits = np.uint64(0), 0
     with open(ids_raw, "wb") as raw:
         for first in range(0, num_words, block_words):
             last = min(first + block_words, num_words)
@@ -333,17 +351,21 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
             order = np.argsort(found, kind="stable")  # stable: images stay in source (= id) order
             block_offsets = offsets[first : last + 1] - offsets[first]
             ids, low_bits[first:last], block_id_offsets = asmk.encode_ids(owners[order], block_offsets)
-            raw.write(ids.astype("<u8").tobytes())
+            complete, carry, carry_bits = append_bits(carry, carry_bits, ids, int(block_id_offsets[-1]))
+            raw.write(complete.astype("<u8").tobytes())
             id_sizes[first:last] = np.diff(block_id_offsets)
             signatures_out[offsets[first] : offsets[last]] = signatures[order]
             squared_norms += np.bincount(owners, weights=idf[found].astype(np.float64) ** 2, minlength=num_images)
+        raw.write(np.array([carry, 0], "<u8")[: 2 if carry_bits else 1].tobytes())  # + a uint64 of padding
     signatures_out.flush()
     del signatures_out
     id_offsets = np.concatenate([[0], np.cumsum(id_sizes)]).astype(np.int64)
-    ids_out = np.lib.format.open_memmap(os.path.join(out_dir, "asmk_ids.npy"), "w+", "<u8", (int(id_offsets[-1]),))
+    size = int(id_offsets[-1] + 63) // 64 + 1
+    assert os.path.getsize(ids_raw) == 8 * size, (os.path.getsize(ids_raw), size)
+    ids_out = np.lib.format.open_memmap(os.path.join(out_dir, "asmk_ids.npy"), "w+", "<u8", (size,))
     with open(ids_raw, "rb") as raw:
-        for start in range(0, len(ids_out), 1 << 22):
-            chunk = np.fromfile(raw, "<u8", count=min(1 << 22, len(ids_out) - start))
+        for start in range(0, size, 1 << 22):
+            chunk = np.fromfile(raw, "<u8", count=min(1 << 22, size - start))
             ids_out[start : start + len(chunk)] = chunk
     ids_out.flush()
     del ids_out

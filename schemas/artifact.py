@@ -33,7 +33,7 @@ current one::
                              word), Elias-Fano coded per word (indexing/asmk.py encode_ids):
                              the low bits of each id packed, then the high parts in unary
         asmk_low_bits.npy    uint8 [words]: the low bits per id of each word
-        asmk_id_offsets.npy  int64 [words + 1]: where each word's ids start, in uint64
+        asmk_id_offsets.npy  int64 [words + 1]: where each word's ids start, in bits
                              (version 3 stored asmk_images.npy, int32 [entries], and versions
                              4 and 5 asmk_gaps.npy, uint8 differences, with
                              asmk_exceptions.npy and asmk_exception_offsets.npy, instead of

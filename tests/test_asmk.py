@@ -201,6 +201,7 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
     damaged = tmp_path / "out-3"
     damages = [("offsets", expected["offsets"][:-1]), ("id_offsets", expected["id_offsets"][::-1])]
     damages += [("ids", expected["ids"][:-1]), ("low_bits", expected["low_bits"] + 32)]
+    damages.append(("id_offsets", expected["id_offsets"] - 1))
     damages.append(("low_bits", np.where(np.diff(expected["offsets"]) > 0, 30, 0).astype(np.uint8)))  # parts too short
     for key, array in damages:
         np.save(damaged / f"asmk_{key}.npy", array)
@@ -241,18 +242,19 @@ def byte_differences(ivf):
 
 
 def test_image_ids_are_coded_in_elias_fano_and_decoded_exactly():
-    # words: empty; 3, 4, 9, 14 (one low bit each: 1 0 1 0; high parts 1 2 4 7 at bits 1 3 6 10);
-    # id 0 alone (no low bit); the largest id
+    # words: empty; 3, 4, 9, 14 (one low bit each: 1 0 1 0 at bits 0-3; high parts 1 2 4 7,
+    # + entry: bits 1 3 6 10 after the low bits, 5 7 10 14); id 0 alone (no low bit, bit 15);
+    # 5 and the largest id (30 low bits each from bit 16, 63 bits in all)
     ids = np.array([3, 4, 9, 14, 0, 5, 2**31 - 1], np.int32)
     offsets = np.array([0, 0, 4, 5, 7], np.int64)
     coded, low_bits, id_offsets = asmk.encode_ids(ids, offsets)
-    assert low_bits.tolist()[:3] == [0, 1, 0] and low_bits[3] == 30  # floor(log2(2**31 / 2))
-    assert coded[:3].tolist() == [0b0101, 2 + 8 + 64 + 1024, 1]
-    assert id_offsets.tolist() == [0, 0, 2, 3, 3 + 1 + 1]  # 60 low bits in one uint64, high parts in one
+    assert low_bits.tolist() == [0, 1, 0, 30]  # 30: floor(log2(2**31 / 2))
+    assert id_offsets.tolist() == [0, 0, 15, 16, 79] and len(coded) == 2 + 1  # + a uint64 of padding
+    assert int(coded[0]) & 0xFFFF == 0b1100010010100101 and coded[-1] == 0
     lists = {"ids": coded, "low_bits": low_bits, "id_offsets": id_offsets, "offsets": offsets}
     np.testing.assert_array_equal(asmk.list_images(lists), ids)
     np.testing.assert_array_equal(asmk.list_images(lists, 2, 4), ids[4:])
-    # dense and sparse words: low bits across uint64 boundaries, high parts over many uint64
+    # dense and sparse words: parts across uint64 boundaries, high parts over many uint64
     rng = np.random.default_rng(0)
     sizes = [(10**6, 3), (5000, 4999), (10**5, 700)]
     lists = [np.sort(rng.choice(universe, size, replace=False)) for universe, size in sizes] + [np.array([76])]
@@ -289,7 +291,7 @@ def test_the_compiled_scan_equals_the_kernel_written_out(bits):
     words, images = np.array(sorted(entries)).T
     signatures = np.packbits(rng.random((len(words), bits)) < 0.5, axis=1)
     ivf = build_ivf(words, images, signatures, num_images, num_words)
-    assert np.diff(ivf["id_offsets"]).min() > 3  # low bits across uint64, high parts over several
+    assert np.diff(ivf["id_offsets"]).min() > 3 * 64  # low bits across uint64, high parts over several
     query_words = np.array([0, 3, 4, 17, 29])  # 29: the last entries, whose load would pass the end
     query = np.packbits(rng.random((5, bits)) < 0.5, axis=1)
     expected = scores_written_out(ivf, query_words, query, bits, num_images)
