@@ -35,6 +35,9 @@ default_conf = {
     "alpha": 3.0,  # selectivity exponent (the paper: 3)
     "threshold": 0.0,  # selectivity threshold tau on the code similarity (the paper: 0)
     "query_assignments": 5,  # words per query descriptor (multiple assignment, the paper: 5)
+    # weigh words by idf^2, idf = log(images / images of the word) (the paper); False: every
+    # word 1, the `asmk` package's default (landmarks-dev: the same mAP, benchmarks/README.md)
+    "idf": True,
     "hnsw_above": 8192,  # assign to words through an HNSW graph when there are more words
     "hnsw_ef": 32,  # HNSW search breadth: recall of the words against the cost of assigning them
     "threads": 1,  # threads scanning one query's lists (more: lower latency on an idle multi-core machine)
@@ -92,13 +95,15 @@ def aggregate(reduced, assignments, centroids):
 
 def search(ivf, words, signatures, conf=None, live=None, bits=None):
     """ASMK similarity of a query (its aggregated words and signatures) with every image
-    [num_images]: sum over shared words of idf^2 * selectivity(code similarity), normalised.
-    `ivf`: the inverted file (open_lists). `bits`: of a signature, the dimension of the
-    descriptors (default: its bytes x 8; the padding bits are 0 in every code, so they change
-    no distance, only this scale). The lists are scanned by a compiled loop (numba), the
-    query's words split over `threads` threads."""
+    [num_images]: sum over shared words of idf^2 * selectivity(code similarity), normalised
+    (without `idf`: every word weighs 1). `ivf`: the inverted file (open_lists). `bits`: of a
+    signature, the dimension of the descriptors (default: its bytes x 8; the padding bits
+    are 0 in every code, so they change no distance, only this scale). The lists are scanned
+    by a compiled loop (numba), the query's words split over `threads` threads."""
     conf = {**default_conf, **(conf or {})}
     offsets, idf, norms = ivf["offsets"], ivf["idf"], ivf["norms"]
+    if not conf["idf"]:
+        idf, norms = np.ones_like(idf), unweighted_norms(ivf)
     words = np.asarray(words, np.int64)
     assert len(words) == len(signatures) and signatures.shape[1] == ivf["signatures"].shape[1], signatures.shape
     assert len(words) == 0 or (words.min() >= 0 and words.max() < len(offsets) - 1), "word out of range"
@@ -426,6 +431,15 @@ def check_lists(lists, folder):
             what = "id parts too short"
     if what:
         raise UserError(f"damaged ASMK inverted file in {folder}: {what}; rebuild the index")
+
+
+def unweighted_norms(ivf):
+    """Each image's self-similarity without IDF, sqrt(its entries) (float32 [images]); counted
+    from the ids on first use (0.5 s per 100M entries) and kept in `ivf`."""
+    if "unweighted_norms" not in ivf:
+        entries = np.bincount(list_images(ivf), minlength=len(ivf["norms"]))
+        ivf["unweighted_norms"] = np.sqrt(entries).astype(np.float32)
+    return ivf["unweighted_norms"]
 
 
 def as_uint64(rows):

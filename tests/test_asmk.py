@@ -66,7 +66,7 @@ def test_signatures_are_the_signs_of_the_summed_residuals():
 def test_scores_equal_the_reference_asmk_package():
     """Our CSR inverted file and vectorised search against the authors' implementation
     (pip package `asmk`): the same scores for every image, with multiple assignment on the
-    query side, IDF, selectivity alpha 3 and threshold 0. 32 dimensions: the package packs
+    query side, with and without IDF, selectivity alpha 3 and threshold 0. 32 dimensions: the package packs
     bits in uint32 words and normalises Hamming distances by whole words (docs/index.md)."""
     reference_kernel = pytest.importorskip("asmk.kernel")
     reference_ivf = pytest.importorskip("asmk.inverted_file")
@@ -95,20 +95,26 @@ def test_scores_equal_the_reference_asmk_package():
     kernel = reference_kernel.ASMKKernel(codebook, binary=True)
     db_words = asmk.assign(words_index, database, 1)
     agg, agg_words, agg_images = kernel.aggregate(database, db_words, owners)
-    reference = reference_ivf.IVF.initialize_empty(codebook_size=num_words, use_idf=True)
-    reference.add(agg, agg_words, agg_images)
+    references = {}
+    for use_idf in (True, False):
+        references[use_idf] = reference_ivf.IVF.initialize_empty(codebook_size=num_words, use_idf=use_idf)
+        references[use_idf].add(agg, agg_words, agg_images)
     similarity = functools.partial(kernel.similarity, alpha=3.0, similarity_threshold=0.0)
 
     for image in (0, 5, 9):  # a noisy copy of a database image: real matches, and the rest
         query = database[owners == image] + 0.01 * rng.normal(size=(60, dim)).astype(np.float32)
         assignments = asmk.assign(words_index, query, 3)
-        ours = asmk.search(ivf, *asmk.aggregate(query, assignments, centroids), {"alpha": 3.0, "threshold": 0.0})
         q_agg, q_words = kernel.aggregate_image(query, assignments)
-        ranks, scores = reference.search(q_agg, q_words, similarity_func=similarity, topk=num_images)
-        theirs = np.zeros(num_images)
-        theirs[ranks] = scores
-        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
-        assert np.count_nonzero(ours) > num_images // 2  # shared words: a comparison of substance
+        for use_idf, reference in references.items():
+            conf = {"alpha": 3.0, "threshold": 0.0, "idf": use_idf}
+            ours = asmk.search(ivf, *asmk.aggregate(query, assignments, centroids), conf)
+            ranks, scores = reference.search(q_agg, q_words, similarity_func=similarity, topk=num_images)
+            theirs = np.zeros(num_images)
+            theirs[ranks] = scores
+            np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+            assert np.count_nonzero(ours) > num_images // 2  # shared words: a comparison of substance
+        with_idf = asmk.search(ivf, *asmk.aggregate(query, assignments, centroids))
+        assert not np.allclose(with_idf, ours, rtol=1e-3)  # the knob changes the scores
         single = asmk.search(ivf, *asmk.aggregate(query, asmk.assign(words_index, query, 1), centroids))
         assert np.argmax(single) == image  # the copied image ranks first
 
