@@ -13,9 +13,9 @@ Layout on disk (index version files, memory-mapped; schemas/artifact.py): the in
 assigns descriptors to words (`asmk_words.faiss`: exact, or an HNSW graph over many words),
 and the inverted file as CSR `.npy` arrays: offsets per word, packed signatures (uint8) per
 entry, the entries' image ids in the Elias-Fano code per word (encode_ids: about 7.7 bits
-per id at 100M descriptors), IDF per word, and each image's normalisation. A query's lists are scanned by a
-compiled loop (numba). Differences from the `asmk` package of the method's authors are in
-docs/index.md.
+per id at 100M descriptors), IDF per word, and each image's normalisation. A query's lists
+are scanned by a compiled loop (numba). Differences from the `asmk` package of the method's
+authors are in docs/index.md.
 """
 
 import concurrent.futures
