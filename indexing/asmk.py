@@ -327,7 +327,8 @@ def _first_high(ids, high_start):
 def _next_id(ids, id_bytes, i, low_count, lows, high_start, high_end, at, pending):
     """The id of a word's entry i, read in order: `at` is the uint64 of the high parts being
     read and `pending` its bits not consumed yet (_first_high for entry 0). Returns (id, at,
-    pending). Damaged files cannot make it read past the word's part."""
+    pending). On files that pass check_lists, damaged bits give wrong ids but no read outside
+    the array (the last low bits' load ends in the padding uint64)."""
     while pending == 0 and at < (high_end - 1) >> 6:
         at += 1
         pending = ids[at]
@@ -386,44 +387,56 @@ LIST_KEYS = ("offsets", "signatures", "ids", "low_bits", "id_offsets", "idf", "n
 def open_lists(folder):
     """The inverted file of an index version folder, memory-mapped: {key: array} for
     LIST_KEYS, the files `asmk_<key>.npy` of schemas/artifact.py. Earlier formats are read
-    and their ids coded in memory on each load (about a byte per entry): format 3 stored
-    int32 ids (`asmk_images.npy`), formats 4 and 5 a byte per difference (`asmk_gaps.npy`)."""
+    and their ids coded in memory on each load (about a byte per entry kept; an int32 per
+    entry while loading): format 3 stored int32 ids (`asmk_images.npy`), formats 4 and 5 a
+    byte per difference (`asmk_gaps.npy`)."""
     load = lambda key: np.load(os.path.join(folder, f"asmk_{key}.npy"), mmap_mode="r", allow_pickle=False)  # noqa: E731
     if os.path.exists(os.path.join(folder, "asmk_ids.npy")):
         lists = {key: load(key) for key in LIST_KEYS}
     else:
         lists = {key: load(key) for key in ("offsets", "signatures", "idf", "norms")}
-        offsets = np.asarray(lists["offsets"])
+        offsets = np.asarray(lists["offsets"], np.int64)
+        damaged = lambda what: UserError(f"damaged ASMK inverted file in {folder}: {what}; rebuild the index")  # noqa: E731
         if os.path.exists(os.path.join(folder, "asmk_gaps.npy")):
-            coded = [np.asarray(load(key)) for key in ("gaps", "exceptions", "exception_offsets")]
-            if len(coded[0]) != offsets[-1] or len(coded[2]) != len(offsets) or coded[2][-1] != len(coded[1]):
-                raise UserError(f"damaged ASMK inverted file in {folder}: ids and offsets disagree; rebuild the index")
-            images = _decode_gaps(*coded, offsets)
+            gaps, exceptions = np.asarray(load("gaps"), np.uint8), np.asarray(load("exceptions"), np.int32)
+            exception_offsets = np.asarray(load("exception_offsets"), np.int64)
+            # the compiled decoder trusts them
+            if not (_ascending(offsets, len(gaps)) and _ascending(exception_offsets, len(exceptions))):
+                raise damaged("ids and offsets disagree")
+            if len(exception_offsets) != len(offsets):
+                raise damaged("word counts differ")
+            images = _decode_gaps(gaps, exceptions, exception_offsets, offsets)
         else:
-            images = np.asarray(load("images"))
+            images = np.asarray(load("images"), np.int32)
+            if not _ascending(offsets, len(images)):
+                raise damaged("ids and offsets disagree")
         try:
             lists.update(zip(("ids", "low_bits", "id_offsets"), encode_ids(images, offsets)))
         except ValueError as error:
-            raise UserError(f"damaged ASMK inverted file in {folder}: {error}; rebuild the index") from None
+            raise damaged(str(error)) from None
     check_lists(lists, folder)
     return lists
 
 
+def _ascending(array, last):
+    """Whether offsets go from 0 to `last`, never down."""
+    return len(array) >= 2 and array[0] == 0 and array[-1] == last and not np.any(np.diff(array) < 0)
+
+
 def check_lists(lists, folder):
-    """Refuse an inverted file whose arrays disagree (the compiled scan trusts their sizes:
-    a damaged offset would read outside an array). Cheap: per-word arrays only."""
+    """Refuse an inverted file whose arrays disagree (the compiled scan trusts their types
+    and sizes: a damaged offset would read outside an array). Cheap: per-word arrays only."""
     offsets, id_offsets = np.asarray(lists["offsets"]), np.asarray(lists["id_offsets"])
     low_bits = np.asarray(lists["low_bits"]).astype(np.int64)
-
-    def ascending(array, last):  # from 0 to `last`, never down
-        return len(array) >= 2 and array[0] == 0 and array[-1] == last and not np.any(np.diff(array) < 0)
-
+    types = [(lists[key], dtype, ndim) for key, dtype, ndim in _LIST_TYPES]
     what = None
-    if not ascending(offsets, len(lists["signatures"])):
+    if any(a.dtype != dtype or a.ndim != ndim or not a.flags.c_contiguous for a, dtype, ndim in types):
+        what = "unexpected array types"
+    elif not _ascending(offsets, len(lists["signatures"])):
         what = "word offsets and entries disagree"
     elif len(lists["idf"]) != len(offsets) - 1 or len(id_offsets) != len(offsets) or len(low_bits) != len(offsets) - 1:
         what = "word counts differ"
-    elif not ascending(id_offsets, id_offsets[-1]) or len(lists["ids"]) != (id_offsets[-1] + 63) // 64 + 1:
+    elif not _ascending(id_offsets, id_offsets[-1]) or len(lists["ids"]) != (id_offsets[-1] + 63) // 64 + 1:
         what = "id offsets and ids disagree"
     else:  # every word's part holds its low bits and a high bit per entry
         counts = np.diff(offsets)
@@ -433,13 +446,41 @@ def check_lists(lists, folder):
         raise UserError(f"damaged ASMK inverted file in {folder}: {what}; rebuild the index")
 
 
+_LIST_TYPES = [
+    ("offsets", np.dtype("<i8"), 1),
+    ("signatures", np.dtype("u1"), 2),
+    ("ids", np.dtype("<u8"), 1),
+    ("low_bits", np.dtype("u1"), 1),
+    ("id_offsets", np.dtype("<i8"), 1),
+]
+
+
 def unweighted_norms(ivf):
     """Each image's self-similarity without IDF, sqrt(its entries) (float32 [images]); counted
-    from the ids on first use (0.5 s per 100M entries) and kept in `ivf`."""
+    from the ids on first use (a compiled pass over them) and kept in `ivf`."""
     if "unweighted_norms" not in ivf:
-        entries = np.bincount(list_images(ivf), minlength=len(ivf["norms"]))
+        ids = np.asarray(ivf["ids"])
+        coded = (ids, ids.view(np.uint8), ivf["low_bits"], ivf["id_offsets"], ivf["offsets"])
+        entries = _count_entries(*coded, len(ivf["norms"]))
         ivf["unweighted_norms"] = np.sqrt(entries).astype(np.float32)
     return ivf["unweighted_norms"]
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_entries(ids, id_bytes, low_bits, id_offsets, offsets, num_images):
+    """Entries per image [num_images] (ids out of range, from damaged files, not counted)."""
+    counts = np.zeros(num_images, np.int64)
+    for word in range(len(offsets) - 1):
+        n = offsets[word + 1] - offsets[word]
+        if n == 0:
+            continue
+        low_count, lows, high_start, high_end = _id_block(low_bits, id_offsets, word, n)
+        at, pending = _first_high(ids, high_start)
+        for entry in range(n):
+            image, at, pending = _next_id(ids, id_bytes, entry, low_count, lows, high_start, high_end, at, pending)
+            if 0 <= image < num_images:
+                counts[image] += 1
+    return counts
 
 
 def as_uint64(rows):

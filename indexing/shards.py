@@ -302,6 +302,18 @@ def append_bits(carry, carry_bits, words, bits):
     return joined[:complete], joined[complete], rest
 
 
+def raw_to_npy(raw_path, path, dtype, size):
+    """The raw file of `size` values of `dtype` as a .npy file, copied in chunks."""
+    if os.path.getsize(raw_path) != size * dtype.itemsize:
+        raise RuntimeError(f"{raw_path}: {os.path.getsize(raw_path)} bytes, {size * dtype.itemsize} expected")
+    out = np.lib.format.open_memmap(path, "w+", dtype, (size,))
+    with open(raw_path, "rb") as raw:
+        for start in range(0, size, 1 << 22):
+            chunk = np.fromfile(raw, dtype, count=min(1 << 22, size - start))
+            out[start : start + len(chunk)] = chunk
+    out.flush()
+
+
 def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096):
     """ASMK's inverted file of the previous version's entries and the shards', its IDF and
     image norms over all images (hidden ones are masked at query time), and the word index.
@@ -344,32 +356,27 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
     low_bits, id_sizes = np.zeros(num_words, np.uint8), np.zeros(num_words, np.int64)
     squared_norms = np.zeros(num_images, np.float64)
     carry, carry_bits = np.uint64(0), 0
-    with open(ids_raw, "wb") as raw:
-        for first in range(0, num_words, block_words):
-            last = min(first + block_words, num_words)
-            found, owners, signatures = (np.concatenate(p) for p in zip(*(block(s, first, last) for s in sources)))
-            order = np.argsort(found, kind="stable")  # stable: images stay in source (= id) order
-            block_offsets = offsets[first : last + 1] - offsets[first]
-            ids, low_bits[first:last], block_id_offsets = asmk.encode_ids(owners[order], block_offsets)
-            complete, carry, carry_bits = append_bits(carry, carry_bits, ids, int(block_id_offsets[-1]))
-            raw.write(complete.astype("<u8").tobytes())
-            id_sizes[first:last] = np.diff(block_id_offsets)
-            signatures_out[offsets[first] : offsets[last]] = signatures[order]
-            squared_norms += np.bincount(owners, weights=idf[found].astype(np.float64) ** 2, minlength=num_images)
-        raw.write(np.array([carry, 0], "<u8")[: 2 if carry_bits else 1].tobytes())  # + a uint64 of padding
+    try:
+        with open(ids_raw, "wb") as raw:
+            for first in range(0, num_words, block_words):
+                last = min(first + block_words, num_words)
+                found, owners, signatures = (np.concatenate(p) for p in zip(*(block(s, first, last) for s in sources)))
+                order = np.argsort(found, kind="stable")  # stable: images stay in source (= id) order
+                block_offsets = offsets[first : last + 1] - offsets[first]
+                ids, low_bits[first:last], block_id_offsets = asmk.encode_ids(owners[order], block_offsets)
+                complete, carry, carry_bits = append_bits(carry, carry_bits, ids, int(block_id_offsets[-1]))
+                raw.write(complete.astype("<u8").tobytes())
+                id_sizes[first:last] = np.diff(block_id_offsets)
+                signatures_out[offsets[first] : offsets[last]] = signatures[order]
+                squared_norms += np.bincount(owners, weights=idf[found].astype(np.float64) ** 2, minlength=num_images)
+            raw.write(np.array([carry, 0], "<u8")[: 2 if carry_bits else 1].tobytes())  # + a uint64 of padding
+        id_offsets = np.concatenate([[0], np.cumsum(id_sizes)]).astype(np.int64)
+        raw_to_npy(ids_raw, os.path.join(out_dir, "asmk_ids.npy"), np.dtype("<u8"), int(id_offsets[-1] + 63) // 64 + 1)
+    finally:
+        if os.path.exists(ids_raw):
+            os.remove(ids_raw)
     signatures_out.flush()
     del signatures_out
-    id_offsets = np.concatenate([[0], np.cumsum(id_sizes)]).astype(np.int64)
-    size = int(id_offsets[-1] + 63) // 64 + 1
-    assert os.path.getsize(ids_raw) == 8 * size, (os.path.getsize(ids_raw), size)
-    ids_out = np.lib.format.open_memmap(os.path.join(out_dir, "asmk_ids.npy"), "w+", "<u8", (size,))
-    with open(ids_raw, "rb") as raw:
-        for start in range(0, size, 1 << 22):
-            chunk = np.fromfile(raw, "<u8", count=min(1 << 22, size - start))
-            ids_out[start : start + len(chunk)] = chunk
-    ids_out.flush()
-    del ids_out
-    os.remove(ids_raw)
     np.save(os.path.join(out_dir, "asmk_low_bits.npy"), low_bits)
     np.save(os.path.join(out_dir, "asmk_id_offsets.npy"), id_offsets)
     np.save(os.path.join(out_dir, "asmk_offsets.npy"), offsets)

@@ -31,7 +31,8 @@ current one::
         asmk_signatures.npy  uint8 [entries, bits / 8]: packed binarized residual of each entry
         asmk_ids.npy         uint64 [...]: each entry's image int id (ascending within a
                              word), Elias-Fano coded per word (indexing/asmk.py encode_ids):
-                             the low bits of each id packed, then the high parts in unary
+                             the low bits of each id packed, then the high parts in unary;
+                             the words' parts bit after bit, then a uint64 of padding
         asmk_low_bits.npy    uint8 [words]: the low bits per id of each word
         asmk_id_offsets.npy  int64 [words + 1]: where each word's ids start, in bits
                              (version 3 stored asmk_images.npy, int32 [entries], and versions

@@ -195,7 +195,12 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
         shards.write_asmk(prefixes, str(earlier), str(out), num_images, assigner, block_words=block)
         assert not (out / "asmk_ids.raw").exists()
         for key in asmk.LIST_KEYS:
-            np.testing.assert_allclose(np.load(out / f"asmk_{key}.npy"), expected[key], rtol=1e-6, err_msg=key)
+            written = np.load(out / f"asmk_{key}.npy")
+            assert written.dtype == expected[key].dtype, key
+            if key in ("idf", "norms"):  # sums in another order
+                np.testing.assert_allclose(written, expected[key], rtol=1e-6, err_msg=key)
+            else:  # bit for bit, padding included
+                np.testing.assert_array_equal(written, expected[key], err_msg=key)
         lists = asmk.open_lists(str(out))
         np.testing.assert_array_equal(asmk.list_images(lists), expected["images"])
     # versions of formats 3 to 5 are read: their ids are coded in memory
@@ -209,23 +214,36 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
     damages += [("ids", expected["ids"][:-1]), ("low_bits", expected["low_bits"] + 32)]
     damages.append(("id_offsets", expected["id_offsets"] - 1))
     damages.append(("low_bits", np.where(np.diff(expected["offsets"]) > 0, 30, 0).astype(np.uint8)))  # parts too short
+    damages.append(("ids", expected["ids"].view(np.uint8)[: len(expected["ids"])]))  # the right length, bytes
+    damages.append(("id_offsets", expected["id_offsets"].astype(np.float64)))
     for key, array in damages:
         np.save(damaged / f"asmk_{key}.npy", array)
         with pytest.raises(UserError, match="damaged ASMK inverted file"):
             asmk.open_lists(str(damaged))
         np.save(damaged / f"asmk_{key}.npy", expected[key])
     # ids of the right sizes but wrong bits (all set, none set) decode to wrong ids, never
-    # outside the arrays: the scan and the decoder stay inside every word's part
+    # outside the arrays (check_lists passes them: only their bits are wrong)
     for bits in (np.uint64(2**64 - 1), np.uint64(0)):
         lists = {**expected, "ids": np.full_like(expected["ids"], bits)}
+        asmk.check_lists(lists, "memory")
         assert len(asmk.list_images(lists)) == len(expected["images"])
         signatures = expected["signatures"][:2]
-        for threads in (1, 2):
-            scores = asmk.search(lists, np.arange(num_words)[[3, -1]], signatures, {"threads": threads})
+        for idf, threads in ((True, 1), (True, 2), (False, 1)):
+            scores = asmk.search(lists, np.arange(num_words)[[3, -1]], signatures, {"threads": threads, "idf": idf})
             assert scores.shape == (num_images,) and np.isfinite(scores).all()
-    np.save(previous_v5 / "asmk_gaps.npy", byte_differences(old)["gaps"][:-1])
+    # earlier formats' offsets are checked before their ids are decoded
+    v5 = byte_differences(old)
+    for key, array in [("gaps", v5["gaps"][:-1]), ("exception_offsets", v5["exception_offsets"][::-1])]:
+        np.save(previous_v5 / f"asmk_{key}.npy", array)
+        with pytest.raises(UserError, match="damaged ASMK inverted file"):
+            asmk.open_lists(str(previous_v5))
+        np.save(previous_v5 / f"asmk_{key}.npy", v5[key])
+    np.save(previous_v5 / "asmk_offsets.npy", np.sort(old["offsets"])[::-1].copy())
     with pytest.raises(UserError, match="damaged ASMK inverted file"):
         asmk.open_lists(str(previous_v5))
+    np.save(previous_v3 / "asmk_images.npy", old["images"][:-1])
+    with pytest.raises(UserError, match="damaged ASMK inverted file"):
+        asmk.open_lists(str(previous_v3))
 
 
 def byte_differences(ivf):
@@ -251,15 +269,16 @@ def test_image_ids_are_coded_in_elias_fano_and_decoded_exactly():
     # words: empty; 3, 4, 9, 14 (one low bit each: 1 0 1 0 at bits 0-3; high parts 1 2 4 7,
     # + entry: bits 1 3 6 10 after the low bits, 5 7 10 14); id 0 alone (no low bit, bit 15);
     # 5 and the largest id (30 low bits each from bit 16, 63 bits in all)
-    ids = np.array([3, 4, 9, 14, 0, 5, 2**31 - 1], np.int32)
-    offsets = np.array([0, 0, 4, 5, 7], np.int64)
+    # and the largest id alone (31 low bits)
+    ids = np.array([3, 4, 9, 14, 0, 5, 2**31 - 1, 2**31 - 1], np.int32)
+    offsets = np.array([0, 0, 4, 5, 7, 8], np.int64)
     coded, low_bits, id_offsets = asmk.encode_ids(ids, offsets)
-    assert low_bits.tolist() == [0, 1, 0, 30]  # 30: floor(log2(2**31 / 2))
-    assert id_offsets.tolist() == [0, 0, 15, 16, 79] and len(coded) == 2 + 1  # + a uint64 of padding
+    assert low_bits.tolist() == [0, 1, 0, 30, 31]  # 30: floor(log2(2**31 / 2))
+    assert id_offsets.tolist() == [0, 0, 15, 16, 79, 79 + 31 + 1] and len(coded) == 2 + 1  # + padding
     assert int(coded[0]) & 0xFFFF == 0b1100010010100101 and coded[-1] == 0
     lists = {"ids": coded, "low_bits": low_bits, "id_offsets": id_offsets, "offsets": offsets}
     np.testing.assert_array_equal(asmk.list_images(lists), ids)
-    np.testing.assert_array_equal(asmk.list_images(lists, 2, 4), ids[4:])
+    np.testing.assert_array_equal(asmk.list_images(lists, 2, 4), ids[4:7])
     # dense and sparse words: parts across uint64 boundaries, high parts over many uint64
     rng = np.random.default_rng(0)
     sizes = [(10**6, 3), (5000, 4999), (10**5, 700)]
