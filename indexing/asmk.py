@@ -455,32 +455,18 @@ _LIST_TYPES = [
 ]
 
 
-def unweighted_norms(ivf):
+def unweighted_norms(ivf, block_words=4096):
     """Each image's self-similarity without IDF, sqrt(its entries) (float32 [images]); counted
-    from the ids on first use (a compiled pass over them) and kept in `ivf`."""
+    from the ids on first use, a block of words at a time, and kept in `ivf` (ids out of
+    range, from damaged files, are not counted)."""
     if "unweighted_norms" not in ivf:
-        ids = np.asarray(ivf["ids"])
-        coded = (ids, ids.view(np.uint8), ivf["low_bits"], ivf["id_offsets"], ivf["offsets"])
-        entries = _count_entries(*coded, len(ivf["norms"]))
+        num_images, num_words = len(ivf["norms"]), len(ivf["offsets"]) - 1
+        entries = np.zeros(num_images, np.int64)
+        for first in range(0, num_words, block_words):
+            found = list_images(ivf, first, min(first + block_words, num_words))
+            entries += np.bincount(found[(found >= 0) & (found < num_images)], minlength=num_images)
         ivf["unweighted_norms"] = np.sqrt(entries).astype(np.float32)
     return ivf["unweighted_norms"]
-
-
-@numba.njit(cache=True, nogil=True)
-def _count_entries(ids, id_bytes, low_bits, id_offsets, offsets, num_images):
-    """Entries per image [num_images] (ids out of range, from damaged files, not counted)."""
-    counts = np.zeros(num_images, np.int64)
-    for word in range(len(offsets) - 1):
-        n = offsets[word + 1] - offsets[word]
-        if n == 0:
-            continue
-        low_count, lows, high_start, high_end = _id_block(low_bits, id_offsets, word, n)
-        at, pending = _first_high(ids, high_start)
-        for entry in range(n):
-            image, at, pending = _next_id(ids, id_bytes, entry, low_count, lows, high_start, high_end, at, pending)
-            if 0 <= image < num_images:
-                counts[image] += 1
-    return counts
 
 
 def as_uint64(rows):

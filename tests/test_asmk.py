@@ -117,6 +117,9 @@ def test_scores_equal_the_reference_asmk_package():
         assert not np.allclose(with_idf, ours, rtol=1e-3)  # the knob changes the scores
         single = asmk.search(ivf, *asmk.aggregate(query, asmk.assign(words_index, query, 1), centroids))
         assert np.argmax(single) == image  # the copied image ranks first
+    entries = np.bincount(ivf["images"], minlength=num_images)  # counted again, in blocks of 5 words
+    fresh = {key: value for key, value in ivf.items() if key != "unweighted_norms"}
+    np.testing.assert_array_equal(asmk.unweighted_norms(fresh, block_words=5), np.sqrt(entries).astype(np.float32))
 
 
 def test_an_image_is_most_similar_to_itself():
