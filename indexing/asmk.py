@@ -382,6 +382,14 @@ def _decode_gaps(gaps, exceptions, exception_offsets, offsets):
 
 
 LIST_KEYS = ("offsets", "signatures", "ids", "low_bits", "id_offsets", "idf", "norms")
+# what the compiled scan trusts: (key, dtype, dimensions), checked by check_lists
+_LIST_TYPES = [
+    ("offsets", np.dtype("<i8"), 1),
+    ("signatures", np.dtype("u1"), 2),
+    ("ids", np.dtype("<u8"), 1),
+    ("low_bits", np.dtype("u1"), 1),
+    ("id_offsets", np.dtype("<i8"), 1),
+]
 
 
 def open_lists(folder):
@@ -444,15 +452,6 @@ def check_lists(lists, folder):
             what = "id parts too short"
     if what:
         raise UserError(f"damaged ASMK inverted file in {folder}: {what}; rebuild the index")
-
-
-_LIST_TYPES = [
-    ("offsets", np.dtype("<i8"), 1),
-    ("signatures", np.dtype("u1"), 2),
-    ("ids", np.dtype("<u8"), 1),
-    ("low_bits", np.dtype("u1"), 1),
-    ("id_offsets", np.dtype("<i8"), 1),
-]
 
 
 def unweighted_norms(ivf, block_words=4096):
