@@ -298,13 +298,13 @@ def test_image_ids_are_coded_in_elias_fano_and_decoded_exactly():
         asmk.encode_ids(np.array([-1], np.int32), np.array([0, 1], np.int64))
 
 
-def scores_written_out(ivf, query_words, query, bits, num_images):
-    """ASMK's scores computed entry by entry from the uncoded lists (alpha 3, threshold 0)."""
+def scores_written_out(ivf, query_words, query, bits, num_images, alpha):
+    """ASMK's scores computed entry by entry from the uncoded lists (threshold 0)."""
     expected = np.zeros(num_images)
     for word, code in zip(query_words, query):
         for entry in range(ivf["offsets"][word], ivf["offsets"][word + 1]):
             similarity = 1 - 2 * np.count_nonzero(np.unpackbits(code ^ ivf["signatures"][entry])) / bits
-            expected[ivf["images"][entry]] += ivf["idf"][word] ** 2 * max(similarity, 0) ** 3 * (similarity >= 0)
+            expected[ivf["images"][entry]] += ivf["idf"][word] ** 2 * max(similarity, 0) ** alpha * (similarity >= 0)
     return expected / np.maximum(ivf["norms"] * np.sqrt((ivf["idf"][query_words] ** 2).sum()), 1e-12)
 
 
@@ -322,11 +322,12 @@ def test_the_compiled_scan_equals_the_kernel_written_out(bits):
     assert np.diff(ivf["id_offsets"]).min() > 3 * 64  # low bits across uint64, high parts over several
     query_words = np.array([0, 3, 4, 17, 29])  # 29: the last entries, whose load would pass the end
     query = np.packbits(rng.random((5, bits)) < 0.5, axis=1)
-    expected = scores_written_out(ivf, query_words, query, bits, num_images)
-    for threads in (1, 2, 3):
-        scores = asmk.search(ivf, query_words, query, {"threads": threads}, bits=bits)
-        np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7)
-    assert np.count_nonzero(expected) > 100
+    for alpha in (asmk.default_conf["alpha"], 3.0):  # the default, the paper's
+        expected = scores_written_out(ivf, query_words, query, bits, num_images, alpha)
+        for threads in (1, 2, 3):
+            scores = asmk.search(ivf, query_words, query, {"threads": threads, "alpha": alpha}, bits=bits)
+            np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7)
+        assert np.count_nonzero(expected) > 100
 
 
 @pytest.mark.parametrize("bits,count", [(8, 3), (40, 1), (16, 4)])
@@ -339,7 +340,7 @@ def test_the_compiled_scan_of_a_file_under_8_bytes(bits, count):
     ivf = build_ivf(words, images, signatures, count + 1, 1)  # an image without the word: idf > 0
     query = signatures[:1] ^ np.uint8(1)  # one bit from the first entry
     scores = asmk.search(ivf, np.array([0]), query, bits=bits)
-    expected = scores_written_out(ivf, [0], query, bits, count + 1)
+    expected = scores_written_out(ivf, [0], query, bits, count + 1, asmk.default_conf["alpha"])
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7)
     assert scores[0] > 0
 
