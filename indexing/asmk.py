@@ -38,7 +38,8 @@ default_conf = {
     "threshold": 0.0,  # selectivity threshold tau on the code similarity (the paper: 0)
     "query_assignments": 5,  # words per query descriptor (multiple assignment, the paper: 5)
     # weigh words by idf^2, idf = log(images / images of the word) (the paper); False: every
-    # word 1, as the `asmk` package's examples (landmarks-dev: 0.004 lower, benchmarks/README.md)
+    # word 1, as the `asmk` package's examples (landmarks-dev: the same at alpha 2, 0.004 lower
+    # at alpha 3; benchmarks/README.md)
     "idf": True,
     "hnsw_above": 8192,  # assign to words through an HNSW graph when there are more words
     "hnsw_ef": 32,  # HNSW search breadth: recall of the words against the cost of assigning them
