@@ -23,6 +23,7 @@ setup(
         "pillow>=10",
         "opencv-python-headless>=4.8",
         "pyarrow>=14,<26",  # apache-beam 2.77 caps pyarrow
+        "deltalake>=1.6,<2",  # the features table: Delta Lake's commit log (docs/tables.md)
         "fsspec>=2024.2",
         "gcsfs>=2024.2",
         "filelock>=3.12",  # the artifact cache: one download per file across processes
@@ -50,6 +51,7 @@ setup(
             "moto[server]>=5",  # an S3 server on loopback for the s3:// tests
             "s3fs>=2024.2",
             "duckdb>=1.0",
+            "polars>=1.0",  # docs/tables.md reads the features table with it; a test checks
             "pandas>=2",
             "asmk==0.1.1",  # the ASMK of the method's authors: tests/test_asmk.py compares against it
         ],

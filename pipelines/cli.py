@@ -36,6 +36,10 @@ COMMANDS = {
     "update": ("delf_index.pipelines.update", "the scheduled run: extract what is new, append it, publish a version"),
     "search": ("delf_index.pipelines.search", "Beam job: a batch of queries (images or tables) -> results table"),
     "match": ("delf_index.pipelines.match", "Beam job: an index against itself -> match graph, clusters, labels"),
+    "remove": ("delf_index.pipelines.remove", "take images down: recorded in the table, honoured by every later job"),
+    "restore": ("delf_index.pipelines.remove:restore_main", "lift takedowns: the images are extracted again"),
+    "compact": ("delf_index.pipelines.compact", "drop a features table's dead records and unused files"),
+    "migrate": ("delf_index.pipelines.migrate", "convert an extract output of an earlier delf-index to a table"),
     "query": ("delf_index.pipelines.query", "search an index with images; ranked results with verified inliers"),
     "evaluate": ("delf_index.pipelines.evaluate", "extract -> fit -> build -> queries -> metrics and report (Beam)"),
 }
@@ -187,15 +191,16 @@ def main(argv=None):
         print(f"delf-index: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     setup_logging()
+    module_name, _, function = COMMANDS[command][0].partition(":")
     try:
-        module = importlib.import_module(COMMANDS[command][0])
+        module = importlib.import_module(module_name)
     except ImportError as e:
         if e.name == "torch":
             print(f"delf-index {command} needs PyTorch: pip install 'delf-index[model]'", file=sys.stderr)
             return 2
         raise
     try:
-        return module.main(argv[1:]) or 0
+        return getattr(module, function or "main")(argv[1:]) or 0
     except Exception as e:
         if not user_error(e):
             raise

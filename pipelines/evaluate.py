@@ -51,10 +51,10 @@ from delf_index.indexing.retrieval import Index, expansion_presets, presets
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.indexing.shards import METHODS
 from delf_index.pipelines import build, cli, extract, fit, match
-from delf_index.runtime import storage
+from delf_index.runtime import storage, tables
 from delf_index.runtime.extractor import load_model, recorded_settings
 from delf_index.runtime.images import read_image
-from delf_index.runtime.tables import iter_features, live_tables
+from delf_index.runtime.tables import iter_features
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,9 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
         raise UserError(f"method {conf['method']!r}: use one of {METHODS}")
     if conf["method"] != "knn" and not conf["fit"].get("asmk_words"):
         conf["fit"] = {**conf["fit"], "asmk_words": "auto"}
-    extract_conf, fit_conf = extract.resolve_conf(conf["extract"]), fit.resolve_conf(conf["fit"])
+    # the workdir's table follows the image list: images left out of it are deleted, however many
+    extract_conf = extract.resolve_conf({"max_change": None, **conf["extract"]})
+    fit_conf = fit.resolve_conf(conf["fit"])
     query_conf = {**query_defaults, **conf["query"]}
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     _, _, fingerprint = load_model(model)
@@ -261,16 +263,17 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     features = os.path.join(workdir, "features")
     done = read_json(os.path.join(features, "_SUMMARY.json")) or {}
     stored_settings = recorded_settings(extract_conf["extractor"])
-    if fresh or (done.get("model_fingerprint"), done.get("extractor")) != (fingerprint, stored_settings):
-        storage.remove(features)  # another model or other settings: start the tables again
+    same = (done.get("model_fingerprint"), done.get("extractor")) == (fingerprint, stored_settings)
+    if fresh or not same or tables.is_legacy(features):
+        storage.remove(features)  # another model, other settings or an old format: start the table again
     write_manifest(manifest, os.path.join(workdir, "manifest.csv"))
     # incremental: extracts the images that are new or changed since the last evaluation
-    extracted = extract.run(os.path.join(workdir, "manifest.csv"), features, extract_conf, model, beam_options)
-    # what fit and build last finished with (steps.json): an interrupted run redoes them
-    state = [[uri, rows] for uri, rows, _, _ in live_tables(features)]
+    extract.run(os.path.join(workdir, "manifest.csv"), features, extract_conf, model, beam_options)
+    # the table version fit and build last finished with (steps.json): an interrupted run redoes them
+    state = {"table_version": tables.snapshot(features).version}
     steps_file = os.path.join(workdir, "steps.json")
     finished = (read_json(steps_file) or {}) if not fresh else {}
-    redo = bool(extracted["images"] or extracted["superseded"]) or finished.get("fit") != state
+    redo = finished.get("fit") != state
     timings["extract_s"] = time.time() - start
 
     start = time.time()
@@ -289,7 +292,7 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
 
     start = time.time()
     index = os.path.join(workdir, "index")
-    built = art.current_manifest(index) if art.read_pointer(index) is not None else None
+    built = art.current_manifest(index) if art.current_entry(index) is not None else None
     if redo or built is None or built.get("method", "knn") != conf["method"] or finished.get("build") != state:
         build.run(features, index, codebooks=codebooks, beam_options=beam_options, method=conf["method"])
         write_json(steps_file, {"fit": state, "build": state})
@@ -315,7 +318,7 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     elements = query_elements(queries, features, in_database)
     missing = len(queries) - len(elements)
     if missing:
-        log.warning("%d queries have no features (see %s/errors) and are scored as failures", missing, features)
+        log.warning("%d queries have no features (see the failed records of %s) and score 0", missing, features)
     flags, _ = cli.beam_flags(beam_options)
     with beam.Pipeline(options=PipelineOptions(flags)) as p:
         results = (

@@ -1,4 +1,4 @@
-"""`delf-index extract`: images in object storage -> Parquet feature and error tables (Beam).
+"""`delf-index extract`: images in object storage -> records in a features table (Beam).
 
     delf-index extract --input 'gs://bucket/photos/**/*.jpg' --output gs://bucket/features
     delf-index extract --input 's3://bucket/gldv2/images_*.tar' --output s3://bucket/feat
@@ -10,15 +10,26 @@ From Python (the same job; `conf` overrides `default_conf`, or name a preset):
     summary = extract.run("gs://bucket/photos/*.jpg", "gs://bucket/features",
                           conf={"extractor": {"max_features": 500}}, beam_options={"workers": 4})
 
-Steps: ListInputs -> Redistribute -> ReadAndDecode -> Extract (RunInference, one onnxruntime
-session per worker process) -> ToRows -> WriteFeatures / WriteErrors (sharded Parquet) ->
-Finalize (_SUMMARY.json). Every input image ends up in exactly one of the two tables.
-Any other argument goes to Beam (``--runner DataflowRunner --project ... --region ...``);
+A run is planned here, then extracted by Beam, then committed here in one step:
+
+1. Plan (this process, holding the table's lease): list the input, read what the table
+   holds at its current version, decide per image (`decide`): new and changed images are
+   extracted, unchanged ones skipped, images gone from the listing recorded as deleted,
+   taken-down ones left alone. A run that would delete or replace more than `max_change` of
+   the live images stops here, before any work; so does `dry_run`.
+2. Extract (Beam): ReadPlan -> Redistribute -> ReadAndDecode -> Extract (RunInference, one
+   onnxruntime session per worker process) -> Records -> WriteRecords (sharded Parquet in
+   the table folder, invisible until committed) -> Finalize.
+3. Commit (this process): the run's files as one new table version, only if the table is
+   still at the version the plan read and the lease is still this run's. A run killed at
+   any point before leaves the table as it was.
+
+Every listed image ends up with one record of the run (extracted or failed) or none
+(unchanged). Any other argument goes to Beam (``--runner DataflowRunner --project ...``);
 without one, the job runs locally on Beam's FnApiRunner with ``--workers`` processes.
 """
 
 import argparse
-import datetime
 import json
 import logging
 import os
@@ -26,6 +37,9 @@ import posixpath
 import time
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
@@ -34,15 +48,15 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from delf_index.errors import UserError
 from delf_index.pipelines import cli, inputs
-from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import storage
+from delf_index.pipelines.sharded_parquet import WriteShardedParquet
+from delf_index.runtime import failpoints, lease, storage, tables
 from delf_index.runtime.extractor import Extractor, load_model, recorded_settings
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_extraction
-from delf_index.runtime.tables import iter_batches, list_tables, open_table, output_root, superseded, table_info
 from delf_index.schemas import features as table_schema
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_CHANGE = 0.1
 
 default_conf = {
     "extractor": {},  # overrides of the extractor's default_conf (runtime/extractor.py)
@@ -50,6 +64,9 @@ default_conf = {
     "rows_per_shard": 1000,  # images per Parquet file (about 200 MB with the default model)
     "batch_size": 4,  # images per RunInference batch
     "max_pixels": DEFAULT_MAX_PIXELS,  # refuse larger images from their header (bombs)
+    # refuse a run that would delete or replace more than this share of the live images (a
+    # listing one folder too high, a glob of today's uploads only); None: no limit
+    "max_change": DEFAULT_MAX_CHANGE,
 }
 
 presets = {
@@ -97,141 +114,175 @@ def read_counters(result):
     return totals
 
 
-DECISIONS = ("new", "changed", "removed", "retried", "recomputed", "unchanged")  # what a run did with each listed item
+# what a run did with each listed item, and with each image of the table it no longer lists
+DECISIONS = ("new", "changed", "retried", "recomputed", "unchanged", "blocked", "deleted")
 
 
-def new_run_id():
-    """A run id that sorts in time order: UTC to the microsecond."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+# -- 1. the plan ----------------------------------------------------------------------------------
+def table_state(snap, kind):
+    """{key: {"features": [state records], "failed": [...], "blocked": {image_ids}}} of what the
+    table holds (key: the image_id, or a tar shard's uri), and the newest run in it."""
+    if snap is None:
+        return {}, ""
+    records = snap.read(table_schema.STATE_COLUMNS)
+    resolved = tables.resolve(records)
+    live = tables.live_records(records, resolved)
+    failing = resolved.filter(pc.is_valid(resolved.column("failed"))).select(["image_id", "failed"])
+    failed = records.filter(pc.equal(records.column("status"), "failed")).join(
+        failing.rename_columns(["image_id", "run"]), ["image_id", "run"], join_type="inner"
+    )
+    key_of = (lambda r: (r["uri"] or "").split("#")[0]) if kind == "tar" else (lambda r: r["image_id"])
+    state = {}
+    for name, part in (("features", live), ("failed", failed)):
+        for record in part.select(table_schema.STATE_COLUMNS).to_pylist():
+            entry = state.setdefault(key_of(record), {"features": [], "failed": [], "blocked": set()})
+            entry[name].append(record)
+    blocked = resolved.filter(resolved.column("blocked"))
+    uris = dict(zip(records.column("image_id").to_pylist(), records.column("uri").to_pylist()))
+    for image_id in blocked.column("image_id").to_pylist():
+        key = (uris.get(image_id) or "").split("#")[0] if kind == "tar" else image_id
+        state.setdefault(key, {"features": [], "failed": [], "blocked": set()})["blocked"].add(image_id)
+    newest = pc.max(records.column("run")).as_py() if records.num_rows else ""
+    return state, newest or ""
 
 
-class ListInputs(beam.DoFn):
-    """--input -> image items (image_id, uri, label, size, version), or tar shard items
-    (uri, size, version)."""
-
-    def process(self, spec):
-        kind = inputs.input_kind(spec)
-        if kind == "manifest":
-            items = inputs.read_manifest(spec)
-        elif kind == "tar":
-            items = inputs.list_shards(spec)
-        else:
-            items = inputs.list_images(spec)
-        if not items:
-            raise UserError(f"--input {spec} matched nothing")
-        log.info("input %s: %d %s", spec, len(items), "tar shards" if kind == "tar" else "images")
-        yield from items
+def same_source(source, record):
+    """Whether an object now (size, version, hash) is the one a record was read from: by content
+    hash where both have one (identical bytes uploaded again are unchanged), else by size and
+    version (generation, ETag or mtime)."""
+    size, version, content = source
+    if content and record["source_hash"]:
+        return content == record["source_hash"]
+    return size is not None and (size, version) == (record["source_size"], record["source_version"])
 
 
-def with_stat(item):
-    """A manifest item with the size and version of its object (unless the manifest said)."""
-    image_id, uri, label, size, version = item
-    if size is None and uri:
-        size, version = inputs.stat(uri)
-    return image_id, uri, label, size, version
+def decide(now, before, full=False, retry_errors=False):
+    """(decision, whether to extract) for one key: `now` is its item's source (size, version,
+    hash), `before` its table state (`table_state`) or None. Images taken down stay so; new
+    ones and changed ones (another source than their live features and their newest failure)
+    are extracted; unchanged ones are skipped, unless `full`, or `retry_errors` and their
+    newest attempt failed."""
+    if before is not None and before["blocked"] and not (before["features"] or before["failed"]):
+        return "blocked", False
+    if before is None or not (before["features"] or before["failed"]):
+        return "new", True
+    if full:
+        return "recomputed", True
+    for records in (before["features"], before["failed"]):
+        if records and all(same_source(now, r) for r in records):
+            retry = retry_errors and bool(before["failed"])
+            return ("retried", True) if retry else ("unchanged", False)
+    return "changed", True
 
 
-class ReadState(beam.DoFn):
-    """(table uri, stale image_ids) of an earlier run -> (key, state) of its live rows."""
+def plan(items, unreadable, kind, state, full=False, retry_errors=False, keep_unlisted=False):
+    """What a run does: (items to extract, records to write as they are, counts, images whose
+    live features it replaces or deletes). Duplicate image_ids of a listing: the first by uri
+    is extracted, the others recorded as failures when it is."""
+    todo, records, counts, affected = [], [], {"listed": len(items) + len(unreadable)}, 0
+    for item, reason in unreadable:  # a lookup that failed: recorded, never taken as a change or a deletion
+        records.append(table_schema.failure_record(str(item[0]), str(item[1]), "read", reason))
+    listed = {item[0] for item, _ in unreadable}
+    by_key = {}
+    for item in items:
+        if kind != "tar" and not (item[0] and item[1]):
+            records.append(
+                table_schema.failure_record(str(item[0]), str(item[1]), "list", "manifest row without id or uri")
+            )
+            continue
+        by_key.setdefault(item[0], []).append(item)
+    for key, listed in by_key.items():
+        listed.sort(key=lambda i: i[1])
+        item, before = listed[0], state.get(key)
+        if kind == "tar" and before is not None and not (before["features"] or before["failed"]):
+            before = None  # only members taken down: the shard is read, and they are skipped
+        decision, extract = decide(tuple(item[-3:]), before, full, retry_errors)
+        counts[decision] = counts.get(decision, 0) + 1
+        if extract:
+            todo.append(item)
+            affected += len(before["features"]) if decision == "changed" else 0
+            for other in listed[1:]:
+                message = f"duplicate image_id, also read from {item[1]}"
+                records.append(table_schema.failure_record(key, other[1], "list", message, tuple(other[-3:])))
+    if not keep_unlisted:
+        for key, before in state.items():
+            if key in by_key or key in listed:
+                continue
+            gone = {r["image_id"]: r["uri"] for r in before["features"] + before["failed"]}
+            records += [table_schema.status_record(i, "deleted", uri) for i, uri in sorted(gone.items())]
+            counts["deleted"] = counts.get("deleted", 0) + len(gone)
+            affected += len(before["features"])
+    return todo, records, counts, affected
 
-    def __init__(self, kind):
-        self.kind = kind
+
+def check_change(counts, affected, live, max_change, what):
+    """Refuse, before any work, a run that deletes or replaces more than `max_change` of the
+    `live` images: the usual sign of a wrong listing."""
+    if max_change is None or not live or affected <= max_change * live:
+        return
+    said = ", ".join(f"{counts[k]} {k}" for k in ("new", "changed", "deleted") if counts.get(k))
+    raise UserError(
+        f"{what} would delete or replace {affected} of the {live} live images ({affected / live:.0%}; {said}), more "
+        f"than --max-change {max_change:g}: check --input (one folder too high? only today's files? then pass "
+        "--keep-unlisted), or allow it with --max-change 1"
+    )
+
+
+def tar_deletions(entries, changed_shards, state):
+    """`deleted` records of the members a changed tar shard no longer holds: members its earlier
+    records name that this run neither extracted nor failed on, unless reading the shard
+    failed this run (a truncated shard keeps its members' earlier features)."""
+    seen, broken = set(), set()
+    for entry in entries:
+        table = tables.read_columns(entry["path"], ["image_id", "uri", "status"])
+        for image_id, uri, status in zip(*(table.column(c).to_pylist() for c in ("image_id", "uri", "status"))):
+            seen.add(image_id)
+            if status == "failed" and image_id.endswith("#rest"):
+                broken.add((uri or "").split("#")[0])
+    out = []
+    for shard in sorted(changed_shards - broken):
+        before = state[shard]
+        gone = {r["image_id"]: r["uri"] for r in before["features"] + before["failed"] if r["image_id"] not in seen}
+        out += [table_schema.status_record(i, "deleted", uri) for i, uri in sorted(gone.items())]
+    return out
+
+
+# -- 2. the Beam job --------------------------------------------------------------------------------
+class ReadPlan(beam.DoFn):
+    """(plan file, row group) -> the items to extract in it."""
 
     def process(self, element):
-        uri, stale = element
-        ok = "/errors/" not in uri
-        columns = ["image_id", "uri", "run", "source_size", "source_version"]
-        present = [c for c in columns if c in open_table(uri).schema_arrow.names]  # version 1: no run, no source
-        for table in iter_batches(uri, present, rows=10_000, skip=stale):
-            get = {c: table.column(c).to_pylist() if c in present else [None] * table.num_rows for c in columns}
-            for image_id, uri_, run, size, version in zip(*(get[c] for c in columns)):
-                key = (uri_ or "").split("#")[0] if self.kind == "tar" else image_id
-                yield key, {"image_id": image_id, "run": run or "", "size": size, "version": version, "ok": ok}
+        uri, group = element
+        with storage.open_file(uri, "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(group)
+        names = table.column_names
+        for values in zip(*(table.column(c).to_pylist() for c in names)):
+            yield tuple(values)
 
 
-def decide(now, before, run, full=False, retry_errors=False):
-    """What a run does with one key (an image, or a tar shard): the items to extract, the
-    superseded rows it would write for earlier runs' rows, each as (row, whether the earlier
-    row holds features: see kept_superseded), and its counts.
-
-    `now`: the key's items in this run's listing; `before`: the states of its live rows of
-    earlier runs. New and changed items (size or version differ) are extracted, unchanged
-    ones skipped unless `full`, or `retry_errors` and an earlier attempt failed; rows of
-    items gone from the listing are superseded as removed."""
-    if not now:
-        return (
-            [],
-            [(table_schema.superseded_row(b["image_id"], b["run"], run, "removed"), b["ok"]) for b in before],
-            {"removed": len({b["image_id"] for b in before})},
-        )
-    counts = {"listed": len(now)}
-    if not before:
-        return list(now), [], {**counts, "new": len(now)}
-    # (size, version) of every item now against those of the rows before: a duplicate
-    # image_id's error row carries its own file's, so a listing with duplicates is unchanged
-    sources = {(item[-2], item[-1]) for item in now}
-    changed = any(size is None for size, _ in sources) or sources != {(b["size"], b["version"]) for b in before}
-    # failed: an error row newer than every features row (a duplicate's error row, written by
-    # the run that extracted its image, is not; nor is a run's that kept the older features)
-    latest_features = max((b["run"] for b in before if b["ok"]), default="")
-    failed = any(not b["ok"] and b["run"] > latest_features for b in before)
-    reason = "recomputed" if full else "changed" if changed else "retried" if retry_errors and failed else None
-    if reason is None:
-        return [], [], {**counts, "unchanged": len(now)}
-    superseded = [(table_schema.superseded_row(b["image_id"], b["run"], run, reason), b["ok"]) for b in before]
-    return list(now), superseded, {**counts, reason: len(now)}
-
-
-def kept_superseded(element):
-    """(key, {"superseded": [(row, holds features)], "failed": [...], "extracted": image_ids})
-    -> the superseded rows to write, per key of `decide` (an image, or a tar shard). An image
-    this run tried and did not extract, where something failed, keeps its earlier features:
-    superseding them would leave it with none (a wrong --images root, a store outage, a
-    truncated shard), so they stay live next to the new error row until a run extracts the
-    image; the next run retries it (its newest row is an error). Earlier error rows, rows of
-    images extracted now, and rows of removed images are always superseded."""
-    _, grouped = element
-    failed = any(True for _ in grouped["failed"])
-    extracted = set(grouped["extracted"])
-    for row, holds_features in grouped["superseded"]:
-        keep = failed and holds_features and row["reason"] != "removed" and row["image_id"] not in extracted
-        if not keep:
-            yield row
-
-
-class Decide(beam.DoFn):
-    """(key, {"now": items, "before": states}) -> items to extract; superseded rows and counts
-    as tagged outputs (see `decide`)."""
-
-    def __init__(self, run, full, retry_errors):
-        self.run, self.full, self.retry_errors = run, full, retry_errors
-
-    def process(self, element):
-        key, grouped = element
-        todo, superseded, counts = decide(
-            list(grouped["now"]), list(grouped["before"]), self.run, self.full, self.retry_errors
-        )
-        yield from todo
-        for pair in superseded:
-            yield beam.pvalue.TaggedOutput("superseded", (key, pair))
-        yield beam.pvalue.TaggedOutput("counts", counts)
-
-
-def add_counts(dicts):
-    total = {}
-    for d in dicts:
-        for key, value in d.items():
-            total[key] = total.get(key, 0) + value
-    return total
+def write_plan(uri, todo, kind, rows_per_group=1000):
+    """The items to extract as a Parquet file of row groups (what ReadPlan reads); the number
+    of row groups."""
+    names = (
+        ("uri", "size", "version", "hash") if kind == "tar" else ("image_id", "uri", "label", "size", "version", "hash")
+    )
+    types = {"size": pa.int64()}
+    table = pa.table({n: pa.array([item[i] for item in todo], types.get(n, pa.string())) for i, n in enumerate(names)})
+    fs, path = storage.filesystem(uri)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f, row_group_size=rows_per_group)
+    return max(1, -(-len(todo) // rows_per_group))
 
 
 class ReadAndDecode(beam.DoFn):
     """Item (or tar shard) -> ((image_id, uri, label, source), (RGB array, original (width,
-    height))), or error rows; `source` is the (size, version) of the object read. Decoded and
-    shrunk as every query is (runtime/images.py)."""
+    height))), or failure records; `source` is the (size, version, hash) of the object read.
+    Decoded and shrunk as every query is (runtime/images.py). Tar members of images taken
+    down (`blocked`) are skipped."""
 
-    def __init__(self, kind, max_side, max_pixels):
-        self.kind, self.max_side, self.max_pixels = kind, max_side, max_pixels
+    def __init__(self, kind, max_side, max_pixels, blocked=frozenset()):
+        self.kind, self.max_side, self.max_pixels, self.blocked = kind, max_side, max_pixels, blocked
         self.read = counter("images_read")
 
     def process(self, item):
@@ -239,26 +290,20 @@ class ReadAndDecode(beam.DoFn):
             shard, *source = item
             try:
                 for name, data in inputs.iter_tar(shard):
-                    yield from self._decode(name, f"{shard}#{name}", None, tuple(source), data)
+                    if name not in self.blocked:
+                        yield from self._decode(name, f"{shard}#{name}", None, tuple(source), data)
             except inputs.TruncatedShard as e:
-                row = table_schema.error_row(f"{shard}#rest", shard, "read", e, tuple(source))
-                yield beam.pvalue.TaggedOutput("errors", row)
+                record = table_schema.failure_record(f"{shard}#rest", shard, "read", e, tuple(source))
+                yield beam.pvalue.TaggedOutput("errors", record)
             return
         image_id, uri, label, *source = item
         source = tuple(source)
-        if not image_id or not uri:
-            yield beam.pvalue.TaggedOutput(
-                "errors",
-                table_schema.error_row(str(image_id), str(uri), "list", "manifest row without id or uri", source),
-            )
-            return
         try:
             data = storage.read_bytes(uri)
         except Exception as e:  # missing object, permissions, network after retries
             self.read.inc()
-            yield beam.pvalue.TaggedOutput(
-                "errors", table_schema.error_row(image_id, uri, "read", f"{type(e).__name__}: {e}", source)
-            )
+            record = table_schema.failure_record(image_id, uri, "read", f"{type(e).__name__}: {e}", source)
+            yield beam.pvalue.TaggedOutput("errors", record)
             return
         yield from self._decode(image_id, uri, label, source, data)
 
@@ -267,7 +312,7 @@ class ReadAndDecode(beam.DoFn):
         try:
             prepared = decode_for_extraction(data, self.max_side, self.max_pixels)
         except ImageError as e:
-            yield beam.pvalue.TaggedOutput("errors", table_schema.error_row(image_id, uri, e.stage, e, source))
+            yield beam.pvalue.TaggedOutput("errors", table_schema.failure_record(image_id, uri, e.stage, e, source))
             return
         yield (image_id, uri, label, source), prepared
 
@@ -301,8 +346,8 @@ class DelfModelHandler(OnnxModelHandlerNumpy):
         return "delf_index"
 
 
-class ToRows(beam.DoFn):
-    """(key, Features) -> features-table row."""
+class ToRecords(beam.DoFn):
+    """(key, Features) -> an ``extracted`` record."""
 
     def __init__(self, descriptor_dtype):
         self.descriptor_dtype = descriptor_dtype
@@ -322,36 +367,52 @@ class ToRows(beam.DoFn):
             self.last_log = now
             rate = self.count / max(now - self.start, 1e-9)
             log.info("worker %d: %d images extracted (%.2f images/s)", os.getpid(), self.count, rate)
-        yield table_schema.feature_row(image_id, uri, label, features, self.descriptor_dtype, source)
+        yield table_schema.feature_record(image_id, uri, label, features, self.descriptor_dtype, source)
 
 
 def failed_batches_to_errors(failed):
-    """RunInference's dead letters, (batch, exception), to one error row per image."""
+    """RunInference's dead letters, (batch, exception), to one failure record per image."""
     batch, exception = failed
     for (image_id, uri, _, source), _ in batch:
-        yield table_schema.error_row(image_id, uri, "extract", f"{type(exception).__name__}: {exception}", source)
+        yield table_schema.failure_record(image_id, uri, "extract", f"{type(exception).__name__}: {exception}", source)
+
+
+class ListInputs(beam.DoFn):
+    """--input -> its items (`inputs.list_input`); a lookup that failed becomes a failure record."""
+
+    def process(self, spec):
+        items, unreadable = inputs.list_input(spec)
+        log.info("input %s: %d items", spec, len(items) + len(unreadable))
+        yield from items
+        for item, reason in unreadable:
+            yield beam.pvalue.TaggedOutput(
+                "errors", table_schema.failure_record(str(item[0]), str(item[1]), "read", reason)
+            )
 
 
 def list_inputs(p, input):
-    """The items of `input` (see ListInputs), with the size and version of every object."""
-    listed = p | "Input" >> beam.Create([input]) | "ListInputs" >> beam.ParDo(ListInputs())
-    if inputs.input_kind(input) == "manifest":  # one lookup per object, spread over the workers
-        listed = listed | "SpreadLookups" >> beam.Reshuffle() | "SizeAndVersion" >> beam.Map(with_stat)
-    return listed
+    """The items of `input` listed inside a pipeline (batch search lists its queries so), and
+    failure records of the manifest rows whose object could not be looked up."""
+    listed = (
+        p
+        | "Input" >> beam.Create([input])
+        | "ListInputs" >> beam.ParDo(ListInputs()).with_outputs("errors", main="items")
+    )
+    return listed.items, listed.errors
 
 
-def extract_features(items, kind, conf, model=None, threads=None):
+def extract_features(items, kind, conf, model=None, threads=None, blocked=frozenset()):
     """Items (of one input kind) -> ((image_id, uri, label, source), Features), in
-    original-image pixels, and error rows of the images that could not be read, decoded or
-    extracted (conf: `resolve_conf`'s)."""
+    original-image pixels, and failure records of the images that could not be read,
+    decoded or extracted (conf: `resolve_conf`'s)."""
     handler = KeyedModelHandler(DelfModelHandler(model, conf["extractor"], threads, batch_size=conf["batch_size"]))
     decoded = (
         items
         | "Redistribute" >> beam.Reshuffle()
         | "ReadAndDecode"
-        >> beam.ParDo(ReadAndDecode(kind, conf["extractor"]["max_image_size"], conf["max_pixels"])).with_outputs(
-            "errors", main="images"
-        )
+        >> beam.ParDo(
+            ReadAndDecode(kind, conf["extractor"]["max_image_size"], conf["max_pixels"], blocked)
+        ).with_outputs("errors", main="images")
     )
     extracted, dead_letters = decoded.images | "Extract" >> RunInference(handler).with_exception_handling()
     features = extracted | "Features" >> beam.MapTuple(lambda key, result: (key, result.inference))
@@ -359,187 +420,186 @@ def extract_features(items, kind, conf, model=None, threads=None):
     return features, (decoded.errors, extract_errors) | "AllErrors" >> beam.Flatten()
 
 
-def build(p, input, conf, model=None, threads=None, previous=(), run="", full=False, retry_errors=False):
-    """Add the extraction steps to pipeline `p` (conf: `resolve_conf`'s). `previous`: the
-    (table uri, stale image_ids) of earlier runs in the output, compared with the listing
-    (`decide`). Returns the features, errors, superseded and counts PCollections."""
-    kind = inputs.input_kind(input)
-    now = list_inputs(p, input) | "KeyListing" >> beam.Map(lambda item: (item[0], item))
-    before = p | "EarlierTables" >> beam.Create(list(previous)) | "ReadEarlierRows" >> beam.ParDo(ReadState(kind))
-    decided = (
-        {"now": now, "before": before}
-        | "Join" >> beam.CoGroupByKey()
-        | "Decide" >> beam.ParDo(Decide(run, full, retry_errors)).with_outputs("superseded", "counts", main="todo")
+def build(p, plan_uri, groups, kind, conf, records_schema, run, model=None, threads=None, blocked=frozenset()):
+    """Add the extraction steps to pipeline `p`: the items of the plan file -> the run's data
+    files in the table. Returns the PCollection of their `file_entry`s."""
+    items = (
+        p
+        | "Plan" >> beam.Create([(plan_uri, g) for g in range(groups)])
+        | "SpreadPlan" >> beam.Reshuffle()
+        | "ReadPlan" >> beam.ParDo(ReadPlan())
     )
-    features, errors = extract_features(decided.todo, kind, conf, model, threads)
-    rows = features | "ToRows" >> beam.ParDo(ToRows(conf["descriptor_dtype"]))
-    counts = decided.counts | "CountDecisions" >> beam.CombineGlobally(add_counts)
-    # joined by decide's key: a tar member's rows by its shard (uri "shard#member")
-    key_of = (lambda row: row["uri"].split("#")[0]) if kind == "tar" else (lambda row: row["image_id"])
-    failed = errors | "FailedKeys" >> beam.Map(lambda row: (key_of(row), None))
-    extracted = rows | "ExtractedKeys" >> beam.Map(lambda row: (key_of(row), row["image_id"]))
-    superseded = (
-        {"superseded": decided.superseded, "failed": failed, "extracted": extracted}
-        | "JoinFailures" >> beam.CoGroupByKey()
-        | "KeepFeaturesOfFailures" >> beam.FlatMap(kept_superseded)
+    features, errors = extract_features(items, kind, conf, model, threads, blocked)
+    extracted = features | "Records" >> beam.ParDo(ToRecords(conf["descriptor_dtype"]))
+    records = (extracted, errors) | "AllRecords" >> beam.Flatten()
+    folder = plan_uri.rsplit("/_runs/", 1)[0]
+    written = records | "WriteRecords" >> WriteShardedParquet(
+        folder, "part", records_schema, run, conf["rows_per_shard"]
     )
-    return rows, errors, superseded, counts
+    duplicates = written.duplicates | "WriteDuplicates" >> WriteShardedParquet(
+        folder, "duplicates", records_schema, run
+    )
+    return (written.written, duplicates.written) | "Written" >> beam.Flatten()
 
 
-def table_schemas(conf, model_metadata, fingerprint, run):
-    """The features, errors and superseded schemas of a run, with their file metadata."""
-
-    def meta(table):
-        return table_schema.table_metadata(
-            table, fingerprint, model_metadata, recorded_settings(conf["extractor"]), run
+# -- 3. the run ---------------------------------------------------------------------------------
+def check_table(snap, uri, fingerprint, settings, descriptor_dtype):
+    """Refuse to add to a table of another model, other settings or another descriptor type."""
+    props = snap.properties
+    if (props["model_fingerprint"], props["extractor"]) != (fingerprint, settings):
+        raise UserError(
+            f"{uri} holds features of model {props['model_fingerprint'][:12]} with other extraction settings "
+            f"({props['extractor']}); extract into a new --output (this run: model {fingerprint[:12]}, {settings})"
+        )
+    if props["descriptor_dtype"] != descriptor_dtype:
+        raise UserError(
+            f"{uri} holds {props['descriptor_dtype']} descriptors, this run writes {descriptor_dtype}: extract into a "
+            "new --output, or with the same --descriptor-dtype"
         )
 
-    features = table_schema.features_schema(
-        model_metadata["descriptor_dim"], model_metadata["global_dim"], conf["descriptor_dtype"], meta("features")
-    )
-    return (
-        features,
-        table_schema.ERRORS_SCHEMA.with_metadata(meta("errors")),
-        table_schema.SUPERSEDED_SCHEMA.with_metadata(meta("superseded")),
-    )
 
+def run(
+    input,
+    output,
+    conf=None,
+    model=None,
+    beam_options=None,
+    test_pipeline=None,
+    full=False,
+    retry_errors=False,
+    keep_unlisted=False,
+    dry_run=False,
+    wait=False,
+):
+    """Extract the features of the images of `input` (glob, directory, tar shards or manifest,
+    any fsspec URI) into the features table `output` (created by the first run); returns the
+    run's summary (also in `output`/_runs/RUN.json and _SUMMARY.json). `model`: an exported
+    .onnx (default: the shipped one).
 
-def earlier_runs(output, conf, fingerprint):
-    """(table uri, stale image_ids) of the features and errors tables already in `output`;
-    refuses tables of another model, other settings or another descriptor type, which an
-    incremental run could not add to."""
-    if output_root(output) is None:
-        return []
-    stale = superseded(output)
-    previous = []
-    for name in ("features", "errors"):
-        for uri in list_tables(output, name, required=False):
-            _, meta = table_info(uri)
-            settings = recorded_settings(conf["extractor"])
-            if (meta["model_fingerprint"], meta["extractor"]) != (fingerprint, settings):
-                raise UserError(
-                    f"{output} holds tables of model {meta['model_fingerprint'][:12]} with other extraction "
-                    f"settings ({uri}); extract into a new --output (this run: model {fingerprint[:12]})"
-                )
-            if name == "features":
-                stored = open_table(uri).schema_arrow.field("descriptors").type.value_type.value_type
-                wanted = table_schema.DESCRIPTOR_DTYPES[conf["descriptor_dtype"]][0]
-                if stored != wanted:
-                    raise UserError(
-                        f"{output} holds {stored} descriptors ({uri}), this run writes {wanted}: "
-                        "extract into a new --output, or with the same --descriptor-dtype"
-                    )
-            previous.append((uri, frozenset(stale.get(meta["run"], ()))))
-    return previous
-
-
-def run(input, output, conf=None, model=None, beam_options=None, test_pipeline=None, full=False, retry_errors=False):
-    """Extract the features of the images of `input` (glob, directory, tar shards or
-    manifest, any fsspec URI) into tables under `output`; returns the run's summary (also in
-    `output`/_SUMMARY.json and `output`/runs/RUN.json). `model`: an exported .onnx (default:
-    the shipped one).
-
-    An output that already holds tables of the same model and settings is updated: only new
-    and changed images are extracted (by image_id, size and the store's generation, ETag or
-    mtime), into new files of this run; rows of changed and removed images are superseded.
-    `retry_errors`: also retry images that failed before; `full`: extract everything again."""
+    A table that holds features of the same model and settings is updated: only new and
+    changed images are extracted (by image_id, and the content hash, or size and generation /
+    ETag / mtime, of their object); images no longer listed are recorded as deleted, unless
+    `keep_unlisted`. `retry_errors`: also retry images whose newest attempt failed; `full`:
+    extract everything again. `dry_run`: plan only. `wait`: wait for another writer of the
+    table instead of failing."""
     conf = resolve_conf(conf)
     _, model_metadata, fingerprint = load_model(model)
     flags, threads = cli.beam_flags(beam_options)
     output = output.rstrip("/")
-    run_id = new_run_id()
-    schemas = table_schemas(conf, model_metadata, fingerprint, run_id)
-    previous = earlier_runs(output, conf, fingerprint)
-    start = time.time()
-    summary = {
-        "run": run_id,
-        "input": input,
-        "output": output,
-        "model_fingerprint": fingerprint,
-        "schema_version": table_schema.SCHEMA_VERSION,
-        "extractor": recorded_settings(conf["extractor"]),
-        "descriptor_dtype": conf["descriptor_dtype"],
-        "full": bool(full),
-        "retry_errors": bool(retry_errors),
-        "earlier_tables": len(previous),
-    }
-    pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
-    with pipeline as p:
-        rows, errors, replaced, counts = build(
-            p, input, conf, model, threads if test_pipeline is None else None, previous, run_id, full, retry_errors
-        )
-        per_shard = conf["rows_per_shard"]
-        features_out = rows | "WriteFeatures" >> WriteShardedParquet(output, "features", schemas[0], run_id, per_shard)
-        all_errors = (errors, features_out.duplicates) | "WithDuplicates" >> beam.Flatten()
-        errors_out = all_errors | "WriteErrors" >> WriteShardedParquet(output, "errors", schemas[1], run_id, per_shard)
-        superseded_out = replaced | "WriteSuperseded" >> WriteShardedParquet(
-            output, "superseded", schemas[2], run_id, 100 * per_shard, per_image=False
-        )
-        (
-            p
-            | "Done" >> beam.Create([None])
-            | "Finalize"
-            >> beam.Map(
-                _finalize,
-                output=output,
-                summary=summary,
-                schemas=schemas,
-                counts=beam.pvalue.AsSingleton(counts),
-                written_features=beam.pvalue.AsList(features_out.written),
-                written_errors=beam.pvalue.AsList(errors_out.written),
-                written_superseded=beam.pvalue.AsList(superseded_out.written),
-            )
-        )
-    with storage.open_file(posixpath.join(output, "runs", f"{run_id}.json"), "r") as f:
-        summary = json.load(f)
-    summary["seconds"] = round(time.time() - start, 1)
-    log.info("counters: %s", read_counters(getattr(p, "result", None)))
-    decided = ", ".join(f"{summary[k]} {k}" for k in DECISIONS if summary[k]) or "nothing"
+    settings = recorded_settings(conf["extractor"])
+    properties = table_schema.table_properties(fingerprint, model_metadata, settings, conf["descriptor_dtype"])
+    records_schema = table_schema.records_schema(conf["descriptor_dtype"], model_metadata["descriptor_dim"])
+    kind = inputs.input_kind(input)
+    with lease.hold(output, f"extract --input {input}", wait=wait) as held:
+        start = time.time()
+        snap = tables.snapshot(output) if tables.exists(output) else None
+        if snap is None and tables.is_legacy(output):
+            raise tables.missing_table(output)
+        if snap is not None:
+            check_table(snap, output, fingerprint, settings, conf["descriptor_dtype"])
+        state, newest = table_state(snap, kind)
+        run_id = tables.new_run_id(newest)
+        items, unreadable = inputs.list_input(input)
+        todo, records, counts, affected = plan(items, unreadable, kind, state, full, retry_errors, keep_unlisted)
+        live = sum(len(s["features"]) for s in state.values())
+        summary = {
+            "run": run_id,
+            "input": input,
+            "output": output,
+            "table_version_before": None if snap is None else snap.version,
+            "model_fingerprint": fingerprint,
+            "schema_version": table_schema.SCHEMA_VERSION,
+            "extractor": settings,
+            "descriptor_dtype": conf["descriptor_dtype"],
+            "full": bool(full),
+            "retry_errors": bool(retry_errors),
+            **{k: counts.get(k, 0) for k in ("listed", *DECISIONS)},
+            "to_extract": len(todo),
+            "live_before": live,
+        }
+        if not full:
+            check_change(counts, affected, live, conf["max_change"], f"extract run {run_id}")
+        if dry_run:
+            print(f"extract: dry run {run_id}: {describe_plan(summary)}; nothing written")
+            return summary
+        failpoints.reach("extract:planned")
+        entries, runs = [], posixpath.join(output, "_runs", run_id)
+        if todo:
+            plan_uri = posixpath.join(runs, "plan.parquet")
+            groups = write_plan(plan_uri, todo, kind)
+            blocked = frozenset(i for s in state.values() for i in s["blocked"]) if kind == "tar" else frozenset()
+            pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
+            file_schema = records_schema.with_metadata({**properties, "delf_index.run": run_id})
+            with pipeline as p:
+                written = build(
+                    p, plan_uri, groups, kind, conf, file_schema, run_id, model,
+                    threads if test_pipeline is None else None, blocked,
+                )  # fmt: skip
+                (
+                    written
+                    | "Collect" >> beam.combiners.ToList()
+                    | "Finalize" >> beam.Map(storage_json, posixpath.join(runs, "written.json"))
+                )
+            entries = json.loads(storage.read_bytes(posixpath.join(runs, "written.json")))
+            log.info("counters: %s", read_counters(getattr(p, "result", None)))
+            if kind == "tar":
+                changed = {item[0] for item in todo if state.get(item[0])}
+                records += tar_deletions(entries, changed, state)
+                counts["deleted"] = summary["deleted"] = sum(r["status"] == "deleted" for r in records)
+        if records:
+            entries.append(tables.write_records(output, f"part-{run_id}-plan.parquet", records, records_schema,
+                                                properties, run_id))  # fmt: skip
+        summary.update(tally(entries, records))
+        summary["seconds"] = round(time.time() - start, 1)
+        if entries:
+            failpoints.reach("extract:written")
+            held.check()
+            summary["table_version"] = tables.commit(output, entries, properties, snap, run_id, "extract", counts)
+            failpoints.reach("extract:committed")
+        else:
+            summary["table_version"] = None if snap is None else snap.version
+        for name in (posixpath.join("_runs", f"{run_id}.json"), "_SUMMARY.json"):
+            storage_json(summary, posixpath.join(output, name))
+        storage.remove(runs)
+    version = "nothing to commit" if not entries else f"table version {summary['table_version']}"
     print(
-        f"extract: run {run_id}: {summary['listed']} listed ({decided}); {summary['images']} images: "
-        f"{summary['extracted']} extracted, {summary['failed']} failed; {summary['features']} features written "
-        f"to {output}/features ({summary['seconds']}s)"
+        f"extract: run {run_id}: {describe_plan(summary)}; {summary['images']} images: {summary['extracted']} "
+        f"extracted, {summary['failed']} failed; {summary['features']} features; {version} of {output} "
+        f"({summary['seconds']}s)"
     )
     return summary
 
 
-def _finalize(_, output, summary, schemas, counts, written_features, written_errors, written_superseded):
-    run_id = summary["run"]
-    files = {
-        name: finalize(output, name, schema, written, run_id)
-        for name, schema, written in zip(
-            ("features", "errors", "superseded"), schemas, (written_features, written_errors, written_superseded)
-        )
-    }
-    extracted = sum(w["rows"] for w in written_features)
-    failed = sum(w["rows"] for w in written_errors)
-    summary = dict(
-        summary,
-        listed=counts.get("listed", 0),
-        **{key: counts.get(key, 0) for key in DECISIONS},
-        images=extracted + failed,
-        extracted=extracted,
-        failed=failed,
-        features=sum(w["features"] for w in written_features),
-        superseded=sum(w["rows"] for w in written_superseded),
-        features_files=files["features"],
-        errors_files=files["errors"],
-        superseded_files=files["superseded"],
-    )
-    # the run's own record, then the output's latest: written last, they mark the run complete
-    for name in (posixpath.join("runs", f"{run_id}.json"), "_SUMMARY.json"):
-        with storage.open_file(posixpath.join(output, name), "w") as f:
-            json.dump(summary, f, indent=1, sort_keys=True)
-    log.info("finalized %s: run %s, files %s", output, run_id, {k: len(v) for k, v in files.items()})
+def describe_plan(summary):
+    decided = ", ".join(f"{summary[k]} {k}" for k in DECISIONS if summary.get(k)) or "nothing"
+    return f"{summary['listed']} listed ({decided})"
+
+
+def tally(entries, planned):
+    """The run's counts from the files it wrote: images extracted and failed, features."""
+    extracted = failed = features = 0
+    for entry in entries:
+        table = tables.read_columns(entry["path"], ["status", "num_features"])
+        status = table.column("status").to_pylist()
+        extracted += status.count("extracted")
+        failed += status.count("failed")
+        features += int(pc.sum(table.column("num_features")).as_py() or 0)
+    return {"images": extracted + failed, "extracted": extracted, "failed": failed, "features": features,
+            "records": sum(e["rows"] for e in entries)}  # fmt: skip
+
+
+def storage_json(value, uri):
+    storage.write_bytes(uri, json.dumps(value, indent=1, sort_keys=True, default=str).encode())
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="delf-index extract", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="glob, directory, tar shards or manifest (any fsspec URI)")
-    parser.add_argument("--output", required=True, help="output folder (any fsspec URI)")
+    parser.add_argument("--output", required=True, help="the features table (any fsspec URI; created by the first run)")
     parser.add_argument("--preset", choices=sorted(presets), default="default", help="named configuration")
     parser.add_argument("--full", action="store_true", help="extract every image again, not only new and changed")
     parser.add_argument("--retry-errors", action="store_true", help="also retry the images that failed before")
+    add_run_arguments(parser)
     parser.add_argument("--descriptor-dtype", choices=sorted(table_schema.DESCRIPTOR_DTYPES))
     parser.add_argument("--rows-per-shard", type=int, help=f"images per file ({default_conf['rows_per_shard']})")
     parser.add_argument("--batch-size", type=int, help=f"images per inference batch ({default_conf['batch_size']})")
@@ -548,15 +608,39 @@ def main(argv=None):
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
     conf = {k: v for k, v in presets[args.preset].items()}
-    for key in ("descriptor_dtype", "rows_per_shard", "batch_size", "max_pixels"):
+    for key in ("descriptor_dtype", "rows_per_shard", "batch_size", "max_pixels", "max_change"):
         if getattr(args, key) is not None:
             conf[key] = getattr(args, key)
     conf["extractor"] = {**conf.get("extractor", {}), **cli.extractor_conf_from_args(args)}
     summary = run(
-        args.input, args.output, conf, args.model, beam_options, full=args.full, retry_errors=args.retry_errors
+        args.input,
+        args.output,
+        conf,
+        args.model,
+        beam_options,
+        full=args.full,
+        retry_errors=args.retry_errors,
+        keep_unlisted=args.keep_unlisted,
+        dry_run=args.dry_run,
+        wait=args.wait,
     )
-    if summary["images"] and not summary["extracted"]:
+    if summary.get("images") and not summary["extracted"]:
         raise UserError(
-            f"every one of the {summary['images']} images failed; the errors table says why: "
-            f"{args.output.rstrip('/')}/errors"
+            f"every one of the {summary['images']} images failed; their records say why (status 'failed' in "
+            f"{args.output.rstrip('/')}, docs/tables.md)"
         )
+
+
+def add_run_arguments(parser):
+    """The options of a run over a listing (extract, update): its guards and its lease."""
+    group = parser.add_argument_group("guards")
+    group.add_argument(
+        "--max-change",
+        type=float,
+        help=f"refuse to delete or replace more than this share of the live images ({default_conf['max_change']})",
+    )
+    group.add_argument(
+        "--keep-unlisted", action="store_true", help="the listing is partial: do not delete images it leaves out"
+    )
+    group.add_argument("--dry-run", action="store_true", help="list and plan, print what would happen, write nothing")
+    group.add_argument("--wait", action="store_true", help="wait for another writer of the table instead of failing")

@@ -27,7 +27,7 @@ from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import codebooks as cb
 from delf_index.pipelines import cli
-from delf_index.runtime.tables import iter_batches, live_tables, same_model
+from delf_index.runtime.tables import iter_batches, live_tables
 from delf_index.schemas.features import descriptors_of
 
 log = logging.getLogger(__name__)
@@ -97,27 +97,28 @@ def resolve_conf(conf=None):
 
 
 def run(features, output, conf=None, beam_options=None, test_pipeline=None):
-    """Fit PCA and PQ codebooks on a sample of the descriptors of the feature tables of
-    `features` (an extract output, its features/ folder or a glob); write them to `output`.
-    Returns the codebooks manifest."""
+    """Fit PCA and PQ codebooks on a sample of the live descriptors of the features table
+    `features` (at its current version); write them to `output`. Returns the codebooks
+    manifest."""
     conf = resolve_conf(conf)
     flags, _ = cli.beam_flags(beam_options)
-    tables = live_tables(features)
-    if not any(rows for _, rows, _, _ in tables):
+    snap, files = live_tables(features)
+    if not files:
         raise UserError(
-            f"{features}: the feature tables hold no images; if extraction failed for every image, "
-            "its errors table (next to the features folder) says why"
+            f"{features}: the features table holds no live images; if extraction failed for every image, its "
+            "records with status 'failed' say why (docs/tables.md)"
         )
-    fingerprint = same_model([(uri, meta) for uri, _, meta, _ in tables])
-    model = tables[0][2]["model"]
-    elements = [(uri, stale) for uri, rows, _, stale in tables if rows]  # tables of failed shards are empty
+    fingerprint, model = snap.properties["model_fingerprint"], snap.properties["model"]
+    elements = [(uri, stale) for uri, _, stale in files]
     if conf["pca_dim"] > model["descriptor_dim"]:
         raise UserError(f"pca_dim {conf['pca_dim']} exceeds the descriptor dimension {model['descriptor_dim']}")
-    log.info("fit on %d feature tables of model %s", len(elements), fingerprint[:12])
+    log.info("fit on %d files of %s version %d (model %s)", len(elements), features, snap.version, fingerprint[:12])
+
+    table_version = snap.version
 
     def fit_and_write(sample):
         pca, trained, words, info = cb.fit_codebooks(sample, conf)
-        info.update(model_fingerprint=fingerprint, model=model, features=features)
+        info.update(model_fingerprint=fingerprint, model=model, features=features, table_version=table_version)
         art.write_codebooks(output, pca, trained, info, words)
 
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
@@ -141,7 +142,7 @@ def run(features, output, conf=None, beam_options=None, test_pipeline=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="delf-index fit", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--features", required=True, help="extract output folder, its features/ folder, or a glob")
+    parser.add_argument("--features", required=True, help="the features table (extract's --output)")
     parser.add_argument("--output", required=True, help="codebooks folder (any fsspec URI)")
     parser.add_argument("--preset", choices=sorted(cb.presets), default="default", help="named configuration")
     parser.add_argument("--sample", type=int, help=f"descriptors to train on ({cb.default_conf['sample']})")

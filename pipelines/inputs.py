@@ -15,6 +15,8 @@ Every function here is plain Python over fsspec (runtime/storage.py), so that th
 stay thin.
 """
 
+import concurrent.futures
+import csv
 import os
 import posixpath
 import re
@@ -51,17 +53,18 @@ def _fixed_prefix(path):
 
 
 def expand(spec, extensions):
-    """Sorted [(path relative to the fixed prefix, full uri, size, version)] of files matching
-    `spec` (`source_version`).
+    """Sorted [(path relative to the fixed prefix, full uri, size, version, content hash)] of
+    files matching `spec` (`source_of`).
 
     A directory is searched recursively for files with the given extensions; a glob is
-    taken as given (a text file named .jpg must still reach the errors table).
+    taken as given (a text file named .jpg must still reach the failure records).
     """
     return storage.retrying(lambda: _expand(spec, extensions), f"listing {spec}")
 
 
 def _expand(spec, extensions):
     fs, path = storage.filesystem(spec)
+    fs.invalidate_cache()  # a scheduled run lists what is there now, not what this process saw before
     if _GLOB_CHARS.search(path):
         found = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"}
         root = _fixed_prefix(path)
@@ -77,49 +80,49 @@ def _expand(spec, extensions):
     else:
         raise FileNotFoundError(f"no such input: {spec}")
     return [
-        (
-            posixpath.relpath(p, root) if root else p,
-            storage.with_protocol(fs, p),
-            info.get("size"),
-            source_version(info),
-        )
+        (posixpath.relpath(p, root) if root else p, storage.with_protocol(fs, p), *source_of(info))
         for p, info in sorted(found.items())
     ]
 
 
-def source_version(info):
-    """What changes when an object is rewritten, from an fsspec info dict: the generation on
-    GCS, the version id or ETag on S3, the modification time on local disks."""
-    for key in ("generation", "VersionId", "ETag", "etag", "md5Hash", "mtime", "LastModified", "updated"):
+def source_of(info):
+    """(size, version, content hash) of an object, from an fsspec info dict. The version is
+    what changes when an object is rewritten (the generation on GCS, the version id or ETag on
+    S3, the modification time on local disks); the content hash is the store's digest of the
+    bytes, where it keeps one (GCS's md5 or crc32c, S3's ETag), so that identical bytes
+    uploaded again count as unchanged. Local files have none."""
+    version = next((str(info[k]) for k in VERSION_KEYS if info.get(k) not in (None, "")), None)
+    content = None
+    for key, name in (("md5Hash", "md5"), ("crc32c", "crc32c"), ("ETag", "etag"), ("etag", "etag")):
         if info.get(key) not in (None, ""):
-            return str(info[key])
-    return None
+            content = name + ":" + str(info[key]).strip('"')
+            break
+    return info.get("size"), version, content
+
+
+VERSION_KEYS = ("generation", "VersionId", "ETag", "etag", "md5Hash", "mtime", "LastModified", "updated")
 
 
 def stat(uri):
-    """(size, version) of one object, or (None, None) when it cannot be read (reported later)."""
-    try:
-        fs, path = storage.filesystem(uri)
-        info = storage.retrying(lambda: fs.info(path), f"reading the size of {uri}")
-    except (OSError, ValueError):
-        return None, None
-    return info.get("size"), source_version(info)
+    """(size, version, content hash) of one object; raises when it cannot be read."""
+    fs, path = storage.filesystem(uri)
+    return source_of(storage.retrying(lambda: fs.info(path), f"reading the size of {uri}"))
 
 
 def list_images(spec):
-    """(image_id, uri, label=None, size, version) of every image file of a glob or directory."""
-    return [(rel, uri, None, size, version) for rel, uri, size, version in expand(spec, IMAGE_EXTENSIONS)]
+    """(image_id, uri, label=None, size, version, hash) of every image file of a glob or directory."""
+    return [(rel, uri, None, *source) for rel, uri, *source in expand(spec, IMAGE_EXTENSIONS)]
 
 
 def list_shards(spec):
-    """(uri, size, version) of the tar shards matching `spec`."""
-    return [(uri, size, version) for _, uri, size, version in expand(spec, TAR_EXTENSIONS)]
+    """(uri, size, version, hash) of the tar shards matching `spec`."""
+    return [(uri, *source) for _, uri, *source in expand(spec, TAR_EXTENSIONS)]
 
 
 def read_manifest(spec):
-    """(image_id, uri, label, size, version) rows of a CSV or Parquet manifest; checks its
-    columns. Optional columns `size` and `version` say what the objects are, so that
-    incremental runs need not look them up; without them both are None."""
+    """(image_id, uri, label, size, version, hash) rows of a CSV or Parquet manifest; checks
+    its columns. Optional columns `size`, `version` and `hash` say what the objects are, so
+    that incremental runs need not look them up; without them they are None."""
     with storage.open_file(spec, "rb", compression="infer") as f:
         table = pq.read_table(f) if spec.lower().endswith(".parquet") else pacsv.read_csv(f)
     names = set(table.column_names)
@@ -132,17 +135,57 @@ def read_manifest(spec):
         )
     base = posixpath.dirname(spec)
     ids = [None if v is None else str(v) for v in table.column(id_col).to_pylist()]
-    uris = table.column(uri_col).to_pylist()
-    labels = table.column(label_col).to_pylist() if label_col else [None] * len(ids)
-    sizes = table.column("size").to_pylist() if "size" in names else [None] * len(ids)
-    versions = table.column("version").to_pylist() if "version" in names else [None] * len(ids)
+
+    def column(name):
+        values = table.column(name).to_pylist() if name in names else [None] * len(ids)
+        return [None if v is None else v if name == "size" else str(v) for v in values]
+
     rows = []
-    for image_id, uri, label, size, version in zip(ids, uris, labels, sizes, versions):
+    for image_id, uri, label, size, version, content in zip(
+        ids,
+        table.column(uri_col).to_pylist(),
+        column(label_col or ""),
+        column("size"),
+        column("version"),
+        column("hash"),
+    ):
         if uri and "://" not in uri and not os.path.isabs(uri):
             uri = posixpath.join(base, uri) if base else uri
-        label = None if label is None else str(label)
-        rows.append((image_id, uri, label, size, None if version is None else str(version)))
+        rows.append((image_id, uri, label, size, version, content))
     return rows
+
+
+def list_input(spec):
+    """(items, unreadable) of an --input. Items are images (image_id, uri, label, size, version,
+    hash) of a glob, directory or manifest, or tar shards (uri, size, version, hash). Manifest
+    rows without a size are looked up, in parallel; `unreadable` holds (item, reason) of the
+    rows whose lookup failed, for the run to record as failures (never as changed)."""
+    kind = input_kind(spec)
+    items = read_manifest(spec) if kind == "manifest" else list_shards(spec) if kind == "tar" else list_images(spec)
+    if not items:
+        raise UserError(f"--input {spec} matched nothing")
+    unreadable = []
+    if kind == "manifest":
+        with concurrent.futures.ThreadPoolExecutor(STAT_THREADS) as pool:
+            looked_up = list(pool.map(with_stat, items))
+        items = [item for item, problem in looked_up if problem is None]
+        unreadable = [(item, problem) for item, problem in looked_up if problem is not None]
+    return items, unreadable
+
+
+STAT_THREADS = 32  # object lookups at once for a manifest without sizes (latency-bound)
+
+
+def with_stat(item):
+    """(manifest item with the size, version and hash of its object, None), or (item, the
+    reason it cannot be looked up). A manifest's own size column spares the lookup."""
+    image_id, uri, label, size, version, content = item
+    if size is None and uri:
+        try:
+            size, version, content = stat(uri)
+        except (OSError, ValueError) as e:  # missing, forbidden, or the store kept failing
+            return item, f"{type(e).__name__}: {e}"
+    return (image_id, uri, label, size, version, content), None
 
 
 def iter_tar(uri):
@@ -173,3 +216,20 @@ def iter_tar(uri):
 
 class TruncatedShard(Exception):
     """A tar shard that cannot be read to its end."""
+
+
+def read_ids(spec):
+    """image_ids of a CSV (an `image_id` or `id` column, else the first) or text file, one per
+    line (any fsspec URI); or of a comma-separated list when `spec` names no file."""
+    fs, path = storage.filesystem(spec)
+    if not fs.exists(path):
+        if spec.lower().endswith((".csv", ".txt")):
+            raise FileNotFoundError(f"no such file: {spec}")
+        return [i.strip() for i in spec.split(",") if i.strip()]
+    rows = list(csv.reader(storage.read_bytes(spec).decode().splitlines()))
+    if not rows:
+        return []
+    header = [c.strip() for c in rows[0]]
+    column = next((header.index(c) for c in ("image_id", "id") if c in header), None)
+    body = rows[1:] if column is not None else rows
+    return [row[column or 0].strip() for row in body if row and row[column or 0].strip()]

@@ -10,7 +10,9 @@ From Python:
     summary = match.run("gs://bucket/index", "gs://bucket/match", conf={"top": 50})
 
 Every image of the index is searched against the index, itself excluded, with its features
-from the feature tables the index was built from (or `features`): no extraction. Steps:
+from the features table the index was built from, at the version it was built from (or the
+current version of `features`): no extraction. The index version is pinned while the job
+runs (indexing/artifact.py, `pin`). Steps:
 Queries -> Neighbours (the index loaded once per worker process) -> Pairs (each unordered
 pair once, both directions' inliers and scores) -> Clusters (connected components over the
 pairs with at least `min_inliers` inliers) and, when images have labels, the label report (indexing/graph.py) ->
@@ -29,6 +31,7 @@ import tempfile
 import time
 
 import apache_beam as beam
+import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
@@ -42,8 +45,7 @@ from delf_index.pipelines import cli, visualize
 from delf_index.pipelines.build import DEFAULT_KEEP
 from delf_index.pipelines.search import ReadQueries
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import storage
-from delf_index.runtime.tables import live_tables, open_table, output_root
+from delf_index.runtime import lease, storage, tables
 from delf_index.schemas import search as schema
 
 log = logging.getLogger(__name__)
@@ -74,21 +76,14 @@ def resolve_conf(conf=None):
 
 
 def source_tables(manifest, features=None):
-    """(uri, stale image_ids) of the live rows of the tables the index was built from (or of
-    `features`), grouped by their extract output so that superseded rows are left out."""
+    """(data file uri, stale image_ids) of the live records of the features table version the
+    index was built from (or of the current version of `features`)."""
     if features is not None:
-        return [(uri, stale) for uri, rows, _, stale in live_tables(features) if rows]
-    listed, roots = set(manifest.get("tables", [])), {}
-    for uri in listed:
-        folder = posixpath.dirname(uri)
-        root = output_root(posixpath.dirname(folder)) if posixpath.basename(folder) == "features" else None
-        roots.setdefault(root or uri, []).append(uri)
-    tables = []
-    for root in sorted(roots):
-        tables += [(uri, stale) for uri, rows, _, stale in live_tables(root) if uri in listed and rows]
-    if not tables:
-        raise UserError("the index lists no feature tables that can still be read: pass --features")
-    return tables
+        return [(uri, stale) for uri, _, stale in tables.live_tables(features)[1]]
+    source = manifest.get("features")
+    if not source:
+        raise UserError("the index does not name the features table it was built from: pass --features")
+    return [(uri, stale) for uri, _, stale in tables.live_tables(source["uri"], source["table_version"])[1]]
 
 
 class Neighbours(beam.DoFn):
@@ -155,7 +150,26 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
     conf = resolve_conf(conf)
     flags, _ = cli.beam_flags(beam_options)
     output = output.rstrip("/")
-    pinned = art.current_version(index)  # every worker reads this version, whatever builds meanwhile
+    start = time.time()
+    with art.pinned(index, "match") as pinned:  # every worker reads this version, whatever builds meanwhile
+        summary, uri_of, has_labels = match_version(index, pinned, output, features, conf, labels, flags, test_pipeline)
+    if conf["sheet"]:
+        summary["sheet"] = write_sheet(output, uri_of, conf["sheet_rows"], has_labels)
+    if augment:
+        pairs = read_table(output, "pairs")
+        summary["augmented_version"] = augment_index(index, pairs, summary["index_version"], conf["keep"])
+    summary["seconds"] = round(time.time() - start, 1)
+    print(
+        f"match: {summary['images']} images, {summary['rows']['pairs']} verified pairs, "
+        f"{summary['clusters']} clusters ({summary['largest_cluster']} images in the largest) -> {output} "
+        f"({summary['seconds']}s)"
+    )
+    return summary
+
+
+def match_version(index, pinned, output, features, conf, labels, flags, test_pipeline):
+    """The Beam job of `run` on one version of an index: (summary, {image_id: uri}, whether
+    the images have labels)."""
     manifest = art.current_manifest(pinned)
     image_ids, uris, index_labels = art.read_images(pinned)
     if isinstance(labels, str):
@@ -167,7 +181,7 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
         labels = {image_id: labels.get(image_id) for image_id in image_ids}
     else:
         labels = dict(zip(image_ids, index_labels))
-    tables = source_tables(manifest, features)
+    sources = source_tables(manifest, features)
     metadata = {
         t: schema.table_metadata(t, manifest["version"], manifest["model_fingerprint"], conf)
         for t in ("pairs", "clusters", "label_images", "labels")
@@ -186,12 +200,11 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
         "labels": ("label", ("label",)),
     }
     has_labels = any(v is not None for v in labels.values())
-    start = time.time()
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
     with pipeline as p:
         pairs = (
             p
-            | "Tables" >> beam.Create(tables)
+            | "Tables" >> beam.Create(sources)
             | "SpreadTables" >> beam.Reshuffle()
             | "ReadQueries" >> beam.ParDo(ReadQueries())
             | "SpreadQueries" >> beam.Reshuffle()
@@ -214,7 +227,7 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
             name: rows
             | f"Write{name.title().replace('_', '')}"
             >> WriteShardedParquet(
-                output, name, schemas[name], "", conf["rows_per_shard"], False, keys[name][0], keys[name][1]
+                posixpath.join(output, name), name, schemas[name], "", conf["rows_per_shard"], False, *keys[name]
             )
             for name, rows in tables_out.items()
         }
@@ -231,19 +244,7 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
             )
         )
     summary = json.loads(storage.read_bytes(posixpath.join(output, "_SUMMARY.json")))
-    if conf["sheet"]:
-        summary["sheet"] = write_sheet(output, dict(zip(image_ids, uris)), conf["sheet_rows"], has_labels)
-    if augment:
-        summary["augmented_version"] = augment_index(
-            index, read_table(output, "pairs"), manifest["version"], conf["keep"]
-        )
-    summary["seconds"] = round(time.time() - start, 1)
-    print(
-        f"match: {summary['images']} images, {summary['rows']['pairs']} verified pairs, "
-        f"{summary['clusters']} clusters ({summary['largest_cluster']} images in the largest) -> {output} "
-        f"({summary['seconds']}s)"
-    )
-    return summary
+    return summary, dict(zip(image_ids, uris)), has_labels
 
 
 def _finalize(_, output, schemas, summary, **written):
@@ -251,7 +252,7 @@ def _finalize(_, output, schemas, summary, **written):
     files, rows = {}, {}
     for name, schema_ in schemas.items():
         if name in written:
-            files[name] = finalize(output, name, schema_, written[name], "")
+            files[name] = finalize(posixpath.join(output, name), name, schema_, written[name], "")
             rows[name] = sum(w["rows"] for w in written[name])
     clusters = read_table(output, "clusters")
     summary = dict(
@@ -270,7 +271,8 @@ def read_table(output, name):
     fs, folder = storage.filesystem(posixpath.join(output, name))
     rows = []
     for path in sorted(fs.glob(posixpath.join(folder, "*.parquet"))):
-        rows += open_table(storage.with_protocol(fs, path)).read().to_pylist()
+        with storage.open_file(storage.with_protocol(fs, path), "rb") as f:
+            rows += pq.read_table(f).to_pylist()
     return rows
 
 
@@ -321,37 +323,41 @@ def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP):
     """Publish a new version of `index`: the current one's files (hard links where the
     filesystem allows) plus the verified neighbour graph of `pairs` and the DBA global
     descriptors (indexing/expansion.py). Refuses when the index changed since it was matched."""
-    artifact = art.Artifact.load(index, verify=False)
-    if artifact.manifest["version"] != matched_version:
-        raise UserError(f"{index} is at version {artifact.manifest['version']}, matched {matched_version}: match again")
-    row = artifact.row_of
-    triples = [
-        (row[p["image_a"]], row[p["image_b"]], p["inliers"])
-        for p in pairs
-        if p["image_a"] in row and p["image_b"] in row
-    ]
-    neighbours = expansion.neighbour_graph(artifact.num_rows, triples)
-    augmented = expansion.augmented_globals(artifact.global_index.reconstruct_n(0, artifact.num_rows), neighbours)
-    version = art.new_version_name(index)
-    work = art.version_work_folder(index, version)
-    for name in artifact.manifest["files"]:
-        if name not in (expansion.GRAPH_FILE, expansion.DBA_FILE):
-            try:
-                os.link(os.path.join(artifact.folder, name), os.path.join(work, name))
-            except OSError:  # another filesystem
-                shutil.copyfile(os.path.join(artifact.folder, name), os.path.join(work, name))
-    expansion.write_graph(work, neighbours)
-    expansion.write_dba(work, augmented)
-    names = sorted(os.listdir(work))
-    manifest = {
-        **artifact.manifest,
-        "version": version,
-        "augmented": {"from_version": matched_version, "pairs": len(triples), "conf": expansion.default_conf},
-        "files": art.file_entries(work, names),
-    }
-    with open(os.path.join(work, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    art.publish_version(work, index, version, keep)
+    with lease.hold(index, "match --augment") as held:
+        base = art.current_entry(index)
+        if base["version"] != matched_version:
+            raise UserError(f"{index} is at version {base['version']}, matched {matched_version}: match again")
+        artifact = art.Artifact.load(index, verify=False)
+        row = artifact.row_of
+        triples = [
+            (row[p["image_a"]], row[p["image_b"]], p["inliers"])
+            for p in pairs
+            if p["image_a"] in row and p["image_b"] in row
+        ]
+        neighbours = expansion.neighbour_graph(artifact.num_rows, triples)
+        augmented = expansion.augmented_globals(artifact.global_index.reconstruct_n(0, artifact.num_rows), neighbours)
+        version = art.new_version_name(base)
+        work = art.version_work_folder(index, version)
+        for name in artifact.manifest["files"]:
+            if name not in (expansion.GRAPH_FILE, expansion.DBA_FILE):
+                try:
+                    os.link(os.path.join(artifact.folder, name), os.path.join(work, name))
+                except OSError:  # another filesystem
+                    shutil.copyfile(os.path.join(artifact.folder, name), os.path.join(work, name))
+        expansion.write_graph(work, neighbours)
+        expansion.write_dba(work, augmented)
+        names = sorted(os.listdir(work))
+        manifest = {
+            **artifact.manifest,
+            "version": version,
+            "augmented": {"from_version": matched_version, "pairs": len(triples), "conf": expansion.default_conf},
+            "files": art.file_entries(work, names),
+        }
+        with open(os.path.join(work, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        art.place_version(work, index, version)
+        held.check()
+        art.commit_version(index, version, base, keep, info={"operation": "augment", **manifest.get("features", {})})
     log.info("augmented %s: version %s with %d verified pairs", index, version, len(triples))
     return version
 

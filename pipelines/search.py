@@ -10,12 +10,13 @@ From Python:
     summary = search.run("uploads/*.jpg", "gs://bucket/index", "/tmp/results", conf={"top": 20})
 
 Queries are images (a glob, a folder, tar shards or a manifest, as extract takes them;
-extracted with the index's model and settings) or feature tables already extracted (an
-extract output, its features/ folder, or Parquet files), which are not extracted again.
-Steps: queries -> Search (the index loaded once per worker process, shared by its threads)
--> WriteResults / WriteErrors (sharded Parquet, schemas/search.py) -> _SUMMARY.json. Every
-query ends up in exactly one of the two tables, and a rerun over the same input writes the
-same rows to the same files.
+extracted with the index's model and settings) or a features table (its live records, not
+extracted again). Steps: queries -> Search (the index loaded once per worker process,
+shared by its threads) -> WriteResults / WriteErrors (sharded Parquet, schemas/search.py) ->
+_SUMMARY.json. Every query ends up in exactly one of the two tables, and a rerun over the
+same input writes the same rows to the same files. The job searches the version that was
+current when it started, and pins it (indexing/artifact.py, `pin`): pruning keeps it for as
+long as the job runs.
 """
 
 import argparse
@@ -35,11 +36,8 @@ from delf_index.indexing.retrieval import Index, local_method
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import cli, extract, inputs
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import storage
+from delf_index.runtime import storage, tables
 from delf_index.runtime.extractor import load_model
-from delf_index.runtime.features import Features
-from delf_index.runtime.tables import holds_feature_tables, iter_batches, live_tables
-from delf_index.schemas import features as table_schema
 from delf_index.schemas import search as search_schema
 
 log = logging.getLogger(__name__)
@@ -67,13 +65,14 @@ def resolve_conf(conf=None):
 
 
 class ReadQueries(beam.DoFn):
-    """(features table uri, stale image_ids) -> (query_id, uri, Features) of its live rows."""
+    """(data file uri, stale image_ids) -> (query_id, uri, Features) of its live records."""
 
     def process(self, element):
         uri, stale = element
-        for table in iter_batches(uri, None, skip=stale):
-            for row in table.to_pylist():
-                yield row["image_id"], row["uri"], Features.from_row(row)
+        for table in tables.iter_batches(uri, None, skip=stale):
+            uris = table.column("uri").to_pylist()
+            for (image_id, features), query_uri in zip(tables.features_of(table), uris):
+                yield image_id, query_uri, features
 
 
 class Search(beam.DoFn):
@@ -96,7 +95,9 @@ class Search(beam.DoFn):
             results = self.index.search(features, top_k=self.conf["top"], exclude=exclude, with_matches=False)
         except UserError as e:
             self.failed.inc()
-            yield beam.pvalue.TaggedOutput("errors", table_schema.error_row(query_id, uri, "search", e))
+            yield beam.pvalue.TaggedOutput(
+                "errors", {"image_id": query_id, "uri": uri, "stage": "search", "error": str(e)[:2000]}
+            )
             return
         self.searched.inc()
         self.count += 1
@@ -119,23 +120,27 @@ class Search(beam.DoFn):
 
 
 def queries(p, input, conf, manifest, model=None, threads=None):
-    """(query_id, uri, Features) of `input`, and error rows of images that could not be
-    extracted: feature tables are read, images extracted with the index's settings."""
-    if holds_feature_tables(input):
-        tables = live_tables(input)
-        for uri, _, meta, _ in tables:
-            art.check_fingerprint(manifest["model_fingerprint"], meta["model_fingerprint"], f"queries in {uri}")
+    """(query_id, uri, Features) of `input`, and failure records of images that could not be
+    extracted: a features table is read, images extracted with the index's settings."""
+    if tables.exists(input):
+        snap, files = tables.live_tables(input)
+        art.check_fingerprint(
+            manifest["model_fingerprint"], snap.properties["model_fingerprint"], f"queries in {input}"
+        )
         found = (
             p
-            | "QueryTables" >> beam.Create([(uri, stale) for uri, rows, _, stale in tables if rows])
+            | "QueryTables" >> beam.Create([(uri, stale) for uri, _, stale in files])
             | "SpreadTables" >> beam.Reshuffle()
             | "ReadQueries" >> beam.ParDo(ReadQueries())
         )
         return found, p | "NoExtractErrors" >> beam.Create([])
+    if tables.is_legacy(input):
+        raise tables.missing_table(input)
     extract_conf = extract.resolve_conf({**conf["extract"], "extractor": manifest["extractor"]})
-    items = extract.list_inputs(p, input)
+    items, listing_errors = extract.list_inputs(p, input)
     features, errors = extract.extract_features(items, inputs.input_kind(input), extract_conf, model, threads)
-    return features | "QueryFeatures" >> beam.MapTuple(lambda key, f: (key[0], key[1], f)), errors
+    found = features | "QueryFeatures" >> beam.MapTuple(lambda key, f: (key[0], key[1], f))
+    return found, (errors, listing_errors) | "QueryListErrors" >> beam.Flatten()
 
 
 def run(input, index, output, conf=None, model=None, beam_options=None, test_pipeline=None):
@@ -144,42 +149,45 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
     conf = resolve_conf(conf)
     flags, threads = cli.beam_flags(beam_options)
     output = output.rstrip("/")
-    pinned = art.current_version(index)  # every worker reads this version, whatever builds meanwhile
-    manifest = art.current_manifest(pinned)
-    # refused here, not in every worker: a local method the index was not built with
-    has = {"knn": "index.faiss" in manifest["files"], "asmk": "asmk_offsets.npy" in manifest["files"]}
-    local_method(conf["query"].get("local_method"), has)
-    if not holds_feature_tables(input):
-        _, _, fingerprint = load_model(model)
-        art.check_fingerprint(manifest["model_fingerprint"], fingerprint, "queries extracted with this model")
-    meta = search_schema.table_metadata("results", manifest["version"], manifest["model_fingerprint"], conf)
-    results_schema = search_schema.RESULTS_SCHEMA.with_metadata(meta)
-    errors_schema = table_schema.ERRORS_SCHEMA.with_metadata({**meta, "delf_index.table": "errors"})
-    start = time.time()
-    pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
-    with pipeline as p:
-        found, extract_errors = queries(p, input, conf, manifest, model, threads if test_pipeline is None else None)
-        searched = found | "Search" >> beam.ParDo(Search(pinned, conf, shared.Shared())).with_outputs(
-            "errors", main="results"
-        )
-        results_out = searched.results | "WriteResults" >> WriteShardedParquet(
-            output, "results", results_schema, "", conf["rows_per_shard"], False, "query_id", ("query_id", "rank")
-        )
-        errors = (extract_errors, searched.errors) | "QueryErrors" >> beam.Flatten()
-        errors_out = errors | "WriteErrors" >> WriteShardedParquet(output, "errors", errors_schema, "")
-        (
-            p
-            | "Done" >> beam.Create([None])
-            | "Finalize"
-            >> beam.Map(
-                _finalize,
-                output=output,
-                schemas=(results_schema, errors_schema),
-                summary={"input": input, "index": index, "index_version": manifest["version"], "conf": conf},
-                written_results=beam.pvalue.AsList(results_out.written),
-                written_errors=beam.pvalue.AsList(errors_out.written),
+    with art.pinned(index, f"search --input {input}") as version:  # every worker reads this version
+        manifest = art.current_manifest(version)
+        # refused here, not in every worker: a local method the index was not built with
+        has = {"knn": "index.faiss" in manifest["files"], "asmk": "asmk_offsets.npy" in manifest["files"]}
+        local_method(conf["query"].get("local_method"), has)
+        if not tables.exists(input):
+            _, _, fingerprint = load_model(model)
+            art.check_fingerprint(manifest["model_fingerprint"], fingerprint, "queries extracted with this model")
+        meta = search_schema.table_metadata("results", manifest["version"], manifest["model_fingerprint"], conf)
+        results_schema = search_schema.RESULTS_SCHEMA.with_metadata(meta)
+        errors_schema = search_schema.ERRORS_SCHEMA.with_metadata({**meta, "delf_index.table": "errors"})
+        start = time.time()
+        pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
+        with pipeline as p:
+            found, failed = queries(p, input, conf, manifest, model, threads if test_pipeline is None else None)
+            searched = found | "Search" >> beam.ParDo(Search(version, conf, shared.Shared())).with_outputs(
+                "errors", main="results"
             )
-        )
+            results_out = searched.results | "WriteResults" >> WriteShardedParquet(
+                posixpath.join(output, "results"), "results", results_schema, "", conf["rows_per_shard"], False,
+                "query_id", ("query_id", "rank"),
+            )  # fmt: skip
+            errors = (failed, searched.errors) | "QueryErrors" >> beam.Flatten()
+            errors_out = errors | "WriteErrors" >> WriteShardedParquet(
+                posixpath.join(output, "errors"), "errors", errors_schema, "", per_image=False
+            )
+            (
+                p
+                | "Done" >> beam.Create([None])
+                | "Finalize"
+                >> beam.Map(
+                    _finalize,
+                    output=output,
+                    schemas=(results_schema, errors_schema),
+                    summary={"input": input, "index": index, "index_version": manifest["version"], "conf": conf},
+                    written_results=beam.pvalue.AsList(results_out.written),
+                    written_errors=beam.pvalue.AsList(errors_out.written),
+                )
+            )
     summary = json.loads(storage.read_bytes(posixpath.join(output, "_SUMMARY.json")))
     summary["seconds"] = round(time.time() - start, 1)
     print(
@@ -190,8 +198,8 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
 
 
 def _finalize(_, output, schemas, summary, written_results, written_errors):
-    files = finalize(output, "results", schemas[0], written_results, "")
-    errors_files = finalize(output, "errors", schemas[1], written_errors, "")
+    files = finalize(posixpath.join(output, "results"), "results", schemas[0], written_results, "")
+    errors_files = finalize(posixpath.join(output, "errors"), "errors", schemas[1], written_errors, "")
     results = sum(w["rows"] for w in written_results)
     answered = sum(w["keys"] for w in written_results)  # a query's results share one shard
     failed = sum(w["rows"] for w in written_errors)
@@ -209,7 +217,9 @@ def _finalize(_, output, schemas, summary, written_results, written_errors):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="delf-index search", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="images (glob, folder, tar shards, manifest) or feature tables")
+    parser.add_argument(
+        "--input", required=True, help="images (glob, folder, tar shards, manifest) or a features table"
+    )
     parser.add_argument("--index", required=True, help="the index to search (any fsspec URI)")
     parser.add_argument("--output", required=True, help="results and errors tables go here")
     parser.add_argument("--top", type=int, default=default_conf["top"], help="results per query")

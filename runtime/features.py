@@ -54,16 +54,18 @@ class Features:
         return cls(**fields)
 
     @classmethod
-    def from_row(cls, row):
-        """The features of one features-table row (a dict, as pyarrow's to_pylist gives)."""
+    def from_row(cls, row, descriptor_dtype=np.float16, descriptor_dim=0):
+        """The features of one features-table record (a dict, as pyarrow's to_pylist gives);
+        the descriptors are the record's binary value, of `descriptor_dtype` and `descriptor_dim`
+        (the table's: schemas.features.descriptor_layout)."""
+        n = row["num_features"] or 0
+        descriptors = np.frombuffer(row["descriptors"] or b"", descriptor_dtype).reshape(n, descriptor_dim if n else 0)
         return cls(
             x=np.asarray(row["x"], np.float32),
             y=np.asarray(row["y"], np.float32),
             scale=np.asarray(row["scale"], np.float32),
             attention=np.asarray(row["attention"], np.float32),
-            descriptors=np.asarray(row["descriptors"], np.float32).reshape(row["num_features"], -1)
-            if row["num_features"]
-            else np.zeros((0, 0), np.float32),
+            descriptors=descriptors.astype(np.float32),
             global_descriptor=np.asarray(row["global_descriptor"], np.float32),
             width=int(row["width"]),
             height=int(row["height"]),

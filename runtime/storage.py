@@ -2,15 +2,16 @@
 
 Every read and write of delf-index goes through this module, so that the backends are
 configured in one place (`configure`, called on first use), transient failures are retried
-with the same policy everywhere (`retrying`), and folders move between a store and local
-disk the same way (`upload_folder`, `fetch_folder`).
+with the same policy everywhere (`retrying`), small objects are replaced only if nobody else
+replaced them first (`read_versioned`, `write_if`: generation match on GCS, ETag match on S3,
+a lock file locally), and folders move between a store and local disk the same way
+(`upload_folder`; runtime/cache.py fetches them).
 """
 
+import errno
 import hashlib
-import json
 import os
 import posixpath
-import shutil
 import time
 import uuid
 
@@ -73,7 +74,9 @@ class StorageError(UserError, OSError):
 
 def transient(error):
     """Worth retrying: network trouble, timeouts, 408/429/5xx; not missing files or permissions."""
-    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(error, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if _precondition_failure(error):  # a conditional write lost: trying again cannot win
         return False
     code = getattr(error, "code", None) or getattr(error, "status", None)
     if isinstance(code, int):
@@ -106,6 +109,129 @@ def read_bytes(uri):
             return f.read()
 
     return retrying(read, f"reading {uri}")
+
+
+# -- small objects replaced only by the writer that read them ------------------------------------
+class PreconditionFailed(Exception):
+    """A conditional write found the object other than the writer last read it."""
+
+
+def fresh(uri):
+    """(filesystem, path) with fsspec's listing cache of `uri`'s folder dropped: another process
+    may have written there since this one listed it."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(posixpath.dirname(path))
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def read_versioned(uri):
+    """(content, token) of a small object, or (None, None) when there is none. `token` names the
+    version read (generation on GCS, ETag on S3, inode and mtime locally): `write_if` replaces
+    the object only while it is still that version. The token is taken before the content, so
+    the content is that version or a newer one, and a write based on it can only fail, never
+    overwrite a version its writer has not seen."""
+    if is_local(uri):
+        path = local_path(uri)
+        try:
+            token = _local_token(path)
+            with open(path, "rb") as f:
+                return f.read(), token
+        except FileNotFoundError:
+            return None, None
+    fs, path = fresh(uri)
+    try:
+        info = retrying(lambda: fs.info(path), f"reading {uri}")
+        token = _remote_token(fs, info)
+        return retrying(lambda: fs.cat_file(path), f"reading {uri}"), token
+    except FileNotFoundError:
+        return None, None
+
+
+def write_if(uri, data, token=None):
+    """Write `data` to `uri` if the object is still the version `token` (`read_versioned`'s), or,
+    with token None, only if there is no object yet; returns the new token. Raises
+    PreconditionFailed when another writer got there first. On GCS this sends
+    ifGenerationMatch, on S3 If-Match / If-None-Match; locally a lock file serialises the
+    check and the rename."""
+    if is_local(uri) and token is None:  # a hard link is created only where nothing is
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError as e:
+            raise PreconditionFailed(f"{uri} exists already") from e
+        finally:
+            os.remove(tmp)
+        return _local_token(path)
+    if is_local(uri):
+        path = local_path(uri)
+        with FileLock(path + ".lock"):
+            current = _local_token(path) if os.path.exists(path) else None
+            if current != token:
+                raise PreconditionFailed(f"{uri} is at {current}, not {token}")
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return _local_token(path)
+    fs, path = fresh(uri)
+    protocol = protocol_of(fs)
+    try:
+        if protocol == "gs" and token is not None:
+            _gcs_put_if_generation(fs, path, data, token)
+        elif protocol in ("gs", "s3") or token is None:
+            kwargs = {"IfMatch": token} if protocol == "s3" and token is not None else {}
+            fs.pipe_file(path, data, mode="create" if token is None else "overwrite", **kwargs)
+        else:
+            raise StorageError(f"conditional writes are not supported on {protocol}:// ({uri})")
+    except FileExistsError as e:
+        raise PreconditionFailed(f"{uri} exists already") from e
+    except Exception as e:
+        if _precondition_failure(e):
+            raise PreconditionFailed(f"{uri} changed since it was read ({type(e).__name__}: {e})") from e
+        raise
+    fs.invalidate_cache(path)
+    return _remote_token(fs, fs.info(path))
+
+
+def _local_token(path):
+    stat = os.stat(path)
+    return f"{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
+def _remote_token(fs, info):
+    return str(info.get("generation") if protocol_of(fs) == "gs" else info.get("ETag") or info.get("etag"))
+
+
+def _precondition_failure(error):
+    code = getattr(error, "code", None) or getattr(error, "status", None)
+    text = str(error)
+    return (
+        code == 412
+        or "PreconditionFailed" in text
+        or "pre-conditions you specified did not hold" in text
+        or (isinstance(error, OSError) and error.errno == errno.EINVAL and "condition" in text)
+    )
+
+
+def _gcs_put_if_generation(fs, path, data, generation):
+    """One media upload that GCS accepts only while the object is at `generation` (gcsfs's own
+    uploads send a precondition only to create)."""
+    bucket, key, _ = fs.split_path(path)
+    fs.call(
+        "POST",
+        f"{fs._location}/upload/storage/v1/b/{bucket}/o",
+        uploadType="media",
+        name=key,
+        ifGenerationMatch=str(generation),
+        headers={"Content-Type": "application/octet-stream"},
+        data=data,
+        json_out=True,
+    )
 
 
 # -- files and folders between a store and local disk ------------------------------------------
@@ -161,73 +287,19 @@ def upload_folder(local_dir, uri, names):
         retrying(lambda s=source, t=target: fs.put_file(s, t), f"uploading {target}")
 
 
-def default_cache_dir():
-    return os.environ.get("DELF_INDEX_CACHE", os.path.expanduser("~/.cache/delf-index"))
-
-
-class DigestMismatch(StorageError):
-    """A downloaded file is not the one its manifest describes."""
-
-
-def fetch_blob(uri, sha256, size, cache_dir=None):
-    """A verified local copy of the object `uri`, whose content the caller knows by sha256:
-    ``CACHE/blobs/<sha256>``. Downloaded to a temporary file, checked, renamed into place
-    under a file lock, so that processes sharing the cache neither race nor ever see a file
-    whose digest does not match; a blob already there is not fetched again."""
-    blobs = os.path.join(cache_dir or default_cache_dir(), "blobs")
-    path = os.path.join(blobs, sha256)
-    if os.path.exists(path):
-        return path
-    os.makedirs(blobs, exist_ok=True)
-    with FileLock(path + ".lock"):
-        if os.path.exists(path):  # another process fetched it while this one waited
-            return path
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            download(uri, tmp)
-            actual, actual_size = sha256_of(tmp), os.path.getsize(tmp)
-            if (actual, actual_size) != (sha256, size):
-                raise DigestMismatch(
-                    f"{uri} has {actual_size} bytes, sha256 {actual[:12]}; its manifest says {size} bytes, sha256 "
-                    f"{sha256[:12]}: the object was changed after its manifest was written (copy it again, or rebuild)"
-                )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return path
-
-
-def fetch_folder(uri, manifest_name, cache_dir=None):
-    """A local folder with the files that the manifest `uri`/`manifest_name` lists (its
-    "files": {name: {"sha256", "bytes"}}): the folder itself when local, else a folder of
-    the cache, one per manifest, linking to verified blobs (`fetch_blob`). Files the
-    manifest does not list are not fetched."""
-    if is_local(uri):
-        return local_path(uri)
-    cache_dir = cache_dir or default_cache_dir()
-    data = read_bytes(posixpath.join(uri, manifest_name))
-    try:
-        files = json.loads(data)["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise StorageError(f"{uri}/{manifest_name} is not a delf-index manifest ({type(e).__name__}: {e})") from e
-    folder = os.path.join(cache_dir, "folders", hashlib.sha256(data).hexdigest()[:32])
-    if os.path.exists(os.path.join(folder, manifest_name)):  # complete: the manifest goes in last
-        return folder
-    blobs = {
-        name: fetch_blob(posixpath.join(uri, name), e["sha256"], e["bytes"], cache_dir) for name, e in files.items()
-    }
-    tmp = f"{folder}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
-    for name, blob in blobs.items():
-        try:
-            os.link(blob, os.path.join(tmp, name))
-        except OSError:  # a filesystem without hard links
-            shutil.copyfile(blob, os.path.join(tmp, name))
-    with open(os.path.join(tmp, manifest_name), "wb") as f:
-        f.write(data)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process made the same folder first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+def delta_options(uri):
+    """delta-rs's storage options for `uri`, from the environment the fsspec backends read:
+    delta-rs talks to the store itself (object_store), not through fsspec. On S3 commits use
+    conditional puts (If-None-Match), so concurrent writers need no lock service."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    options = {"conditional_put": "etag"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["AWS_REGION"] = region
+    return options

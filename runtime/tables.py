@@ -1,161 +1,389 @@
-"""Reading the tables that `delf-index extract` writes (docs/tables.md).
+"""The features table (schemas/features.py): snapshots, what is live in them, and commits.
 
-An extract output holds the files of every run; the live rows are those that no row of the
-superseded table names (an image that changed, disappeared or was retried in a later run).
-`live_tables` says, per features file, which of its image_ids are no longer live; everything
-that reads features for fit, build or queries goes through it.
+A features table is a Delta Lake table (delta-rs). Readers take a `Snapshot` (one table
+version) and `resolve` its records into what is live per image; the jobs read the data
+files of a snapshot directly with pyarrow (`live_tables`, `iter_batches`), so that Beam
+workers need no Delta client. Writers write Parquet files into the table folder (invisible
+until committed), then `commit` them in one step, conditional on the version they planned
+on: a commit never lands on a table that changed under its writer.
 """
 
+import concurrent.futures
+import datetime
+import json
 import posixpath
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from deltalake import DeltaTable
+from deltalake import Schema as DeltaSchema
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
-from delf_index.errors import SchemaError
-from delf_index.runtime import storage
+from delf_index.errors import SchemaError, UserError
+from delf_index.runtime import failpoints, lease, storage
 from delf_index.runtime.features import Features
-from delf_index.schemas.features import descriptors_of, read_table_metadata
+from delf_index.schemas import features as schema
 
-TABLE_NOUNS = {"features": "feature", "errors": "error"}
-
-
-def output_root(spec):
-    """The extract output folder of a features spec (the folder itself, or the parent of its
-    features/ folder); None for a glob or a folder of loose tables."""
-    fs, path = storage.filesystem(spec)
-    path = path.rstrip("/")
-    if any(c in path for c in "*?["):
-        return None
-    if fs.isdir(posixpath.join(path, "features")):
-        return storage.with_protocol(fs, path)
-    if posixpath.basename(path) == "features" and fs.isdir(path):
-        return storage.with_protocol(fs, posixpath.dirname(path))
-    return None
+LEGACY_FOLDERS = ("features", "errors", "superseded")  # schema versions 1 and 2: Parquet folders, no log
+READ_THREADS = 16  # data files whose state columns are read at once (object stores: latency-bound)
 
 
-def holds_feature_tables(spec):
-    """True when `spec` names feature tables (an extract output, its features/ folder, or
-    Parquet files whose metadata say so), not images or a manifest."""
-    if output_root(spec) is not None:
-        return True
-    if not spec.lower().endswith(".parquet"):
-        return False
-    uris = list_tables(spec, required=False)
+class TableChanged(UserError):
+    """The table got a commit after the writer planned on it; nothing was committed."""
+
+
+class Snapshot:
+    """One version of a features table: its properties and data files."""
+
+    def __init__(self, uri, version=None):
+        self.uri = uri.rstrip("/")
+        try:
+            self.delta = DeltaTable(self.uri, version=version, storage_options=storage.delta_options(self.uri))
+        except TableNotFoundError as e:
+            raise missing_table(self.uri) from e
+        self.version = self.delta.version()
+        self.raw_properties = dict(self.delta.metadata().configuration)
+        self.properties = schema.read_properties(self.raw_properties, self.uri)
+        self.files = sorted(self.delta.file_uris())
+
+    @property
+    def records_schema(self):
+        return schema.records_schema(self.properties["descriptor_dtype"], self.properties["model"]["descriptor_dim"])
+
+    def newest_run(self, records):
+        """The newest run among `records` (read from this snapshot): a new run's id must sort after it."""
+        return (pc.max(records.column("run")).as_py() or "") if records.num_rows else ""
+
+    def read(self, columns=schema.STATE_COLUMNS):
+        """The `columns` of every record, with "file" (the index of its file in `files`)."""
+        with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+            parts = list(pool.map(lambda uri: read_columns(uri, columns), self.files))
+        for index, part in enumerate(parts):
+            parts[index] = part.append_column("file", pa.array(np.full(part.num_rows, index, np.int32)))
+        fields = [schema.records_schema().field(c) for c in columns] + [pa.field("file", pa.int32())]
+        return pa.concat_tables(parts) if parts else pa.schema(fields).empty_table()
+
+
+def read_columns(uri, columns):
+    with storage.open_file(uri, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def missing_table(uri):
+    """The error for a `--features` that holds no table, naming the migration for old folders."""
+    if is_legacy(uri):
+        return SchemaError(
+            f"{uri} holds feature tables of an earlier delf-index (Parquet folders without a commit log): convert it "
+            f"once with `delf-index migrate --features {uri}`"
+        )
+    return FileNotFoundError(f"no features table at {uri} (run `delf-index extract --output {uri}` first)")
+
+
+def is_legacy(uri):
+    fs, path = storage.filesystem(uri)
+    return any(fs.exists(posixpath.join(path, name)) for name in LEGACY_FOLDERS) and not fs.exists(
+        posixpath.join(path, "_delta_log")
+    )
+
+
+def exists(uri):
+    """Whether `uri` holds a features table. (Not DeltaTable.is_deltatable: against moto's S3
+    server it times out; opening the table answers at once.)"""
     try:
-        return bool(uris) and table_info(uris[0])[1]["table"] == "features"
-    except SchemaError:  # a Parquet manifest of images
+        DeltaTable(uri.rstrip("/"), storage_options=storage.delta_options(uri))
+    except TableNotFoundError:
         return False
+    return True
 
 
-def list_tables(spec, name="features", required=True):
-    """Sorted URIs of the `name` Parquet files of `spec`: an extract output folder, its
-    features/ folder, or a glob (features only)."""
-    fs, path = storage.filesystem(spec)
-    root = output_root(spec)
-    if root is not None:
-        paths = fs.glob(posixpath.join(storage.filesystem(root)[1], name, "*.parquet"))
-    elif name != "features":
-        paths = []
-    elif any(c in path for c in "*?["):
-        paths = fs.glob(path)
-    elif fs.isdir(path):
-        paths = fs.glob(posixpath.join(path, "*.parquet"))
-    else:
-        paths = [path] if fs.exists(path) else []
-    if not paths and required:
-        raise FileNotFoundError(f"no {TABLE_NOUNS.get(name, name)} tables at {spec}")
-    return [storage.with_protocol(fs, p) for p in sorted(paths)]
+def snapshot(uri, version=None):
+    return Snapshot(uri, version)
 
 
-def open_table(uri):
-    """A pyarrow ParquetFile over fsspec (the caller keeps it open while reading)."""
-    return pq.ParquetFile(storage.open_file(uri, "rb").open())
+# -- what is live -----------------------------------------------------------------------------
+def resolve(records):
+    """Per image of `records` (at least image_id, status, run): the run of its live features
+    ("features", null when none), of its newest failure when that is newer than them
+    ("failed": it is retried), and whether it is taken down ("blocked"). See
+    schemas/features.py: a deletion or removal ends the features before it; a removal blocks
+    the image until a newer restoration."""
+    newest = {}
+    for status in schema.STATUSES:
+        chosen = records.filter(pc.equal(records.column("status"), status))
+        newest[status] = chosen.group_by("image_id").aggregate([("run", "max")]).rename_columns(["image_id", status])
+    out = pa.table({"image_id": pc.unique(records.column("image_id"))})
+    for runs in newest.values():
+        out = out.join(runs, "image_id", join_type="left outer")
+    run = {status: pc.coalesce(out.column(status), "") for status in schema.STATUSES}  # "" sorts before every run
+    ended = pc.max_element_wise(run["deleted"], run["removed"])
+    blocked = pc.greater(run["removed"], run["restored"])
+    has_features = pc.and_(pc.greater(run["extracted"], ended), pc.invert(blocked))
+    failing = pc.and_(pc.greater(run["failed"], pc.max_element_wise(run["extracted"], ended)), pc.invert(blocked))
+    nothing = pa.nulls(out.num_rows, pa.string())
+    return pa.table(
+        {
+            "image_id": out.column("image_id"),
+            "features": pc.if_else(has_features, out.column("extracted"), nothing),
+            "failed": pc.if_else(failing, out.column("failed"), nothing),
+            "blocked": blocked,
+        }
+    )
 
 
-def table_info(uri):
-    """(rows, delf_index metadata) of one table, reading only its footer."""
-    f = open_table(uri)
-    try:
-        return f.metadata.num_rows, read_table_metadata(f.schema_arrow)
-    except SchemaError as e:
-        raise SchemaError(f"{uri}: {e}") from e
+def live_records(records, resolved=None):
+    """The records of `records` that hold live features: one per image that has them."""
+    resolved = resolve(records) if resolved is None else resolved
+    wanted = resolved.filter(pc.is_valid(resolved.column("features"))).select(["image_id", "features"])
+    extracted = records.filter(pc.equal(records.column("status"), "extracted"))
+    return extracted.join(wanted.rename_columns(["image_id", "run"]), ["image_id", "run"], join_type="inner")
 
 
-def same_model(infos, what="feature tables"):
-    """The one model fingerprint of several tables' metadata, or a clear error; the tables must
-    also share their extraction settings."""
-    fingerprints, settings = {}, {}
-    for uri, meta in infos:
-        fingerprints.setdefault(meta["model_fingerprint"], []).append(uri)
-        settings.setdefault(repr(sorted(meta["extractor"].items())), []).append(uri)
-    if len(fingerprints) != 1:
-        detail = "; ".join(f"{fp[:12]}: {len(uris)} files, e.g. {uris[0]}" for fp, uris in fingerprints.items())
-        raise SchemaError(f"{what} come from {len(fingerprints)} different models ({detail}); use one model")
-    if len(settings) != 1:
-        examples = "; ".join(f"{len(uris)} files like {uris[0]}" for uris in settings.values())
-        raise SchemaError(f"{what} were extracted with {len(settings)} different settings ({examples}); use one")
-    return next(iter(fingerprints))
+def file_skips(snap, records, live):
+    """[(file uri, live rows, stale image_ids)] of the files of a snapshot that hold live rows:
+    `stale` are the extracted records of the file that are not live (`iter_batches` skips them)."""
+    extracted = records.filter(pc.equal(records.column("status"), "extracted"))
+    key = lambda t: pc.binary_join_element_wise(t.column("image_id"), t.column("run"), "\x00")  # noqa: E731
+    is_live = pc.is_in(key(extracted), key(live))
+    files = extracted.column("file").to_numpy()
+    counts = np.bincount(files[is_live.to_numpy(zero_copy_only=False)], minlength=len(snap.files))
+    stale = {}
+    dead = extracted.filter(pc.invert(is_live))
+    for index, image_id in zip(dead.column("file").to_pylist(), dead.column("image_id").to_pylist()):
+        stale.setdefault(index, set()).add(image_id)
+    return [(snap.files[i], int(counts[i]), frozenset(stale.get(i, ()))) for i in np.nonzero(counts)[0]]
 
 
-def superseded(spec):
-    """{run: set of image_ids} of the rows that later runs replaced, from the superseded
-    tables of the extract output of `spec` (empty for a glob or loose tables)."""
-    out = {}
-    for uri in list_tables(spec, "superseded", required=False):
-        table = pq.read_table(storage.open_file(uri, "rb").open(), columns=["image_id", "run"])
-        for image_id, run in zip(table.column("image_id").to_pylist(), table.column("run").to_pylist()):
-            out.setdefault(run, set()).add(image_id)
-    return out
-
-
-def live_tables(spec):
-    """[(uri, rows, metadata, stale image_ids)] of the features tables of `spec`: `rows` counts
-    the live rows, stale ones are in the file but replaced by a later run."""
-    replaced = superseded(spec)
-    tables = []
-    for uri in list_tables(spec):
-        rows, meta = table_info(uri)
-        stale = set()
-        if replaced.get(meta["run"]):
-            ids = pq.read_table(storage.open_file(uri, "rb").open(), columns=["image_id"]).column("image_id")
-            stale = set(ids.to_pylist()) & replaced[meta["run"]]
-        tables.append((uri, rows - len(stale), meta, frozenset(stale)))
-    return tables
+def live_tables(uri, version=None):
+    """(snapshot, [(file uri, live rows, stale image_ids)]) of the live features of a table:
+    what fit, build and batch searches read."""
+    snap = snapshot(uri, version)
+    records = snap.read(["image_id", "status", "run"])
+    return snap, file_skips(snap, records, live_records(records))
 
 
 def iter_batches(uri, columns, rows=100, skip=frozenset()):
-    """pyarrow Tables of at most `rows` rows of one file, in file order, without the rows of
-    the image_ids in `skip`."""
-    f = open_table(uri)
-    wanted = None if columns is None else list(dict.fromkeys([*columns, "image_id"])) if skip else columns
-    for batch in f.iter_batches(batch_size=rows, columns=wanted):
-        table = pa.Table.from_batches([batch])
-        if skip:
-            table = table.filter(pc.invert(pc.is_in(table.column("image_id"), pa.array(sorted(skip), pa.string()))))
+    """pyarrow Tables of at most `rows` extracted records of one data file, in file order,
+    without those of the image_ids in `skip`."""
+    with storage.open_file(uri, "rb") as handle:
+        f = pq.ParquetFile(handle)
+        wanted = None if columns is None else list(dict.fromkeys([*columns, "image_id", "status"]))
+        for batch in f.iter_batches(batch_size=rows, columns=wanted):
+            table = pa.Table.from_batches([batch])
+            keep = pc.equal(table.column("status"), "extracted")
+            if skip:
+                keep = pc.and_(keep, pc.invert(pc.is_in(table.column("image_id"), pa.array(sorted(skip), pa.string()))))
+            table = table.filter(keep)
             if columns is not None:
                 table = table.select(columns)
-        if table.num_rows:
-            yield table
+            if table.num_rows:
+                yield table
 
 
-def iter_features(spec, image_ids=None):
-    """(image_id, Features) of every live row of the tables of `spec` (only `image_ids` when given)."""
-    for uri, _, _, stale in live_tables(spec):
-        for table in iter_batches(uri, None, skip=stale):
-            for row in table.to_pylist():
-                if image_ids is None or row["image_id"] in image_ids:
-                    yield row["image_id"], Features.from_row(row)
+def features_of(table):
+    """(image_id, Features) of each record of a pyarrow table of whole records."""
+    dtype, dim = schema.descriptor_layout(table.schema)
+    for row in table.to_pylist():
+        yield row["image_id"], Features.from_row(row, dtype, dim)
 
 
-def read_descriptors(spec):
-    """All descriptors of the live rows [N, D] (stored dtype) and the row number of each one's image."""
+def iter_features(uri, image_ids=None, version=None):
+    """(image_id, Features) of every live record of the table (only `image_ids` when given)."""
+    _, files = live_tables(uri, version)
+    for path, _, stale in files:
+        for table in iter_batches(path, None, skip=stale):
+            if image_ids is not None:
+                table = table.filter(pc.is_in(table.column("image_id"), pa.array(sorted(image_ids), pa.string())))
+            yield from features_of(table)
+
+
+def read_descriptors(uri):
+    """All live descriptors [N, D] (stored dtype) and the row number of each one's image."""
     descriptors, image_of, offset = [], [], 0
-    for uri, _, _, stale in live_tables(spec):
-        for table in iter_batches(uri, ["num_features", "descriptors"], skip=stale):
-            descriptors.append(descriptors_of(table))
+    for path, _, stale in live_tables(uri)[1]:
+        for table in iter_batches(path, ["num_features", "descriptors"], skip=stale):
+            descriptors.append(schema.descriptors_of(table))
             counts = np.asarray(table.column("num_features").to_numpy(), np.int64)
             image_of.append(np.repeat(np.arange(offset, offset + len(counts)), counts))
             offset += len(counts)
     return np.concatenate(descriptors), np.concatenate(image_of)
+
+
+# -- writing and committing -------------------------------------------------------------------
+def new_run_id(after=""):
+    """A run id that sorts in time order, UTC to the microsecond, and after `after` (the newest
+    run of the table: a clock behind it must not put this run's records before older ones)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if after:
+        floor = datetime.datetime.strptime(after, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=datetime.timezone.utc)
+        now = max(now, floor + datetime.timedelta(microseconds=1))
+    return now.strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def take_down(uri, ids, restore=False, note=None, max_change=None, wait=False):
+    """Record the removal of `ids` (status removed), or with `restore` their restoration, in the
+    table `uri` as one commit, under its lease. Ids already in that state are left alone; a
+    removal of more than `max_change` of the live images is refused. Returns the counts:
+    removed / restored, unchanged, table_version."""
+    ids = sorted(set(ids))
+    verb = "restored" if restore else "removed"
+    with lease.hold(uri, f"{'restore' if restore else 'remove'} {len(ids)} images", wait=wait) as held:
+        snap = snapshot(uri)
+        records = snap.read(["image_id", "status", "run"])
+        resolved = resolve(records)
+        blocked = set(resolved.filter(resolved.column("blocked")).column("image_id").to_pylist())
+        live = set(resolved.filter(pc.is_valid(resolved.column("features"))).column("image_id").to_pylist())
+        targets = [i for i in ids if (i in blocked) == restore]
+        taken = sum(i in live for i in targets) if not restore else 0
+        if max_change is not None and live and taken > max_change * len(live):
+            raise UserError(
+                f"removing {taken} of the {len(live)} live images ({taken / len(live):.0%}) is more than "
+                f"--max-change {max_change:g}: check the ids, or allow it with --max-change 1"
+            )
+        counts = {verb: len(targets), "unchanged": len(ids) - len(targets), "table_version": snap.version}
+        if targets:
+            run = new_run_id(snap.newest_run(records))
+            rows = [schema.status_record(i, verb, note=note) for i in targets]
+            name = f"part-{run}-{verb}.parquet"
+            entry = write_records(uri, name, rows, snap.records_schema, snap.raw_properties, run)
+            failpoints.reach("remove:written")
+            held.check()
+            counts["table_version"] = commit(uri, [entry], snap.raw_properties, snap, run, verb[:-1], counts)
+    return counts
+
+
+def write_records(table_uri, name, rows, records_schema, properties, run):
+    """Write records to a new data file `name` of the table (not yet committed); returns its
+    `file_entry`. The file carries the table's properties and its run in its metadata."""
+    meta = {**properties, "delf_index.run": run}
+    table = schema.rows_to_table([{**row, "run": run} for row in rows], records_schema.with_metadata(meta))
+    return write_table(table, posixpath.join(table_uri.rstrip("/"), name))
+
+
+def write_table(table, path, row_group_rows=100):
+    """Write an Arrow table of records to the data file `path` (retrying transient failures);
+    returns its `file_entry`."""
+
+    def write():
+        fs, target = storage.filesystem(path)
+        fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        with fs.open(target, "wb") as f:
+            with pq.ParquetWriter(f, table.schema, compression="zstd") as writer:
+                for start in range(0, max(table.num_rows, 1), row_group_rows):
+                    writer.write_table(table.slice(start, row_group_rows))
+
+    storage.retrying(write, f"writing {path}")
+    return file_entry(path, table)
+
+
+def file_entry(path, table):
+    """What a commit needs of a data file: its path, size, rows and Delta statistics (record
+    count, min and max of image_id, status and run), from the records it holds."""
+    stats = {"numRecords": table.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    for column in [c for c in ("image_id", "status", "run") if c in table.column_names]:
+        if table.num_rows:
+            bounds = pc.min_max(table.column(column))
+            stats["minValues"][column], stats["maxValues"][column] = bounds["min"].as_py(), bounds["max"].as_py()
+        stats["nullCount"][column] = 0
+    fs, target = storage.filesystem(path)
+    return {"path": path, "bytes": int(fs.size(target)), "rows": table.num_rows, "stats": stats}
+
+
+def commit(table_uri, entries, properties, base, run, operation, summary=None, removed=(), data_change=True):
+    """Commit data files (`file_entry`s) as one new version of the table, planned on the
+    snapshot `base` (None: the table does not exist yet; it is created first, as version 0);
+    `removed`: data files the commit drops (a compaction, which changes no data: `data_change`
+    False). Raises TableChanged, committing nothing, when another commit came first. Returns
+    the new version."""
+    table_uri = table_uri.rstrip("/")
+    options = storage.delta_options(table_uri)
+    records_schema = schema.records_schema(properties["delf_index.descriptor_dtype"], _dim(properties))
+    version = create(table_uri, records_schema, properties) if base is None else base.version
+    now = int(time.time() * 1000)
+    adds = [
+        AddAction(relative(table_uri, e["path"]), e["bytes"], {}, now, data_change, json.dumps(e["stats"]))
+        for e in entries
+    ]
+    removes = [RemoveAction(relative(table_uri, uri), data_change, now) for uri in removed]
+    metadata = {"delf_index.run": run, "delf_index.operation": operation, "delf_index.summary": summary or {}}
+    props = CommitProperties(custom_metadata=metadata, max_commit_retries=0)
+    table = DeltaTable(table_uri, version=version, storage_options=options)
+    try:
+        table.create_write_transaction([*adds, *removes], "append", records_schema, commit_properties=props)
+    except CommitFailedError as e:
+        raise TableChanged(
+            f"{table_uri} got a commit ({latest_commit(table_uri)}) after this {operation} planned on version "
+            f"{version}: nothing was committed; run it again"
+        ) from e
+    return version + 1
+
+
+def create(table_uri, records_schema, properties):
+    """Create an empty features table (version 0) with the table's properties; TableChanged
+    when another writer created it first."""
+    try:
+        DeltaTable.create(
+            table_uri,
+            DeltaSchema.from_arrow(records_schema),
+            mode="error",
+            name="features",
+            description="DELF features and what happened to each image (delf-index)",
+            configuration=properties,
+            storage_options=storage.delta_options(table_uri),
+            raise_if_key_not_exists=False,
+        )
+    except Exception as e:
+        if "already exists" not in str(e):
+            raise
+        raise TableChanged(
+            f"{table_uri} was created by another writer meanwhile: nothing was committed; run it again"
+        ) from e
+    return 0
+
+
+def _dim(properties):
+    return int(json.loads(properties["delf_index.model"]).get("descriptor_dim", 0))
+
+
+def relative(table_uri, uri):
+    fs, root = storage.filesystem(table_uri)
+    _, path = storage.filesystem(uri)
+    assert path.startswith(root.rstrip("/") + "/"), (uri, table_uri)
+    return path[len(root.rstrip("/")) + 1 :]
+
+
+def history(table_uri, last=None):
+    """The table's commits, newest first: {version, timestamp, operation, run, summary}, read
+    from the commit log's files (delta-rs's own history() hangs against moto's S3 server)."""
+    fs, path = storage.fresh(posixpath.join(table_uri.rstrip("/"), "_delta_log", "x"))
+    folder = posixpath.dirname(path)
+    names = sorted(
+        p for p in fs.ls(folder, detail=False) if p.endswith(".json") and posixpath.basename(p)[:-5].isdigit()
+    )
+    out = []
+    for name in reversed(names[-last:] if last else names):
+        for line in fs.cat_file(name).decode().splitlines():
+            info = json.loads(line).get("commitInfo")
+            if info is not None:
+                out.append(
+                    {
+                        "version": int(posixpath.basename(name)[:-5]),
+                        "timestamp": info.get("timestamp"),
+                        "operation": info.get("delf_index.operation", info.get("operation")),
+                        "run": info.get("delf_index.run"),
+                        "summary": info.get("delf_index.summary"),
+                    }
+                )
+    return out
+
+
+def latest_commit(table_uri):
+    """One line about a table's newest commit, for messages."""
+    try:
+        info = history(table_uri, last=1)[0]
+    except (OSError, IndexError, ValueError) as e:  # only for a message
+        return f"its newest commit unreadable: {type(e).__name__}"
+    return f"version {info['version']} by {info['operation']}" + (f" run {info['run']}" if info["run"] else "")

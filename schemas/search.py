@@ -2,8 +2,9 @@
 (docs/tables.md shows them with DuckDB queries).
 
 search: ``results`` (one row per query and rank; a query with nothing to rank has one row of
-rank 0 and a null image_id) and ``errors`` (the extract errors table's schema, stage
-``search`` for a query that failed after extraction). Every query is in exactly one of them.
+rank 0 and a null image_id) and ``errors`` (image_id, uri, stage, error: the stages of a
+features table's failures, and ``search`` for a query that failed after extraction). Every
+query is in exactly one of them.
 
 match: ``pairs`` (each unordered pair of images verified in at least one direction, once),
 ``clusters`` (every image of the index: its connected component over pairs with at least
@@ -32,6 +33,15 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("global_score", pa.float32()),
         pa.field("local_score", pa.float32()),
         pa.field("inliers", pa.int32()),  # verified inliers; 0: not verified or under min_inliers
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("stage", pa.string()),  # list | read | decode | size | extract | search
+        pa.field("error", pa.string()),
     ]
 )
 

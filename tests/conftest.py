@@ -1,10 +1,11 @@
 import os
+import socket
 
 import numpy as np
 import pytest
 
 from delf_index.pipelines import demo_corpus, evaluate
-from delf_index.runtime.tables import list_tables, open_table, superseded
+from delf_index.runtime import tables
 
 ONE_WORKER = {"workers": 1}  # beam_options of the jobs in tests: one local worker process
 
@@ -81,17 +82,65 @@ def gcs_bucket():
             os.environ[key] = value
 
 
-def live_rows(out, table_names=("features", "errors")):
-    """{image_id: row} of the live rows of an extract output (features and errors)."""
-    replaced = superseded(out)
-    rows = {}
-    for name in table_names:
-        for uri in list_tables(out, name, required=False):
-            for row in open_table(uri).read().to_pylist():
-                if row["image_id"] not in replaced.get(row["run"], ()):
-                    assert row["image_id"] not in rows, f"{row['image_id']} is live twice"
-                    rows[row["image_id"]] = {**row, "table": name}
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A moto S3 server on loopback; s3fs reaches it through AWS_ENDPOINT_URL_S3."""
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="delf-test")
+    yield "delf-test"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def live_rows(out, version=None):
+    """{image_id: record} of what a features table holds per image: its live features
+    (status extracted) or, for an image without them whose newest attempt failed, that
+    failure. Checks that no image is live twice."""
+    records, resolved = _resolved(out, version)
+    live = tables.live_records(records, resolved).to_pylist()
+    ids = [r["image_id"] for r in live]
+    assert len(ids) == len(set(ids)), "an image is live twice"
+    rows = {r["image_id"]: r for r in live}
+    for image_id, record in failing_rows(out, version, (records, resolved)).items():
+        rows.setdefault(image_id, record)
     return rows
+
+
+def failing_rows(out, version=None, resolved=None):
+    """{image_id: record} of the images whose newest attempt failed (with or without features)."""
+    records, resolved = resolved or _resolved(out, version)
+    failing = {r["image_id"]: r["failed"] for r in resolved.to_pylist() if r["failed"] is not None}
+    return {
+        r["image_id"]: r
+        for r in records.to_pylist()
+        if r["status"] == "failed" and failing.get(r["image_id"]) == r["run"]
+    }
+
+
+def _resolved(out, version):
+    records = tables.snapshot(out, version).read([*tables.schema.STATE_COLUMNS, "stage", "error", "num_features",
+                                                  "label", "width", "height"])  # fmt: skip
+    return records, tables.resolve(records)
 
 
 @pytest.fixture(scope="session")

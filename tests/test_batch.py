@@ -145,7 +145,9 @@ def test_augment_publishes_the_graph_and_dba_that_expansion_uses(evaluated, corp
         f"coffee{v}.jpg" for v in ("", "-light", "-occluded", "-view", "-zoom")
     }
     # an append drops the graph: it no longer describes the index
-    build.run(str(evaluated[0] / "features"), index, append=True, remove=["rocket.jpg"], beam_options=ONE_WORKER)
+    features = str(tmp_path / "features")  # the takedown is recorded in the table: a copy of it
+    shutil.copytree(evaluated[0] / "features", features)
+    build.run(features, index, append=True, remove=["rocket.jpg"], beam_options=ONE_WORKER)
     appended = art.Artifact.load(index)
     # nor does its manifest say it is augmented (evaluate --augment would not augment it again)
     assert appended.graph is None and appended.dba_index is None and "augmented" not in appended.manifest

@@ -59,7 +59,10 @@ def test_user_errors_are_one_line_that_names_the_problem(tmp_path):
         (("extract-image", str(bad)), ["bad.jpg", "cannot decode", "<html>"]),
         (("extract-image", str(tmp_path / "missing.jpg")), ["missing.jpg", "No such file"]),
         (("extract-image", str(bad), "--model", str(bad)), ["bad.jpg is not an ONNX model"]),
-        (("fit", "--features", str(tmp_path / "nothing"), "--output", str(tmp_path / "cb")), ["no feature tables"]),
+        (
+            ("fit", "--features", str(tmp_path / "nothing"), "--output", str(tmp_path / "cb")),
+            ["no features table at", "run `delf-index extract"],
+        ),
         (("query", "--index", str(tmp_path), str(bad)), ["has no manifest.json", "did the job complete"]),
         (
             ("extract", "--input", str(tmp_path / "none" / "*.jpg"), "--output", str(tmp_path / "o")),

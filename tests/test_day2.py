@@ -5,7 +5,6 @@ share (gs:// through the GCS emulator the suite starts, s3:// through moto's ser
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import shards
 from delf_index.indexing.retrieval import Index
 from delf_index.pipelines import build, fit, update
+from delf_index.runtime import cache as cache_lib
 from delf_index.runtime import storage
 from tests.conftest import ONE_WORKER, live_rows, rgb
 
@@ -45,16 +45,20 @@ def cache(tmp_path, monkeypatch):
     return folder
 
 
+# a small collection changes by more than the guard's share a day; versions are pruned at once
+DAILY = {"compact_above": None, "compact_table_above": None, "extract": {"max_change": None}, "grace": 0}
+
+
 def rankings(index_uri, queries):
     """Per query, the whole ranking as (image_id, inliers, rounded fused score)."""
     index = Index.load(index_uri)
     return [[(r.image_id, r.inliers, round(r.score, 4)) for r in index.search(q, top_k=None)] for q in queries]
 
 
-def test_day_by_day_updates_give_the_index_of_a_fresh_build(gcs_bucket, variants, cache):
+def test_day_by_day_updates_give_the_index_of_a_fresh_build(gcs_bucket, variants, cache, tmp_path):
     fs = storage.filesystem(f"gs://{gcs_bucket}")[0]
     root = f"gs://{gcs_bucket}/daily"
-    photos, features, index = f"{root}/photos", f"{root}/features", f"{root}/index"
+    photos, features, index = f"{root}/photos", str(tmp_path / "features"), f"{root}/index"
 
     def put(name, key):
         fs.pipe(f"{gcs_bucket}/daily/photos/{name}.jpg", jpeg(variants[key]))
@@ -69,9 +73,9 @@ def test_day_by_day_updates_give_the_index_of_a_fresh_build(gcs_bucket, variants
         3: ("chelsea-mirror", ("chelsea", "chelsea"), "rocket"),
     }
     expected_counts = {
-        1: {"new": 5, "changed": 0, "removed": 0, "unchanged": 0},
-        2: {"new": 1, "changed": 1, "removed": 1, "unchanged": 3},
-        3: {"new": 1, "changed": 1, "removed": 1, "unchanged": 3},
+        1: {"new": 5, "changed": 0, "deleted": 0, "unchanged": 0},
+        2: {"new": 1, "changed": 1, "deleted": 1, "unchanged": 3},
+        3: {"new": 1, "changed": 1, "deleted": 1, "unchanged": 3},
     }
     versions = []
     for day, change in days.items():
@@ -80,7 +84,7 @@ def test_day_by_day_updates_give_the_index_of_a_fresh_build(gcs_bucket, variants
             put(new, new)
             put(rewritten, content)
             fs.rm(f"{gcs_bucket}/daily/photos/{deleted}.jpg")
-        counts = update.run(f"{photos}/*.jpg", features, index, conf={"compact_above": None}, beam_options=ONE_WORKER)
+        counts = update.run(f"{photos}/*.jpg", features, index, conf=DAILY, beam_options=ONE_WORKER)
         assert {k: counts[k] for k in expected_counts[day]} == expected_counts[day], day
         versions.append(counts["version"])
         listed = sorted(p.rsplit("/", 1)[1] for p in fs.glob(f"{gcs_bucket}/daily/photos/*.jpg"))
@@ -94,17 +98,20 @@ def test_day_by_day_updates_give_the_index_of_a_fresh_build(gcs_bucket, variants
     assert counts["hidden"] == 4  # chelsea twice, coffee, rocket: hidden until a rebuild
     assert len(art.list_versions(index)) == build.DEFAULT_KEEP and art.list_versions(index)[-1] == versions[-1]
     # compaction: a rebuild from the live rows, with the index's own codebooks
-    compacted = update.run(f"{photos}/*.jpg", features, index, conf={"compact_above": 0.1}, beam_options=ONE_WORKER)
+    compacted = update.run(
+        f"{photos}/*.jpg", features, index, conf={**DAILY, "compact_above": 0.1}, beam_options=ONE_WORKER
+    )
     assert (compacted["index"], compacted["hidden"], compacted["images"]) == ("rebuilt", 0, len(listed))
     assert rankings(index, queries) == rankings(f"{root}/fresh-3", queries)
 
 
-def test_an_interrupted_append_changes_nothing_readers_see(gcs_bucket, variants, cache, monkeypatch):
+def test_an_interrupted_append_changes_nothing_readers_see(gcs_bucket, variants, cache, monkeypatch, tmp_path):
     root = f"gs://{gcs_bucket}/interrupted"
     fs = storage.filesystem(root)[0]
+    features = str(tmp_path / "features")
     for name in ("astronaut", "coffee", "chelsea-mirror"):
         fs.pipe(f"{gcs_bucket}/interrupted/photos/{name}.jpg", jpeg(variants[name]))
-    first = update.run(f"{root}/photos/*.jpg", f"{root}/features", f"{root}/index", beam_options=ONE_WORKER)
+    first = update.run(f"{root}/photos/*.jpg", features, f"{root}/index", conf=DAILY, beam_options=ONE_WORKER)
     fs.pipe(f"{gcs_bucket}/interrupted/photos/rocket.jpg", jpeg(variants["rocket"]))
     merge = shards.merge_shards
 
@@ -114,11 +121,11 @@ def test_an_interrupted_append_changes_nothing_readers_see(gcs_bucket, variants,
 
     monkeypatch.setattr(shards, "merge_shards", merge_then_fail)
     with pytest.raises(RuntimeError, match="worker lost"):
-        update.run(f"{root}/photos/*.jpg", f"{root}/features", f"{root}/index", beam_options=ONE_WORKER)
+        update.run(f"{root}/photos/*.jpg", features, f"{root}/index", conf=DAILY, beam_options=ONE_WORKER)
     reader = art.Artifact.load(f"{root}/index")
     assert reader.manifest["version"] == first["version"] and "rocket.jpg" not in reader.row_of
     monkeypatch.setattr(shards, "merge_shards", merge)
-    healed = update.run(f"{root}/photos/*.jpg", f"{root}/features", f"{root}/index", beam_options=ONE_WORKER)
+    healed = update.run(f"{root}/photos/*.jpg", features, f"{root}/index", conf=DAILY, beam_options=ONE_WORKER)
     assert healed["unchanged"] == 4 and healed["extracted"] == 0  # extracted by the interrupted run
     assert "rocket.jpg" in art.Artifact.load(f"{root}/index").row_of
     assert not fs.exists(f"{gcs_bucket}/interrupted/index/_staging")
@@ -135,9 +142,10 @@ print(len(index), index.artifact.manifest["version"])
 def test_processes_share_one_cache_and_a_rebuild_in_place_loads(gcs_bucket, variants, cache, tmp_path):
     root = f"gs://{gcs_bucket}/shared"
     fs = storage.filesystem(root)[0]
+    features = str(tmp_path / "features")
     for name in ("astronaut", "coffee", "chelsea"):
         fs.pipe(f"{gcs_bucket}/shared/photos/{name}.jpg", jpeg(variants[name]))
-    first = update.run(f"{root}/photos/*.jpg", f"{root}/features", f"{root}/index", beam_options=ONE_WORKER)
+    first = update.run(f"{root}/photos/*.jpg", features, f"{root}/index", beam_options=ONE_WORKER)
     env = {**os.environ, "DELF_INDEX_CACHE": str(cache)}
     loaders = [
         subprocess.Popen([sys.executable, "-c", LOAD, f"{root}/index"], env=env, stdout=subprocess.PIPE, text=True)
@@ -152,25 +160,25 @@ def test_processes_share_one_cache_and_a_rebuild_in_place_loads(gcs_bucket, vari
     assert not [n for n in os.listdir(cache / "blobs") if ".tmp-" in n]
     # new codebooks (another seed), the index rebuilt in place: the next load is the new version, intact
     update_codebooks = f"{root}/codebooks-seed1"
-    fit.run(f"{root}/features", update_codebooks, {"seed": 1}, beam_options=ONE_WORKER)
-    rebuilt = build.run(f"{root}/features", f"{root}/index", codebooks=update_codebooks, beam_options=ONE_WORKER)
+    fit.run(features, update_codebooks, {"seed": 1}, beam_options=ONE_WORKER)
+    rebuilt = build.run(features, f"{root}/index", codebooks=update_codebooks, beam_options=ONE_WORKER)
     reloaded = art.Artifact.load(f"{root}/index")  # checksums verified
     assert reloaded.manifest["version"] == rebuilt["version"] != first["version"]
     assert reloaded.manifest["codebooks"]["conf"]["seed"] == 1 and len(reloaded) == 3
 
 
-def test_an_object_changed_under_its_manifest_is_never_handed_out(gcs_bucket, variants, cache, monkeypatch):
+def test_an_object_changed_under_its_manifest_is_never_handed_out(gcs_bucket, variants, cache, monkeypatch, tmp_path):
     root = f"gs://{gcs_bucket}/tampered"
     fs = storage.filesystem(root)[0]
     for name in ("astronaut", "coffee"):
         fs.pipe(f"{gcs_bucket}/tampered/photos/{name}.jpg", jpeg(variants[name]))
-    done = update.run(f"{root}/photos/*.jpg", f"{root}/features", f"{root}/index", beam_options=ONE_WORKER)
+    done = update.run(f"{root}/photos/*.jpg", str(tmp_path / "features"), f"{root}/index", beam_options=ONE_WORKER)
     geometry = f"{gcs_bucket}/tampered/index/versions/{done['version']}/geometry.npy"
     fs.pipe(geometry, fs.cat(geometry)[:-6] + b"\x00" * 6)  # same size, other content
     assert len(art.Artifact.load(f"{root}/index")) == 2  # this cache holds the verified file already
     other = cache.parent / "other-cache"
     monkeypatch.setenv("DELF_INDEX_CACHE", str(other))
-    with pytest.raises(storage.DigestMismatch, match="geometry.npy .* changed after its manifest"):
+    with pytest.raises(cache_lib.DigestMismatch, match="geometry.npy .* changed after its manifest"):
         art.Artifact.load(f"{root}/index")
     assert not [n for n in os.listdir(other / "blobs") if ".tmp-" in n]  # nothing half-fetched left behind
 
@@ -185,41 +193,11 @@ def test_local_publishing_never_rewrites_a_file_a_reader_has_mapped(tmp_path, va
     mapped = os.path.join(reader.artifact.folder, "index.ivfdata")
     before = reader.search(jpeg(variants["coffee"]), top_k=2)
     (tmp_path / "photos" / "rocket.jpg").write_bytes(jpeg(variants["rocket"]))
-    update.run(*paths, conf={"keep": 1}, beam_options=ONE_WORKER)  # the reader's version is pruned
+    update.run(*paths, conf={"keep": 1, "grace": 0}, beam_options=ONE_WORKER)  # the reader's version is pruned
     assert not os.path.exists(mapped)  # unlinked, not rewritten: the reader's mapping stays valid
     after = reader.search(jpeg(variants["coffee"]), top_k=2)
     assert [(r.image_id, r.inliers) for r in after] == [(r.image_id, r.inliers) for r in before]
     assert "rocket.jpg" in Index.load(paths[2]).artifact.row_of
-
-
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """A moto S3 server on loopback; s3fs reaches it through AWS_ENDPOINT_URL_S3."""
-    pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket="delf-test")
-    yield "delf-test"
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def test_the_chain_on_s3(s3_bucket, variants, cache):
@@ -227,10 +205,10 @@ def test_the_chain_on_s3(s3_bucket, variants, cache):
     fs = storage.filesystem(root)[0]
     for name in ("astronaut", "coffee", "rocket"):
         fs.pipe(f"{s3_bucket}/chain/photos/{name}.jpg", jpeg(variants[name]))
-    first = update.run(f"{root}/photos", f"{root}/features", f"{root}/index", beam_options=ONE_WORKER)
+    first = update.run(f"{root}/photos", f"{root}/features", f"{root}/index", conf=DAILY, beam_options=ONE_WORKER)
     assert (first["index"], first["images"]) == ("built", 3)
     fs.pipe(f"{s3_bucket}/chain/photos/rocket.jpg", jpeg(variants["chelsea"]))  # rewritten: a new ETag
-    second = update.run(f"{root}/photos", f"{root}/features", f"{root}/index", beam_options=ONE_WORKER)
+    second = update.run(f"{root}/photos", f"{root}/features", f"{root}/index", conf=DAILY, beam_options=ONE_WORKER)
     assert (second["changed"], second["unchanged"], second["hidden"]) == (1, 2, 1)
     best = Index.load(f"{root}/index").search(jpeg(variants["chelsea"]), top_k=1)[0]
     assert best.image_id == "rocket.jpg" and best.inliers > 50

@@ -3,34 +3,37 @@
 import io
 import json
 import os
-import pathlib
 import shutil
 
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from deltalake import DeltaTable
 from PIL import Image
 
+from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import pca as pca_lib
 from delf_index.indexing import shards
 from delf_index.indexing.codebooks import bottom_k, sample_keys, train_index
 from delf_index.pipelines import build, extract, fit
 from delf_index.pipelines.fit import BottomKSample
+from delf_index.runtime import tables
 from delf_index.schemas.features import descriptors_of
 from tests.conftest import ONE_WORKER, rgb
 
 
 @pytest.fixture(scope="module")
 def feature_tables(tmp_path_factory, photos):
-    """Two extract outputs of real photos (and mirrored copies): 6 + 4 images."""
+    """Two features tables of real photos (and mirrored copies): 6 + 4 images; and the folders
+    of their images."""
     root = tmp_path_factory.mktemp("features")
     groups = {"a": ("astronaut", "coffee", "chelsea"), "b": ("rocket", "coffee")}
     outputs = {}
     for group, names in groups.items():
         folder = root / f"images-{group}"
+        outputs[f"images-{group}"] = str(folder)
         folder.mkdir()
         for name in names:
             image = np.ascontiguousarray(rgb(photos[name])[::2, ::2])
@@ -122,25 +125,25 @@ def test_fit_build_load_round_trip(feature_tables, codebooks, tmp_path):
     out = str(tmp_path / "index")
     built = build.run(feature_tables["a"], out, codebooks=codebooks, beam_options=ONE_WORKER)
     index = art.Artifact.load(out)
-    tables = pq.read_table(os.path.join(feature_tables["a"], "features"))
-    assert len(index) == tables.num_rows == 6
-    assert built["counts"]["descriptors"] == sum(tables.column("num_features").to_pylist()) == index.index.ntotal
+    features = dict(tables.iter_features(feature_tables["a"]))
+    assert len(index) == len(features) == 6 and built["features"]["table_version"] == 1
+    assert built["counts"]["descriptors"] == sum(len(f) for f in features.values()) == index.index.ntotal
     assert built["bytes_per_descriptor"] <= 24.1
     # geometry and image table agree with the features table
-    rows = {r["image_id"]: r for r in tables.to_pylist()}
+    rows = {i: {"x": f.x, "scale": f.scale, "width": f.width, "height": f.height} for i, f in features.items()}
     for row_number, image_id in enumerate(index.image_ids):
         xy, scale = index.geometry_of(row_number, [0, 5])
         np.testing.assert_allclose(xy[:, 0], np.rint(np.asarray(rows[image_id]["x"])[[0, 5]]))
         np.testing.assert_allclose(scale, np.asarray(rows[image_id]["scale"])[[0, 5]], rtol=1e-3)
         assert tuple(index.sizes[row_number]) == (rows[image_id]["width"], rows[image_id]["height"])
     # a database descriptor finds its own image
-    query = rows["a-coffee.jpg"]
-    reduced = pca_lib.apply_pca(np.stack(query["descriptors"])[:50].astype(np.float32), index.pca)
+    query = features["a-coffee.jpg"]
+    reduced = pca_lib.apply_pca(query.descriptors[:50], index.pca)
     _, ids = index.index.search(reduced, 1, params=faiss.SearchParametersIVF(nprobe=16))
     images, _ = art.split_ids(ids[:, 0])
     assert np.mean(np.asarray(index.image_ids)[images] == "a-coffee.jpg") > 0.8
     # global descriptors are rows of image ids
-    g = np.asarray(query["global_descriptor"], np.float32)[None]
+    g = query.global_descriptor[None]
     _, best = index.global_index.search(g, 1)
     assert index.image_ids[best[0, 0]] == "a-coffee.jpg"
 
@@ -181,52 +184,30 @@ def test_corrupted_truncated_and_foreign_artifacts_are_refused(feature_tables, c
         art.Artifact.load(broken + "2")
 
 
-def test_features_of_another_model_are_refused(feature_tables, codebooks, tmp_path):
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    for name in os.listdir(os.path.join(feature_tables["b"], "features")):
-        table = pq.read_table(os.path.join(feature_tables["b"], "features", name))
-        meta = dict(table.schema.metadata)
-        meta[b"delf_index.model_fingerprint"] = b"f" * 64
-        pq.write_table(table.replace_schema_metadata(meta), foreign / name)
-    with pytest.raises(art.ArtifactError, match="come from model ffffffffffff"):
-        build.run(str(foreign), str(tmp_path / "x"), codebooks=codebooks)
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    shutil.copy(foreign / os.listdir(foreign)[0], mixed / "one.parquet")
-    first = os.listdir(os.path.join(feature_tables["a"], "features"))[0]
-    shutil.copy(os.path.join(feature_tables["a"], "features", first), mixed / "two.parquet")
-    with pytest.raises(ValueError, match="2 different models"):
-        fit.run(str(mixed), str(tmp_path / "cb"))
-
-
-def rewrite_metadata(source, target, **changes):
-    """Copies of the feature tables of `source` in folder `target`, their metadata changed."""
-    target.mkdir()
-    for name in os.listdir(os.path.join(source, "features")):
-        table = pq.read_table(os.path.join(source, "features", name))
-        meta = {**table.schema.metadata, **{f"delf_index.{k}".encode(): v.encode() for k, v in changes.items()}}
-        pq.write_table(table.replace_schema_metadata(meta), target / name)
+def copy_with_properties(source, target, **changes):
+    """A copy of the features table `source` at `target`, its delf_index properties changed."""
+    shutil.copytree(source, target)
+    DeltaTable(str(target)).alter.set_table_properties(
+        {f"delf_index.{k}": v for k, v in changes.items()}, raise_if_not_exists=False
+    )
     return str(target)
 
 
-def test_tables_of_other_settings_are_refused(feature_tables, codebooks, tmp_path):
-    settings = json.loads(
-        pq.read_table(os.path.join(feature_tables["b"], "features")).schema.metadata[b"delf_index.extractor"]
+def test_features_of_another_model_or_other_settings_are_refused(feature_tables, codebooks, tmp_path):
+    foreign = copy_with_properties(feature_tables["b"], tmp_path / "foreign", model_fingerprint="f" * 64)
+    with pytest.raises(art.ArtifactError, match="come from model ffffffffffff"):
+        build.run(foreign, str(tmp_path / "x"), codebooks=codebooks)
+    settings = tables.snapshot(feature_tables["b"]).properties["extractor"]
+    other = copy_with_properties(
+        feature_tables["b"], tmp_path / "other", extractor=json.dumps({**settings, "max_features": 500})
     )
-    fewer = json.dumps({**settings, "max_features": 500})
-    other = rewrite_metadata(feature_tables["b"], tmp_path / "other", extractor=fewer)
     index = str(tmp_path / "index")
     build.run(feature_tables["a"], index, codebooks=codebooks, beam_options=ONE_WORKER)
     with pytest.raises(art.ArtifactError, match="extracted with other settings than the index"):
         build.run(other, index, append=True, beam_options=ONE_WORKER)
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    for folder in (other, os.path.join(feature_tables["a"], "features")):
-        for name in os.listdir(folder):
-            shutil.copy(os.path.join(folder, name), mixed / f"{os.path.basename(folder)}-{name}")
-    with pytest.raises(ValueError, match="2 different settings"):
-        fit.run(str(mixed), str(tmp_path / "cb"))
+    # a table holds one model and one set of settings: other ones are refused before any work
+    with pytest.raises(UserError, match="holds features of model .* with other extraction settings"):
+        extract.run(feature_tables["images-a"], feature_tables["b"], {"extractor": {"max_features": 500}})
 
 
 def test_what_the_index_cannot_hold_is_refused_not_clipped():
@@ -240,18 +221,17 @@ def test_what_the_index_cannot_hold_is_refused_not_clipped():
 
 
 def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path):
-    both = tmp_path / "both"
-    both.mkdir()
-    for group in ("a", "b"):
-        for name in os.listdir(os.path.join(feature_tables[group], "features")):
-            shutil.copy(os.path.join(feature_tables[group], "features", name), both / f"{group}-{name}")
-    full = str(tmp_path / "full")
-    build.run(str(both), full, codebooks=codebooks, beam_options=ONE_WORKER)
+    table = str(tmp_path / "table")
+    keep = {"max_change": None}
+    extract.run(feature_tables["images-a"], table, keep, beam_options=ONE_WORKER)
     grown = str(tmp_path / "grown")
-    build.run(feature_tables["a"], grown, codebooks=codebooks, beam_options=ONE_WORKER)
-    appended = build.run(feature_tables["b"], grown, append=True, beam_options=ONE_WORKER)
+    build.run(table, grown, codebooks=codebooks, beam_options=ONE_WORKER)
+    extract.run(feature_tables["images-b"], table, keep, beam_options=ONE_WORKER, keep_unlisted=True)
+    appended = build.run(table, grown, append=True, beam_options=ONE_WORKER)
+    full = str(tmp_path / "full")
+    build.run(table, full, codebooks=codebooks, beam_options=ONE_WORKER)
     a, b = art.Artifact.load(full), art.Artifact.load(grown)
-    assert a.image_ids == b.image_ids and appended["counts"] == a.manifest["counts"]
+    assert a.image_ids == b.image_ids and appended["counts"] == a.manifest["counts"] and len(a) == 10
     np.testing.assert_array_equal(np.asarray(a.geometry), np.asarray(b.geometry))
     queries = np.random.default_rng(0).normal(size=(20, a.pca["mean"].shape[0])).astype(np.float32)
     queries = pca_lib.apply_pca(queries, a.pca)
@@ -259,36 +239,26 @@ def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path
     np.testing.assert_array_equal(
         a.index.search(queries, 5, params=params)[1], b.index.search(queries, 5, params=params)[1]
     )
-    # the same tables again: nothing to do, the current version stays
-    again = build.run(feature_tables["b"], grown, append=True, beam_options=ONE_WORKER)
+    # nothing new in the table: nothing to do, the current version stays
+    again = build.run(table, grown, append=True, beam_options=ONE_WORKER)
     assert again["version"] == appended["version"]
-    # two copies of one table among the new ones: refused before any work
-    twice = tmp_path / "twice"
-    twice.mkdir()
-    for copy in ("x", "y"):
-        for name in os.listdir(os.path.join(feature_tables["b"], "features")):
-            shutil.copy(os.path.join(feature_tables["b"], "features", name), twice / f"{copy}-{name}")
-    with pytest.raises(art.ArtifactError, match="occur twice"):
-        build.run(str(twice), grown, append=True, beam_options=ONE_WORKER)
-    assert art.Artifact.load(grown).manifest["version"] == appended["version"]  # left as it was
 
 
-def test_tables_without_images_are_skipped_and_all_empty_is_a_clear_error(feature_tables, codebooks, tmp_path):
+def test_failed_images_are_left_out_and_a_table_without_images_is_a_clear_error(feature_tables, codebooks, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "empty.jpg").write_bytes(b"")
     failed = str(tmp_path / "failed")
     assert extract.run(str(bad), failed, beam_options=ONE_WORKER)["failed"] == 1
-    with pytest.raises(ValueError, match="hold no images.*errors table"):
+    with pytest.raises(ValueError, match="holds no live images.*status 'failed'"):
         fit.run(failed, str(tmp_path / "cb"), beam_options=ONE_WORKER)
-    # an empty shard (every image of it failed) next to good ones: skipped by fit and build
-    mixed = tmp_path / "mixed"
+    # failures next to good images: fit and build read the extracted records only
+    mixed = str(tmp_path / "mixed")
     shutil.copytree(feature_tables["a"], mixed)
-    (empty,) = (tmp_path / "failed" / "features").iterdir()
-    shutil.copy(empty, mixed / "features" / "features-empty.parquet")
-    fit.run(str(mixed), str(tmp_path / "cb2"), {"sample": 4000}, beam_options=ONE_WORKER)
+    extract.run(str(bad), mixed, beam_options=ONE_WORKER, keep_unlisted=True)
+    fit.run(mixed, str(tmp_path / "cb2"), {"sample": 4000}, beam_options=ONE_WORKER)
     out = str(tmp_path / "index")
-    build.run(str(mixed), out, codebooks=codebooks, beam_options=ONE_WORKER)
+    build.run(mixed, out, codebooks=codebooks, beam_options=ONE_WORKER)
     assert len(art.Artifact.load(out)) == 6
 
 
@@ -296,7 +266,7 @@ def test_tables_without_images_are_skipped_and_all_empty_is_a_clear_error(featur
 def test_shard_lists_from_one_encoding_equal_adding_the_vectors(feature_tables, tmp_path, spec):
     """encode_shard adds the codes it encoded once (shared with ASMK's verification store);
     the lists must be those faiss builds from the vectors, with and without an OPQ rotation."""
-    table = pq.read_table(sorted(pathlib.Path(feature_tables["a"]).glob("features/*.parquet"))[0])
+    (table,) = tables.iter_batches(tables.snapshot(feature_tables["a"]).files[0], None, rows=1000)
     descriptors = descriptors_of(table)
     pca = pca_lib.fit_pca(descriptors, 16)
     reduced = np.ascontiguousarray(pca_lib.apply_pca(descriptors, pca), np.float32)

@@ -16,6 +16,7 @@ import pytest
 from delf_index.indexing.artifact import Artifact
 from delf_index.indexing.retrieval import Index, QueryError, best_rows, verified_first
 from delf_index.pipelines import evaluate
+from delf_index.runtime import tables
 from delf_index.runtime.features import Features
 from delf_index.runtime.images import read_image
 from tests.conftest import ONE_WORKER
@@ -46,12 +47,12 @@ def test_evaluate_reuses_what_did_not_change(evaluated, corpus, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(evaluated[0], work)
     images, groups = str(corpus / "images"), str(corpus / "groups.csv")
-    tables = sorted(os.listdir(work / "features" / "features"))
+    table_version = tables.snapshot(str(work / "features")).version
     index_version = Artifact.load(str(work / "index")).manifest["version"]
     # another fit seed: the same features, new codebooks and a new index
     evaluate.run(images, str(work), groups=groups, conf={"ablation": False, "fit": {"seed": 1}})  # default workers
     with open(work / "features" / "_SUMMARY.json") as f:
-        assert json.load(f)["images"] == 0 and sorted(os.listdir(work / "features" / "features")) == tables
+        assert json.load(f)["images"] == 0 and tables.snapshot(str(work / "features")).version == table_version
     with open(work / "codebooks" / "codebooks.json") as f:
         assert json.load(f)["conf"]["seed"] == 1  # not the seed-0 codebooks of the first run
     rebuilt = Artifact.load(str(work / "index")).manifest
@@ -67,7 +68,7 @@ def test_evaluate_reuses_what_did_not_change(evaluated, corpus, tmp_path):
         beam_options=ONE_WORKER,
     )
     with open(work / "features" / "_SUMMARY.json") as f:
-        assert json.load(f)["removed"] == 1
+        assert json.load(f)["deleted"] == 1
     assert "rocket-zoom.jpg" not in Artifact.load(str(work / "index")).image_ids and summary["queries"] == 17
     # a run interrupted after extract and fit, before build: the next run builds, though
     # nothing is left to extract

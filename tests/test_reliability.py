@@ -11,7 +11,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -19,7 +18,7 @@ from delf_index.indexing.artifact import Artifact
 from delf_index.indexing.retrieval import Index
 from delf_index.pipelines import build, extract, fit
 from delf_index.runtime.storage import StorageError, retrying
-from tests.conftest import ONE_WORKER, live_rows, rgb
+from tests.conftest import ONE_WORKER, failing_rows, live_rows, rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,9 +57,9 @@ def image_zoo(photo):
 
 
 def check_outcomes(out, zoo, id_of):
-    features = {r["image_id"]: r for r in pq.read_table(os.path.join(out, "features")).to_pylist()}
-    errors = {r["image_id"]: r for r in pq.read_table(os.path.join(out, "errors")).to_pylist()}
-    assert not set(features) & set(errors)
+    live = live_rows(out)
+    features = {i: r for i, r in live.items() if r["status"] == "extracted"}
+    errors = {i: r for i, r in live.items() if r["status"] == "failed"}
     for name, (_, expected) in zoo.items():
         image_id = id_of(name)
         if expected.startswith("ok"):
@@ -223,17 +222,18 @@ def test_storage_faults_are_retried_reported_and_healed_by_a_rerun(faulty_gcs, t
     proxy.fail = lambda method, path, n: method == "GET" and "coffee.jpg" in path and "alt=media" in path
     summary = extract.run(*args, beam_options=ONE_WORKER, full=True)
     assert (summary["extracted"], summary["failed"]) == (2, 1)
-    errors = live_rows(out, ["errors"])
+    errors = failing_rows(out)
     assert errors["coffee.jpg"]["stage"] == "read"
     assert re.search(r"failed after 1 attempts: .*503", errors["coffee.jpg"]["error"])
     # the failed image keeps its earlier features meanwhile
-    assert set(live_rows(out, ["features"])) == {f"{n}.jpg" for n in names}
+    assert {i for i, r in live_rows(out).items() if r["status"] == "extracted"} == {f"{n}.jpg" for n in names}
     # storage healthy again: a rerun retries the failure; every image extracted, exactly once
     proxy.fail = lambda method, path, n: False
     summary = extract.run(*args, beam_options=ONE_WORKER, retry_errors=True)
     assert (summary["retried"], summary["unchanged"], summary["extracted"]) == (1, 2, 1)
     live = live_rows(out)
-    assert sorted(live) == sorted(f"{n}.jpg" for n in names) and {r["table"] for r in live.values()} == {"features"}
+    assert sorted(live) == sorted(f"{n}.jpg" for n in names) and {r["status"] for r in live.values()} == {"extracted"}
+    assert not failing_rows(out)
 
 
 # -- determinism, safe loading, tiny indexes ---------------------------------------------------

@@ -1,0 +1,182 @@
+"""One writer at a time: a lease object beside what it guards (a features table, an index).
+
+    with lease.hold("gs://bucket/index", "build --append", wait=False) as held:
+        ...                       # plan, write files
+        held.check()              # right before the commit: still ours?
+        ...                       # commit
+
+The lease is ``<root>/_lease.json``, taken with a conditional write (create-if-absent, then
+generation / ETag match: storage.write_if), renewed by a thread every quarter of its time to
+live, and released at the end. A holder that crashed stops renewing, so its lease expires
+(DELF_INDEX_LEASE_SECONDS, default 300); on the same host, one whose process is gone is taken
+over at once. A second writer waits (`wait=True`) or fails naming the holder and since when.
+Leases are re-entrant within a process: `update` holds the table's and the index's while the
+extract and the build it runs take them again.
+"""
+
+import contextlib
+import datetime
+import json
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+
+from delf_index.errors import UserError
+from delf_index.runtime import storage
+
+LEASE = "_lease.json"
+POLL_SECONDS = 2.0
+
+
+class LeaseHeld(UserError):
+    """Another writer holds the lease; the message names it and since when."""
+
+
+class LeaseLost(UserError):
+    """This writer's lease expired and another writer took it: nothing may be committed."""
+
+
+def seconds():
+    return float(os.environ.get("DELF_INDEX_LEASE_SECONDS", "300"))
+
+
+def utc(epoch):
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def describe(holder):
+    """One line about a lease's holder, for messages."""
+    left = holder["expires"] - time.time()
+    return (
+        f"`{holder['holder']}` on {holder['host']} (pid {holder['pid']}) since {utc(holder['since'])}, "
+        f"lease {f'expires in {left:.0f} s' if left > 0 else 'expired'}"
+    )
+
+
+class Lease:
+    def __init__(self, root, holder, ttl=None):
+        self.uri = posixpath.join(root.rstrip("/"), LEASE)
+        self.root, self.ttl = root.rstrip("/"), ttl or seconds()
+        now = time.time()
+        self.record = {
+            "id": uuid.uuid4().hex,
+            "holder": holder,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": now,
+            "expires": now + self.ttl,
+            "released": False,
+        }
+        self.token, self.lost, self.depth = None, None, 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    # -- taking and giving back -------------------------------------------------------------
+    def acquire(self, wait=False, timeout=None):
+        deadline = None if timeout is None else time.time() + timeout
+        while True:
+            data, token = storage.read_versioned(self.uri)
+            current = _parse(data)
+            if current is None or _free(current):
+                self.record["expires"] = time.time() + self.ttl
+                try:
+                    self.token = storage.write_if(self.uri, _dump(self.record), token)
+                except storage.PreconditionFailed:
+                    continue  # another writer took it meanwhile: look again
+                self._thread = threading.Thread(target=self._renew, name=f"lease {self.uri}", daemon=True)
+                self._thread.start()
+                return self
+            if not wait or (deadline is not None and time.time() > deadline):
+                raise LeaseHeld(
+                    f"{self.root} is being written by {describe(current)}: pass --wait to wait for it, or stop that "
+                    "job (a crashed holder's lease expires by itself)"
+                )
+            time.sleep(POLL_SECONDS)
+
+    def release(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.lost is None:
+            with contextlib.suppress(storage.PreconditionFailed, OSError):
+                storage.write_if(self.uri, _dump({**self.record, "released": True}), self.token)
+
+    # -- while held ------------------------------------------------------------------------
+    def _renew(self):
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                self.record["expires"] = time.time() + self.ttl
+                self.token = storage.write_if(self.uri, _dump(self.record), self.token)
+            except storage.PreconditionFailed:
+                data, _ = storage.read_versioned(self.uri)
+                self.lost = _parse(data) or {"holder": "nobody (the lease object is gone)"}
+                return
+            except OSError:  # a store hiccup: the next renewal tries again, well before expiry
+                continue
+
+    def check(self):
+        """Raise LeaseLost unless this writer still holds the lease (call it right before a commit)."""
+        data, _ = storage.read_versioned(self.uri)
+        current = _parse(data)
+        if self.lost is None and (current is None or current.get("id") != self.record["id"]):
+            self.lost = current or {"holder": "nobody (the lease object is gone)"}
+        if self.lost is not None:
+            who = describe(self.lost) if "host" in self.lost else self.lost["holder"]
+            raise LeaseLost(
+                f"this job's lease on {self.root} was lost to {who} (did the job stall past its {self.ttl:.0f} s "
+                "lease?): nothing was committed; run it again"
+            )
+
+
+_held = threading.local()  # lease uri -> Lease of this thread (re-entrant in one thread, exclusive across)
+
+
+@contextlib.contextmanager
+def hold(root, holder, wait=False, timeout=None):
+    """Hold the lease of `root` for the block (see the module's docstring); yields the Lease."""
+    uri = posixpath.join(root.rstrip("/"), LEASE)
+    held = _held.__dict__
+    lease = held.get(uri)
+    if lease is None:
+        lease = held[uri] = Lease(root, holder).acquire(wait, timeout)
+    lease.depth += 1
+    try:
+        yield lease
+    finally:
+        lease.depth -= 1
+        if lease.depth == 0:
+            held.pop(uri, None)
+            lease.release()
+
+
+def _free(record):
+    """A lease nobody holds: released, expired, or its holder's process is gone from this host."""
+    if record.get("released") or record.get("expires", 0) < time.time():
+        return True
+    return record.get("host") == socket.gethostname() and not _alive(record.get("pid"))
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _parse(data):
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:  # a torn or foreign object: treat it as free, the conditional write settles it
+        return {"released": True}
+
+
+def _dump(record):
+    return json.dumps(record, sort_keys=True).encode()
