@@ -35,7 +35,6 @@ import io
 import json
 import os
 import random
-import select
 import subprocess
 import sys
 import tempfile
@@ -106,27 +105,34 @@ class Worker:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=self.log,
-                text=True,
-                bufsize=1,
             )
+            os.set_blocking(self.process.stdout.fileno(), False)
+            self.pending = b""
 
     def send(self, argv, env=None):
         self.start()
         self.token = uuid.uuid4().hex
-        self.process.stdin.write(json.dumps({"argv": argv, "env": env or {}, "token": self.token}) + "\n")
+        self.process.stdin.write((json.dumps({"argv": argv, "env": env or {}, "token": self.token}) + "\n").encode())
         self.process.stdin.flush()
 
     def poll(self):
-        """The exit code of the running command, or None while it runs; -9 once killed."""
-        if self.process.poll() is not None:
-            return -9
-        while select.select([self.process.stdout], [], [], 0)[0]:
-            line = self.process.stdout.readline()
-            if not line:
-                return -9
-            if line.startswith(f"@@chaos {self.token} "):
+        """The exit code of the running command, or None while it runs; -9 once killed. Reads
+        the pipe's bytes itself: a buffered reader would hold lines select() no longer sees."""
+        while True:
+            try:
+                chunk = os.read(self.process.stdout.fileno(), 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            self.pending += chunk
+        marker = f"@@chaos {self.token} ".encode()
+        for line in self.pending.split(b"\n")[:-1]:  # whole lines only
+            if line.startswith(marker):
+                self.pending = b""
                 return int(line.split()[2])
-        return None
+        self.pending = self.pending[self.pending.rfind(b"\n") + 1 :]
+        return -9 if self.process.poll() is not None else None
 
     def kill(self):
         self.process.kill()
@@ -333,7 +339,10 @@ def step(world, workers, rng, single_writer, kill_rate, cache_env):
         if name == "query" and index_existed:
             assert code in (0, -9), f"a reader failed (exit {code}) while writers ran"
         assert code in (0, 1, -9), f"{name} exited {code}: a bug, not a refusal (see the workers' log)"
-    report = {"ops": [(name, code) for name, _, code in finished], "kills": [r[3] for r in running if r[3]]}
+    report = {
+        "ops": [(name, code) for name, _, code in finished],
+        "kills": [r[3] for r in running if r[3] and r[4] == -9],
+    }
     return report, finished
 
 

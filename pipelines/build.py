@@ -324,6 +324,7 @@ def main(argv=None):
         help="local index: k-NN voting, ASMK (needs codebooks fitted with --asmk-words), or both "
         "(default: the index's when rebuilding one, else knn)",
     )
+    cli.add_cache_argument(parser)
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
     run(

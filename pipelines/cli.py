@@ -21,6 +21,7 @@ import re
 import sys
 
 from delf_index.errors import UserError
+from delf_index.runtime import cache
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 
 COMMANDS = {
@@ -100,6 +101,23 @@ def parse_job_args(parser, argv):
     """(args, beam_options) of a job's command line."""
     args, beam_flags = parser.parse_known_args(argv)
     return args, {"workers": args.workers, "threads": args.threads, "flags": beam_flags}
+
+
+def add_cache_argument(parser):
+    """--cache-size: the bound of the local cache of remote indexes (runtime/cache.py). It is
+    passed on as DELF_INDEX_CACHE_SIZE, which local worker processes inherit; set that variable
+    in the container of remote workers (Dataflow)."""
+
+    def size(text):
+        os.environ["DELF_INDEX_CACHE_SIZE"] = str(cache.parse_size(text))
+        return text
+
+    parser.add_argument(
+        "--cache-size",
+        type=size,
+        metavar="SIZE",
+        help=f"bound of the local cache of remote indexes, e.g. 5G; 0: none (default {cache.DEFAULT_LIMIT})",
+    )
 
 
 def add_extractor_arguments(parser):

@@ -383,6 +383,7 @@ def main(argv=None):
     parser.add_argument(
         "--keep", type=int, help=f"with --augment: index versions to keep ({DEFAULT_KEEP}); 0 keeps all"
     )
+    cli.add_cache_argument(parser)
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
     query = {k: v for k, v in (("min_inliers", args.pair_inliers), ("shortlist", args.shortlist)) if v is not None}

@@ -16,6 +16,7 @@ import time
 
 from delf_index.errors import UserError
 from delf_index.indexing.retrieval import Index, default_conf
+from delf_index.pipelines import cli
 from delf_index.pipelines.visualize import draw_matches, save_png
 from delf_index.runtime.images import read_image
 
@@ -58,6 +59,7 @@ def main(argv=None):
         "--graph-expansion", action="store_true", help="verified results vote for their graph neighbours (--augment)"
     )
     parser.add_argument("--dba", action="store_true", help="rank against neighbour-augmented globals (--augment)")
+    cli.add_cache_argument(parser)
     args = parser.parse_args(argv)
     conf = {
         "shortlist": args.shortlist,

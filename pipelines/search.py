@@ -232,6 +232,7 @@ def main(argv=None):
         "--local-method", choices=("knn", "asmk"), help="local ranking of an index built with both (default: knn)"
     )
     parser.add_argument("--no-verification", action="store_true", help="rank without geometric verification")
+    cli.add_cache_argument(parser)
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
     query = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight", "local_method")}

@@ -160,13 +160,18 @@ def _free(record):
 
 
 def _alive(pid):
+    """Whether a process of this host runs (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except (PermissionError, TypeError, ValueError):
         return True
-    return True
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc (not Linux)
+        return True
 
 
 def _parse(data):
