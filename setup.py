@@ -1,4 +1,8 @@
+import re
+
 from setuptools import setup
+
+VERSION = re.search(r'__version__ = "(.+?)"', open("delf_index/__init__.py").read()).group(1)
 
 # One import package, `delf_index`, whose subpackages keep the design's folders
 # (docs/architecture.md): delf_index.pipelines is pipelines/, and so on.
@@ -6,7 +10,7 @@ LAYERS = ("pipelines", "indexing", "runtime", "schemas", "model")
 
 setup(
     name="delf-index",
-    version="0.1.0",
+    version=VERSION,
     description="DELF local features at scale: Beam extraction to Parquet, PQ index, verified retrieval",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",

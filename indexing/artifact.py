@@ -11,16 +11,15 @@ folders are loaded from a bounded, content-addressed local cache (runtime/cache.
 """
 
 import contextlib
-import ctypes
 import datetime
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import re
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -30,10 +29,11 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
+from delf_index import __version__
 from delf_index.errors import UserError
 from delf_index.indexing import asmk, expansion
 from delf_index.indexing import pca as pca_lib
-from delf_index.runtime import cache, lease, storage
+from delf_index.runtime import cache, console, lease, storage
 from delf_index.schemas.artifact import (
     ARTIFACT_FORMAT,
     ARTIFACT_READS,
@@ -46,6 +46,7 @@ from delf_index.schemas.artifact import (
 )
 
 WORDS_FILE = "asmk_words.npy"
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(UserError):
@@ -99,6 +100,7 @@ def write_codebooks(uri, pca, trained, info, words=None):
             "format": CODEBOOKS_FORMAT,
             "format_version": CODEBOOKS_VERSION,
             **info,
+            "delf_index_version": __version__,
             "files": file_entries(tmp, names),
         }
         with open(os.path.join(tmp, "codebooks.json"), "w") as f:
@@ -510,24 +512,6 @@ def pin(uri, version, holder, ttl=None):
 
 
 # -- the index artifact ---------------------------------------------------------------------
-@contextlib.contextmanager
-def c_stdout_silenced():
-    """Discard what C code prints to stdout meanwhile (a query's JSON output stays clean)."""
-    libc = ctypes.CDLL(None)
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-            try:
-                yield
-            finally:
-                libc.fflush(None)
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 class Artifact:
     """A loaded version of an index: faiss indexes memory-mapped, image table, geometry and
     the images hidden since they were indexed."""
@@ -542,10 +526,11 @@ class Artifact:
         # index.faiss wherever the folder was copied; MMAP keeps the inverted lists out of RAM
         self.index = None
         if "index.faiss" in files:
-            with c_stdout_silenced():  # faiss announces that re-pointing on C's stdout
+            with console.c_output() as said:  # faiss announces the re-pointing on C's stdout
                 self.index = faiss.read_index(
                     os.path.join(folder, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
                 )
+            log.debug("faiss: %s", said[0].strip())
         # ASMK's inverted file (memory-mapped), word index and per-descriptor codes
         self.asmk, self.asmk_words, self.codes = None, None, None
         if "asmk_offsets.npy" in files:

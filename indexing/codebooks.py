@@ -19,6 +19,7 @@ import numpy as np
 from delf_index.errors import UserError
 from delf_index.indexing import asmk
 from delf_index.indexing import pca as pca_lib
+from delf_index.runtime import console
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,16 @@ def train_index(reduced, spec, seed=0):
     pq = getattr(ivf, "pq", None)
     if pq is not None:
         pq.cp.seed = seed
-    index.train(reduced)
+    with console.c_output(2) as said:  # faiss's k-means warns per sub-quantizer on C's stderr
+        index.train(reduced)
+    warned = [line for line in said[0].splitlines() if line.startswith("WARNING clustering")]
+    if warned:
+        log.warning(
+            "k-means had few training points (%s, %d times): the codebooks fit this collection, but more "
+            "descriptors would train them better",
+            warned[0].split("clustering ", 1)[1].split(":")[0],
+            len(warned),
+        )
     return index
 
 

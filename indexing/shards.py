@@ -14,6 +14,7 @@
    listed in hidden.npy; queries skip them, and the next full build leaves them out.
 """
 
+import logging
 import os
 import time
 
@@ -25,12 +26,14 @@ import pyarrow.parquet as pq
 from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk
 from delf_index.indexing import pca as pca_lib
+from delf_index.runtime import console
 from delf_index.schemas.artifact import IMAGES_SCHEMA, MAX_COORDINATE, MAX_FEATURES
 from delf_index.schemas.features import descriptors_of
 
 SHARD_SUFFIXES = ("ivf.faiss", "geometry.npy", "images.parquet", "global.npy", "codes.npy")
 # ASMK entries of a shard, sorted by (word, image): words int32, images int32, packed signatures
 ASMK_SHARD_SUFFIXES = ("asmk-words.npy", "asmk-images.npy", "asmk-signatures.npy")
+log = logging.getLogger(__name__)
 METHODS = ("knn", "asmk", "both")  # what a build writes: k-NN voting's lists, ASMK's inverted file, or both
 ASMK_FILES = tuple(f"asmk_{key}.npy" for key in asmk.LIST_KEYS)
 
@@ -248,7 +251,9 @@ def merge_lists(prefixes, trained, out_dir, previous=None):
     if previous is not None:
         if not os.path.exists(os.path.join(previous, "index.faiss")):
             raise art.ArtifactError("the index has no k-NN lists to append to: build it with --method knn or both")
-        old = faiss.read_index(os.path.join(previous, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        with console.c_output() as said:  # and that it re-points the lists at their file
+            old = faiss.read_index(os.path.join(previous, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        log.debug("faiss: %s", said[0].strip())
         keep_alive.append(old)
         sources.append(faiss.extract_index_ivf(old).invlists)
     for prefix in prefixes:
@@ -261,7 +266,9 @@ def merge_lists(prefixes, trained, out_dir, previous=None):
     vector = faiss.InvertedListsPtrVector()
     for source in sources:
         vector.push_back(source)
-    ntotal = invlists.merge_from_multiple(vector.data(), vector.size(), False) if sources else 0
+    with console.c_output() as said:  # faiss reports each resize of the on-disk file
+        ntotal = invlists.merge_from_multiple(vector.data(), vector.size(), False) if sources else 0
+    log.debug("faiss: %s", said[0].strip())
     index.ntotal = ivf.ntotal = ntotal
     # the header stores the data file's name: a bare name keeps index.faiss identical across
     # builds (readers find the file next to it, IO_FLAG_ONDISK_SAME_DIR)

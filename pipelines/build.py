@@ -29,7 +29,6 @@ the index's own codebooks; queries skip hidden images, and the next full build l
 out. `--remove` first records takedowns in the table (`delf-index remove`).
 """
 
-import argparse
 import json
 import logging
 import os
@@ -45,12 +44,14 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from delf_index import __version__
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import shards as shards_lib
 from delf_index.pipelines import cli
+from delf_index.pipelines.extract import CountProgress
 from delf_index.pipelines.inputs import read_ids
-from delf_index.runtime import failpoints, lease, storage, tables
+from delf_index.runtime import failpoints, lease, progress, storage, tables
 from delf_index.runtime.tables import iter_batches
 from delf_index.schemas.artifact import ARTIFACT_VERSION, STAGING
 
@@ -96,6 +97,10 @@ class EncodeShard(beam.DoFn):
         yield {"shard": shard, "name": name, "table": uri, **counts}
 
 
+def weigh_images(shard):
+    return shard["images"]
+
+
 def merge_version(_, shards, output, version, staging, codebooks_uri, previous_uri, hide, info, method):
     """Merge the staged shards (and the previous version) into the new version's folder and
     place it under versions/ (not yet current: the launcher publishes it)."""
@@ -131,6 +136,7 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
         "format": art.ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION if method != "knn" else 2,  # 2: readable by earlier versions
         **info,
+        "delf_index_version": __version__,
         "version": version,
         "method": method,
         "counts": counts,
@@ -237,9 +243,14 @@ def run(
                 )
             method = built_with
             if not live.num_rows and not hide:
-                print(f"build: nothing to append to {output}: it holds the live images of {features} already")
+                cli.say(f"build: nothing to append to {output}: it holds the live images of {features} already")
                 return manifest
         else:
+            if not live.num_rows:
+                raise UserError(
+                    f"{features} version {snap.version} holds no live images: nothing to build (extract some, or "
+                    "restore taken-down ones)"
+                )
             _, _, codebooks_manifest = art.load_codebooks(codebooks)  # of fit, or an index's own (a rebuild)
             if method is None:  # a rebuild (update's compaction too) keeps the index's local method
                 method = art.current_manifest(output).get("method", "knn") if base is not None else "knn"
@@ -262,12 +273,14 @@ def run(
         log.info("build %s %s from %s version %d: %d images", output, version, features, snap.version, sum(rows))
         start = time.time()
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
-        with pipeline as p:
+        folder = posixpath.join(staging, "progress")
+        with progress.watching(folder, sum(rows), "build", "images", cli.verbosity >= 0), pipeline as p:
             shards = (
                 p
                 | "Tables" >> beam.Create(elements)
                 | "Redistribute" >> beam.Reshuffle()
                 | "EncodeShard" >> beam.ParDo(EncodeShard(codebooks_uri, staging, method))
+                | "Progress" >> beam.ParDo(CountProgress(folder, weigh_images))
             )
             (
                 p
@@ -296,7 +309,7 @@ def run(
     manifest = art.Artifact.load(output).manifest
     counts = manifest["counts"]
     hidden = f", {len(hide)} hidden ({', '.join(f'{n} {k}' for k, n in reasons.items() if n)})" if hide else ""
-    print(
+    cli.say(
         f"build: version {version} ({features} version {snap.version}): {counts['images']} images, "
         f"{counts['descriptors']} descriptors, {manifest['bytes_per_descriptor']} bytes/descriptor with geometry; "
         f"{sum(rows)} images added{hidden} -> {output} ({time.time() - start:.1f}s)"
@@ -305,7 +318,7 @@ def run(
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index build", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("build", __doc__)
     parser.add_argument("--features", required=True, help="the features table (extract's --output)")
     parser.add_argument("--codebooks", help="codebooks folder from `delf-index fit` (not with --append)")
     parser.add_argument("--output", required=True, help="index folder (any fsspec URI)")

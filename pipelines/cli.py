@@ -14,6 +14,8 @@ Python as from the command line (`--workers`, `--threads`, and any Beam option):
                                    "temp_location": "gs://b/tmp"})
 """
 
+import argparse
+import difflib
 import importlib
 import logging
 import os
@@ -98,9 +100,60 @@ def add_beam_arguments(parser):
 
 
 def parse_job_args(parser, argv):
-    """(args, beam_options) of a job's command line."""
-    args, beam_flags = parser.parse_known_args(argv)
-    return args, {"workers": args.workers, "threads": args.threads, "flags": beam_flags}
+    """(args, beam_options) of a job's command line. What the command does not know goes to
+    Beam, if Beam knows it: anything else is refused before any work (exit 2), naming the
+    closest option, so that a typo never runs with the default silently."""
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        beam = beam_parser()
+        _, unknown = beam.parse_known_args(rest)
+        if unknown:
+            parser.refuse(unknown, [o for a in beam._actions for o in a.option_strings])
+    return args, {"workers": args.workers, "threads": args.threads, "flags": rest}
+
+
+def beam_parser():
+    """An argument parser of every Beam pipeline option (what PipelineOptions would accept)."""
+    # Beam is imported here, not at the top: `query` and the other commands that run no Beam
+    # job import this module too, and Beam takes seconds to import
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+class Parser(argparse.ArgumentParser):
+    """The argument parser of a `delf-index` command: an unknown option is refused naming the
+    closest known one ("unknown option --max-featues (did you mean --max-features?)")."""
+
+    def __init__(self, command, doc, **kwargs):
+        super().__init__(prog=f"delf-index {command}", description=doc.split("\n\n")[0], allow_abbrev=False, **kwargs)
+        console = self.add_argument_group("console")  # read by cli.main before the command runs
+        console.add_argument("-v", "--verbose", action="count", default=0, help="progress of each step (-vv: all)")
+        console.add_argument("-q", "--quiet", action="store_true", help="errors only")
+
+    def error(self, message):
+        found = re.match(r"unrecognized arguments: (.*)", message)
+        if found:
+            self.refuse(found.group(1).split())
+        super().error(message)
+
+    def refuse(self, unknown, known=()):
+        options = [o for action in self._actions for o in action.option_strings] + list(known)
+        said, after_option = [], False
+        for word in unknown:
+            name = word.split("=")[0]
+            if not name.startswith("-"):
+                if not after_option:  # else the value of the unknown option before it
+                    said.append(f"unexpected argument {word!r}")
+                after_option = False
+                continue
+            after_option = "=" not in word
+            close = difflib.get_close_matches(name, options, 1, 0.75)
+            said.append(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+        self.exit(2, f"{self.prog}: error: {'; '.join(said)}; see {self.prog} --help\n")
 
 
 def add_cache_argument(parser):
@@ -174,14 +227,34 @@ class UserErrorsOnce(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
-def setup_logging():
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "onnxscript", "onnx_ir", "torch", "faiss"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def setup_logging(level=0):
+    """The console: warnings and errors, and delf-index's progress lines from -v on; libraries'
+    messages only at -vv (fsspec's cache notices, Beam's, faiss's loader)."""
+    logging.basicConfig(
+        level=logging.DEBUG if level >= 2 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    logging.getLogger("delf_index").setLevel(
+        {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(level, logging.DEBUG)
+    )
+    if level < 2:
+        for noisy in ("apache_beam", "onnxscript", "onnx_ir", "torch", "faiss", "fsspec", "gcsfs", "s3fs", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.ERROR if level < 0 else logging.WARNING)
     logging.getLogger("apache_beam.runners.common").addFilter(UserErrorsOnce())
     forwarded = logging.getLogger("apache_beam.runners.portability.local_job_service")
-    forwarded.setLevel(logging.INFO)
+    forwarded.setLevel(logging.INFO if level >= 1 else logging.WARNING)
     forwarded.addFilter(WorkerLogs())
+
+
+VERBOSITY = {"-q": -1, "--quiet": -1, "-v": 1, "--verbose": 1, "-vv": 2}
+verbosity = 0  # -q: errors only; default: a line per step; -v: progress of the steps; -vv: everything
+
+
+def say(text):
+    """One line of what a command did (its summary), unless --quiet."""
+    if verbosity >= 0:
+        print(text, flush=True)
 
 
 def usage():
@@ -205,10 +278,17 @@ def main(argv=None):
         print(usage())
         return 0
     command = argv[0]
+    if command in ("--version", "version"):
+        from delf_index import __version__
+
+        print(f"delf-index {__version__}")
+        return 0
     if command not in COMMANDS:
         print(f"delf-index: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    setup_logging()
+    global verbosity
+    verbosity = sum(VERBOSITY.get(a, 0) for a in argv[1:])
+    setup_logging(verbosity)
     module_name, _, function = COMMANDS[command][0].partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -15,7 +15,6 @@ for good after compaction and vacuum. `update` compacts by itself when dead reco
 quarter of the table.
 """
 
-import argparse
 import logging
 import posixpath
 
@@ -24,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
+from delf_index.pipelines import cli
 from delf_index.runtime import failpoints, lease, storage, tables
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def run(features, rows_per_file=1000, retention_hours=DEFAULT_RETENTION_HOURS, w
         delta = DeltaTable(features.rstrip("/"), storage_options=storage.delta_options(features))
         vacuumed = delta.vacuum(int(retention_hours), dry_run=False, enforce_retention_duration=False, full=True)
         counts["files_vacuumed"] = len(vacuumed)
-    print(
+    cli.say(
         f"compact: {counts['dead']} of {counts['records']} records dropped from {counts['files_rewritten']} files; "
         f"{counts['files_vacuumed']} unused files deleted; {features}"
         + (f" version {counts['table_version']}" if "table_version" in counts else "")
@@ -112,7 +112,7 @@ def write_compacted(snap, uris, keep_keys, run, rows_per_file):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index compact", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("compact", __doc__)
     parser.add_argument("--features", required=True, help="the features table")
     parser.add_argument("--rows-per-file", type=int, default=1000, help="records per rewritten file (1000)")
     parser.add_argument(

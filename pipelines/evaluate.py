@@ -29,7 +29,6 @@ the features or the fit settings changed; --fresh recomputes everything. The las
 printed is a one-line JSON summary.
 """
 
-import argparse
 import csv
 import json
 import logging
@@ -51,7 +50,7 @@ from delf_index.indexing.retrieval import Index, expansion_presets, presets
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.indexing.shards import METHODS
 from delf_index.pipelines import build, cli, extract, fit, match
-from delf_index.runtime import storage, tables
+from delf_index.runtime import progress, storage, tables
 from delf_index.runtime.extractor import load_model, recorded_settings
 from delf_index.runtime.images import read_image
 from delf_index.runtime.tables import iter_features
@@ -320,11 +319,14 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     if missing:
         log.warning("%d queries have no features (see the failed records of %s) and score 0", missing, features)
     flags, _ = cli.beam_flags(beam_options)
-    with beam.Pipeline(options=PipelineOptions(flags)) as p:
+    folder = os.path.join(workdir, "eval", "_progress")
+    watched = progress.watching(folder, len(elements), "evaluate", "queries", cli.verbosity >= 0)
+    with watched, beam.Pipeline(options=PipelineOptions(flags)) as p:
         results = (
             p
             | "Queries" >> beam.Create(elements)
             | "Redistribute" >> beam.Reshuffle()
+            | "Progress" >> beam.ParDo(extract.CountProgress(folder))
             | "Search" >> beam.ParDo(RunQueries(index, configs))
         )
         results | "Collect" >> beam.combiners.ToList() | "Write" >> beam.Map(write_rows, os.path.join(workdir, "eval"))
@@ -434,7 +436,7 @@ def plot_pr(rows, configs, protocol, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index evaluate", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("evaluate", __doc__)
     parser.add_argument("--images", required=True, help="folder (or fsspec URI) of the images")
     truth = parser.add_mutually_exclusive_group(required=True)
     truth.add_argument("--groups", help="groups.csv (image,group): leave-one-out protocol")

@@ -29,7 +29,6 @@ Every listed image ends up with one record of the run (extracted or failed) or n
 without one, the job runs locally on Beam's FnApiRunner with ``--workers`` processes.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -46,10 +45,11 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from delf_index import __version__
 from delf_index.errors import UserError
 from delf_index.pipelines import cli, inputs
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet
-from delf_index.runtime import failpoints, lease, storage, tables
+from delf_index.runtime import failpoints, lease, progress, storage, tables
 from delf_index.runtime.extractor import Extractor, load_model, recorded_settings
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_extraction
@@ -420,6 +420,24 @@ def extract_features(items, kind, conf, model=None, threads=None, blocked=frozen
     return features, (decoded.errors, extract_errors) | "AllErrors" >> beam.Flatten()
 
 
+class CountProgress(beam.DoFn):
+    """Elements pass through; the worker's count goes to the job's progress folder
+    (runtime/progress.py), which the launching process shows."""
+
+    def __init__(self, folder, weigh=None):
+        self.folder, self.weigh = folder, weigh  # weigh(element): the units it stands for (1)
+
+    def setup(self):
+        self.counter = progress.Counter(self.folder)
+
+    def process(self, element):
+        self.counter.add(1 if self.weigh is None else self.weigh(element))
+        yield element
+
+    def finish_bundle(self):
+        self.counter.flush()
+
+
 def build(p, plan_uri, groups, kind, conf, records_schema, run, model=None, threads=None, blocked=frozenset()):
     """Add the extraction steps to pipeline `p`: the items of the plan file -> the run's data
     files in the table. Returns the PCollection of their `file_entry`s."""
@@ -431,7 +449,11 @@ def build(p, plan_uri, groups, kind, conf, records_schema, run, model=None, thre
     )
     features, errors = extract_features(items, kind, conf, model, threads, blocked)
     extracted = features | "Records" >> beam.ParDo(ToRecords(conf["descriptor_dtype"]))
-    records = (extracted, errors) | "AllRecords" >> beam.Flatten()
+    records = (
+        (extracted, errors)
+        | "AllRecords" >> beam.Flatten()
+        | "Progress" >> beam.ParDo(CountProgress(posixpath.join(posixpath.dirname(plan_uri), "progress")))
+    )
     folder = plan_uri.rsplit("/_runs/", 1)[0]
     written = records | "WriteRecords" >> WriteShardedParquet(
         folder, "part", records_schema, run, conf["rows_per_shard"]
@@ -504,6 +526,7 @@ def run(
         live = sum(len(s["features"]) for s in state.values())
         summary = {
             "run": run_id,
+            "delf_index_version": __version__,
             "input": input,
             "output": output,
             "table_version_before": None if snap is None else snap.version,
@@ -520,7 +543,7 @@ def run(
         if not full:
             check_change(counts, affected, live, conf["max_change"], f"extract run {run_id}")
         if dry_run:
-            print(f"extract: dry run {run_id}: {describe_plan(summary)}; nothing written")
+            cli.say(f"extract: dry run {run_id}: {describe_plan(summary)}; nothing written")
             return summary
         failpoints.reach("extract:planned")
         entries, runs = [], posixpath.join(output, "_runs", run_id)
@@ -530,7 +553,11 @@ def run(
             blocked = frozenset(i for s in state.values() for i in s["blocked"]) if kind == "tar" else frozenset()
             pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
             file_schema = records_schema.with_metadata({**properties, "delf_index.run": run_id})
-            with pipeline as p:
+            total = None if kind == "tar" else len(todo)  # a shard's images are counted as they come
+            watched = progress.watching(
+                posixpath.join(runs, "progress"), total, "extract", "images", cli.verbosity >= 0
+            )
+            with watched, pipeline as p:
                 written = build(
                     p, plan_uri, groups, kind, conf, file_schema, run_id, model,
                     threads if test_pipeline is None else None, blocked,
@@ -562,7 +589,7 @@ def run(
             storage_json(summary, posixpath.join(output, name))
         storage.remove(runs)
     version = "nothing to commit" if not entries else f"table version {summary['table_version']}"
-    print(
+    cli.say(
         f"extract: run {run_id}: {describe_plan(summary)}; {summary['images']} images: {summary['extracted']} "
         f"extracted, {summary['failed']} failed; {summary['features']} features; {version} of {output} "
         f"({summary['seconds']}s)"
@@ -593,7 +620,7 @@ def storage_json(value, uri):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index extract", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("extract", __doc__)
     parser.add_argument("--input", required=True, help="glob, directory, tar shards or manifest (any fsspec URI)")
     parser.add_argument("--output", required=True, help="the features table (any fsspec URI; created by the first run)")
     parser.add_argument("--preset", choices=sorted(presets), default="default", help="named configuration")

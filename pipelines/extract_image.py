@@ -10,7 +10,6 @@ The saved .npz holds x, y, scale, attention, descriptors, global_descriptor, wid
 (delf_index.Features; read it with Features.load or numpy.load).
 """
 
-import argparse
 import json
 import time
 
@@ -47,7 +46,7 @@ def summary(features, seconds):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index extract-image", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("extract-image", __doc__)
     parser.add_argument("image", help="image path or fsspec URI")
     parser.add_argument("--output", help="save the features to this .npz file")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -15,7 +15,6 @@ depend on how the work was split) -> Fit (PCA in DELF's order, then faiss coarse
 and PQ on the reduced sample) -> codebooks folder (indexing/artifact.py).
 """
 
-import argparse
 import logging
 
 import apache_beam as beam
@@ -132,7 +131,7 @@ def run(features, output, conf=None, beam_options=None, test_pipeline=None):
             | "Fit" >> beam.Map(fit_and_write)
         )
     _, _, manifest = art.load_codebooks(output)
-    print(
+    cli.say(
         f"fit: {manifest['index_string']} on {manifest['sample_descriptors']} of {manifest['corpus_descriptors']} "
         f"descriptors ({manifest['corpus_images']} images), PCA keeps {manifest['pca_explained_variance']:.1%} "
         f"of the variance, {manifest['code_bytes']}-byte codes -> {output}"
@@ -141,7 +140,7 @@ def run(features, output, conf=None, beam_options=None, test_pipeline=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index fit", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("fit", __doc__)
     parser.add_argument("--features", required=True, help="the features table (extract's --output)")
     parser.add_argument("--output", required=True, help="codebooks folder (any fsspec URI)")
     parser.add_argument("--preset", choices=sorted(cb.presets), default="default", help="named configuration")

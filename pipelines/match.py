@@ -20,7 +20,6 @@ sharded Parquet tables (schemas/search.py), _SUMMARY.json, and a contact sheet
 (sheet/index.html) of the largest clusters and the most suspicious labels.
 """
 
-import argparse
 import csv
 import json
 import logging
@@ -36,6 +35,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
+from delf_index import __version__
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import expansion, graph
@@ -43,9 +43,10 @@ from delf_index.indexing.retrieval import Index
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import cli, visualize
 from delf_index.pipelines.build import DEFAULT_KEEP
+from delf_index.pipelines.extract import CountProgress
 from delf_index.pipelines.search import ReadQueries
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import lease, storage, tables
+from delf_index.runtime import lease, progress, storage, tables
 from delf_index.schemas import search as schema
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
         pairs = read_table(output, "pairs")
         summary["augmented_version"] = augment_index(index, pairs, summary["index_version"], conf["keep"])
     summary["seconds"] = round(time.time() - start, 1)
-    print(
+    cli.say(
         f"match: {summary['images']} images, {summary['rows']['pairs']} verified pairs, "
         f"{summary['clusters']} clusters ({summary['largest_cluster']} images in the largest) -> {output} "
         f"({summary['seconds']}s)"
@@ -201,13 +202,15 @@ def match_version(index, pinned, output, features, conf, labels, flags, test_pip
     }
     has_labels = any(v is not None for v in labels.values())
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
-    with pipeline as p:
+    folder = posixpath.join(output, "_progress")
+    with progress.watching(folder, len(image_ids), "match", "images", cli.verbosity >= 0), pipeline as p:
         pairs = (
             p
             | "Tables" >> beam.Create(sources)
             | "SpreadTables" >> beam.Reshuffle()
             | "ReadQueries" >> beam.ParDo(ReadQueries())
             | "SpreadQueries" >> beam.Reshuffle()
+            | "Progress" >> beam.ParDo(CountProgress(folder))
             | "Neighbours" >> beam.ParDo(Neighbours(pinned, conf, shared.Shared()))
             | "GroupPairs" >> beam.GroupByKey()
             | "Pairs" >> beam.FlatMap(pair_row)
@@ -239,7 +242,13 @@ def match_version(index, pinned, output, features, conf, labels, flags, test_pip
                 _finalize,
                 output=output,
                 schemas=schemas,
-                summary={"index": index, "index_version": manifest["version"], "conf": conf, "images": len(image_ids)},
+                summary={
+                    "index": index,
+                    "index_version": manifest["version"],
+                    "conf": conf,
+                    "images": len(image_ids),
+                    "delf_index_version": __version__,
+                },  # fmt: skip
                 **{f"written_{name}": beam.pvalue.AsList(w.written) for name, w in written.items()},
             )
         )
@@ -363,7 +372,7 @@ def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index match", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("match", __doc__)
     parser.add_argument("--index", required=True, help="the index to match against itself")
     parser.add_argument("--output", required=True, help="tables and sheet/ go here")
     parser.add_argument("--features", help="the images' feature tables (default: those the index was built from)")

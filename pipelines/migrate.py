@@ -12,7 +12,6 @@ them when you are satisfied, or `--delete-old` does it after the commit. Otherwi
 `delf-index compact` deletes them once they are older than its retention.
 """
 
-import argparse
 import json
 import logging
 import posixpath
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from delf_index.errors import SchemaError, UserError
+from delf_index.pipelines import cli
 from delf_index.runtime import lease, storage, tables
 from delf_index.schemas import features as schema
 
@@ -111,7 +111,7 @@ def run(features, delete_old=False, wait=False):
     if delete_old:
         for name in tables.LEGACY_FOLDERS:
             storage.remove(posixpath.join(features, name))
-    print(
+    cli.say(
         f"migrate: {counts['extracted']} live images and {counts['failed']} failures of {features} are now table "
         f"version {counts['table_version']}" + ("; old folders deleted" if delete_old else "; old folders kept")
     )
@@ -119,7 +119,7 @@ def run(features, delete_old=False, wait=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index migrate", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("migrate", __doc__)
     parser.add_argument("--features", required=True, help="an extract output of delf-index before table version 3")
     parser.add_argument("--delete-old", action="store_true", help="delete features/, errors/, superseded/ after")
     parser.add_argument("--wait", action="store_true", help="wait for another writer instead of failing")

@@ -8,7 +8,6 @@ Prints the ranked results with their verified inliers; `--visualize DIR` writes 
 result with both images side by side and the inlier correspondences drawn.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -40,7 +39,7 @@ def visualize(query_path, query_image, results, folder):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index query", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("query", __doc__)
     parser.add_argument("images", nargs="+", help="query images (paths or fsspec URIs)")
     parser.add_argument("--index", required=True, help="index artifact folder from `delf-index build`")
     parser.add_argument("--top", type=int, default=10, help="results per query")

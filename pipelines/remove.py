@@ -18,10 +18,8 @@ that lists it. With `--index`, the index gets a new version without the removed 
 once (`build --append`). An image not extracted yet can be removed too: it never will be.
 """
 
-import argparse
-
 from delf_index.errors import UserError
-from delf_index.pipelines import build
+from delf_index.pipelines import build, cli
 from delf_index.pipelines.extract import DEFAULT_MAX_CHANGE
 from delf_index.pipelines.inputs import read_ids
 from delf_index.runtime import tables
@@ -35,14 +33,14 @@ def run(features, ids, restore=False, note=None, wait=False, max_change=DEFAULT_
     counts = tables.take_down(features, ids, restore, note, max_change, wait)
     verb = "restored" if restore else "removed"
     left = f" ({counts['unchanged']} {'not taken down' if restore else 'already down'})" if counts["unchanged"] else ""
-    print(f"{'restore' if restore else 'remove'}: {counts[verb]} images {verb}{left}; {features} version "
+    cli.say(f"{'restore' if restore else 'remove'}: {counts[verb]} images {verb}{left}; {features} version "
           f"{counts['table_version']}")  # fmt: skip
     return counts
 
 
 def main(argv=None, restore=False):
     verb = "restore" if restore else "remove"
-    parser = argparse.ArgumentParser(prog=f"delf-index {verb}", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(verb, __doc__)
     parser.add_argument("--features", required=True, help="the features table")
     parser.add_argument("--ids", required=True, help="image_ids: a CSV (image_id or id column) or text file, or a,b,c")
     parser.add_argument("--note", help="why (kept in the records: a request number, a reason)")

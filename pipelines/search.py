@@ -19,7 +19,6 @@ current when it started, and pins it (indexing/artifact.py, `pin`): pruning keep
 long as the job runs.
 """
 
-import argparse
 import json
 import logging
 import posixpath
@@ -30,13 +29,14 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
+from delf_index import __version__
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing.retrieval import Index, local_method
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import cli, extract, inputs
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import storage, tables
+from delf_index.runtime import progress, storage, tables
 from delf_index.runtime.extractor import load_model
 from delf_index.schemas import search as search_schema
 
@@ -143,6 +143,15 @@ def queries(p, input, conf, manifest, model=None, threads=None):
     return found, (errors, listing_errors) | "QueryListErrors" >> beam.Flatten()
 
 
+def count_queries(input):
+    """The queries of `input`, counted before the job (for its progress): a table's live
+    records, or the listing's items (images, or tar shards)."""
+    if tables.exists(input):
+        return sum(rows for _, rows, _ in tables.live_tables(input)[1])
+    items, unreadable = inputs.list_input(input)
+    return None if inputs.input_kind(input) == "tar" else len(items) + len(unreadable)
+
+
 def run(input, index, output, conf=None, model=None, beam_options=None, test_pipeline=None):
     """Search the index at `index` with every query of `input`; results and errors tables
     under `output`. Returns the summary (also in `output`/_SUMMARY.json)."""
@@ -162,10 +171,14 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         errors_schema = search_schema.ERRORS_SCHEMA.with_metadata({**meta, "delf_index.table": "errors"})
         start = time.time()
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
-        with pipeline as p:
+        folder = posixpath.join(output, "_progress")
+        watched = progress.watching(folder, count_queries(input), "search", "queries", cli.verbosity >= 0)
+        with watched, pipeline as p:
             found, failed = queries(p, input, conf, manifest, model, threads if test_pipeline is None else None)
-            searched = found | "Search" >> beam.ParDo(Search(version, conf, shared.Shared())).with_outputs(
-                "errors", main="results"
+            searched = (
+                found
+                | "Progress" >> beam.ParDo(extract.CountProgress(folder))
+                | "Search" >> beam.ParDo(Search(version, conf, shared.Shared())).with_outputs("errors", main="results")
             )
             results_out = searched.results | "WriteResults" >> WriteShardedParquet(
                 posixpath.join(output, "results"), "results", results_schema, "", conf["rows_per_shard"], False,
@@ -183,14 +196,20 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
                     _finalize,
                     output=output,
                     schemas=(results_schema, errors_schema),
-                    summary={"input": input, "index": index, "index_version": manifest["version"], "conf": conf},
+                    summary={
+                        "input": input,
+                        "index": index,
+                        "index_version": manifest["version"],
+                        "conf": conf,
+                        "delf_index_version": __version__,
+                    },  # fmt: skip
                     written_results=beam.pvalue.AsList(results_out.written),
                     written_errors=beam.pvalue.AsList(errors_out.written),
                 )
             )
     summary = json.loads(storage.read_bytes(posixpath.join(output, "_SUMMARY.json")))
     summary["seconds"] = round(time.time() - start, 1)
-    print(
+    cli.say(
         f"search: {summary['queries']} queries: {summary['answered']} answered ({summary['results']} results), "
         f"{summary['failed']} failed -> {output} ({summary['seconds']}s)"
     )
@@ -216,7 +235,7 @@ def _finalize(_, output, schemas, summary, written_results, written_errors):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index search", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("search", __doc__)
     parser.add_argument(
         "--input", required=True, help="images (glob, folder, tar shards, manifest) or a features table"
     )

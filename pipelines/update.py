@@ -23,7 +23,6 @@ complete. A listing that would delete or replace more than `--max-change` of the
 stops the run before any work (extract's guard).
 """
 
-import argparse
 import logging
 import posixpath
 import time
@@ -92,7 +91,7 @@ def run(
             manifest = build.run(features, index, append=True, beam_options=beam_options, **versions)
             action = "appended"
             hidden, images = manifest["counts"].get("hidden", 0), manifest["counts"]["images"]
-            if conf["compact_above"] is not None and hidden > conf["compact_above"] * (images + hidden):
+            if images and conf["compact_above"] is not None and hidden > conf["compact_above"] * (images + hidden):
                 log.info("%d of %d indexed images are hidden: rebuilding %s", hidden, hidden + images, index)
                 manifest = build.run(features, index, codebooks=index, beam_options=beam_options, **versions)
                 action = "rebuilt"
@@ -110,12 +109,12 @@ def run(
         hidden=manifest["counts"].get("hidden", 0),
         seconds=round(time.time() - start, 1),
     )
-    print("update: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    cli.say("update: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return counts
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="delf-index update", description=__doc__.split("\n\n")[0])
+    parser = cli.Parser("update", __doc__)
     parser.add_argument("--input", required=True, help="glob, directory, tar shards or manifest (any fsspec URI)")
     parser.add_argument("--features", required=True, help="the features table it keeps up to date")
     parser.add_argument("--index", required=True, help="the index it keeps up to date")

@@ -23,6 +23,7 @@ from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
+from delf_index import __version__
 from delf_index.errors import SchemaError, UserError
 from delf_index.runtime import failpoints, lease, storage
 from delf_index.runtime.features import Features
@@ -308,7 +309,8 @@ def commit(table_uri, entries, properties, base, run, operation, summary=None, r
         for e in entries
     ]
     removes = [RemoveAction(relative(table_uri, uri), data_change, now) for uri in removed]
-    metadata = {"delf_index.run": run, "delf_index.operation": operation, "delf_index.summary": summary or {}}
+    metadata = {"delf_index.run": run, "delf_index.operation": operation, "delf_index.summary": summary or {},
+                "delf_index.version": __version__}  # fmt: skip
     props = CommitProperties(custom_metadata=metadata, max_commit_retries=0)
     table = DeltaTable(table_uri, version=version, storage_options=options)
     try:
