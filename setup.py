@@ -2,7 +2,7 @@ import re
 
 from setuptools import setup
 
-VERSION = re.search(r'__version__ = "(.+?)"', open("delf_index/__init__.py").read()).group(1)
+VERSION = re.search(r'__version__ = "(.+?)"', open("delf_index/version.py").read()).group(1)
 
 # One import package, `delf_index`, whose subpackages keep the design's folders
 # (docs/architecture.md): delf_index.pipelines is pipelines/, and so on.
@@ -34,6 +34,7 @@ setup(
         "apache-beam[gcp]>=2.60,<3",
         "faiss-cpu>=1.8",
         "matplotlib>=3.7",  # the evaluation report's precision-recall plot
+        "tqdm>=4.60",  # progress bars of long jobs on a terminal (runtime/progress.py)
     ],
     extras_require={
         # training and ONNX export; pin torch yourself if you want a CPU-only build
@@ -57,6 +58,7 @@ setup(
             "duckdb>=1.0",
             "polars>=1.0",  # docs/tables.md reads the features table with it; a test checks
             "pandas>=2",
+            "import-linter>=2.0",  # the layer rules (.importlinter), checked by tests/test_architecture.py
             "asmk==0.1.1",  # the ASMK of the method's authors: tests/test_asmk.py compares against it
         ],
     },

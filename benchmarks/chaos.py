@@ -191,8 +191,8 @@ class World:
         self.fs.pipe_file(f"{self.images_path}/{name}", self.pool[picture])
         self.listing[name] = picture
 
-    def mutate(self):
-        kind = self.rng.choice(["new", "rewrite", "delete", "same bytes"] if len(self.listing) > 3 else ["new"])
+    def mutate(self, kind=None):
+        kind = kind or self.rng.choice(["new", "rewrite", "delete", "same bytes"] if len(self.listing) > 3 else ["new"])
         if kind == "new":
             name = f"img{max(int(n[3:6]) for n in self.listing) + 1:03d}.jpg" if self.listing else "img000.jpg"
             self.put(name, self.rng.randrange(len(self.pool)))
@@ -294,31 +294,40 @@ class World:
 
 
 # -- a run -----------------------------------------------------------------------------------
-def step(world, workers, rng, single_writer, kill_rate, cache_env):
-    """One step: a mutation of the collection, or one or two operations, maybe killed."""
+def choose(world, rng, single_writer, kill_rate, cache_env):
+    """A random step: a mutation of the collection (a string), or one or two operations to run
+    at once, each (name, argv, env, kill: a failpoint, a time to kill at, or None)."""
     op = rng.choices(list(OPERATIONS), weights=list(OPERATIONS.values()))[0]
     if op == "mutate":
-        return {"mutate": world.mutate()}, []
+        return world.mutate()
     ops = [op]
     if rng.random() < 0.5:
         other = rng.choice([o for o in OPERATIONS if o != "mutate"])
         if not (single_writer and other in WRITERS and op in WRITERS):
             ops.append(other)
-    index_existed = world.sequence > 0
-    running = []
-    for worker, name in zip(workers, ops):
+    chosen = []
+    for name in ops:
         argv = world.command(name)
         if argv is None:
             continue
         if name in WRITERS and rng.random() < 0.5:
             argv = argv + ["--wait"]
-        env = dict(cache_env)
-        kill = None
+        env, kill = dict(cache_env), None
         if name in WRITERS and rng.random() < kill_rate:
             if rng.random() < 0.5:
                 env["DELF_INDEX_CRASH_AT"] = kill = rng.choice(CRASH_POINTS[name])
             else:
                 kill = time.time() + rng.uniform(0.0, 6.0)
+        chosen.append((name, argv, env, kill))
+    return chosen
+
+
+def execute(world, workers, chosen):
+    """Run the chosen operations at once, killing them as chosen; (report, [(name, argv, exit
+    code)]), the exit code -9 for a killed one."""
+    index_existed = world.sequence > 0
+    running = []
+    for worker, (name, argv, env, kill) in zip(workers, chosen):
         worker.send(argv, env)
         running.append([worker, name, argv, kill, None])
     deadline = time.time() + 600
@@ -371,8 +380,21 @@ def run(images, features, index, codebooks, steps, seed, single_writer=False, ki
     workers = [Worker(log), Worker(log)]
     summary = {"steps": 0, "operations": {}, "exits": {}, "kills": 0, "checks": 0}
     try:
+        crash = {**cache_env, "DELF_INDEX_CRASH_AT": "extract:written"}
         for number in range(steps):
-            report, finished = step(world, workers, rng, single_writer, kill_rate, cache_env)
+            # first an update that builds the index, then a new image and an update killed between
+            # its files and its commit; random steps after
+            if number == 0:
+                chosen = [("update", world.command("update"), dict(cache_env), None)]
+            elif number == 1:
+                world.mutate("new")
+                chosen = [("update", world.command("update"), crash, "extract:written")]
+            else:
+                chosen = choose(world, rng, single_writer, kill_rate, cache_env)
+            if isinstance(chosen, str):
+                report, finished = {"mutate": chosen}, []
+            else:
+                report, finished = execute(world, workers, chosen)
             report.update(world.check(finished), step=number)
             summary["steps"] += 1
             summary["kills"] += len(report.get("kills", []))

@@ -16,8 +16,6 @@ The batch jobs are plain functions of their modules, each with a `default_conf` 
     extract.run("gs://bucket/photos/*.jpg", "gs://bucket/features")
 """
 
-__version__ = "0.2.0"  # before the imports: modules that record it import it while this one loads
-
 from delf_index.errors import UserError
 from delf_index.indexing.artifact import Artifact, ArtifactError
 from delf_index.indexing.retrieval import Index, QueryError, Result
@@ -25,8 +23,10 @@ from delf_index.runtime.extractor import Extractor, load_model
 from delf_index.runtime.features import Features
 from delf_index.runtime.images import ImageError
 from delf_index.runtime.storage import StorageError
+from delf_index.version import __version__
 
 __all__ = [
+    "__version__",
     "Artifact",
     "ArtifactError",
     "Extractor",

@@ -29,7 +29,6 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from delf_index import __version__
 from delf_index.errors import UserError
 from delf_index.indexing import asmk, expansion
 from delf_index.indexing import pca as pca_lib
@@ -44,6 +43,7 @@ from delf_index.schemas.artifact import (
     STAGING,
     VERSIONS,
 )
+from delf_index.version import __version__
 
 WORDS_FILE = "asmk_words.npy"
 log = logging.getLogger(__name__)

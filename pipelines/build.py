@@ -29,6 +29,7 @@ the index's own codebooks; queries skip hidden images, and the next full build l
 out. `--remove` first records takedowns in the table (`delf-index remove`).
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,6 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from delf_index import __version__
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import shards as shards_lib
@@ -54,6 +54,7 @@ from delf_index.pipelines.inputs import read_ids
 from delf_index.runtime import failpoints, lease, progress, storage, tables
 from delf_index.runtime.tables import iter_batches
 from delf_index.schemas.artifact import ARTIFACT_VERSION, STAGING
+from delf_index.version import __version__
 
 log = logging.getLogger(__name__)
 DEFAULT_KEEP = 2  # versions kept: the current one and the one before (for readers still on it)
@@ -155,6 +156,36 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
     storage.remove(staging)  # this build's staged shards
 
 
+def check_append(output, base, properties, method):
+    """(the current manifest, the local method) of an append, refused before any work when the
+    index does not match the table or the method asked for."""
+    if base is None:
+        raise UserError(f"{output} has no version to append to: build it first with --codebooks")
+    manifest = art.current_manifest(output)
+    art.check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
+    if manifest.get("extractor") != properties["extractor"]:
+        raise art.ArtifactError(
+            f"the features were extracted with other settings than the index ({properties['extractor']} against "
+            f"{manifest.get('extractor')}): extract with the index's settings, or build a new index"
+        )
+    built_with = manifest.get("method", "knn")
+    if method not in (None, built_with):
+        raise UserError(f"--append keeps the index's local method ({built_with}); rebuild it to use --method {method}")
+    return manifest, built_with
+
+
+def check_build(output, base, properties, codebooks, method):
+    """(the codebooks' manifest, the local method) of a full build, refused before any work when
+    the codebooks do not fit the table or lack what the method needs."""
+    _, _, manifest = art.load_codebooks(codebooks)  # of fit, or an index's own (a rebuild)
+    art.check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
+    if method is None:  # a rebuild (update's compaction too) keeps the index's local method
+        method = art.current_manifest(output).get("method", "knn") if base is not None else "knn"
+    if method != "knn" and art.load_words(codebooks) is None:
+        raise UserError(f"--method {method} needs ASMK visual words: fit the codebooks with --asmk-words auto")
+    return manifest, method
+
+
 def plan_append(indexed, live):
     """What an append does to the index: (live records to add, rows to hide, counts). `indexed`
     is the index's (image_ids, runs, hidden rows); `live` the table's live records. An indexed
@@ -206,29 +237,27 @@ def run(
         raise UserError("append builds with the index's own codebooks: leave out --codebooks")
     if not append and not codebooks:
         raise UserError("--codebooks is required (the output of `delf-index fit`), unless --append")
-    if remove is not None:
-        # the takedown is a record in the table first: every later build and append honours it
-        ids = read_ids(remove) if isinstance(remove, str) else list(remove)
-        counts = tables.take_down(features, ids, wait=wait)
-        log.info("took down %d images (%d were already)", counts["removed"], counts["unchanged"])
-    with lease.hold(output, f"build{' --append' if append else ''} --features {features}", wait=wait) as held:
+    # leases in one order everywhere, the table's before the index's: two jobs never wait on each other
+    taking_down = lease.hold(features, "build --remove", wait=wait) if remove is not None else contextlib.nullcontext()
+    with (
+        taking_down,
+        lease.hold(output, f"build{' --append' if append else ''} --features {features}", wait=wait) as held,
+    ):
         base = art.current_entry(output)
+        properties = tables.snapshot(features, table_version).properties
+        if append:
+            manifest, method = check_append(output, base, properties, method)
+        else:
+            codebooks_manifest, method = check_build(output, base, properties, codebooks, method)
+        if remove is not None:  # a record in the table first: every later build and append honours it
+            counts = tables.take_down(features, read_ids(remove) if isinstance(remove, str) else list(remove))
+            log.info("took down %d images (%d were already)", counts["removed"], counts["unchanged"])
         snap = tables.snapshot(features, table_version)
         records = snap.read(["image_id", "status", "run"])
         live = tables.live_records(records)
-        fingerprint, extractor = snap.properties["model_fingerprint"], snap.properties["extractor"]
         hide, reasons, first_id, previous_uri = [], {}, 0, None
         if append:
-            if base is None:
-                raise UserError(f"{output} has no version to append to: build it first with --codebooks")
             previous_uri = art.current_version(output)
-            manifest = art.current_manifest(output)
-            art.check_fingerprint(manifest["model_fingerprint"], fingerprint, "the features table")
-            if manifest.get("extractor") != extractor:
-                raise art.ArtifactError(
-                    f"the features were extracted with other settings than the index ({extractor} against "
-                    f"{manifest.get('extractor')}): extract with the index's settings, or build a new index"
-                )
             indexed = art.indexed_images(previous_uri, manifest)
             live, hide, reasons = plan_append(indexed, live)
             codebooks_uri, first_id = previous_uri, len(indexed[0])
@@ -236,12 +265,6 @@ def run(
             # graph and DBA files an append drops
             dropped = ("files", "counts", "format", "format_version", "augmented", "tables")
             info = {k: v for k, v in manifest.items() if k not in dropped}
-            built_with = manifest.get("method", "knn")
-            if method not in (None, built_with):
-                raise UserError(
-                    f"--append keeps the index's local method ({built_with}); rebuild it to use --method {method}"
-                )
-            method = built_with
             if not live.num_rows and not hide:
                 cli.say(f"build: nothing to append to {output}: it holds the live images of {features} already")
                 return manifest
@@ -251,17 +274,13 @@ def run(
                     f"{features} version {snap.version} holds no live images: nothing to build (extract some, or "
                     "restore taken-down ones)"
                 )
-            _, _, codebooks_manifest = art.load_codebooks(codebooks)  # of fit, or an index's own (a rebuild)
-            if method is None:  # a rebuild (update's compaction too) keeps the index's local method
-                method = art.current_manifest(output).get("method", "knn") if base is not None else "knn"
-            art.check_fingerprint(codebooks_manifest["model_fingerprint"], fingerprint, "the features table")
             codebooks_uri = codebooks
             info = {
-                "model_fingerprint": fingerprint,
+                "model_fingerprint": properties["model_fingerprint"],
                 "model": codebooks_manifest["model"],
                 "codebooks": codebooks_manifest.get("codebooks")
                 or {k: codebooks_manifest[k] for k in ("conf", "index_string", "code_bytes")},
-                "extractor": extractor,
+                "extractor": properties["extractor"],
             }
         info["features"] = {"uri": snap.uri, "table_version": snap.version}
         files = tables.file_skips(snap, records, live)

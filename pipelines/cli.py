@@ -25,6 +25,7 @@ import sys
 from delf_index.errors import UserError
 from delf_index.runtime import cache
 from delf_index.runtime.extractor import default_conf as extractor_defaults
+from delf_index.version import __version__
 
 COMMANDS = {
     "export-model": ("delf_index.model.export", "export the DELF network to ONNX (needs the [model] extra)"),
@@ -279,8 +280,6 @@ def main(argv=None):
         return 0
     command = argv[0]
     if command in ("--version", "version"):
-        from delf_index import __version__
-
         print(f"delf-index {__version__}")
         return 0
     if command not in COMMANDS:

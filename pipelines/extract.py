@@ -45,7 +45,6 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from delf_index import __version__
 from delf_index.errors import UserError
 from delf_index.pipelines import cli, inputs
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet
@@ -54,6 +53,7 @@ from delf_index.runtime.extractor import Extractor, load_model, recorded_setting
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_extraction
 from delf_index.schemas import features as table_schema
+from delf_index.version import __version__
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_CHANGE = 0.1

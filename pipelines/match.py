@@ -35,7 +35,6 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
 
-from delf_index import __version__
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import expansion, graph
@@ -48,6 +47,7 @@ from delf_index.pipelines.search import ReadQueries
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
 from delf_index.runtime import lease, progress, storage, tables
 from delf_index.schemas import search as schema
+from delf_index.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,8 @@ import threading
 import time
 import uuid
 
+from tqdm import tqdm
+
 from delf_index.runtime import storage
 
 LOG_EVERY = 30.0  # seconds between progress lines when the console is not a terminal
@@ -72,8 +74,6 @@ def watching(folder, total, what, unit, show=True):
     stop = threading.Event()
     bar = None
     if show and sys.stderr.isatty():
-        from tqdm import tqdm  # only a terminal gets a bar
-
         bar = tqdm(total=total, desc=what, unit=f" {unit}", leave=False, dynamic_ncols=True)
 
     def watch():

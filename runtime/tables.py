@@ -23,11 +23,11 @@ from deltalake import Schema as DeltaSchema
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
-from delf_index import __version__
 from delf_index.errors import SchemaError, UserError
 from delf_index.runtime import failpoints, lease, storage
 from delf_index.runtime.features import Features
 from delf_index.schemas import features as schema
+from delf_index.version import __version__
 
 LEGACY_FOLDERS = ("features", "errors", "superseded")  # schema versions 1 and 2: Parquet folders, no log
 READ_THREADS = 16  # data files whose state columns are read at once (object stores: latency-bound)

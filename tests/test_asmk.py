@@ -432,6 +432,8 @@ def test_an_asmk_index_needs_words_and_answers_only_asmk(evaluated, asmk_codeboo
         search.run(features, out, str(tmp_path / "s"), conf={"query": {"local_method": "knn"}})
     assert not (tmp_path / "s").exists()
     # remove an image: an append hides it from ASMK's ranking too, and keeps the method
+    features = str(tmp_path / "features")  # the takedown is recorded in the table: a copy of it
+    shutil.copytree(evaluated[0] / "features", features)
     with pytest.raises(UserError, match="--append keeps the index's local method"):
         build.run(features, out, append=True, remove=["coffee-view.jpg"], beam_options=ONE_WORKER, method="knn")
     removed = build.run(features, out, append=True, remove=["coffee-view.jpg"], beam_options=ONE_WORKER)
