@@ -26,12 +26,12 @@ case "${1:-demo}" in
     # extract -> fit -> build -> every image as a query -> metrics and report
     delf-index evaluate --images "$OUT/corpus/images" --groups "$OUT/corpus/groups.csv" --workdir "$OUT" \
       | tee "$OUT/evaluate.log"
-    # one example query, with its matches drawn
-    delf-index query --index "$OUT/index" "$OUT/corpus/images/astronaut-view.jpg" --top 3 --visualize "$OUT/matches"
+    # one example query the index has not seen, with its matches drawn
+    delf-index query --index "$OUT/index" "$OUT/corpus/queries/astronaut.jpg" --top 3 --visualize "$OUT/matches"
     echo
     echo "mAP (leave-one-out on the demo corpus): $(tail -n 1 "$OUT/evaluate.log")"
     echo "outputs:"
-    echo "  $OUT/corpus/        the demo images and groups.csv"
+    echo "  $OUT/corpus/        the demo images, groups.csv, and queries/ (photos the index has not seen)"
     echo "  $OUT/features/      Parquet feature and error tables (docs/tables.md)"
     echo "  $OUT/codebooks/     PCA + PQ codebooks"
     echo "  $OUT/index/         the index artifact"

@@ -58,6 +58,7 @@ setup(
             "duckdb>=1.0",
             "polars>=1.0",  # docs/tables.md reads the features table with it; a test checks
             "pandas>=2",
+            "playwright>=1.40",  # tests/test_pages.py drives Debian's Chromium (no browser download)
             "import-linter>=2.0",  # the layer rules (.importlinter), checked by tests/test_architecture.py
             "asmk==0.1.1",  # the ASMK of the method's authors: tests/test_asmk.py compares against it
         ],

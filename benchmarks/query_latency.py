@@ -84,7 +84,7 @@ def ransac_comparison(index, feature_rows, pairs=200):
         features = Features.from_row(row)
         neighbours = index.neighbours(features)
         for result in index.search(features, top_k=5, with_matches=False)[1:]:
-            q, qxy, dxy, _ = index.correspondences(features, neighbours, result.row)
+            q, qxy, dxy, _, _ = index.correspondences(features, neighbours, result.row)
             if len(q) < 8:
                 continue
             size = tuple(index.artifact.sizes[result.row])

@@ -367,23 +367,6 @@ def _decode_ids(ids, id_bytes, low_bits, id_offsets, offsets, first, last):
     return out
 
 
-@numba.njit(cache=True, nogil=True)
-def _decode_gaps(gaps, exceptions, exception_offsets, offsets):
-    """The image ids of formats 4 and 5: a byte per entry, the difference from the previous
-    id of the word (the first from 0); byte 0 where that was 0 or over 255, the id then the
-    word's next of `exceptions`."""
-    out = np.empty(len(gaps), np.int32)
-    for word in range(len(offsets) - 1):
-        image, k = 0, exception_offsets[word]
-        for entry in range(offsets[word], offsets[word + 1]):
-            if gaps[entry]:
-                image += gaps[entry]
-            elif k < exception_offsets[word + 1]:
-                image, k = exceptions[k], k + 1
-            out[entry] = image
-    return out
-
-
 LIST_KEYS = ("offsets", "signatures", "ids", "low_bits", "id_offsets", "idf", "norms")
 # what the compiled scan trusts: (key, dtype, dimensions), checked by check_lists
 _LIST_TYPES = [
@@ -397,34 +380,15 @@ _LIST_TYPES = [
 
 def open_lists(folder):
     """The inverted file of an index version folder, memory-mapped: {key: array} for
-    LIST_KEYS, the files `asmk_<key>.npy` of schemas/artifact.py. Earlier formats are read
-    and their ids coded in memory on each load (about a byte per entry kept; an int32 per
-    entry while loading): format 3 stored int32 ids (`asmk_images.npy`), formats 4 and 5 a
-    byte per difference (`asmk_gaps.npy`)."""
-    load = lambda key: np.load(os.path.join(folder, f"asmk_{key}.npy"), mmap_mode="r", allow_pickle=False)  # noqa: E731
-    if os.path.exists(os.path.join(folder, "asmk_ids.npy")):
-        lists = {key: load(key) for key in LIST_KEYS}
-    else:
-        lists = {key: load(key) for key in ("offsets", "signatures", "idf", "norms")}
-        offsets = np.asarray(lists["offsets"], np.int64)
-        damaged = lambda what: UserError(f"damaged ASMK inverted file in {folder}: {what}; rebuild the index")  # noqa: E731
-        if os.path.exists(os.path.join(folder, "asmk_gaps.npy")):
-            gaps, exceptions = np.asarray(load("gaps"), np.uint8), np.asarray(load("exceptions"), np.int32)
-            exception_offsets = np.asarray(load("exception_offsets"), np.int64)
-            # the compiled decoder trusts them
-            if not (_ascending(offsets, len(gaps)) and _ascending(exception_offsets, len(exceptions))):
-                raise damaged("ids and offsets disagree")
-            if len(exception_offsets) != len(offsets):
-                raise damaged("word counts differ")
-            images = _decode_gaps(gaps, exceptions, exception_offsets, offsets)
-        else:
-            images = np.asarray(load("images"), np.int32)
-            if not _ascending(offsets, len(images)):
-                raise damaged("ids and offsets disagree")
-        try:
-            lists.update(zip(("ids", "low_bits", "id_offsets"), encode_ids(images, offsets)))
-        except ValueError as error:
-            raise damaged(str(error)) from None
+    LIST_KEYS, the files `asmk_<key>.npy` of schemas/artifact.py."""
+    if not os.path.exists(os.path.join(folder, "asmk_ids.npy")):
+        raise UserError(
+            f"{folder} holds an ASMK inverted file of an unreleased format (3 to 5, before its ids were coded in "
+            "Elias-Fano): rebuild the index"
+        )
+    lists = {
+        key: np.load(os.path.join(folder, f"asmk_{key}.npy"), mmap_mode="r", allow_pickle=False) for key in LIST_KEYS
+    }
     check_lists(lists, folder)
     return lists
 

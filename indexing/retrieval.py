@@ -410,7 +410,7 @@ class Index:
 
     def correspondences(self, features, neighbours, row):
         """One-to-one correspondences with one database image from the k-NN results, greedily
-        by similarity: (query indices, query xy, database xy, database scales)."""
+        by similarity: (query indices, query xy, database xy, database scales, similarities)."""
         sims, rows, feats = neighbours
         q, slot = np.nonzero(rows == row)
         s, f = sims[q, slot], feats[q, slot]
@@ -420,7 +420,7 @@ class Index:
             _, first = np.unique(q if side == "query" else f, return_index=True)
             q, f, s = q[first], f[first], s[first]
         db_xy, db_scale = self.artifact.geometry_of(row, f)
-        return q, features.keypoints[q], db_xy, db_scale
+        return q, features.keypoints[q], db_xy, db_scale, s
 
     def shortlist_neighbours(self, reduced, rows):
         """k nearest neighbours of each query descriptor (PCA-reduced) among the descriptors of
@@ -440,11 +440,13 @@ class Index:
         return sims, np.where(found, owners[safe], -1), np.where(found, feature[safe], 0)
 
     def _verify(self, features, prepared, row):
-        """(inliers, query xy, database xy) of one database image."""
-        q, query_xy, db_xy, db_scale = self.correspondences(features, prepared["neighbours"], row)
+        """(inliers, query xy, database xy) of one database image; the inliers strongest first
+        (by descriptor similarity: what a picture of the match draws first)."""
+        q, query_xy, db_xy, db_scale, similarity = self.correspondences(features, prepared["neighbours"], row)
         if len(q) < self.ransac_conf["min_inliers"]:
             return 0, None, None
         _, mask = verify.ransac_affine(
             query_xy, db_xy, tuple(self.artifact.sizes[row]), self.ransac_conf, features.scale[q], db_scale
         )
-        return int(mask.sum()), query_xy[mask], db_xy[mask]
+        strongest = np.argsort(-similarity[mask], kind="stable")
+        return int(mask.sum()), query_xy[mask][strongest], db_xy[mask][strongest]

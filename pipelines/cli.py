@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 from delf_index.errors import UserError
 from delf_index.runtime import cache
@@ -240,6 +241,8 @@ def setup_logging(level=0):
         {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(level, logging.DEBUG)
     )
     if level < 2:
+        # Beam's batch-size estimator warns of badly conditioned fits; numbers, not news
+        warnings.filterwarnings("ignore", module=r"apache_beam\.")
         for noisy in ("apache_beam", "onnxscript", "onnx_ir", "torch", "faiss", "fsspec", "gcsfs", "s3fs", "asyncio"):
             logging.getLogger(noisy).setLevel(logging.ERROR if level < 0 else logging.WARNING)
     logging.getLogger("apache_beam.runners.common").addFilter(UserErrorsOnce())
@@ -301,7 +304,9 @@ def main(argv=None):
     except Exception as e:
         if not user_error(e):
             raise
-        print(f"delf-index {command}: error: {e}", file=sys.stderr)
+        # Beam appends the step a worker's error came from; the user's fix does not depend on it
+        message = re.sub(r" \[while running '[^']*'\]", "", str(e))
+        print(f"delf-index {command}: error: {message}", file=sys.stderr)
         return 1
 
 

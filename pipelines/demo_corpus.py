@@ -8,6 +8,8 @@ combination (rotation + scale + light); the two motorcycle photos are a real ste
 count as one place. Other scikit-image photos are distractors. Everything is deterministic
 (seeded), built at run time, and nothing is committed. groups.csv follows landmarks-dev's
 format (image,group; empty group = distractor), so `delf-index evaluate --groups` reads it.
+queries/ holds one more photo of each place, under a change of its own (viewpoint, scale and
+light at once), that is in neither images/ nor groups.csv: a query the index has not seen.
 """
 
 import csv
@@ -82,6 +84,11 @@ def combined(image, rng):
 VARIANTS = {"view": viewpoint, "zoom": zoom, "light": illumination, "occluded": occlusion, "mixed": combined}
 
 
+def unseen(image, rng):
+    """The held-out query of a place: another viewpoint, closer, in other light."""
+    return illumination(zoom(viewpoint(image, rng, 0.15), rng, 0.7), rng)
+
+
 def build(output, seed=0, places=PLACES, distractors=DISTRACTORS):
     """Write the corpus to `output`; returns [(file name, group or None)]."""
     folder = os.path.join(output, "images")
@@ -101,6 +108,9 @@ def build(output, seed=0, places=PLACES, distractors=DISTRACTORS):
             save(f"{group}-{variant}.jpg", change(base, rng), group)
         if place == "motorcycle_left":
             save(f"{group}-right.jpg", load("motorcycle_right"), group)
+        query = unseen(base, np.random.default_rng(seed * 1000 + i + 500))
+        os.makedirs(os.path.join(output, "queries"), exist_ok=True)
+        cv2.imwrite(os.path.join(output, "queries", f"{group}.jpg"), cv2.cvtColor(query, cv2.COLOR_RGB2BGR))
     for name in distractors:
         save(f"distractor-{name}.jpg", load(name), None)
     with open(os.path.join(output, "groups.csv"), "w", newline="") as f:

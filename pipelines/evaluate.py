@@ -30,6 +30,7 @@ printed is a one-line JSON summary.
 """
 
 import csv
+import html
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ from delf_index.indexing import metrics
 from delf_index.indexing.retrieval import Index, expansion_presets, presets
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.indexing.shards import METHODS
-from delf_index.pipelines import build, cli, extract, fit, match
+from delf_index.pipelines import build, cli, extract, fit, match, visualize
 from delf_index.runtime import progress, storage, tables
 from delf_index.runtime.extractor import load_model, recorded_settings
 from delf_index.runtime.images import read_image
@@ -336,6 +337,7 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     timings["queries_s"] = time.time() - start
     scores = summarise(rows, configs, protocols)
     report(workdir, rows, scores, configs, protocols, timings, len(manifest))
+    report_html(workdir, rows, scores, configs, protocols, queries, {i: u for i, u, _ in manifest})
     main_protocol = "medium" if "medium" in protocols else protocols[0]
     final = scores[FINAL][main_protocol]
     summary = {
@@ -348,7 +350,7 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
         summary["ASMK mAP"] = round(scores[f"ASMK {FINAL}"][main_protocol]["mAP"], 4)
     with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
         json.dump({"summary": summary, "protocol": main_protocol, "scores": scores, "timings": timings}, f, indent=1)
-    print(f"report: {os.path.join(workdir, 'eval', 'report.md')}")
+    cli.say(f"report: {os.path.join(workdir, 'eval', 'report.html')} (and report.md)")
     print(json.dumps(summary))
     return summary
 
@@ -416,6 +418,48 @@ def report(work, rows, scores, configs, protocols, timings, database_size):
     lines += ["", "Step times (seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), ""]
     with open(os.path.join(folder, "report.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+def report_html(work, rows, scores, configs, protocols, queries, uri_of, worst=10, top=5):
+    """eval/report.html: the ablation table, the precision-recall plot, and the worst queries
+    as thumbnails with their top results, framed green (a positive) or red, inliers under
+    each."""
+    folder = os.path.join(work, "eval")
+    protocol = "medium" if "medium" in protocols else protocols[0]
+    header = ["ranking", *(f"mAP {p}" for p in protocols), "mP@5", "R@1", "s/query"]
+    table = [
+        [name, *(f"{scores[name][p]['mAP']:.3f}" for p in protocols), f"{scores[name][protocol]['mP@5']:.3f}",
+         f"{scores[name][protocol]['R@1']:.3f}", f"{scores[name]['seconds_per_query']:.3f}"]
+        for name in configs
+    ]  # fmt: skip
+    by_id = {q["id"]: q for q in queries}
+    scored = sorted((r for r in rows if r[f"{FINAL}|{protocol}"]), key=lambda r: r[f"{FINAL}|{protocol}"]["ap"])
+    shown = scored[:worst]
+    query_uri = {r["query"]: by_id[r["query"]].get("uri") or uri_of.get(r["query"]) for r in shown}
+    uris = list(query_uri.values()) + [uri_of[t[0]] for r in shown for t in r[f"{FINAL}|top"][:top] if t[0] in uri_of]
+    thumbs = visualize.thumbnails(folder, [u for u in uris if u])
+    parts = []
+    for r in shown:
+        positives = set(by_id[r["query"]]["positives"][protocol])
+        tiles = [visualize.figure(thumbs.get(query_uri[r["query"]], ""), f"query {r['query']}", "query")]
+        for image_id, inliers, _ in r[f"{FINAL}|top"][:top]:
+            caption = f"{image_id}: {inliers} inliers" if inliers else f"{image_id}: not verified"
+            tiles.append(
+                visualize.figure(
+                    thumbs.get(uri_of.get(image_id), ""), caption, "good" if image_id in positives else "bad"
+                )
+            )
+        ap = r[f"{FINAL}|{protocol}"]["ap"]
+        parts.append(f"<h3>{html.escape(r['query'])}: AP {ap:.3f}</h3><div class='row'>{''.join(tiles)}</div>")
+    body = (
+        f"<p>{len(rows)} queries against {len(uri_of)} images; protocol <code>{protocol}</code>; revisitop AP over "
+        "the full ranking.</p>"
+        + visualize.html_table(header, table, numeric=range(1, len(header)))
+        + "<img src='pr.png' alt='precision-recall curves' style='max-width:600px'>"
+        + f"<h2>The {len(shown)} worst queries ({FINAL})</h2><p>Green: a positive of the query; red: not.</p>"
+        + "".join(parts)
+    )
+    return visualize.write_page(os.path.join(folder, "report.html"), "delf-index evaluation", body)
 
 
 def plot_pr(rows, configs, protocol, path):

@@ -276,14 +276,24 @@ def write_plan(uri, todo, kind, rows_per_group=1000):
 
 
 class ReadAndDecode(beam.DoFn):
-    """Item (or tar shard) -> ((image_id, uri, label, source), (RGB array, original (width,
-    height))), or failure records; `source` is the (size, version, hash) of the object read.
+    """Item (or tar shard) -> ((image_id, uri, label, source, warned), (RGB array, original
+    (width, height))), or failure records; `source` is the (size, version, hash) of the object
+    read, `warned` what the decoder warned of.
     Decoded and shrunk as every query is (runtime/images.py). Tar members of images taken
     down (`blocked`) are skipped."""
 
-    def __init__(self, kind, max_side, max_pixels, blocked=frozenset()):
+    def __init__(self, kind, max_side, max_pixels, blocked=frozenset(), progress_folder=None):
         self.kind, self.max_side, self.max_pixels, self.blocked = kind, max_side, max_pixels, blocked
         self.read = counter("images_read")
+        self.progress_folder = progress_folder
+
+    def setup(self):
+        # images are counted here, as they go into the fused read-decode-extract stage; a
+        # counting step after the records' Flatten would run only once every image was done
+        self.done = progress.Counter(self.progress_folder)
+
+    def finish_bundle(self):
+        self.done.flush()
 
     def process(self, item):
         if self.kind == "tar":
@@ -302,6 +312,7 @@ class ReadAndDecode(beam.DoFn):
             data = storage.read_bytes(uri)
         except Exception as e:  # missing object, permissions, network after retries
             self.read.inc()
+            self.done.add()
             record = table_schema.failure_record(image_id, uri, "read", f"{type(e).__name__}: {e}", source)
             yield beam.pvalue.TaggedOutput("errors", record)
             return
@@ -309,12 +320,14 @@ class ReadAndDecode(beam.DoFn):
 
     def _decode(self, image_id, uri, label, source, data):
         self.read.inc()
+        self.done.add()
+        warned = []
         try:
-            prepared = decode_for_extraction(data, self.max_side, self.max_pixels)
+            prepared = decode_for_extraction(data, self.max_side, self.max_pixels, noted=warned)
         except ImageError as e:
             yield beam.pvalue.TaggedOutput("errors", table_schema.failure_record(image_id, uri, e.stage, e, source))
             return
-        yield (image_id, uri, label, source), prepared
+        yield (image_id, uri, label, source, tuple(warned)), prepared
 
 
 def extract_batch(extractor, batch, inference_args=None):
@@ -358,7 +371,7 @@ class ToRecords(beam.DoFn):
         self.count, self.start, self.last_log = 0, time.time(), 0.0
 
     def process(self, element):
-        (image_id, uri, label, source), features = element
+        (image_id, uri, label, source, warned), features = element
         self.extracted.inc()
         self.features.inc(len(features))
         self.count += 1
@@ -367,13 +380,13 @@ class ToRecords(beam.DoFn):
             self.last_log = now
             rate = self.count / max(now - self.start, 1e-9)
             log.info("worker %d: %d images extracted (%.2f images/s)", os.getpid(), self.count, rate)
-        yield table_schema.feature_record(image_id, uri, label, features, self.descriptor_dtype, source)
+        yield table_schema.feature_record(image_id, uri, label, features, self.descriptor_dtype, source, warned)
 
 
 def failed_batches_to_errors(failed):
     """RunInference's dead letters, (batch, exception), to one failure record per image."""
     batch, exception = failed
-    for (image_id, uri, _, source), _ in batch:
+    for (image_id, uri, _, source, _), _ in batch:
         yield table_schema.failure_record(image_id, uri, "extract", f"{type(exception).__name__}: {exception}", source)
 
 
@@ -401,8 +414,8 @@ def list_inputs(p, input):
     return listed.items, listed.errors
 
 
-def extract_features(items, kind, conf, model=None, threads=None, blocked=frozenset()):
-    """Items (of one input kind) -> ((image_id, uri, label, source), Features), in
+def extract_features(items, kind, conf, model=None, threads=None, blocked=frozenset(), progress_folder=None):
+    """Items (of one input kind) -> ((image_id, uri, label, source, warned), Features), in
     original-image pixels, and failure records of the images that could not be read,
     decoded or extracted (conf: `resolve_conf`'s)."""
     handler = KeyedModelHandler(DelfModelHandler(model, conf["extractor"], threads, batch_size=conf["batch_size"]))
@@ -411,7 +424,7 @@ def extract_features(items, kind, conf, model=None, threads=None, blocked=frozen
         | "Redistribute" >> beam.Reshuffle()
         | "ReadAndDecode"
         >> beam.ParDo(
-            ReadAndDecode(kind, conf["extractor"]["max_image_size"], conf["max_pixels"], blocked)
+            ReadAndDecode(kind, conf["extractor"]["max_image_size"], conf["max_pixels"], blocked, progress_folder)
         ).with_outputs("errors", main="images")
     )
     extracted, dead_letters = decoded.images | "Extract" >> RunInference(handler).with_exception_handling()
@@ -447,13 +460,10 @@ def build(p, plan_uri, groups, kind, conf, records_schema, run, model=None, thre
         | "SpreadPlan" >> beam.Reshuffle()
         | "ReadPlan" >> beam.ParDo(ReadPlan())
     )
-    features, errors = extract_features(items, kind, conf, model, threads, blocked)
+    folder = posixpath.join(posixpath.dirname(plan_uri), "progress")
+    features, errors = extract_features(items, kind, conf, model, threads, blocked, folder)
     extracted = features | "Records" >> beam.ParDo(ToRecords(conf["descriptor_dtype"]))
-    records = (
-        (extracted, errors)
-        | "AllRecords" >> beam.Flatten()
-        | "Progress" >> beam.ParDo(CountProgress(posixpath.join(posixpath.dirname(plan_uri), "progress")))
-    )
+    records = (extracted, errors) | "AllRecords" >> beam.Flatten()
     folder = plan_uri.rsplit("/_runs/", 1)[0]
     written = records | "WriteRecords" >> WriteShardedParquet(
         folder, "part", records_schema, run, conf["rows_per_shard"]
@@ -576,7 +586,7 @@ def run(
         if records:
             entries.append(tables.write_records(output, f"part-{run_id}-plan.parquet", records, records_schema,
                                                 properties, run_id))  # fmt: skip
-        summary.update(tally(entries, records))
+        summary.update(tally(entries))
         summary["seconds"] = round(time.time() - start, 1)
         if entries:
             failpoints.reach("extract:written")
@@ -589,10 +599,13 @@ def run(
             storage_json(summary, posixpath.join(output, name))
         storage.remove(runs)
     version = "nothing to commit" if not entries else f"table version {summary['table_version']}"
+    warned = (
+        summary.get("decoder_warnings") and f" ({summary['decoder_warnings']} with decoder warnings in their records)"
+    )
     cli.say(
         f"extract: run {run_id}: {describe_plan(summary)}; {summary['images']} images: {summary['extracted']} "
-        f"extracted, {summary['failed']} failed; {summary['features']} features; {version} of {output} "
-        f"({summary['seconds']}s)"
+        f"extracted{warned or ''}, {summary['failed']} failed; {summary['features']} features; {version} of "
+        f"{output} ({summary['seconds']}s)"
     )
     return summary
 
@@ -602,17 +615,18 @@ def describe_plan(summary):
     return f"{summary['listed']} listed ({decided})"
 
 
-def tally(entries, planned):
-    """The run's counts from the files it wrote: images extracted and failed, features."""
-    extracted = failed = features = 0
+def tally(entries):
+    """The run's counts from the files it wrote: images extracted and failed, features, and
+    images the decoder warned of (their records say what)."""
+    counts = {"extracted": 0, "failed": 0, "features": 0, "decoder_warnings": 0}
     for entry in entries:
-        table = tables.read_columns(entry["path"], ["status", "num_features"])
+        table = tables.read_columns(entry["path"], ["status", "num_features", "warnings"])
         status = table.column("status").to_pylist()
-        extracted += status.count("extracted")
-        failed += status.count("failed")
-        features += int(pc.sum(table.column("num_features")).as_py() or 0)
-    return {"images": extracted + failed, "extracted": extracted, "failed": failed, "features": features,
-            "records": sum(e["rows"] for e in entries)}  # fmt: skip
+        counts["extracted"] += status.count("extracted")
+        counts["failed"] += status.count("failed")
+        counts["features"] += int(pc.sum(table.column("num_features")).as_py() or 0)
+        counts["decoder_warnings"] += table.num_rows - table.column("warnings").null_count
+    return {**counts, "images": counts["extracted"] + counts["failed"], "records": sum(e["rows"] for e in entries)}
 
 
 def storage_json(value, uri):

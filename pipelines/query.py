@@ -5,7 +5,8 @@
     delf-index query --index /data/index photo.jpg --visualize matches/
 
 Prints the ranked results with their verified inliers; `--visualize DIR` writes one PNG per
-result with both images side by side and the inlier correspondences drawn.
+result with both images side by side and its strongest inlier correspondences drawn (at most
+`--max-lines`, 100: more hide the pictures), and an index.html to open them.
 """
 
 import json
@@ -20,8 +21,9 @@ from delf_index.pipelines.visualize import draw_matches, save_png
 from delf_index.runtime.images import read_image
 
 
-def visualize(query_path, query_image, results, folder):
-    """One PNG per result under `folder`; returns the paths written (unreadable matches skipped)."""
+def visualize(query_path, query_image, results, folder, max_lines=100):
+    """One PNG per result under `folder`, at most `max_lines` correspondences each (strongest
+    first); returns the paths written (unreadable matches skipped)."""
     os.makedirs(folder, exist_ok=True)
     stem = os.path.splitext(os.path.basename(str(query_path)))[0]
     written = []
@@ -32,8 +34,11 @@ def visualize(query_path, query_image, results, folder):
             print(f"  cannot draw {result.image_id}: {e}", file=sys.stderr)
             continue
         title = f"#{rank} {result.image_id}: {result.inliers} inliers, score {result.score:.3f}"
+        if result.inliers > max_lines:
+            title += f" ({max_lines} strongest drawn)"
         path = os.path.join(folder, f"{stem}-{rank:02d}.png")
-        save_png(path, draw_matches(query_image, match, result.query_xy, result.match_xy, title))
+        lines = [None if xy is None else xy[:max_lines] for xy in (result.query_xy, result.match_xy)]
+        save_png(path, draw_matches(query_image, match, *lines, title))
         written.append(path)
     return written
 
@@ -58,6 +63,7 @@ def main(argv=None):
         "--graph-expansion", action="store_true", help="verified results vote for their graph neighbours (--augment)"
     )
     parser.add_argument("--dba", action="store_true", help="rank against neighbour-augmented globals (--augment)")
+    parser.add_argument("--max-lines", type=int, default=100, help="correspondences drawn per match, strongest first")
     cli.add_cache_argument(parser)
     args = parser.parse_args(argv)
     conf = {
@@ -91,7 +97,7 @@ def main(argv=None):
                 verified = f"{r.inliers:4d} inliers" if r.inliers else "  not verified"
                 print(f"  {rank:3d}. {r.image_id:<40} {verified}  score {r.score:.3f}")
         if args.visualize:
-            written = visualize(path, image, results, args.visualize)
+            written = visualize(path, image, results, args.visualize, args.max_lines)
             if not args.json:
                 print(f"  {len(written)} match images in {args.visualize}/")
     return 1 if failures == len(args.images) else 0

@@ -21,10 +21,14 @@ long as the job runs.
 
 import json
 import logging
+import os
 import posixpath
+import shutil
+import tempfile
 import time
 
 import apache_beam as beam
+import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
@@ -33,7 +37,7 @@ from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing.retrieval import Index, local_method
 from delf_index.indexing.retrieval import default_conf as query_defaults
-from delf_index.pipelines import cli, extract, inputs
+from delf_index.pipelines import cli, extract, inputs, visualize
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
 from delf_index.runtime import progress, storage, tables
 from delf_index.runtime.extractor import load_model
@@ -143,6 +147,50 @@ def queries(p, input, conf, manifest, model=None, threads=None):
     return found, (errors, listing_errors) | "QueryListErrors" >> beam.Flatten()
 
 
+def results_page(output, version, files, queries=50, top=5):
+    """`output`/results.html: the first `queries` queries (by query_id) as thumbnails with their
+    top results, verified ones framed green; the page and its thumbs/ folder are written
+    locally and copied to `output` when it is remote. Returns the page's URI."""
+    rows = []
+    for uri in files:
+        with storage.open_file(uri, "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    ids = sorted({r["query_id"] for r in rows})[:queries]
+    image_ids, uris, _ = art.read_images(version)
+    uri_of = dict(zip(image_ids, uris))
+    chosen = {
+        q: sorted((r for r in rows if r["query_id"] == q and r["rank"]), key=lambda r: r["rank"])[:top] for q in ids
+    }
+    query_uri = {q: next(r["query_uri"] for r in rows if r["query_id"] == q) for q in ids}
+    with tempfile.TemporaryDirectory() as folder:
+        wanted = list(query_uri.values()) + [
+            uri_of[r["image_id"]] for c in chosen.values() for r in c if r["image_id"] in uri_of
+        ]
+        thumbs = visualize.thumbnails(folder, wanted)
+        parts = []
+        for q in ids:
+            tiles = [visualize.figure(thumbs[query_uri[q]], f"query {q}", "query")]
+            for r in chosen[q]:
+                caption = f"#{r['rank']} {r['image_id']}: " + (
+                    f"{r['inliers']} inliers" if r["inliers"] else "not verified"
+                )
+                tiles.append(
+                    visualize.figure(thumbs.get(uri_of.get(r["image_id"]), ""), caption, "good" * bool(r["inliers"]))
+                )
+            parts.append(f"<div class='row'>{''.join(tiles)}</div>")
+        more = len({r["query_id"] for r in rows}) - len(ids)
+        note = f"<p>The first {len(ids)} queries by id ({more} more in results/); green: verified.</p>"
+        visualize.write_page(
+            os.path.join(folder, "results.html"), f"delf-index search of {version}", note + "".join(parts)
+        )
+        if storage.is_local(output):
+            shutil.copytree(folder, storage.local_path(output), dirs_exist_ok=True)
+        else:
+            names = ["results.html"] + [os.path.join("thumbs", n) for n in os.listdir(os.path.join(folder, "thumbs"))]
+            storage.upload_folder(folder, output, names)
+    return posixpath.join(output, "results.html")
+
+
 def count_queries(input):
     """The queries of `input`, counted before the job (for its progress): a table's live
     records, or the listing's items (images, or tar shards)."""
@@ -207,7 +255,8 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
                     written_errors=beam.pvalue.AsList(errors_out.written),
                 )
             )
-    summary = json.loads(storage.read_bytes(posixpath.join(output, "_SUMMARY.json")))
+        summary = json.loads(storage.read_bytes(posixpath.join(output, "_SUMMARY.json")))
+        summary["page"] = results_page(output, version, summary["results_files"])
     summary["seconds"] = round(time.time() - start, 1)
     cli.say(
         f"search: {summary['queries']} queries: {summary['answered']} answered ({summary['results']} results), "

@@ -1,6 +1,11 @@
-"""Pictures of results: matches drawn between two images, and contact sheets of clusters
-and label suspects (`delf-index query --visualize`, `delf-index match`)."""
+"""Pictures of results: matches drawn between two images, contact sheets of clusters and
+label suspects (`delf-index query --visualize`, `delf-index match`), and HTML pages of
+ranked results as thumbnails (evaluate's report.html, search's results.html).
 
+A page is one self-contained folder: the .html and a thumbs/ folder of small JPEGs, so that it
+opens from a laptop, a bucket's console or a CI artifact alike."""
+
+import hashlib
 import html
 import os
 
@@ -96,3 +101,61 @@ def write_sheets(folder, sections):
         f.write(page + "".join(parts) + "</body>")
     written.append(os.path.join(folder, "index.html"))
     return written
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1400px; }
+table { border-collapse: collapse; margin: 1em 0; } td, th { padding: .3em .7em; border-bottom: 1px solid #ddd; }
+th { text-align: left; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.row { display: flex; gap: .6em; align-items: flex-start; margin: .8em 0; flex-wrap: wrap; }
+figure { margin: 0; text-align: center; font-size: .8em; }
+figure img { height: 120px; border: 4px solid #ccc; border-radius: 3px; display: block; }
+figure.query img { border-color: #333; } figure.good img { border-color: #2a9d3a; }
+figure.bad img { border-color: #d33; } figcaption { max-width: 180px; overflow-wrap: anywhere; }
+"""
+
+
+def thumbnails(folder, uris, height=240):
+    """{uri: path relative to `folder`} of a JPEG thumbnail of each image under folder/thumbs
+    (an unreadable image gets a crossed tile)."""
+    os.makedirs(os.path.join(folder, "thumbs"), exist_ok=True)
+    out, cache = {}, {}
+    for uri in dict.fromkeys(uris):
+        name = os.path.join("thumbs", hashlib.sha1(uri.encode()).hexdigest()[:16] + ".jpg")
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            small = thumbnail(readable(uri, cache), height)
+            cv2.imwrite(path, cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+            cache.clear()
+        out[uri] = name
+    return out
+
+
+def figure(src, caption, kind=""):
+    """One framed thumbnail: `kind` "query", "good" (a right or verified result) or "bad"."""
+    return (
+        f"<figure class='{kind}'><img src='{html.escape(src)}' alt='{html.escape(caption)}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def write_page(path, title, body):
+    """A page of `body` (HTML) with the shared style."""
+    with open(path, "w") as f:
+        f.write(
+            f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+        )
+    return path
+
+
+def html_table(header, rows, numeric=()):
+    """An HTML table; columns whose index is in `numeric` align right."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(f"<td class='{'n' if i in numeric else ''}'>{html.escape(str(v))}</td>" for i, v in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"

@@ -14,6 +14,7 @@ interpolation, and remember the original size that keypoints are reported in.
 
 import io
 import os
+import warnings
 
 import cv2
 import numpy as np
@@ -43,13 +44,25 @@ def decode_image(data, max_pixels=DEFAULT_MAX_PIXELS, min_side=MIN_SIDE):
     return decode_for_extraction(data, None, max_pixels, min_side)[0]
 
 
-def decode_for_extraction(data, max_side, max_pixels=DEFAULT_MAX_PIXELS, min_side=MIN_SIDE):
+def decode_for_extraction(data, max_side, max_pixels=DEFAULT_MAX_PIXELS, min_side=MIN_SIDE, noted=None):
     """bytes -> (uint8 RGB [h, w, 3] with largest side at most `max_side`, original (W, H)).
 
     JPEGs are decoded at a reduced DCT scale when that is enough (PIL's draft mode), which
     makes large photos several times cheaper; the rest is area-resized. The original size
-    is the displayed one (after EXIF orientation).
+    is the displayed one (after EXIF orientation). The decoder's warnings ("Corrupt EXIF
+    data", "Truncated File Read") are not printed: they go to the list `noted`, for the
+    image's record.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return _decode(data, max_side, max_pixels, min_side)
+        finally:
+            if noted is not None:
+                noted.extend(dict.fromkeys(str(w.message) for w in caught))
+
+
+def _decode(data, max_side, max_pixels, min_side):
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:

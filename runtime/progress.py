@@ -42,11 +42,11 @@ class Counter:
 
     def add(self, n=1):
         self.count += n
-        if time.time() - self.last > flush_every(self.folder):
+        if self.folder and time.time() - self.last > flush_every(self.folder):
             self.flush()
 
     def flush(self):
-        if self.folder and self.count != self.written:
+        if self.folder and self.count != self.written:  # no folder: counted for nobody (search's extraction)
             with contextlib.suppress(OSError):  # progress is a courtesy: never fail a job for it
                 storage.write_bytes(self.path, json.dumps(self.count).encode())
                 self.written, self.last = self.count, time.time()

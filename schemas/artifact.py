@@ -35,10 +35,6 @@ current one::
                              the words' parts bit after bit, then a uint64 of padding
         asmk_low_bits.npy    uint8 [words]: the low bits per id of each word
         asmk_id_offsets.npy  int64 [words + 1]: where each word's ids start, in bits
-                             (version 3 stored asmk_images.npy, int32 [entries], and versions
-                             4 and 5 asmk_gaps.npy, uint8 differences, with
-                             asmk_exceptions.npy and asmk_exception_offsets.npy, instead of
-                             these three; they are still read)
         asmk_idf.npy         float32 [words]: log(images / images of the word)
         asmk_norms.npy       float32 [images]: each image's self-similarity, sqrt(sum of idf^2)
         asmk_words.faiss     the index that assigns query descriptors to words (exact; above
@@ -62,7 +58,7 @@ CODEBOOKS_FORMAT, CODEBOOKS_VERSION = "delf-index-codebooks", 1
 # breadth, so it must refuse it), 6 codes the ids in Elias-Fano; a build without them
 # (--method knn) still writes 2, which earlier delf-index versions read; this one reads all
 ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 6
-ARTIFACT_READS = (2, 3, 4, 5, 6)
+ARTIFACT_READS = (2, 6)  # 3 to 5 were never released
 POINTER, VERSIONS, STAGING = "CURRENT", "versions", "_staging"
 FEATURE_BITS = 16  # features per image < 65536
 MAX_FEATURES = (1 << FEATURE_BITS) - 1

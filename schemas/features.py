@@ -29,6 +29,8 @@ source_hash         string           its content hash where the store gives one
                                      ("md5:<hex>", "crc32c:<base64>")
 stage               string           failed: list | read | decode | size | extract
 error               string           failed: the reason; removed / restored: the note
+warnings            string           extracted: what the image decoder warned of (e.g. corrupt
+                                     EXIF data), one per line; null when nothing
 ==================  ===============  ==========================================================
 
 What is live (`runtime/tables.py`, `resolve`): per image, its newest ``extracted`` record,
@@ -91,6 +93,7 @@ def records_schema(descriptor_dtype="float16", descriptor_dim=0, metadata=None):
             pa.field("source_hash", pa.string()),
             pa.field("stage", pa.string()),
             pa.field("error", pa.string()),
+            pa.field("warnings", pa.string()),
         ],
         metadata=metadata,
     )
@@ -130,10 +133,10 @@ def read_properties(raw, where="the table"):
     }
 
 
-def feature_record(image_id, uri, label, features, descriptor_dtype="float16", source=(None, None, None)):
+def feature_record(image_id, uri, label, features, descriptor_dtype="float16", source=(None, None, None), warned=()):
     """An ``extracted`` record (a dict of Python/numpy values) from a delf_index.runtime
-    Features; `source`: (size, version, content hash) of the object read. The writer fills in
-    the run."""
+    Features; `source`: (size, version, content hash) of the object read; `warned`: the
+    decoder's warnings. The writer fills in the run."""
     descriptors = np.ascontiguousarray(features.descriptors, DESCRIPTOR_DTYPES[descriptor_dtype])
     return {
         **_source(source),
@@ -150,6 +153,7 @@ def feature_record(image_id, uri, label, features, descriptor_dtype="float16", s
         "attention": features.attention,
         "descriptors": descriptors.astype(descriptors.dtype.newbyteorder("<"), copy=False).tobytes(),
         "global_descriptor": features.global_descriptor,
+        "warnings": "\n".join(warned) or None,
     }
 
 

@@ -1,6 +1,7 @@
 """Reliability: bad images in every input form, storage faults, determinism, safe loading."""
 
 import ast
+import asyncio
 import http.client
 import io
 import os
@@ -21,6 +22,7 @@ from delf_index.runtime.storage import StorageError, retrying
 from tests.conftest import ONE_WORKER, failing_rows, live_rows, rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASYNC_SLEEP = asyncio.sleep
 
 
 # -- bad images --------------------------------------------------------------------------------
@@ -206,7 +208,13 @@ def faulty_gcs(gcs_bucket, monkeypatch):
     gcsfs.GCSFileSystem.clear_instance_cache()
 
 
+async def no_wait(delay, *args, **kwargs):
+    return await ASYNC_SLEEP(0)
+
+
 def test_storage_faults_are_retried_reported_and_healed_by_a_rerun(faulty_gcs, tmp_path, photos, monkeypatch):
+    import gcsfs.retry
+
     bucket, proxy, fs = faulty_gcs
     names = ("astronaut", "coffee", "chelsea")
     for name in names:
@@ -217,8 +225,10 @@ def test_storage_faults_are_retried_reported_and_healed_by_a_rerun(faulty_gcs, t
     proxy.fail = lambda method, path, n: n % 3 == 0
     summary = extract.run(*args, beam_options=ONE_WORKER)
     assert (summary["extracted"], summary["failed"]) == (3, 0)
-    # the object store keeps failing one object: reported with the cause, the rest goes on
-    monkeypatch.setenv("DELF_INDEX_IO_ATTEMPTS", "1")  # one round of gcsfs's own backoff (~30 s)
+    # the object store keeps failing one object: reported with the cause, the rest goes on; one
+    # attempt of delf-index's, and gcsfs's own backoff (six tries, ~30 s) without its waits
+    monkeypatch.setenv("DELF_INDEX_IO_ATTEMPTS", "1")
+    monkeypatch.setattr(gcsfs.retry.asyncio, "sleep", no_wait)
     proxy.fail = lambda method, path, n: method == "GET" and "coffee.jpg" in path and "alt=media" in path
     summary = extract.run(*args, beam_options=ONE_WORKER, full=True)
     assert (summary["extracted"], summary["failed"]) == (2, 1)
