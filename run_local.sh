@@ -35,7 +35,7 @@ case "${1:-demo}" in
     echo "  $OUT/features/      Parquet feature and error tables (docs/tables.md)"
     echo "  $OUT/codebooks/     PCA + PQ codebooks"
     echo "  $OUT/index/         the index artifact"
-    echo "  $OUT/eval/          metrics.json, report.md, pr.png, queries.parquet"
+    echo "  $OUT/eval/          report.html (open it), report.md, metrics.json, pr.png, queries.parquet"
     echo "  $OUT/matches/       the example query's matches"
     ;;
   *)

@@ -31,7 +31,7 @@ from benchmarks.landmarks import LANDMARKS
 from delf_index.model.backbones import ResNet50
 from delf_index.model.export import build_model, export_onnx, metadata
 from delf_index.model.quantize import quantize_int8
-from delf_index.runtime.extractor import Extractor, default_model_path, load_model
+from delf_index.runtime.extractor import Extractor, load_model, shipped_model_path
 from delf_index.runtime.images import read_image
 
 
@@ -55,7 +55,7 @@ def export_variants(workdir):
     for name, (backbone, w, global_from, precision) in plan.items():
         path = os.path.join(workdir, name.split(" (")[0].replace(" ", "_").replace(",", "") + ".onnx")
         if name.endswith("(shipped)"):
-            path = default_model_path()
+            path = shipped_model_path("float32")
         elif not os.path.exists(path):
             model, provenance = build_model(backbone, w, "l2norm", None, global_from)
             meta = metadata(model, provenance)
@@ -91,7 +91,7 @@ def gflop_per_image(backbone, weights, global_from, images):
 
 def session_settings(image):
     """Seconds per image of the default model's 7 levels, per onnxruntime setting."""
-    data, _, _ = load_model(None)
+    data, _, _ = load_model("float32")
     levels = [level for _, level, _ in Extractor().pyramid(image)]
     rows = {}
     settings = {

@@ -2,6 +2,7 @@
 1 % new images (extract + append, through `delf-index update`).
 
     python -m benchmarks.incremental --workdir /tmp/incremental --images 10000 --size 256
+    python -m benchmarks.incremental --workdir /tmp/incremental --day-only    # another day on that collection
 
 The collection is made from landmarks-dev photos (or scikit-image's, without it), shrunk to
 `--size` pixels and varied per copy (seeded crop, flip and brightness), so that every file
@@ -59,7 +60,10 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=256, help="largest side of the images")
     parser.add_argument("--new", type=float, default=0.01, help="share of new images on the incremental day")
+    parser.add_argument("--day-only", action="store_true", help="one more day on the workdir's collection")
     args = parser.parse_args(argv)
+    if args.day_only:
+        return another_day(args.workdir, args.new, args.size)
     shutil.rmtree(args.workdir, ignore_errors=True)
     photos = sources(args.size)
     images = os.path.join(args.workdir, "images")
@@ -96,6 +100,20 @@ def main(argv=None):
         "update": counts,
     }
     print(json.dumps(result), flush=True)
+
+
+def another_day(workdir, share, size):
+    """One more day on an existing workdir: `share` new images, one `update`, timed in this
+    process after a warm-up (a day with nothing new), as the full run's day is."""
+    images = os.path.join(workdir, "images")
+    count = len(os.listdir(images))
+    features, index = os.path.join(workdir, "features"), os.path.join(workdir, "index")
+    update.run(images, features, index)  # imports and caches warm, as after the full run
+    new = max(1, round(count * share))
+    write_images(images, count, new, sources(size), seed=count)
+    start = time.time()
+    counts = update.run(images, features, index)
+    print(json.dumps({"images": count, "new": new, "incremental_s": round(time.time() - start, 1), "update": counts}))
 
 
 if __name__ == "__main__":

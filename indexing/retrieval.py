@@ -28,6 +28,7 @@ extractor's onnxruntime session and the geometry, and takes its search parameter
 """
 
 import dataclasses
+import logging
 import threading
 import time
 
@@ -38,15 +39,21 @@ from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk, expansion, verify
 from delf_index.indexing import pca as pca_lib
-from delf_index.runtime.extractor import Extractor
+from delf_index.indexing import synthesis as synthesis_lib
+from delf_index.runtime.extractor import Extractor, model_of
 from delf_index.runtime.extractor import default_conf as extractor_conf
 from delf_index.runtime.features import Features
+from delf_index.runtime.images import prepare_for_extraction
+
+log = logging.getLogger(__name__)
 
 default_conf = {
     "use_global": True,  # rank by the global descriptor
     "use_local": True,  # rank by the local descriptors (k-NN votes or ASMK, `local_method`)
     "use_verification": True,  # re-rank the shortlist by RANSAC inliers
-    "local_method": None,  # "knn" or "asmk"; None: the index's (k-NN voting when it has its lists)
+    # "knn", "asmk", or "both" (their scores averaged, for an index built with both; verified
+    # with k-NN's correspondences); None: the index's (k-NN voting when it has its lists)
+    "local_method": None,
     "knn": 20,  # neighbours per query descriptor (votes and correspondences)
     "nprobe": 32,  # coarse cells visited per query descriptor
     "vote_floor": 0.5,  # similarity below which a neighbour does not vote; votes weigh (sim - floor)
@@ -59,28 +66,39 @@ default_conf = {
     "min_inliers": 12,  # fewer inliers do not count as a verified match
     "ransac": {},  # overrides of indexing.verify.default_conf (threshold, trials, ...)
     # query expansion after verification (indexing/expansion.py), then a second verification round
-    "expansion": False,  # alpha-QE of the global descriptor with the verified results
+    "expansion": True,  # alpha-QE of the global descriptor with the verified results
     "qe_min_inliers": 20,  # inliers that make a verified result expand the query
     "qe_top": 5,  # verified results (most inliers first) that expand it
     "qe_alpha": 3.0,  # a result's weight: its global similarity ** alpha
-    "graph_expansion": False,  # verified results vote for their match-graph neighbours (needs --augment)
+    # verified results vote for their match-graph neighbours; None: when the index holds a
+    # match graph (`delf-index match --augment`)
+    "graph_expansion": None,
     "graph_weight": 1.0,  # a neighbour of every expanding result gains this much fused score
-    "use_dba": False,  # rank against the neighbour-augmented global descriptors (needs --augment)
+    # rank against the neighbour-augmented global descriptors; None: when the index holds them
+    "use_dba": None,
+    # view synthesis (indexing/synthesis.py): a query whose best result verifies with fewer
+    # inliers is extracted again under the views of these stages, in order, until one verifies
+    "synthesis_stages": [],
+    "synthesis_min_inliers": 20,
+    "synthesis_features": 500,  # features kept per synthesized view (the strongest)
 }
 
-# Named configurations: the full ranking and each stage on its own (evaluate's ablation)
+# Named configurations for evaluate's ablation: each stage on its own, from the plain ranking
+# (no expansion, no synthesis) up; evaluate adds "default", the settings given.
+PLAIN = {"expansion": False, "graph_expansion": False, "use_dba": False, "synthesis_stages": []}
 presets = {
-    "global only": {"use_local": False, "use_verification": False},
-    "local voting only": {"use_global": False, "use_verification": False},
-    "fused": {"use_verification": False},
-    "fused + verification": {},  # the default
+    "global only": {**PLAIN, "use_local": False, "use_verification": False},
+    "local voting only": {**PLAIN, "use_global": False, "use_verification": False},
+    "fused": {**PLAIN, "use_verification": False},
+    "fused + verification": PLAIN,
+    "+ alpha-QE": {**PLAIN, "expansion": True},
+    "+ view synthesis": {**PLAIN, "synthesis_stages": list(synthesis_lib.STAGES)},
 }
-# the expansion stages, each added to the full ranking (evaluate's ablation of an augmented index)
+# the stages that need a match graph (an augmented index)
 expansion_presets = {
-    "+ alpha-QE": {"expansion": True},
-    "+ alpha-QE + graph": {"expansion": True, "graph_expansion": True},
-    "+ DBA": {"use_dba": True},
-    "+ DBA + alpha-QE + graph": {"use_dba": True, "expansion": True, "graph_expansion": True},
+    "+ alpha-QE + graph": {**PLAIN, "expansion": True, "graph_expansion": True},
+    "+ DBA": {**PLAIN, "use_dba": True},
+    "+ DBA + alpha-QE + graph": {**PLAIN, "use_dba": True, "expansion": True, "graph_expansion": True},
 }
 
 
@@ -110,17 +128,18 @@ class QueryError(UserError):
 
 
 def local_method(requested, has):
-    """The local ranking queries use: `requested` ("knn", "asmk", or None: k-NN voting when
-    the index has its lists, else ASMK), checked against the lists the index `has` ({method:
-    bool}: Artifact's, or the manifest's files, so a job can refuse before it starts)."""
+    """The local ranking queries use: `requested` ("knn", "asmk", "both", or None: k-NN voting
+    when the index has its lists, else ASMK), checked against the lists the index `has`
+    ({method: bool}: Artifact's, or the manifest's files, so a job can refuse before it starts)."""
     method = requested or ("knn" if has["knn"] else "asmk")
-    if method not in ("knn", "asmk"):
-        raise UserError(f"local_method {method!r}: use knn or asmk")
-    if not has[method]:
+    if method not in ("knn", "asmk", "both"):
+        raise UserError(f"local_method {method!r}: use knn, asmk or both")
+    missing = [m for m in ("knn", "asmk") if method in (m, "both") and not has[m]]
+    if missing:
         built = [m for m, present in has.items() if present]
         raise QueryError(
-            f"local_method {method}: the index has no {method} lists (it has {built or 'none'}); "
-            "rebuild it with build --method both to query by either"
+            f"local_method {method}: the index has no {missing[0]} lists (it has {built or 'none'}); "
+            "rebuild it with build --method both to query by either or both"
         )
     return method
 
@@ -162,6 +181,9 @@ class Index:
         if unknown:
             raise UserError(f"unknown query options {sorted(unknown)}; known: {sorted(default_conf)}")
         self.conf = {**default_conf, **(conf or {})}
+        augmented = {"graph_expansion": artifact.graph is not None, "use_dba": artifact.dba_index is not None}
+        for key, held in augmented.items():  # None: whenever the index holds what the stage needs
+            self.conf[key] = held if self.conf[key] is None else bool(self.conf[key])
         self.ransac_conf = {**verify.default_conf, **self.conf["ransac"]}
         self.asmk_conf = {**asmk.default_conf, **self.conf["asmk"]}
         self.artifact = artifact
@@ -174,7 +196,8 @@ class Index:
     @classmethod
     def load(cls, uri, model=None, conf=None, verify_files=True, threads=None):
         """Load an artifact; queries given as images are extracted with `model` (default: the
-        shipped model), which must be the model the index was built from."""
+        shipped model the index was built from), which must be the model the index was built
+        from."""
         return cls(art.Artifact.load(uri, verify=verify_files), conf, model, threads)
 
     @property
@@ -185,7 +208,8 @@ class Index:
                 settings = self.artifact.manifest.get("extractor", {})
                 settings = {k: v for k, v in settings.items() if k in extractor_conf}
                 settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-                extractor = Extractor(self._model, settings, threads=self._threads)
+                model = model_of(self.artifact.fingerprint, self._model)  # by default the index's own
+                extractor = Extractor(model, settings, threads=self._threads)
                 if extractor.fingerprint != self.artifact.fingerprint:
                     raise QueryError(
                         f"the index was built from model {self.artifact.fingerprint[:12]}, the query model is "
@@ -200,43 +224,102 @@ class Index:
     # -- input ----------------------------------------------------------------------------
     def features_of(self, query):
         """Features of a query: Features as they are, else an image (a path or URI, encoded
-        bytes or a uint8 RGB array) decoded and shrunk as extract does with database images."""
+        bytes or a uint8 RGB array) decoded and shrunk as extract does with database images,
+        or the (pixels, original size) of `query_pixels`."""
         if isinstance(query, Features):
             return query
+        pixels = query if isinstance(query, tuple) else self.query_pixels(query)
         try:
-            return self.extractor.extract_image(query)
+            return self.extractor.extract_batch([pixels[0]], original_sizes=[pixels[1]])[0]
         except (UserError, OSError) as e:
             if isinstance(e, QueryError):
                 raise
-            raise QueryError(f"cannot read the query {str(query)[:200]!r}: {e}") from e
+            raise QueryError(f"cannot extract the query: {e}") from e
 
     # -- search ---------------------------------------------------------------------------
-    def search(self, query, top_k=10, exclude=(), with_matches=True, timings=None, prepared=None):
+    def search(self, query, top_k=10, exclude=(), with_matches=True, timings=None, prepared=None, image=None):
         """Ranked results (best first) for one query; `exclude`: image_ids to leave out (the
         query itself in leave-one-out evaluation). `top_k=None` ranks the whole index.
         A `timings` dict receives the seconds spent extracting, searching and verifying.
         `prepared`: this query's `prepare(features)`, when several rankings of the same query
-        with the same local method share it (the evaluation's ablation)."""
+        with the same local method share it (the evaluation's ablation). A query whose best
+        result verifies with fewer than `synthesis_min_inliers` is extracted again under the
+        views of `synthesis_stages` (indexing/synthesis.py), stage by stage; that needs its
+        pixels: a query given as Features names them with `image` (a path, bytes or array)."""
         clock = time.perf_counter()
-        features = self.features_of(query)
+        pixels = None if isinstance(query, Features) else self.query_pixels(query)
+        features = query if pixels is None else self.features_of(pixels)
         extracted = time.perf_counter()
+        if len(self.artifact) == 0:
+            return []
+        ranked = self._rank(features, top_k, exclude, prepared, timings)
+        synthesis = {"stages": 0, "views": 0, "seconds": 0.0}
+        for stage in self.conf["synthesis_stages"] if self.conf["use_verification"] else ():
+            if ranked["inliers"].max(initial=0) >= self.conf["synthesis_min_inliers"]:
+                break
+            start = time.perf_counter()
+            if pixels is None and image is not None:
+                try:
+                    pixels = self.query_pixels(image)
+                except QueryError as e:  # the features stand: ranked without synthesis
+                    log.warning("view synthesis skipped: %s", e)
+            if pixels is None:
+                break
+            views = synthesis_lib.synthesized(self.extractor, pixels[0], synthesis_lib.STAGES[stage],
+                                              self.conf["synthesis_features"])  # fmt: skip
+            features = synthesis_lib.union(features, [v.rescaled(*pixels[1]) for v in views])
+            ranked = self._rank(features, top_k, exclude, None, None)
+            synthesis["stages"] += 1
+            synthesis["views"] += len(views)
+            synthesis["seconds"] += time.perf_counter() - start
+        if timings is not None:
+            timings.update(
+                extract_s=extracted - clock, synthesis_s=synthesis["seconds"], synthesis_views=synthesis["views"]
+            )
+        order = ranked["order"] if top_k is None else ranked["order"][:top_k]
+        results = []
+        for row in order:
+            qxy, dxy = ranked["matches"].get(row, (None, None)) if with_matches else (None, None)
+            results.append(
+                Result(
+                    image_id=self.artifact.image_ids[row],
+                    uri=self.artifact.uris[row],
+                    label=self.artifact.labels[row],
+                    score=float(ranked["fused"][row]),
+                    global_score=float(ranked["global"][row]),
+                    local_score=float(ranked["local"][row]),
+                    inliers=int(ranked["inliers"][row]),
+                    query_xy=qxy,
+                    match_xy=dxy,
+                    row=int(row),
+                )
+            )
+        return results
+
+    def query_pixels(self, query):
+        """(the query's pixels as extraction prepares them, its original (width, height))."""
+        max_side = self.extractor.conf["max_image_size"]
+        try:
+            return prepare_for_extraction(query, max_side)
+        except (UserError, OSError) as e:
+            raise QueryError(f"cannot read the query {str(query)[:200]!r}: {e}") from e
+
+    def _rank(self, features, top_k, exclude, prepared, timings):
+        """The ranking of one query's features: {"order", "fused", "global", "local", "inliers",
+        "matches"} (every stage of `conf`: local scores, global fusion, verification,
+        expansion)."""
+        start = time.perf_counter()
         conf, artifact = self.conf, self.artifact
         n = artifact.num_rows  # int ids; hidden images keep theirs and are never ranked
-        if len(artifact) == 0:
-            return []
         local_scores = np.zeros(n, np.float32)
         if (conf["use_local"] or conf["use_verification"]) and len(features):
             if prepared is None:
                 prepared = self.prepare(features)
-            if conf["use_local"] and self.method == "knn":
-                local_scores = self._votes(prepared["neighbours"], n, len(features))
-            elif conf["use_local"]:
-                bits = self.artifact.pca["components"].shape[0]
-                local_scores = asmk.search(self.artifact.asmk, *prepared["asmk"], self.asmk_conf, bits=bits)
+            if conf["use_local"]:
+                local_scores = self._local_scores(prepared, n, len(features))
         else:
             prepared = None
-        weight = conf["local_weight"] if self.method == "knn" else conf["asmk_weight"]
-        local_part = weight * local_scores
+        local_part = self._local_weight() * local_scores
         rankable = artifact.live.copy()
         rankable[[artifact.row_of[i] for i in exclude if i in artifact.row_of]] = False
         # enough rows for the results and the shortlist; all of them when every result is asked for
@@ -261,32 +344,13 @@ class Index:
             order = verified_first(order, fused, inliers)
         if timings is not None:
             timings.update(
-                extract_s=extracted - clock,
-                search_s=searched - extracted,
+                search_s=searched - start,
                 verify_s=time.perf_counter() - searched,
-                local_s=local_done - extracted,  # the parts of search_s
+                local_s=local_done - start,  # the parts of search_s
                 global_s=searched - local_done,
             )
-        if top_k is not None:
-            order = order[:top_k]
-        results = []
-        for row in order:
-            qxy, dxy = matches.get(row, (None, None)) if with_matches else (None, None)
-            results.append(
-                Result(
-                    image_id=self.artifact.image_ids[row],
-                    uri=self.artifact.uris[row],
-                    label=self.artifact.labels[row],
-                    score=float(fused[row]),
-                    global_score=float(global_scores[row]),
-                    local_score=float(local_scores[row]),
-                    inliers=int(inliers[row]),
-                    query_xy=qxy,
-                    match_xy=dxy,
-                    row=int(row),
-                )
-            )
-        return results
+        return {"order": order, "fused": fused, "global": global_scores, "local": local_scores,
+                "inliers": inliers, "matches": matches}  # fmt: skip
 
     def _database_globals(self):
         if self.conf["use_dba"]:
@@ -366,20 +430,37 @@ class Index:
             for row in strong:
                 near, _ = expansion.neighbours_of(self.artifact.graph, row, conf["qe_min_inliers"])
                 bonus[near] += conf["graph_weight"] / len(strong)
-        weight = conf["local_weight"] if self.method == "knn" else conf["asmk_weight"]
-        fused = global_scores * conf["use_global"] + weight * local_scores + bonus
+        fused = global_scores * conf["use_global"] + self._local_weight() * local_scores + bonus
         return global_scores, fused
+
+    def _local_weight(self):
+        return self.conf["asmk_weight"] if self.method == "asmk" else self.conf["local_weight"]
+
+    def _local_scores(self, prepared, n, count):
+        """[n] local scores: k-NN votes, ASMK similarities, or for "both" their mean (ASMK's
+        brought to the votes' scale by the ratio of their weights, each tuned against the
+        global similarity)."""
+        votes = self._votes(prepared["neighbours"], n, count) if self.method != "asmk" else None
+        if self.method == "knn":
+            return votes
+        bits = self.artifact.pca["components"].shape[0]
+        similarity = asmk.search(self.artifact.asmk, *prepared["asmk"], self.asmk_conf, bits=bits)
+        if self.method == "asmk":
+            return similarity
+        ratio = self.conf["asmk_weight"] / self.conf["local_weight"]
+        return (0.5 * (votes + ratio * similarity)).astype(np.float32)
 
     def prepare(self, features):
         """What the local stages of this query need, computed once: {"neighbours": ...} for
-        k-NN voting, {"asmk": (words, signatures), "reduced": ...} for ASMK."""
-        if self.method == "knn":
-            return {"neighbours": self.neighbours(features)}
-        reduced = pca_lib.apply_pca_in_faiss(features.descriptors, self.artifact.pca)
-        assignments = asmk.assign(
-            self.artifact.asmk_words, reduced, self.asmk_conf["query_assignments"], self.asmk_conf["hnsw_ef"]
-        )
-        return {"asmk": asmk.aggregate(reduced, assignments, self.artifact.asmk_centroids), "reduced": reduced}
+        k-NN voting, {"asmk": (words, signatures), "reduced": ...} for ASMK, both for "both"."""
+        out = {"neighbours": self.neighbours(features)} if self.method != "asmk" else {}
+        if self.method != "knn":
+            reduced = pca_lib.apply_pca_in_faiss(features.descriptors, self.artifact.pca)
+            assignments = asmk.assign(
+                self.artifact.asmk_words, reduced, self.asmk_conf["query_assignments"], self.asmk_conf["hnsw_ef"]
+            )
+            out.update(asmk=asmk.aggregate(reduced, assignments, self.artifact.asmk_centroids), reduced=reduced)
+        return out
 
     def neighbours(self, features):
         """k nearest database descriptors of each query descriptor: (sims, image rows, feature

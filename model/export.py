@@ -185,7 +185,10 @@ def main(argv=None):
     parser.add_argument(
         "--precision", choices=["fp32", "int8"], default="fp32", help="int8: static quantization for CPU workers"
     )
-    parser.add_argument("--calibration", help="int8: glob of photos to calibrate on (default: scikit-image's)")
+    parser.add_argument(
+        "--calibration",
+        help="int8: photos to calibrate on, any input extract takes (default: scikit-image's photographs)",
+    )
     parser.add_argument("--output", required=True, help="path of the .onnx file to write")
     args = parser.parse_args(argv)
     model, provenance = build_model(args.backbone, args.weights, args.attention, args.feature_layer, args.global_from)

@@ -1,18 +1,18 @@
 """int8 models for CPU workers: static quantization with onnxruntime's tools.
 
     delf-index export-model --precision int8 --output model-int8.onnx
-    delf-index export-model --precision int8 --calibration 'photos/*.jpg' --output model-int8.onnx
+    delf-index export-model --precision int8 --calibration 'gs://bucket/photos/*.jpg' --output model-int8.onnx
 
 The float32 export is quantized in QDQ form, weights per output channel (int8), activations
 per tensor (uint8) with ranges calibrated on the pyramid levels of a seeded sample of photos
-(scikit-image's, unless --calibration names others), prepared exactly as extraction prepares
-them. The model's metadata records the precision, the calibration and the float32 model's
-fingerprint; the int8 model has a fingerprint of its own, so tables and indexes never mix
-the two. Speed and quality against float32: benchmarks/README.md, "CPU extraction".
+(scikit-image's photographs, unless --calibration names others: any input extract takes),
+prepared exactly as extraction prepares them. The model's metadata records the precision,
+the calibration and the float32 model's fingerprint; the int8 model has a fingerprint of its
+own, so tables and indexes never mix the two. Speed and quality against float32: benchmarks/README.md, "CPU extraction".
 """
 
-import glob
 import os
+import posixpath
 import tempfile
 
 import numpy as np
@@ -20,44 +20,50 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from delf_index.errors import UserError
+from delf_index.runtime import inputs, storage
 from delf_index.runtime.extractor import Extractor
 from delf_index.runtime.images import decode_for_extraction
 from delf_index.schemas import model as model_schema
 
 default_conf = {
     # photos (at most) whose pyramid levels calibrate the activation ranges; the default set,
-    # scikit-image's, has 8
+    # scikit-image's photographs, has 8
     "calibration_images": 16,
     "seed": 0,  # which photos, when more are given
     "per_channel": True,  # one weight scale per output channel
 }
 
 
-def calibration_photos(pattern=None, count=16, seed=0):
-    """Decoded photos (RGB, largest side 1024) for calibration: a seeded sample of the files
-    matching `pattern`, else scikit-image's photos."""
-    if pattern:
-        paths = sorted(glob.glob(pattern))
-        if not paths:
-            raise UserError(f"--calibration {pattern} matched no file")
+# scikit-image's photographs (no microscopy, text or textures): the default calibration set
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "motorcycle_right", "camera", "clock")
+
+
+def calibration_photos(spec=None, count=16, seed=0):
+    """Decoded photos (RGB, largest side 1024) for calibration, and their names: a seeded
+    sample of the images of `spec` (any input extract takes: a glob, a folder, tar shards or a
+    manifest, on any store), else scikit-image's photographs."""
+    if spec:
+        items, _ = inputs.list_input(spec)
         rng = np.random.default_rng(seed)
-        chosen = sorted(rng.choice(paths, min(count, len(paths)), replace=False))
-        photos = []
-        for path in chosen:
-            with open(path, "rb") as f:
-                photos.append(decode_for_extraction(f.read(), 1024)[0])
-        return photos, [os.path.basename(p) for p in chosen]
+        if inputs.input_kind(spec) == "tar":
+            members = [(f"{uri}#{name}", data) for uri, *_ in items for name, data in inputs.iter_tar(uri)]
+        else:
+            members = [(uri, None) for _, uri, *_ in items]
+        chosen = [members[i] for i in sorted(rng.choice(len(members), min(count, len(members)), replace=False))]
+        photos = [decode_for_extraction(data or storage.read_bytes(uri), 1024)[0] for uri, data in chosen]
+        return photos, [posixpath.basename(uri) for uri, _ in chosen]
     # scikit-image ships real photos (the [demo] and [dev] extras); calibration needs some
     from skimage import data
 
-    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "motorcycle_left", "camera", "page"]
     photos = []
-    for name in names[:count]:
-        image = data.stereo_motorcycle()[0] if name == "motorcycle_left" else np.asarray(getattr(data, name)())
+    for name in SKIMAGE_PHOTOS[:count]:
+        if name.startswith("motorcycle_"):
+            image = data.stereo_motorcycle()[0 if name.endswith("left") else 1]
+        else:
+            image = np.asarray(getattr(data, name)())
         image = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
         photos.append(np.ascontiguousarray(image, np.uint8))
-    return photos, [f"scikit-image {n}" for n in names[:count]]
+    return photos, [f"scikit-image {n}" for n in SKIMAGE_PHOTOS[:count]]
 
 
 class PyramidLevels(CalibrationDataReader):

@@ -17,7 +17,7 @@ import torch
 from delf_index.errors import UserError
 from delf_index.model.export import build_model
 from delf_index.model.weights import default_weights_path, sha256_file
-from delf_index.runtime.extractor import default_model_path, read_model_bytes
+from delf_index.runtime.extractor import read_model_bytes, shipped_model_path
 from delf_index.schemas import model as model_schema
 
 
@@ -46,7 +46,7 @@ class TorchEngine:
     @classmethod
     def from_onnx(cls, model=None, weights=None, attention=None, **options):
         """The network of an exported model, rebuilt from the weight files it was exported from."""
-        uri = model or default_model_path()
+        uri = model or shipped_model_path("float32")  # the torch network is the float32 export's
         proto = onnx.load_from_string(read_model_bytes(uri))
         props = {p.key: p.value for p in proto.metadata_props}
         meta = model_schema.parse_metadata(props, source=uri)

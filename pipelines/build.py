@@ -50,8 +50,8 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import shards as shards_lib
 from delf_index.pipelines import cli
 from delf_index.pipelines.extract import CountProgress
-from delf_index.pipelines.inputs import read_ids
 from delf_index.runtime import failpoints, lease, progress, storage, tables
+from delf_index.runtime.inputs import read_ids
 from delf_index.runtime.tables import iter_batches
 from delf_index.schemas.artifact import ARTIFACT_VERSION, STAGING
 from delf_index.version import __version__

@@ -24,6 +24,8 @@ import sys
 import warnings
 
 from delf_index.errors import UserError
+from delf_index.indexing import synthesis
+from delf_index.indexing.retrieval import default_conf as retrieval_defaults
 from delf_index.runtime import cache
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.version import __version__
@@ -178,7 +180,9 @@ def add_cache_argument(parser):
 def add_extractor_arguments(parser):
     """Command-line options for the knobs of the extractor's conf (None: not given)."""
     group = parser.add_argument_group("extraction (defaults: the official DELF settings, docs/extraction.md)")
-    group.add_argument("--model", help="exported .onnx model, any fsspec URI (default: the shipped model)")
+    group.add_argument(
+        "--model", help="int8 or float32 (shipped; default: the table's, else int8 on CPUs), or an .onnx file"
+    )
     group.add_argument(
         "--scales", type=float, nargs="+", help=f"pyramid scales (default {extractor_defaults['scales']})"
     )
@@ -203,6 +207,28 @@ def extractor_conf_from_args(args):
     if args.max_image_size is not None:
         conf["max_image_size"] = args.max_image_size or None
     return conf
+
+
+def add_ranking_arguments(parser):
+    """The switches of the ranking's later stages (indexing/retrieval.py; None: not given, the
+    default stands): query expansion, DBA and view synthesis."""
+    group = parser.add_argument_group("ranking stages (docs/index.md)")
+    on_off = argparse.BooleanOptionalAction
+    group.add_argument("--expansion", action=on_off, help="alpha-QE with the verified results (default: on)")
+    group.add_argument("--graph-expansion", action=on_off, help="verified results vote for their match-graph "
+                       "neighbours (default: when the index holds a graph, `match --augment`)")  # fmt: skip
+    group.add_argument("--dba", action=on_off, help="rank against neighbour-augmented global descriptors "
+                       "(default: when the index holds them, `match --augment`)")  # fmt: skip
+    group.add_argument("--synthesis", nargs="*", metavar="STAGE", choices=list(synthesis.STAGES),
+                       help=f"view synthesis stages for queries that verify weakly, of {list(synthesis.STAGES)}; "
+                       f"none given: off (default: {retrieval_defaults['synthesis_stages']})")  # fmt: skip
+
+
+def ranking_conf_from_args(args):
+    """The ranking switches given on the command line, as query conf."""
+    names = {"expansion": "expansion", "graph_expansion": "graph_expansion", "dba": "use_dba",
+             "synthesis": "synthesis_stages"}  # fmt: skip
+    return {key: getattr(args, name) for name, key in names.items() if getattr(args, name) is not None}
 
 
 # -- the command ------------------------------------------------------------------------------

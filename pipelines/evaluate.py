@@ -59,14 +59,14 @@ from delf_index.runtime.tables import iter_features
 log = logging.getLogger(__name__)
 
 KAPPAS = (1, 5, 10)
-FINAL = "fused + verification"  # the ranking whose scores are the summary (the query settings given)
+FINAL = "default"  # the ranking whose scores are the summary: the query settings given
 default_conf = {
     "extract": {},  # overrides of extract.default_conf
     "fit": {},  # overrides of indexing.codebooks.default_conf (seed, pq, ...)
     "query": {},  # overrides of indexing.retrieval.default_conf
     "ablation": True,  # also score each ranking stage alone (retrieval.presets)
-    "augment": False,  # match the index against itself (--augment) and score the expansion stages too
-    "method": "knn",  # local ranking: knn (k-NN voting), asmk, or both side by side ("ASMK ..." rows)
+    "augment": False,  # match the index against itself (--augment): graph expansion and DBA too
+    "method": "knn",  # local ranking: knn (k-NN voting), asmk, or both: side by side and fused (ranking_configs)
 }
 
 
@@ -87,9 +87,8 @@ def groups_protocol(groups_csv, images):
     for name, group in rows:
         if group:
             positives = [other for other, g in rows if g == group and other != name]
-            queries.append(
-                {"id": name, "label": group, "positives": {"all": positives}, "junk": {"all": []}, "exclude": [name]}
-            )
+            queries.append({"id": name, "uri": os.path.join(images, name), "label": group,
+                            "positives": {"all": positives}, "junk": {"all": []}, "exclude": [name]})  # fmt: skip
     return manifest, queries
 
 
@@ -134,9 +133,15 @@ class RunQueries(beam.DoFn):
     def setup(self):
         artifact = art.Artifact.load(self.index_uri)
         self.indexes = {name: Index(artifact, conf) for name, conf in self.configs.items()}
+        # a stage of the ablation that the default already is (alpha-QE without a match
+        # graph, say) is ranked once: {name: the earlier name with the same settings}
+        first = {}
+        self.same = {name: first.setdefault(json.dumps(index.conf, sort_keys=True), name)
+                     for name, index in self.indexes.items()}  # fmt: skip
 
     def process(self, element):
         query, features = element
+        image = query.get("uri")  # view synthesis extracts views of it, where a query needs them
         if features is None:  # a query image outside the database (revisitop): crop, extract
             image = read_image(query["uri"])
             if query.get("bbx"):
@@ -150,15 +155,23 @@ class RunQueries(beam.DoFn):
         for index in self.indexes.values():
             if index.method not in prepared and len(features):
                 start = time.perf_counter()
+                if index.method == "both" and {"knn", "asmk"} <= set(prepared):  # what they prepared
+                    prepared["both"] = {**prepared["knn"], **prepared["asmk"]}
+                    prepare_seconds["both"] = prepare_seconds["knn"] + prepare_seconds["asmk"]
+                    continue
                 prepared[index.method] = index.prepare(features)
                 prepare_seconds[index.method] = time.perf_counter() - start
         for name, index in self.indexes.items():
-            start = time.perf_counter()
-            results = index.search(
-                features, top_k=None, exclude=query["exclude"], with_matches=False, prepared=prepared.get(index.method)
-            )
+            if self.same[name] != name:
+                row.update({key.replace(self.same[name], name, 1): value for key, value in row.items()
+                            if key.startswith(f"{self.same[name]}|")})  # fmt: skip
+                continue
+            start, timings = time.perf_counter(), {}
+            results = index.search(features, top_k=None, exclude=query["exclude"], with_matches=False,
+                                   timings=timings, prepared=prepared.get(index.method), image=image)  # fmt: skip
             uses_local = index.conf["use_local"] or index.conf["use_verification"]
             seconds = time.perf_counter() - start + prepare_seconds.get(index.method, 0.0) * uses_local
+            row[f"{name}|extractions"] = 1 + timings.get("synthesis_views", 0)
             ranking = [r.image_id for r in results]
             for protocol, positives in query["positives"].items():
                 m = metrics.query_metrics(ranking, positives, query["junk"][protocol], KAPPAS)
@@ -225,6 +238,7 @@ def summarise(rows, configs, protocols):
             per = [r[f"{name}|{protocol}"] for r in rows]
             out[name][protocol] = metrics.mean_metrics(per, KAPPAS)
         out[name]["seconds_per_query"] = float(np.mean([r[f"{name}|seconds"] for r in rows]))
+        out[name]["extractions_per_query"] = float(np.mean([r.get(f"{name}|extractions", 1) for r in rows]))
     return out
 
 
@@ -300,20 +314,9 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
 
     if conf["augment"] and (redo or not art.current_manifest(index).get("augmented")):
         match.run(index, os.path.join(workdir, "match"), conf={"sheet": False}, beam_options=beam_options, augment=True)
-    stages = {**presets, **(expansion_presets if conf["augment"] else {})}
-    if not conf["ablation"]:
-        stages = {FINAL: {}, **(expansion_presets if conf["augment"] else {})}
-    methods = {"knn": ["knn"], "asmk": ["asmk"], "both": ["knn", "asmk"]}[conf["method"]]
-    configs = {
-        (f"ASMK {name.replace('local voting', 'local')}" if len(methods) == 2 and method == "asmk" else name): {
-            **query_conf,
-            "local_method": method,
-            **stage,
-        }
-        for method in methods
-        for name, stage in stages.items()
-        if not (method == "asmk" and len(methods) == 2 and name == "global only")  # the same as k-NN's
-    }
+    stages = {**presets, **(expansion_presets if conf["augment"] else {})} if conf["ablation"] else {}
+    stages[FINAL] = {}
+    configs = ranking_configs(conf["method"], stages, query_conf)
     start = time.time()
     elements = query_elements(queries, features, in_database)
     missing = len(queries) - len(elements)
@@ -348,11 +351,27 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     }
     if conf["method"] == "both":
         summary["ASMK mAP"] = round(scores[f"ASMK {FINAL}"][main_protocol]["mAP"], 4)
+        summary["k-NN + ASMK mAP"] = round(scores[f"k-NN + ASMK {FINAL}"][main_protocol]["mAP"], 4)
     with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
         json.dump({"summary": summary, "protocol": main_protocol, "scores": scores, "timings": timings}, f, indent=1)
     cli.say(f"report: {os.path.join(workdir, 'eval', 'report.html')} (and report.md)")
     print(json.dumps(summary))
     return summary
+
+
+def ranking_configs(method, stages, query_conf):
+    """{row name: query conf}: the `stages` of one local method, or with --method both, k-NN
+    voting's, ASMK's ("ASMK ...") and both fused ("k-NN + ASMK ..."); the global-only ranking,
+    the expansion and synthesis stages once, with k-NN voting."""
+    if method != "both":
+        return {name: {**query_conf, "local_method": method, **stage} for name, stage in stages.items()}
+    configs = {name: {**query_conf, "local_method": "knn", **stage} for name, stage in stages.items()}
+    for method, prefix in (("asmk", "ASMK "), ("both", "k-NN + ASMK ")):
+        for name, stage in stages.items():
+            if name == FINAL or name in ("local voting only", "fused", "fused + verification"):
+                name = prefix + name.replace("local voting", "local")
+                configs[name] = {**query_conf, "local_method": method, **stage}
+    return configs
 
 
 def failed_row(query, configs, protocols):
@@ -399,15 +418,16 @@ def report(work, rows, scores, configs, protocols, timings, database_size):
         + (f" (also {', '.join(p for p in protocols if p != main_protocol)})" if len(protocols) > 1 else "")
         + "; revisitop AP over the full ranking.",
         "",
-        "| ranking | " + " | ".join(f"mAP {p}" for p in protocols) + " | mP@5 | R@1 | s/query |",
-        "| --- | " + " | ".join("---" for _ in protocols) + " | --- | --- | --- |",
+        "| ranking | " + " | ".join(f"mAP {p}" for p in protocols) + " | mP@5 | R@1 | s/query | extractions/query |",
+        "| --- | " + " | ".join("---" for _ in protocols) + " | --- | --- | --- | --- |",
     ]
     for name in configs:
         s = scores[name]
         lines.append(
             f"| {name} | "
             + " | ".join(f"{s[p]['mAP']:.3f}" for p in protocols)
-            + f" | {s[main_protocol]['mP@5']:.3f} | {s[main_protocol]['R@1']:.3f} | {s['seconds_per_query']:.3f} |"
+            + f" | {s[main_protocol]['mP@5']:.3f} | {s[main_protocol]['R@1']:.3f} | {s['seconds_per_query']:.3f}"
+            + f" | {s['extractions_per_query']:.2f} |"
         )
     lines += ["", "![precision-recall](pr.png)", "", f"## Worst queries ({final}, {main_protocol})", ""]
     lines += ["| query | AP | top results (inliers) |", "| --- | --- | --- |"]
@@ -426,10 +446,11 @@ def report_html(work, rows, scores, configs, protocols, queries, uri_of, worst=1
     each."""
     folder = os.path.join(work, "eval")
     protocol = "medium" if "medium" in protocols else protocols[0]
-    header = ["ranking", *(f"mAP {p}" for p in protocols), "mP@5", "R@1", "s/query"]
+    header = ["ranking", *(f"mAP {p}" for p in protocols), "mP@5", "R@1", "s/query", "extractions/query"]
     table = [
         [name, *(f"{scores[name][p]['mAP']:.3f}" for p in protocols), f"{scores[name][protocol]['mP@5']:.3f}",
-         f"{scores[name][protocol]['R@1']:.3f}", f"{scores[name]['seconds_per_query']:.3f}"]
+         f"{scores[name][protocol]['R@1']:.3f}", f"{scores[name]['seconds_per_query']:.3f}",
+         f"{scores[name]['extractions_per_query']:.2f}"]
         for name in configs
     ]  # fmt: skip
     by_id = {q["id"]: q for q in queries}
@@ -486,9 +507,9 @@ def main(argv=None):
     truth.add_argument("--groups", help="groups.csv (image,group): leave-one-out protocol")
     truth.add_argument("--gnd", help="revisitop ground truth .pkl (Easy / Medium / Hard)")
     parser.add_argument("--workdir", required=True, help="features, codebooks, index and eval/ go here")
-    parser.add_argument("--model", help="exported .onnx model (default: the shipped one)")
+    parser.add_argument("--model", help="int8 or float32 (shipped; default: int8 on CPUs), or an .onnx file")
     parser.add_argument("--no-ablation", action="store_true", help="score only the full ranking")
-    parser.add_argument("--augment", action="store_true", help="also match the index and score query expansion, DBA")
+    parser.add_argument("--augment", action="store_true", help="match the index against itself: graph expansion, DBA")
     parser.add_argument("--fresh", action="store_true", help="recompute every step, reuse nothing")
     parser.add_argument("--seed", type=int, help="seed of the codebook training (fit; default 0)")
     parser.add_argument(
@@ -497,12 +518,13 @@ def main(argv=None):
     for key in ("knn", "nprobe", "shortlist", "min_inliers"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"query {key} ({query_defaults[key]})")
     parser.add_argument("--local-weight", type=float, help=f"query local_weight ({query_defaults['local_weight']})")
+    cli.add_ranking_arguments(parser)
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
     query = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight")}
     conf = {
         "fit": {} if args.seed is None else {"seed": args.seed},
-        "query": {k: v for k, v in query.items() if v is not None},
+        "query": {**{k: v for k, v in query.items() if v is not None}, **cli.ranking_conf_from_args(args)},
         "ablation": not args.no_ablation,
         "augment": args.augment,
         "method": args.method,

@@ -46,10 +46,10 @@ from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from delf_index.errors import UserError
-from delf_index.pipelines import cli, inputs
+from delf_index.pipelines import cli
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet
-from delf_index.runtime import failpoints, lease, progress, storage, tables
-from delf_index.runtime.extractor import Extractor, load_model, recorded_settings
+from delf_index.runtime import failpoints, inputs, lease, progress, storage, tables
+from delf_index.runtime.extractor import Extractor, load_model, model_of, recorded_settings
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_extraction
 from delf_index.schemas import features as table_schema
@@ -475,6 +475,12 @@ def build(p, plan_uri, groups, kind, conf, records_schema, run, model=None, thre
 
 
 # -- 3. the run ---------------------------------------------------------------------------------
+def gpu_workers(flags):
+    """Whether the job's workers have GPUs: a Beam option that attaches an accelerator (Dataflow's
+    worker_accelerator), else whether this machine has one (a local run)."""
+    return True if any("accelerator" in flag for flag in flags) else None
+
+
 def check_table(snap, uri, fingerprint, settings, descriptor_dtype):
     """Refuse to add to a table of another model, other settings or another descriptor type."""
     props = snap.properties
@@ -515,9 +521,12 @@ def run(
     extract everything again. `dry_run`: plan only. `wait`: wait for another writer of the
     table instead of failing."""
     conf = resolve_conf(conf)
-    _, model_metadata, fingerprint = load_model(model)
     flags, threads = cli.beam_flags(beam_options)
     output = output.rstrip("/")
+    # a table keeps the model it was made with; a new one gets int8 on CPU workers, float32 on GPUs
+    made_with = tables.snapshot(output).properties["model_fingerprint"] if tables.exists(output) else None
+    model = model_of(made_with, model, gpu=gpu_workers(flags))
+    _, model_metadata, fingerprint = load_model(model)
     settings = recorded_settings(conf["extractor"])
     properties = table_schema.table_properties(fingerprint, model_metadata, settings, conf["descriptor_dtype"])
     records_schema = table_schema.records_schema(conf["descriptor_dtype"], model_metadata["descriptor_dim"])

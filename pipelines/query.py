@@ -50,19 +50,17 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=10, help="results per query")
     parser.add_argument("--json", action="store_true", help="one JSON line per query")
     parser.add_argument("--visualize", metavar="DIR", help="write a PNG of each result's inlier matches here")
-    parser.add_argument("--model", help="the .onnx model the index was built from (default: the shipped one)")
+    parser.add_argument("--model", help="the model the index was built from (default: found by its fingerprint)")
     parser.add_argument("--shortlist", type=int, default=default_conf["shortlist"], help="images verified per query")
     parser.add_argument("--no-global", action="store_true", help="switch off the global descriptor")
     parser.add_argument(
-        "--local-method", choices=("knn", "asmk"), help="local ranking of an index built with both (default: knn)"
+        "--local-method",
+        choices=("knn", "asmk", "both"),
+        help="local ranking of an index built with both: either, or both fused (default: knn)",
     )
     parser.add_argument("--no-local", action="store_true", help="switch off the local ranking (votes or ASMK)")
     parser.add_argument("--no-verification", action="store_true", help="switch off geometric verification")
-    parser.add_argument("--expansion", action="store_true", help="alpha-QE with the verified results, verify again")
-    parser.add_argument(
-        "--graph-expansion", action="store_true", help="verified results vote for their graph neighbours (--augment)"
-    )
-    parser.add_argument("--dba", action="store_true", help="rank against neighbour-augmented globals (--augment)")
+    cli.add_ranking_arguments(parser)
     parser.add_argument("--max-lines", type=int, default=100, help="correspondences drawn per match, strongest first")
     cli.add_cache_argument(parser)
     args = parser.parse_args(argv)
@@ -71,10 +69,8 @@ def main(argv=None):
         "use_global": not args.no_global,
         "use_local": not args.no_local,
         "use_verification": not args.no_verification,
-        "expansion": args.expansion,
-        "graph_expansion": args.graph_expansion,
-        "use_dba": args.dba,
         "local_method": args.local_method,
+        **cli.ranking_conf_from_args(args),
     }
     index = Index.load(args.index, model=args.model, conf=conf)
     failures = 0

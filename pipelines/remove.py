@@ -21,8 +21,8 @@ once (`build --append`). An image not extracted yet can be removed too: it never
 from delf_index.errors import UserError
 from delf_index.pipelines import build, cli
 from delf_index.pipelines.extract import DEFAULT_MAX_CHANGE
-from delf_index.pipelines.inputs import read_ids
 from delf_index.runtime import tables
+from delf_index.runtime.inputs import read_ids
 
 
 def run(features, ids, restore=False, note=None, wait=False, max_change=DEFAULT_MAX_CHANGE):

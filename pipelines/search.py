@@ -37,10 +37,10 @@ from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing.retrieval import Index, local_method
 from delf_index.indexing.retrieval import default_conf as query_defaults
-from delf_index.pipelines import cli, extract, inputs, visualize
+from delf_index.pipelines import cli, extract, visualize
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import progress, storage, tables
-from delf_index.runtime.extractor import load_model
+from delf_index.runtime import inputs, progress, storage, tables
+from delf_index.runtime.extractor import load_model, model_of
 from delf_index.schemas import search as search_schema
 from delf_index.version import __version__
 
@@ -96,7 +96,8 @@ class Search(beam.DoFn):
         query_id, uri, features = element
         exclude = [query_id] if self.conf["exclude_self"] else ()
         try:
-            results = self.index.search(features, top_k=self.conf["top"], exclude=exclude, with_matches=False)
+            results = self.index.search(features, top_k=self.conf["top"], exclude=exclude, with_matches=False,
+                                        image=uri)  # fmt: skip
         except UserError as e:
             self.failed.inc()
             yield beam.pvalue.TaggedOutput(
@@ -212,6 +213,7 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         has = {"knn": "index.faiss" in manifest["files"], "asmk": "asmk_offsets.npy" in manifest["files"]}
         local_method(conf["query"].get("local_method"), has)
         if not tables.exists(input):
+            model = model_of(manifest["model_fingerprint"], model)  # by default the index's own
             _, _, fingerprint = load_model(model)
             art.check_fingerprint(manifest["model_fingerprint"], fingerprint, "queries extracted with this model")
         meta = search_schema.table_metadata("results", manifest["version"], manifest["model_fingerprint"], conf)
@@ -292,14 +294,17 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="results and errors tables go here")
     parser.add_argument("--top", type=int, default=default_conf["top"], help="results per query")
     parser.add_argument("--exclude-self", action="store_true", help="leave each query's own image_id out")
-    parser.add_argument("--model", help="the .onnx model the index was built from (image queries)")
+    parser.add_argument("--model", help="the model the index was built from (default: found by its fingerprint)")
     for key in ("knn", "nprobe", "shortlist", "min_inliers"):
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"query {key} ({query_defaults[key]})")
     parser.add_argument("--local-weight", type=float, help=f"query local_weight ({query_defaults['local_weight']})")
     parser.add_argument(
-        "--local-method", choices=("knn", "asmk"), help="local ranking of an index built with both (default: knn)"
+        "--local-method",
+        choices=("knn", "asmk", "both"),
+        help="local ranking of an index built with both: either, or both fused (default: knn)",
     )
     parser.add_argument("--no-verification", action="store_true", help="rank without geometric verification")
+    cli.add_ranking_arguments(parser)
     cli.add_cache_argument(parser)
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
@@ -307,5 +312,6 @@ def main(argv=None):
     query = {k: v for k, v in query.items() if v is not None}
     if args.no_verification:
         query["use_verification"] = False
+    query.update(cli.ranking_conf_from_args(args))
     conf = {"top": args.top, "exclude_self": args.exclude_self, "query": query}
     run(args.input, args.index, args.output, conf, args.model, beam_options)

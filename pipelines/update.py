@@ -119,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--features", required=True, help="the features table it keeps up to date")
     parser.add_argument("--index", required=True, help="the index it keeps up to date")
     parser.add_argument("--codebooks", help="codebooks for the first build (default: fit them into INDEX/codebooks)")
-    parser.add_argument("--model", help="exported .onnx model (default: the shipped one)")
+    parser.add_argument("--model", help="int8 or float32 (shipped; default: the table's, else int8 on CPUs), or .onnx")
     parser.add_argument("--retry-errors", action="store_true", help="also retry the images that failed before")
     parser.add_argument("--compact-above", type=float, help="rebuild above this share of hidden images (0.25)")
     parser.add_argument("--keep", type=int, help=f"index versions kept ({build.DEFAULT_KEEP})")

@@ -23,6 +23,7 @@ Usage:
     many = extractor.extract_batch(images)           # same-size pyramid levels share a forward pass
 """
 
+import functools
 import importlib.resources
 import json
 import threading
@@ -56,7 +57,9 @@ default_conf = {
 }
 
 SPEED_ONLY = ("max_batch",)  # knobs that change how fast features come, not which
-DEFAULT_MODEL = "delf-efficientnet_lite0.onnx"
+# the models shipped in the package (model/default/MODEL_CARD.md), by precision
+SHIPPED_MODELS = {"float32": "delf-efficientnet_lite0.onnx", "int8": "delf-efficientnet_lite0-int8.onnx"}
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def recorded_settings(conf):
@@ -65,12 +68,47 @@ def recorded_settings(conf):
     return json.loads(json.dumps({k: v for k, v in conf.items() if k not in SPEED_ONLY}))
 
 
-def default_model_path():
-    """The .onnx model shipped with the package (model/default/, see its MODEL_CARD.md).
+def shipped_model_path(precision="float32"):
+    """A .onnx model shipped with the package (model/default/, see its MODEL_CARD.md): the
+    float32 export, or its int8 quantization for CPUs.
 
-    It is package data of delf_index.model, which holds the weights (the design's layout);
-    reading it imports no code of that package (its __init__ is empty, no torch)."""
-    return str(importlib.resources.files("delf_index.model") / "default" / DEFAULT_MODEL)
+    They are package data of delf_index.model, which holds the weights (the design's layout);
+    reading them imports no code of that package (its __init__ is empty, no torch)."""
+    return str(importlib.resources.files("delf_index.model") / "default" / SHIPPED_MODELS[precision])
+
+
+def default_model(gpu=None):
+    """The shipped model used when none is named: "int8" on CPUs (twice as fast, and the same
+    retrieval quality within the seed-to-seed spread: benchmarks/README.md, "CPU extraction"),
+    "float32" on GPUs. `gpu` None: whether onnxruntime has a GPU provider here."""
+    if gpu is None:
+        gpu = any(p in ort.get_available_providers() for p in GPU_PROVIDERS)
+    return "float32" if gpu else "int8"
+
+
+def default_model_path(gpu=None):
+    return shipped_model_path(default_model(gpu))
+
+
+def model_path(name=None):
+    """The model file a name stands for: a path or URI as it is, "float32" or "int8" for the
+    shipped ones (resolved on each machine: Beam workers get the name), None for the default."""
+    name = default_model() if name is None else name
+    return shipped_model_path(name) if name in SHIPPED_MODELS else name
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_fingerprints():
+    return {load_model(name)[2]: name for name in SHIPPED_MODELS}
+
+
+def model_of(fingerprint, name=None, gpu=None):
+    """The model that extracts for a table or an index made with model `fingerprint` (None: a
+    new one): `name` when given, else the shipped model with that fingerprint (an index built
+    with the float32 model keeps querying with it), else the default for `gpu`."""
+    if name is not None:
+        return name
+    return _shipped_fingerprints().get(fingerprint) or default_model(gpu)
 
 
 class ModelError(UserError):
@@ -83,8 +121,9 @@ def read_model_bytes(uri):
 
 
 def load_model(uri=None):
-    """(model bytes, metadata, fingerprint) of an exported model; refuses altered or foreign files."""
-    uri = uri or default_model_path()
+    """(model bytes, metadata, fingerprint) of an exported model (a path or URI, "float32",
+    "int8", or None: the default); refuses altered or foreign files."""
+    uri = model_path(uri)
     data = read_model_bytes(uri)
     try:
         proto = onnx.load_from_string(data)
@@ -117,7 +156,7 @@ class OnnxEngine:
     """Runs the exported model with onnxruntime. One session, safe to share across threads."""
 
     def __init__(self, model=None, providers=None, threads=None):
-        uri = model or default_model_path()
+        uri = model_path(model)
         data, self.metadata, self.fingerprint = load_model(uri)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -322,8 +361,9 @@ class Extractor:
     def describe(self):
         """One-line summary of the model and settings, for logs."""
         meta = self.metadata
+        precision = meta.get("precision", {}).get("type", "float32")
         return (
-            f"{meta['backbone']}/{meta['feature_layer']} ({meta['descriptor_dim']}-d, attention="
+            f"{meta['backbone']}/{meta['feature_layer']} {precision} ({meta['descriptor_dim']}-d, attention="
             f"{meta['attention']['type']}) fingerprint {self.fingerprint[:12]}, conf {json.dumps(self.conf)}"
         )
 

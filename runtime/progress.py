@@ -38,7 +38,8 @@ class Counter:
 
     def __init__(self, folder):
         self.folder, self.count, self.written, self.last = folder, 0, 0, 0.0
-        self.path = posixpath.join(folder, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        self.path = posixpath.join(folder, name) if folder else None
 
     def add(self, n=1):
         self.count += n

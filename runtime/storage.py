@@ -102,11 +102,21 @@ def retrying(operation, what, attempts=None, delay=1.0):
 
 
 def read_bytes(uri):
-    """The whole content of one object or file."""
+    """The whole content of one object or file, as it is now: one GET, not pinned to what this
+    process's listing cache knows of it (s3fs would refuse an object rewritten since, "file
+    expired", on every retry)."""
+    if is_local(uri):
+        path = local_path(uri)
 
-    def read():
-        with open_file(uri, "rb") as f:
-            return f.read()
+        def read():
+            with open(path, "rb") as f:
+                return f.read()
+
+    else:
+        fs, path = filesystem(uri)
+
+        def read():
+            return fs.cat_file(path)
 
     return retrying(read, f"reading {uri}")
 

@@ -365,12 +365,18 @@ def test_build_both_answers_by_either_method(evaluated, asmk_codebooks, corpus, 
     assert artifact.index is not None and len(artifact.asmk["offsets"]) == 129
     assert len(artifact.codes) == manifest["counts"]["descriptors"]
     query = str(corpus / "images" / "rocket-zoom.jpg")
-    for method in ("knn", "asmk"):
+    local = {}
+    for method in ("knn", "asmk", "both"):
         index = Index(artifact, {"local_method": method})
         assert index.method == method
         results = index.search(query, top_k=3, exclude=["rocket-zoom.jpg"])
         assert results[0].image_id.startswith("rocket") and results[0].inliers >= 12, method
         assert results[0].query_xy.shape == (results[0].inliers, 2)
+        unverified = Index(artifact, {"local_method": method, "use_verification": False})
+        local[method] = {r.image_id: r.local_score for r in unverified.search(query, top_k=None)}
+    # both fused: the mean of the votes and the ASMK similarity (equal weights: ratio 1)
+    for image_id, score in local["both"].items():
+        assert score == pytest.approx(0.5 * (local["knn"][image_id] + local["asmk"][image_id]), abs=1e-6)
     # the query's own image, by ASMK alone with one word per descriptor: similarity 1
     itself = Index(artifact, {"local_method": "asmk", "use_global": False, "use_verification": False})
     itself.asmk_conf["query_assignments"] = 1
@@ -396,8 +402,9 @@ def test_an_asmk_index_needs_words_and_answers_only_asmk(evaluated, asmk_codeboo
     assert index.method == "asmk" and index.artifact.index is None
     results = index.search(str(corpus / "images" / "coffee-view.jpg"), top_k=2, exclude=["coffee-view.jpg"])
     assert results[0].image_id.startswith("coffee") and results[0].inliers >= 12
-    with pytest.raises(QueryError, match="no knn lists"):
-        Index(index.artifact, {"local_method": "knn"})
+    for method in ("knn", "both"):
+        with pytest.raises(QueryError, match="no knn lists"):
+            Index(index.artifact, {"local_method": method})
     with pytest.raises(QueryError, match="no asmk lists"):
         Index.load(str(evaluated[0] / "index"), conf={"local_method": "asmk"})
     # a search job refuses before it starts, not in each worker
@@ -419,8 +426,8 @@ def test_an_asmk_index_needs_words_and_answers_only_asmk(evaluated, asmk_codeboo
 
 
 def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
-    """evaluate --method both: words fitted, one index with both, every stage of each method
-    scored; the ASMK rows are the ASMK index's own rankings."""
+    """evaluate --method both: words fitted, one index with both, the stages of each method
+    and of both fused scored; the ASMK rows are the ASMK index's own rankings."""
     work = tmp_path / "work"
     shutil.copytree(evaluated[0], work)
     summary = evaluate.run(
@@ -429,9 +436,11 @@ def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
     assert art.current_manifest(str(work / "index"))["method"] == "both"
     metrics = json.loads((work / "eval" / "metrics.json").read_text())["scores"]
     assert "ASMK local only" in metrics and "ASMK global only" not in metrics  # global: the same as k-NN's
-    assert summary["ASMK mAP"] == round(metrics["ASMK fused + verification"]["all"]["mAP"], 4) > 0.8
+    assert summary["ASMK mAP"] == round(metrics["ASMK default"]["all"]["mAP"], 4) > 0.8
+    assert summary["k-NN + ASMK mAP"] == round(metrics["k-NN + ASMK default"]["all"]["mAP"], 4) > 0.8
+    assert "k-NN + ASMK local only" in metrics and "ASMK + view synthesis" not in metrics  # synthesis: k-NN's
     report = (work / "eval" / "report.md").read_text()
-    assert "| ASMK fused + verification |" in report
+    assert "| ASMK fused + verification |" in report and "| k-NN + ASMK fused + verification |" in report
     # back to k-NN voting alone: the codebooks (with words k-NN does not use) are kept, the
     # index is built again with the k-NN lists only
     fitted = (work / "codebooks" / "codebooks.json").read_text()

@@ -186,3 +186,17 @@ def test_label_csv_rows_without_an_image_id_are_skipped(tmp_path):
     (tmp_path / "bad.csv").write_text("name,label\na.jpg,x\n")
     with pytest.raises(UserError, match="needs columns image_id"):
         match.read_labels(str(tmp_path / "bad.csv"))
+
+
+def test_graph_expansion_and_dba_default_to_what_the_index_holds(evaluated, tmp_path):
+    """None (the default): on exactly when the index holds a match graph and DBA descriptors;
+    alpha-QE is on by default; an explicit False stays off."""
+    index = str(tmp_path / "index")
+    shutil.copytree(evaluated[0] / "index", index)
+    plain = Index.load(index)
+    assert plain.conf["expansion"] and not plain.conf["graph_expansion"] and not plain.conf["use_dba"]
+    match.run(index, str(tmp_path / "m"), conf={"sheet": False}, beam_options=ONE_WORKER, augment=True)
+    artifact = art.Artifact.load(index)
+    assert Index(artifact).conf["graph_expansion"] and Index(artifact).conf["use_dba"]
+    off = Index(artifact, {"graph_expansion": False, "use_dba": False, "expansion": False}).conf
+    assert not (off["graph_expansion"] or off["use_dba"] or off["expansion"])

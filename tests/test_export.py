@@ -10,8 +10,10 @@ from delf_index.model.delf import DELF
 from delf_index.model.export import build_model, export_onnx, metadata
 from delf_index.model.export import main as export_main
 from delf_index.model.torch_engine import TorchEngine
-from delf_index.runtime.extractor import Extractor, default_model_path
+from delf_index.runtime.extractor import Extractor, shipped_model_path
 from tests.conftest import rgb
+
+FLOAT32 = shipped_model_path("float32")  # what the torch model computes; the CPU default is int8
 
 
 def _torch_outputs(model, batch):
@@ -34,7 +36,7 @@ def _real_batches(photos, landmarks=None):
 def test_onnxruntime_matches_torch_eager(which, exported_default, photos):
     path, model = exported_default
     if which == "shipped":
-        path = default_model_path()
+        path = shipped_model_path("float32")
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     for batch in _real_batches(photos):
         expected = _torch_outputs(model, batch)
@@ -47,7 +49,7 @@ def test_onnxruntime_matches_torch_eager(which, exported_default, photos):
 
 def test_shipped_model_is_the_default_export(exported_default):
     """The committed .onnx carries the metadata today's code would write for the default."""
-    shipped = Extractor().metadata
+    shipped = Extractor(FLOAT32).metadata
     fresh = Extractor(exported_default[0]).metadata
     for key in fresh:
         if key != "exported_with":
@@ -56,9 +58,9 @@ def test_shipped_model_is_the_default_export(exported_default):
 
 def test_torch_engine_gives_the_same_features(photos):
     image = rgb(photos["astronaut"])
-    onnx_features = Extractor()(image)
+    onnx_features = Extractor(FLOAT32)(image)
     torch_extractor = Extractor(engine=TorchEngine.from_onnx(device="cpu", bf16=False))
-    assert torch_extractor.fingerprint == Extractor().fingerprint
+    assert torch_extractor.fingerprint == Extractor(FLOAT32).fingerprint
     torch_features = torch_extractor(image)
     # the same cells are selected (scores agree to float precision, so the order does too)
     same = (onnx_features.x == torch_features.x) & (onnx_features.y == torch_features.y)
@@ -147,10 +149,12 @@ def test_folding_the_normalisation_into_the_stem_is_exact():
 def test_int8_export_agrees_with_float32(tmp_path, photos):
     out = tmp_path / "int8.onnx"
     assert export_main(["--precision", "int8", "--output", str(out)]) == 0
-    int8, fp32 = Extractor(str(out)), Extractor()
+    int8, fp32 = Extractor(str(out)), Extractor(FLOAT32)
     precision = int8.metadata["precision"]
     assert precision["type"] == "int8" and precision["raw_pixel_input"] and len(precision["calibration"]) == 8
     assert int8.fingerprint != fp32.fingerprint  # tables and indexes never mix the two
+    # the shipped int8 model (the CPU default) is what this export makes, bit for bit
+    assert int8.fingerprint == Extractor(shipped_model_path("int8")).fingerprint
     image = rgb(photos["chelsea"])
     a, b = fp32(image), int8(image)
     d = np.hypot(a.x[:, None] - b.x[None], a.y[:, None] - b.y[None]) + 1e9 * (a.scale[:, None] != b.scale[None])
@@ -164,7 +168,7 @@ def test_int8_export_agrees_with_float32(tmp_path, photos):
 def test_global_descriptor_from_the_local_layer(tmp_path, photos):
     out = tmp_path / "local.onnx"
     assert export_main(["--global", "local", "--output", str(out)]) == 0
-    local, final = Extractor(str(out)), Extractor()
+    local, final = Extractor(str(out)), Extractor(FLOAT32)
     meta = local.metadata
     assert meta["global_dim"] == meta["descriptor_dim"] == 112 and meta["global_pooling"]["layer"] == "local"
     image = rgb(photos["rocket"])

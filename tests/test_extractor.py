@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from delf_index.indexing import verify
-from delf_index.runtime.extractor import Extractor, default_model_path, nms
+from delf_index.runtime.extractor import Extractor, nms, shipped_model_path
 from delf_index.runtime.features import Features
 from tests.conftest import rgb
 
@@ -143,7 +143,7 @@ def test_features_npz_round_trip(tmp_path, default_extractor, photos):
 
 
 def test_altered_or_foreign_models_are_refused(tmp_path):
-    proto = onnx.load(default_model_path())
+    proto = onnx.load(shipped_model_path("float32"))
     # change one weight: the stored fingerprint no longer matches
     init = proto.graph.initializer[5]
     arr = onnx.numpy_helper.to_array(init).copy()
