@@ -4,10 +4,11 @@ of growing cost as MODS: Mishkin, Matas and Perdoch, 2015).
 DELF's features come from an upright image pyramid: they tolerate scale and moderate
 perspective, not a strong tilt or an in-plane rotation. A query whose best result verifies
 weakly is therefore extracted again under simulated camera poses: a view is the image
-rotated by `phi` degrees, blurred along x (sigma 0.8 sqrt(t^2 - 1), against aliasing) and
-shrunk by 1/t along x, the tilt `t` = 1 / cos(latitude). Each view's keypoints map back into
-the query's own pixel frame through the inverse of that affine map, so that search and
-verification see one query; the database keeps its features.
+rotated (a phone held sideways), or stretched by t along a direction with its content
+upright, undoing the foreshortening of a camera turned away from the plane by the latitude
+arccos(1 / t). Each view's keypoints map back into the query's own pixel frame through the
+inverse of that affine map, so that a view's matches are verified and drawn in the query's
+pixels; the database keeps its features.
 """
 
 import math
@@ -18,11 +19,12 @@ import numpy as np
 from delf_index.runtime.features import Features
 
 # Stages of growing cost, tried in order while the best verified result has fewer inliers than
-# the index's `synthesis_min_inliers`: each names views as (tilt, phi in degrees).
+# the index's `synthesis_min_inliers`: each names views as (tilt, phi in degrees): a rotation
+# by phi when the tilt is 1, else a stretch by tilt along the direction phi.
 STAGES = {
     # a phone held sideways, a photo upside down
     "rotations": [(1.0, 90.0), (1.0, 180.0), (1.0, 270.0)],
-    # latitude 60 degrees; longitudes every 72 / t = 36 degrees below 180 (ASIFT's sampling)
+    # latitude 60 degrees; directions every 72 / t = 36 degrees below 180 (ASIFT's sampling)
     "tilt2": [(2.0, phi) for phi in (0.0, 36.0, 72.0, 108.0, 144.0)],
     # latitudes 69 and 75.5 degrees (tilts 2.8 and 4)
     "tilt4": [(2 * math.sqrt(2), phi) for phi in np.arange(0.0, 180.0, 72 / (2 * math.sqrt(2)))]
@@ -30,28 +32,39 @@ STAGES = {
 }
 
 
-def view(image, tilt=1.0, phi=0.0):
-    """(the view, A): `image` (uint8 RGB [H, W, 3]) rotated by `phi` degrees on a canvas that
-    holds all of it, blurred along x and shrunk by 1/`tilt` along x; A (2 x 3) maps a pixel
-    of the image (x, y; centres at integers) to the view's."""
+def view(image, tilt=1.0, phi=0.0, max_side=None):
+    """(the view, A): `image` (uint8 RGB [H, W, 3]) rotated by `phi` degrees when `tilt` is 1,
+    else stretched by `tilt` along the direction `phi`, its content kept upright (DELF's
+    descriptors are not rotation invariant). ASIFT shrinks by 1/t across that direction and
+    leaves the view rotated: it tilts both images, and SIFT does not mind rotations. Here only
+    the query is warped, to undo its foreshortening against an upright database image, and a
+    stretch keeps the resolution that a shrink would lose (the extractor caps the larger side
+    anyway). On a canvas that holds all of the image, at most `max_side` pixels on its larger
+    side; A (2 x 3) maps a pixel of the image (x, y; centres at integers) to the view's."""
+    if tilt <= 1:
+        return _warp(image, _rotation(phi), max_side) if phi % 360 else (image, np.eye(3)[:2])
+    return _warp(image, _rotation(-phi) @ np.diag([tilt, 1.0, 1.0]) @ _rotation(phi), max_side)
+
+
+def _rotation(phi):
+    """3 x 3: a rotation by `phi` degrees counter-clockwise (as the image shows it) about the origin."""
+    return np.vstack([cv2.getRotationMatrix2D((0.0, 0.0), phi, 1.0), [0, 0, 1]])
+
+
+def _warp(image, matrix, max_side=None):
+    """(image warped by the 3 x 3 `matrix`, shifted onto a canvas that holds all of it and
+    shrunk to at most `max_side` pixels on its larger side; the 2 x 3 map of its pixels)."""
     h, w = image.shape[:2]
-    rotation = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), phi, 1.0)  # counter-clockwise
-    corners = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], np.float64) @ rotation.T
-    rotation[:, 2] -= corners.min(axis=0)
-    size = np.ceil(corners.max(axis=0) - corners.min(axis=0)).astype(int) + 1
-    out = image
-    if phi % 360:
-        out = cv2.warpAffine(image, rotation, (int(size[0]), int(size[1])), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))  # fmt: skip
-    if tilt > 1:
-        sigma = 0.8 * math.sqrt(tilt * tilt - 1)
-        out = cv2.GaussianBlur(out, (0, 0), sigmaX=sigma, sigmaY=0.01)
-        shrink = np.array([[1 / tilt, 0, 0.5 / tilt - 0.5], [0, 1, 0]])  # pixel centres: (x + 0.5) / t - 0.5
-        width = max(1, int(round(out.shape[1] / tilt)))
-        out = cv2.warpAffine(out, shrink, (width, out.shape[0]), flags=cv2.INTER_LINEAR)
-    else:
-        shrink = np.eye(3)[:2]
-    affine = shrink @ np.vstack([rotation if phi % 360 else np.eye(3)[:2], [0, 0, 1]])
+    corners = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], np.float64) @ matrix[:2].T
+    extent = corners.max(axis=0) - corners.min(axis=0) + 1
+    fit = min(1.0, max_side / extent.max()) if max_side else 1.0
+    affine = fit * matrix[:2]
+    affine[:, 2] -= fit * corners.min(axis=0)
+    size = np.maximum(np.round(fit * extent).astype(int), 1)
+    # a shrink past 2x aliases through bilinear sampling: area-average it
+    flags = cv2.INTER_AREA if fit < 0.5 else cv2.INTER_LINEAR
+    out = cv2.warpAffine(image, affine, (int(size[0]), int(size[1])), flags=flags,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))  # fmt: skip
     return np.ascontiguousarray(out), affine
 
 
@@ -75,29 +88,13 @@ def map_back(features, affine, width, height):
     )
 
 
-def union(base, extra):
-    """`base` and the features of other views of the same image, as one query (the global
-    descriptor stays `base`'s)."""
-    parts = [base, *extra]
-    return Features(
-        x=np.concatenate([p.x for p in parts]),
-        y=np.concatenate([p.y for p in parts]),
-        scale=np.concatenate([p.scale for p in parts]),
-        attention=np.concatenate([p.attention for p in parts]),
-        descriptors=np.concatenate([p.descriptors for p in parts if len(p)] or [base.descriptors]),
-        global_descriptor=base.global_descriptor,
-        width=base.width,
-        height=base.height,
-    )
-
-
 def synthesized(extractor, image, views, features_per_view=None):
     """The features of `image` (uint8 RGB, as the extractor prepares queries) under `views`
     ([(tilt, phi)]), each mapped back into its pixels; at most `features_per_view` each."""
     h, w = image.shape[:2]
     out = []
     for tilt, phi in views:
-        warped, affine = view(image, tilt, phi)
+        warped, affine = view(image, tilt, phi, extractor.conf["max_image_size"])
         found = extractor.extract_image(warped)
         if features_per_view is not None and len(found) > features_per_view:
             keep = np.argsort(-found.attention, kind="stable")[:features_per_view]

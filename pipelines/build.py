@@ -53,7 +53,7 @@ from delf_index.pipelines.extract import CountProgress
 from delf_index.runtime import failpoints, lease, progress, storage, tables
 from delf_index.runtime.inputs import read_ids
 from delf_index.runtime.tables import iter_batches
-from delf_index.schemas.artifact import ARTIFACT_VERSION, STAGING
+from delf_index.schemas.artifact import ARTIFACT_VERSION, STAGING, VERSIONS
 from delf_index.version import __version__
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ def run(
     table_version=None,
     wait=False,
     grace=art.DEFAULT_GRACE,
+    before_publish=None,
 ):
     """Build a new version of the index at `output` from the live records of the features table
     `features` (at `table_version`, default its current one) with the codebooks of `fit`; with
@@ -227,8 +228,9 @@ def run(
     codebooks (`remove`: image_ids, or the URI of a CSV of them, to take down first). `method`:
     the local index, shards.METHODS (default: the index's own when appending to or rebuilding
     one, else "knn"). `wait`: wait for another writer of the index instead of failing.
-    Returns the new version's manifest (the current one, unchanged, when an append finds
-    nothing to do)."""
+    `before_publish`: called with the URI of the new version once it is placed, before it is
+    published, the lease held (`update` refreshes the match graph there). Returns the new
+    version's manifest (the current one, unchanged, when an append finds nothing to do)."""
     flags, _ = cli.beam_flags(beam_options)
     output = output.rstrip("/")
     if remove is not None and not append:
@@ -262,7 +264,7 @@ def run(
             live, hide, reasons = plan_append(indexed, live)
             codebooks_uri, first_id = previous_uri, len(indexed[0])
             # what describes this version alone is not carried over; nor is an augmentation, whose
-            # graph and DBA files an append drops
+            # graph and DBA files an append drops (update refreshes them: before_publish)
             dropped = ("files", "counts", "format", "format_version", "augmented", "tables")
             info = {k: v for k, v in manifest.items() if k not in dropped}
             if not live.num_rows and not hide:
@@ -319,6 +321,8 @@ def run(
                 )
             )
         failpoints.reach("build:placed")
+        if before_publish is not None:
+            before_publish(posixpath.join(output, VERSIONS, version))
         held.check()
         operation = "append" if append else "build"
         entry = {"operation": operation, **info["features"]}

@@ -30,6 +30,9 @@ import tempfile
 import time
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -47,6 +50,7 @@ from delf_index.pipelines.search import ReadQueries
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
 from delf_index.runtime import lease, progress, storage, tables
 from delf_index.schemas import search as schema
+from delf_index.schemas.artifact import STAGING
 from delf_index.version import __version__
 
 log = logging.getLogger(__name__)
@@ -158,7 +162,9 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
         summary["sheet"] = write_sheet(output, uri_of, conf["sheet_rows"], has_labels)
     if augment:
         pairs = read_table(output, "pairs")
-        summary["augmented_version"] = augment_index(index, pairs, summary["index_version"], conf["keep"])
+        summary["augmented_version"] = augment_index(
+            index, pairs, summary["index_version"], conf["keep"], matched_with(conf)
+        )
     summary["seconds"] = round(time.time() - start, 1)
     cli.say(
         f"match: {summary['images']} images, {summary['rows']['pairs']} verified pairs, "
@@ -328,10 +334,17 @@ def write_sheet(output, uri_of, rows, has_labels):
     return posixpath.join(target, "index.html")
 
 
-def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP):
+def matched_with(conf):
+    """What a graph's pairs depend on, recorded in the manifest so that `update` searches its
+    new images as the match did: candidates per image and the query options."""
+    return {"top": conf["top"], "query": conf["query"]}
+
+
+def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP, matched=None):
     """Publish a new version of `index`: the current one's files (hard links where the
     filesystem allows) plus the verified neighbour graph of `pairs` and the DBA global
-    descriptors (indexing/expansion.py). Refuses when the index changed since it was matched."""
+    descriptors (indexing/expansion.py). Refuses when the index changed since it was matched.
+    `matched`: the match settings (`matched_with`), recorded for `update`'s refreshes."""
     with lease.hold(index, "match --augment") as held:
         base = art.current_entry(index)
         if base["version"] != matched_version:
@@ -359,7 +372,13 @@ def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP):
         manifest = {
             **artifact.manifest,
             "version": version,
-            "augmented": {"from_version": matched_version, "pairs": len(triples), "conf": expansion.default_conf},
+            "augmented": {
+                "from_version": matched_version,
+                "matched_version": matched_version,
+                "pairs": len(triples),
+                "conf": expansion.default_conf,
+                "match": matched or matched_with(default_conf),
+            },
             "files": art.file_entries(work, names),
         }
         with open(os.path.join(work, "manifest.json"), "w") as f:
@@ -369,6 +388,102 @@ def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP):
         art.commit_version(index, version, base, keep, info={"operation": "augment", **manifest.get("features", {})})
     log.info("augmented %s: version %s with %d verified pairs", index, version, len(triples))
     return version
+
+
+# -- update's refresh of the graph --------------------------------------------------------------
+def refresh_graph(index, version_uri, beam_options=None, test_pipeline=None):
+    """Give the placed, not yet published version `version_uri` of `index` (an append or a
+    rebuild, by `update`) the match graph and DBA descriptors of the current version, brought
+    up to date: its edges between images that stay (same image_id and run), the verified
+    pairs of the images it did not hold (searched against `version_uri` as `match` searched,
+    with their features from the table: no extraction), DBA computed again only for the rows
+    whose DBA neighbours changed. Rewrites the version's manifest. Returns its "augmented"
+    entry, or None when the current version holds no graph (nothing to refresh)."""
+    start = time.time()
+    base = art.current_manifest(index)
+    recorded = base.get("augmented")
+    if not recorded:
+        return None
+    old = art.Artifact.load(art.current_version(index), verify=False)
+    new = art.Artifact.load(version_uri, verify=False)
+    new_of_old, old_of_new = expansion.carried_rows(live_keys(old), live_keys(new))
+    searched = [new.image_ids[row] for row in np.flatnonzero(old_of_new < 0) if new.live[row]]
+    if "match" not in recorded:  # a graph of an earlier delf-index: match's defaults made it
+        log.warning("the graph of %s does not record its match settings: refreshing with the defaults", index)
+    conf = resolve_conf(recorded.get("match") or matched_with(default_conf))
+    staging = posixpath.join(index.rstrip("/"), STAGING, f"{new.manifest['version']}-graph")
+    pairs = search_images(version_uri, new.manifest, searched, conf, staging, beam_options, test_pipeline)
+    triples = [(new.row_of[p["image_a"]], new.row_of[p["image_b"]], p["inliers"]) for p in pairs]
+    graph_, counts = expansion.refreshed_graph(old.graph, new_of_old, new.num_rows, triples)
+    globals_ = new.global_index.reconstruct_n(0, new.num_rows)
+    old_dba = old.dba_index.reconstruct_n(0, old.num_rows)
+    dba, again = expansion.refreshed_dba(globals_, graph_, old_dba, old.graph, new_of_old, old_of_new, recorded["conf"])
+    entry = {
+        **recorded,
+        "from_version": base["version"],
+        "matched_version": recorded.get("matched_version", recorded["from_version"]),
+        "pairs": int(len(graph_[1]) // 2),
+        "refreshed": {"searched": len(searched), **counts, "dba_computed": len(again),
+                      "seconds": round(time.time() - start, 1)},
+    }  # fmt: skip
+    write_augmentation(version_uri, new.manifest, graph_, dba, entry)
+    log.info("refreshed the match graph of %s for %s: %s", base["version"], new.manifest["version"], entry["refreshed"])
+    return entry
+
+
+def live_keys(artifact):
+    """(image_id, run) of each row of a version, None for a hidden one: a row's features."""
+    return [(i, r or "") if live else None for i, r, live in zip(artifact.image_ids, artifact.runs, artifact.live)]
+
+
+def query_files(manifest, image_ids):
+    """(data file uri, image_ids to skip) of the files of the table a version was built from
+    that hold the live features of `image_ids`, the skip leaving every other record out."""
+    source = manifest["features"]
+    snap = tables.snapshot(source["uri"], source["table_version"])
+    records = snap.read(["image_id", "status", "run"])
+    live = tables.live_records(records)
+    wanted = live.filter(pc.is_in(live.column("image_id"), pa.array(sorted(image_ids), pa.string())))
+    return [(uri, skip) for uri, _, skip in tables.file_skips(snap, records, wanted)]
+
+
+def search_images(version_uri, manifest, image_ids, conf, staging, beam_options=None, test_pipeline=None):
+    """The pairs-table rows (`pair_row`) of `image_ids` searched against the index version
+    `version_uri`: match's query path (Beam; Neighbours) for these images only. The rows come
+    back through one JSON object under `staging`, removed afterwards."""
+    if not image_ids:
+        return []
+    flags, _ = cli.beam_flags(beam_options)
+    found = posixpath.join(staging, "pairs.json")
+    with test_pipeline or beam.Pipeline(options=PipelineOptions(flags)) as p:
+        (
+            p
+            | "Tables" >> beam.Create(query_files(manifest, image_ids))
+            | "ReadQueries" >> beam.ParDo(ReadQueries())
+            | "SpreadQueries" >> beam.Reshuffle()
+            | "Neighbours" >> beam.ParDo(Neighbours(version_uri, conf, shared.Shared()))
+            | "GroupPairs" >> beam.GroupByKey()
+            | "Pairs" >> beam.FlatMap(pair_row)
+            | "AllPairs" >> beam.combiners.ToList()
+            | "Write" >> beam.Map(lambda rows: storage.write_bytes(found, json.dumps(rows).encode()))
+        )
+    pairs = json.loads(storage.read_bytes(found))
+    storage.remove(staging)
+    return pairs
+
+
+def write_augmentation(version_uri, manifest, graph_, dba, entry):
+    """Add the graph and DBA files to a placed version that is not published yet, and its
+    manifest the "augmented" `entry` and their checksums (the manifest last: `commit_version`
+    then records its digest)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        expansion.write_graph(tmp, graph_)
+        expansion.write_dba(tmp, dba)
+        names = [expansion.GRAPH_FILE, expansion.DBA_FILE]
+        files = {**manifest["files"], **art.file_entries(tmp, names)}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump({**manifest, "augmented": entry, "files": files}, f, indent=1, sort_keys=True)
+        storage.upload_folder(tmp, version_uri, names + ["manifest.json"])
 
 
 def main(argv=None):

@@ -15,11 +15,12 @@ one index: every later extract skips the image even while its file is still list
 build and append leaves it out, and compaction drops its features, until a restoration
 (status `restored`) lifts it. A restored image is extracted again by the next extract run
 that lists it. With `--index`, the index gets a new version without the removed images at
-once (`build --append`). An image not extracted yet can be removed too: it never will be.
+once (`build --append`; a match graph it holds keeps the edges of the images that stay). An
+image not extracted yet can be removed too: it never will be.
 """
 
 from delf_index.errors import UserError
-from delf_index.pipelines import build, cli
+from delf_index.pipelines import build, cli, match
 from delf_index.pipelines.extract import DEFAULT_MAX_CHANGE
 from delf_index.runtime import tables
 from delf_index.runtime.inputs import read_ids
@@ -51,7 +52,9 @@ def main(argv=None, restore=False):
     args = parser.parse_args(argv)
     run(args.features, read_ids(args.ids), restore, args.note, args.wait, getattr(args, "max_change", None))
     if getattr(args, "index", None):
-        build.run(args.features, args.index, append=True, wait=args.wait)
+        # an augmented index keeps its match graph, without the removed images' edges
+        refresh = lambda version: match.refresh_graph(args.index, version)  # noqa: E731
+        build.run(args.features, args.index, append=True, wait=args.wait, before_publish=refresh)
 
 
 def restore_main(argv=None):

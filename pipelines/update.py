@@ -18,9 +18,13 @@ changed, deleted and removed ones hidden) -> a new current version. The first ru
 index yet, fits codebooks (unless --codebooks names them) and builds. When hidden images
 pass `compact_above` of the index, the run rebuilds it from the live records with its own
 codebooks; when dead records pass `compact_table_above` of the table, it compacts the table
-(`delf-index compact`). Readers keep loading the previous version until the new one is
-complete. A listing that would delete or replace more than `--max-change` of the images
-stops the run before any work (extract's guard).
+(`delf-index compact`). When the index holds a match graph (`delf-index match --augment`),
+each new version gets it brought up to date before it is published: the old edges among the
+images that stay, the new images searched against the new version, DBA computed again where
+their neighbours changed (pipelines/match.py, `refresh_graph`; `--no-graph-refresh` drops
+it instead). Readers keep loading the previous version until the new one is complete. A
+listing that would delete or replace more than `--max-change` of the images stops the run
+before any work (extract's guard).
 """
 
 import logging
@@ -30,7 +34,7 @@ import time
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing.artifact import DEFAULT_GRACE
-from delf_index.pipelines import build, cli, compact, extract, fit
+from delf_index.pipelines import build, cli, compact, extract, fit, match
 from delf_index.runtime import lease
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,9 @@ default_conf = {
     "compact_table_above": 0.25,  # compact the table when this share of its records is dead; None: never
     "keep": build.DEFAULT_KEEP,  # index versions kept
     "grace": DEFAULT_GRACE,  # seconds an index version outlives its successor: readers may be loading it
+    # bring the match graph and DBA of an augmented index up to date in each new version
+    # (its new images searched, not the whole index); False: new versions drop them
+    "refresh_graph": True,
 }
 
 
@@ -77,6 +84,7 @@ def run(
             raise UserError(
                 f"every one of the {extracted['images']} images failed: see the failed records of {features}"
             )
+        refreshed = []  # the counts of each refresh of the match graph (graph_refresh)
         counts = {
             "run": extracted["run"],
             **{k: extracted[k] for k in ("listed", *extract.DECISIONS, "extracted", "failed")},
@@ -88,12 +96,16 @@ def run(
             manifest = build.run(features, index, codebooks=codebooks, beam_options=beam_options, **versions)
             action = "built"
         else:
-            manifest = build.run(features, index, append=True, beam_options=beam_options, **versions)
+            graph, refreshed = graph_refresh(index, conf["refresh_graph"], beam_options)
+            manifest = build.run(features, index, append=True, beam_options=beam_options, before_publish=graph,
+                                 **versions)  # fmt: skip
             action = "appended"
             hidden, images = manifest["counts"].get("hidden", 0), manifest["counts"]["images"]
             if images and conf["compact_above"] is not None and hidden > conf["compact_above"] * (images + hidden):
                 log.info("%d of %d indexed images are hidden: rebuilding %s", hidden, hidden + images, index)
-                manifest = build.run(features, index, codebooks=index, beam_options=beam_options, **versions)
+                # the rebuild numbers the rows anew: the graph follows its images (same image_id and run)
+                manifest = build.run(features, index, codebooks=index, beam_options=beam_options,
+                                     before_publish=graph, **versions)  # fmt: skip
                 action = "rebuilt"
         if conf["compact_table_above"] is not None:
             dead = compact.dead_share(features)
@@ -109,8 +121,29 @@ def run(
         hidden=manifest["counts"].get("hidden", 0),
         seconds=round(time.time() - start, 1),
     )
+    if refreshed:  # the images the match graph's refresh searched: the new ones
+        counts["graph_searched"] = refreshed[0]["searched"]
     cli.say("update: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return counts
+
+
+def graph_refresh(index, enabled, beam_options):
+    """(the refresh of the match graph that an update's builds call before publishing, the list
+    it adds each refresh's counts to). No refresh (None) when the index holds no graph, or when
+    it is off: the new version then drops the graph, and the log says so."""
+    held, refreshed = art.current_manifest(index).get("augmented"), []
+    if held and not enabled:
+        log.warning("refresh_graph is off: the new version of %s drops its match graph and DBA "
+                    "(`delf-index match --augment` makes them again)", index)  # fmt: skip
+    if not (held and enabled):
+        return None, refreshed
+
+    def refresh(version):
+        entry = match.refresh_graph(index, version, beam_options)
+        if entry:
+            refreshed.append(entry["refreshed"])
+
+    return refresh, refreshed
 
 
 def main(argv=None):
@@ -123,10 +156,17 @@ def main(argv=None):
     parser.add_argument("--retry-errors", action="store_true", help="also retry the images that failed before")
     parser.add_argument("--compact-above", type=float, help="rebuild above this share of hidden images (0.25)")
     parser.add_argument("--keep", type=int, help=f"index versions kept ({build.DEFAULT_KEEP})")
+    parser.add_argument(
+        "--no-graph-refresh",
+        action="store_true",
+        help="an augmented index's new version drops its match graph and DBA instead of refreshing them",
+    )
     extract.add_run_arguments(parser)
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
     conf = {k: getattr(args, k) for k in ("compact_above", "keep") if getattr(args, k) is not None}
+    if args.no_graph_refresh:
+        conf["refresh_graph"] = False
     if args.max_change is not None:
         conf["extract"] = {"max_change": args.max_change}
     run(

@@ -153,16 +153,25 @@ def test_int8_export_agrees_with_float32(tmp_path, photos):
     precision = int8.metadata["precision"]
     assert precision["type"] == "int8" and precision["raw_pixel_input"] and len(precision["calibration"]) == 8
     assert int8.fingerprint != fp32.fingerprint  # tables and indexes never mix the two
-    # the shipped int8 model (the CPU default) is what this export makes, bit for bit
-    assert int8.fingerprint == Extractor(shipped_model_path("int8")).fingerprint
     image = rgb(photos["chelsea"])
-    a, b = fp32(image), int8(image)
+    agree(fp32(image), int8(image), keypoints=0.85, cosine=0.98)
+    # the shipped int8 model (the CPU default) is what this export makes: the same settings
+    # and calibration, the same features. Not bit for bit: calibration runs the float32 model,
+    # whose last bits differ between CPUs, and the quantization ranges move with them (CI's
+    # fresh export has another fingerprint than this machine's)
+    shipped = Extractor(shipped_model_path("int8"))
+    assert shipped.metadata["precision"] == precision
+    agree(shipped(image), int8(image), keypoints=0.9, cosine=0.99)
+
+
+def agree(a, b, keypoints, cosine):
+    """Two extractions of one image: most keypoints at the same place and scale, with close descriptors."""
     d = np.hypot(a.x[:, None] - b.x[None], a.y[:, None] - b.y[None]) + 1e9 * (a.scale[:, None] != b.scale[None])
     near = d.min(axis=1) <= 1.0
-    assert near.mean() > 0.85  # the same keypoints, mostly
-    cosine = (a.descriptors[near] * b.descriptors[d.argmin(axis=1)[near]]).sum(axis=1)
-    assert np.median(cosine) > 0.98
-    assert float(a.global_descriptor @ b.global_descriptor) > 0.98
+    assert near.mean() > keypoints
+    similarity = (a.descriptors[near] * b.descriptors[d.argmin(axis=1)[near]]).sum(axis=1)
+    assert np.median(similarity) > cosine
+    assert float(a.global_descriptor @ b.global_descriptor) > cosine
 
 
 def test_global_descriptor_from_the_local_layer(tmp_path, photos):

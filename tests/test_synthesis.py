@@ -25,8 +25,8 @@ def features_at(xy, width, height):
 
 
 def test_a_point_of_the_image_is_where_the_view_shows_it_and_maps_back():
-    """Seeded: for random image sizes, tilts and rotations, a bright dot at p in the image is
-    brightest at A p in the view, and a keypoint at A p maps back to p."""
+    """Seeded: for random image sizes, tilts, directions and size caps, a bright dot at p in the
+    image is centred at A p in the view, and a keypoint at A p maps back to p."""
     rng = np.random.default_rng(0)
     for _ in range(40):
         h, w = rng.integers(60, 200, size=2)
@@ -36,10 +36,14 @@ def test_a_point_of_the_image_is_where_the_view_shows_it_and_maps_back():
         yy, xx = np.mgrid[:h, :w]
         dot = np.exp(-((xx - point[0]) ** 2 + (yy - point[1]) ** 2) / (2 * 3.0**2))
         image = np.repeat((255 * dot).astype(np.uint8)[:, :, None], 3, axis=2)
-        out, affine = synthesis.view(image, tilt, phi)
+        max_side = int(rng.choice([0, 150]))  # 0: no cap; the cap shrinks the canvas and A with it
+        out, affine = synthesis.view(image, tilt, phi, max_side or None)
+        assert max(out.shape[:2]) <= (max_side or np.inf)
         expected = affine @ np.array([*point, 1.0])
-        brightest = np.array(np.unravel_index(np.argmax(out[:, :, 0]), out.shape[:2]))[::-1]
-        assert np.abs(brightest - expected).max() <= 1.5, (tilt, phi, brightest, expected)
+        # the dot's centre of brightness (a stretch makes it a flat-topped ridge: no single peak)
+        weight = out[:, :, 0].astype(np.float64)
+        centre = np.array([(weight * np.arange(out.shape[1])).sum(), (weight.T * np.arange(out.shape[0])).sum()])
+        assert np.abs(centre / weight.sum() - expected).max() <= 0.75, (tilt, phi, max_side, expected)
         back = synthesis.map_back(features_at(expected[None], out.shape[1], out.shape[0]), affine, w, h)
         np.testing.assert_allclose([back.x[0], back.y[0]], point, atol=1e-3)
         assert (back.width, back.height) == (w, h)
@@ -47,32 +51,25 @@ def test_a_point_of_the_image_is_where_the_view_shows_it_and_maps_back():
 
 def test_keypoints_outside_the_image_are_dropped_and_scales_follow_the_map():
     out, affine = synthesis.view(np.zeros((100, 200, 3), np.uint8), tilt=2.0, phi=45.0)
-    corners = np.array([[0, 0], [out.shape[1] - 1, out.shape[0] - 1]], np.float64)  # canvas corners: black border
+    corners = np.array([[out.shape[1] - 1, 0], [0, out.shape[0] - 1]], np.float64)  # canvas corners off the image
     inside = affine @ np.array([100.0, 50.0, 1.0])
     back = synthesis.map_back(features_at(np.vstack([corners, inside[None]]), *out.shape[1::-1]), affine, 200, 100)
     assert len(back) == 1
     np.testing.assert_allclose([back.x[0], back.y[0]], [100, 50], atol=1e-3)
-    assert back.scale[0] == pytest.approx(np.sqrt(2.0), rel=1e-6)  # the inverse map doubles x
-
-
-def test_union_keeps_the_query_frame_and_its_global_descriptor():
-    a = features_at(np.array([[1.0, 2.0]]), 50, 40)
-    b = features_at(np.array([[3.0, 4.0], [5.0, 6.0]]), 50, 40)
-    joined = synthesis.union(a, [b, features_at(np.zeros((0, 2)), 50, 40)])
-    assert len(joined) == 3 and joined.x.tolist() == [1, 3, 5] and (joined.width, joined.height) == (50, 40)
-    assert joined.global_descriptor is a.global_descriptor
+    assert back.scale[0] == pytest.approx(np.sqrt(0.5), rel=1e-6)  # the inverse map halves one direction
 
 
 def test_a_rotated_query_verifies_again_through_synthesized_views(evaluated, corpus):
-    """coffee turned 90 and 180 degrees: the upright pyramid finds few inliers; the rotations
-    stage, forced here, finds several times more with coffee.jpg, in the query's own frame.
-    An upright query that verifies strongly synthesizes nothing at the default threshold."""
+    """coffee turned 90 and 180 degrees: the upright pyramid finds about a hundred inliers or
+    fewer; under a threshold above that, the rotations stage's views find several times more
+    with coffee.jpg, in the query's own frame. An upright query that verifies strongly
+    synthesizes nothing at the default threshold."""
     index = Index.load(str(evaluated[0] / "index"), conf={"synthesis_stages": ["rotations"]})
     upright = read_image(str(corpus / "images" / "coffee.jpg"))
     timings = {}
     assert index.search(upright, top_k=1, timings=timings)[0].image_id == "coffee.jpg"
     assert timings["synthesis_views"] == 0
-    forced = Index(index.artifact, {"synthesis_stages": ["rotations"], "synthesis_min_inliers": 10**6})
+    forced = Index(index.artifact, {"synthesis_stages": ["rotations"], "synthesis_min_inliers": 200})
     plain = Index(index.artifact, {"synthesis_stages": []})
     for turned in (np.rot90(upright), upright[::-1, ::-1]):
         turned = np.ascontiguousarray(turned)
@@ -81,6 +78,6 @@ def test_a_rotated_query_verifies_again_through_synthesized_views(evaluated, cor
         after = forced.search(turned, top_k=3, timings=timings)
         assert timings["synthesis_views"] == 3 and timings["synthesis_s"] > 0
         best = after[0]
-        assert best.image_id == "coffee.jpg" and best.inliers >= 3 * before["coffee.jpg"]
+        assert before["coffee.jpg"] < 200 and best.image_id == "coffee.jpg" and best.inliers >= 3 * before["coffee.jpg"]
         h, w = turned.shape[:2]
         assert (best.query_xy >= -0.5).all() and (best.query_xy[:, 0] <= w).all() and (best.query_xy[:, 1] <= h).all()
