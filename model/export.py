@@ -137,6 +137,11 @@ def export_onnx(model, output, meta):
         )
         proto = onnx.load(raw)
     _name_dynamic_dims(proto)
+    # the exporter's per-node debug records hold stack traces with this checkout's absolute
+    # paths: kept, the fingerprint would depend on where the package lives
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
     proto.producer_name = "delf-index"
     proto.doc_string = f"DELF local features, {meta['backbone']} {meta['feature_layer']}"
     fp = model_schema.stamp(proto, meta)

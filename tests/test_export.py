@@ -1,6 +1,9 @@
 """ONNX export: onnxruntime against torch eager, metadata, weight loading errors."""
 
+import os
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -54,6 +57,12 @@ def test_shipped_model_is_the_default_export(exported_default):
     for key in fresh:
         if key != "exported_with":
             assert shipped[key] == fresh[key], key
+    # nothing in the graph names where this checkout lives (the exporter's stack traces did):
+    # a fresh clone elsewhere exports the same fingerprint
+    graph = onnx.load(exported_default[0]).graph
+    assert not any(node.metadata_props or node.doc_string for node in graph.node)
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert checkout.encode() not in onnx.load(exported_default[0]).SerializeToString()
 
 
 def test_torch_engine_gives_the_same_features(photos):
@@ -158,9 +167,11 @@ def test_int8_export_agrees_with_float32(tmp_path, photos):
     # the shipped int8 model (the CPU default) is what this export makes: the same settings
     # and calibration, the same features. Not bit for bit: calibration runs the float32 model,
     # whose last bits differ between CPUs, and the quantization ranges move with them (CI's
-    # fresh export has another fingerprint than this machine's)
+    # fresh export has another fingerprint than this machine's); the float32 graph it starts
+    # from serialises differently with other onnx / onnxscript releases (its fingerprint too)
     shipped = Extractor(shipped_model_path("int8"))
-    assert shipped.metadata["precision"] == precision
+    settings = lambda p: {k: v for k, v in p.items() if k != "fp32_fingerprint"}  # noqa: E731
+    assert settings(shipped.metadata["precision"]) == settings(precision)
     agree(shipped(image), int8(image), keypoints=0.9, cosine=0.99)
 
 
