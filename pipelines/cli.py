@@ -255,6 +255,14 @@ class UserErrorsOnce(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
+class BeamRootNotices(logging.Filter):
+    """Beam's RunInference warns on the root logger, once per worker, that it cannot read the
+    memory it uses (a notice about its own metrics, not about the job)."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Resource module is not available")
+
+
 def setup_logging(level=0):
     """The console: warnings and errors, and delf-index's progress lines from -v on; libraries'
     messages only at -vv (fsspec's cache notices, Beam's, faiss's loader)."""
@@ -271,6 +279,9 @@ def setup_logging(level=0):
         warnings.filterwarnings("ignore", module=r"apache_beam\.")
         for noisy in ("apache_beam", "onnxscript", "onnx_ir", "torch", "faiss", "fsspec", "gcsfs", "s3fs", "asyncio"):
             logging.getLogger(noisy).setLevel(logging.ERROR if level < 0 else logging.WARNING)
+        root = logging.getLogger()
+        if not any(isinstance(f, BeamRootNotices) for f in root.filters):
+            root.addFilter(BeamRootNotices())
     logging.getLogger("apache_beam.runners.common").addFilter(UserErrorsOnce())
     forwarded = logging.getLogger("apache_beam.runners.portability.local_job_service")
     forwarded.setLevel(logging.INFO if level >= 1 else logging.WARNING)
