@@ -34,13 +34,11 @@ STAGES = {
 
 def view(image, tilt=1.0, phi=0.0, max_side=None):
     """(the view, A): `image` (uint8 RGB [H, W, 3]) rotated by `phi` degrees when `tilt` is 1,
-    else stretched by `tilt` along the direction `phi`, its content kept upright (DELF's
-    descriptors are not rotation invariant). ASIFT shrinks by 1/t across that direction and
-    leaves the view rotated: it tilts both images, and SIFT does not mind rotations. Here only
-    the query is warped, to undo its foreshortening against an upright database image, and a
-    stretch keeps the resolution that a shrink would lose (the extractor caps the larger side
-    anyway). On a canvas that holds all of the image, at most `max_side` pixels on its larger
-    side; A (2 x 3) maps a pixel of the image (x, y; centres at integers) to the view's."""
+    else stretched by `tilt` along the direction `phi` with its content kept upright (DELF's
+    descriptors are not rotation invariant), on a canvas that holds all of it, at most
+    `max_side` pixels on its larger side (for a query at the extractor's cap, a stretch is
+    then a shrink across the direction). A (2 x 3) maps a pixel of the image (x, y; centres at
+    integers) to the view's."""
     if tilt <= 1:
         return _warp(image, _rotation(phi), max_side) if phi % 360 else (image, np.eye(3)[:2])
     return _warp(image, _rotation(-phi) @ np.diag([tilt, 1.0, 1.0]) @ _rotation(phi), max_side)
@@ -52,19 +50,24 @@ def _rotation(phi):
 
 
 def _warp(image, matrix, max_side=None):
-    """(image warped by the 3 x 3 `matrix`, shifted onto a canvas that holds all of it and
-    shrunk to at most `max_side` pixels on its larger side; the 2 x 3 map of its pixels)."""
+    """(image warped by the 3 x 3 `matrix`, shifted onto a canvas that holds all of it, then
+    shrunk to at most `max_side` pixels on its larger side; the 2 x 3 map of its pixels).
+    The shrink is a separate area-averaging resize: warpAffine samples bilinearly whatever
+    its flag, which aliases below half size."""
     h, w = image.shape[:2]
     corners = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], np.float64) @ matrix[:2].T
-    extent = corners.max(axis=0) - corners.min(axis=0) + 1
-    fit = min(1.0, max_side / extent.max()) if max_side else 1.0
-    affine = fit * matrix[:2]
-    affine[:, 2] -= fit * corners.min(axis=0)
-    size = np.maximum(np.round(fit * extent).astype(int), 1)
-    # a shrink past 2x aliases through bilinear sampling: area-average it
-    flags = cv2.INTER_AREA if fit < 0.5 else cv2.INTER_LINEAR
-    out = cv2.warpAffine(image, affine, (int(size[0]), int(size[1])), flags=flags,
+    affine = matrix[:2].copy()
+    affine[:, 2] -= corners.min(axis=0)
+    size = np.maximum(np.round(corners.max(axis=0) - corners.min(axis=0)).astype(int) + 1, 1)
+    out = cv2.warpAffine(image, affine, (int(size[0]), int(size[1])), flags=cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))  # fmt: skip
+    if max_side and size.max() > max_side:
+        fit = np.maximum(np.round(size * max_side / size.max()).astype(int), 1)
+        out = cv2.resize(out, (int(fit[0]), int(fit[1])), interpolation=cv2.INTER_AREA)
+        # pixel centres at integers: x' = (x + 0.5) * scale - 0.5
+        scale = fit / size
+        affine = np.diag(scale) @ affine
+        affine[:, 2] += 0.5 * scale - 0.5
     return np.ascontiguousarray(out), affine
 
 

@@ -455,21 +455,22 @@ def search_images(version_uri, manifest, image_ids, conf, staging, beam_options=
         return []
     flags, _ = cli.beam_flags(beam_options)
     found = posixpath.join(staging, "pairs.json")
-    with test_pipeline or beam.Pipeline(options=PipelineOptions(flags)) as p:
-        (
-            p
-            | "Tables" >> beam.Create(query_files(manifest, image_ids))
-            | "ReadQueries" >> beam.ParDo(ReadQueries())
-            | "SpreadQueries" >> beam.Reshuffle()
-            | "Neighbours" >> beam.ParDo(Neighbours(version_uri, conf, shared.Shared()))
-            | "GroupPairs" >> beam.GroupByKey()
-            | "Pairs" >> beam.FlatMap(pair_row)
-            | "AllPairs" >> beam.combiners.ToList()
-            | "Write" >> beam.Map(lambda rows: storage.write_bytes(found, json.dumps(rows).encode()))
-        )
-    pairs = json.loads(storage.read_bytes(found))
-    storage.remove(staging)
-    return pairs
+    try:
+        with test_pipeline or beam.Pipeline(options=PipelineOptions(flags)) as p:
+            (
+                p
+                | "Tables" >> beam.Create(query_files(manifest, image_ids))
+                | "ReadQueries" >> beam.ParDo(ReadQueries())
+                | "SpreadQueries" >> beam.Reshuffle()
+                | "Neighbours" >> beam.ParDo(Neighbours(version_uri, conf, shared.Shared()))
+                | "GroupPairs" >> beam.GroupByKey()
+                | "Pairs" >> beam.FlatMap(pair_row)
+                | "AllPairs" >> beam.combiners.ToList()
+                | "Write" >> beam.Map(lambda rows: storage.write_bytes(found, json.dumps(rows).encode()))
+            )
+        return json.loads(storage.read_bytes(found))
+    finally:  # a failed search leaves nothing behind either
+        storage.remove(staging)
 
 
 def write_augmentation(version_uri, manifest, graph_, dba, entry):

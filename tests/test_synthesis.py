@@ -69,6 +69,9 @@ def test_a_rotated_query_verifies_again_through_synthesized_views(evaluated, cor
     timings = {}
     assert index.search(upright, top_k=1, timings=timings)[0].image_id == "coffee.jpg"
     assert timings["synthesis_views"] == 0
+    # by default: rotations, from min_inliers (synthesis exactly where nothing verified)
+    assert Index(index.artifact).conf["synthesis_stages"] == ["rotations"]
+    assert Index(index.artifact, {"min_inliers": 30}).conf["synthesis_min_inliers"] == 30
     forced = Index(index.artifact, {"synthesis_stages": ["rotations"], "synthesis_min_inliers": 200})
     plain = Index(index.artifact, {"synthesis_stages": []})
     for turned in (np.rot90(upright), upright[::-1, ::-1]):
