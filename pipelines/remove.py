@@ -19,6 +19,8 @@ once (`build --append`; a match graph it holds keeps the edges of the images tha
 image not extracted yet can be removed too: it never will be.
 """
 
+import functools
+
 from delf_index.errors import UserError
 from delf_index.pipelines import build, cli, match
 from delf_index.pipelines.extract import DEFAULT_MAX_CHANGE
@@ -53,7 +55,7 @@ def main(argv=None, restore=False):
     run(args.features, read_ids(args.ids), restore, args.note, args.wait, getattr(args, "max_change", None))
     if getattr(args, "index", None):
         # an augmented index keeps its match graph, without the removed images' edges
-        refresh = lambda version: match.refresh_graph(args.index, version)  # noqa: E731
+        refresh = functools.partial(match.refresh_graph, args.index)
         build.run(args.features, args.index, append=True, wait=args.wait, before_publish=refresh)
 
 

@@ -84,7 +84,7 @@ def run(
             raise UserError(
                 f"every one of the {extracted['images']} images failed: see the failed records of {features}"
             )
-        refreshed = []  # the counts of each refresh of the match graph (graph_refresh)
+        graph, refreshed = None, []  # the refresh of the match graph, and its counts (graph_refresh)
         counts = {
             "run": extracted["run"],
             **{k: extracted[k] for k in ("listed", *extract.DECISIONS, "extracted", "failed")},
@@ -121,8 +121,8 @@ def run(
         hidden=manifest["counts"].get("hidden", 0),
         seconds=round(time.time() - start, 1),
     )
-    if refreshed:  # the images the match graph's refresh searched: the new ones
-        counts["graph_searched"] = refreshed[0]["searched"]
+    if graph is not None:  # the images the match graph's refresh searched: the new ones
+        counts["graph_searched"] = refreshed[0]["searched"] if refreshed else 0
     cli.say("update: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return counts
 
