@@ -60,10 +60,19 @@ def write_graph(folder, graph):
 def read_graph(folder):
     """The CSR graph of an index version folder, or None when it has none."""
     path = os.path.join(folder, GRAPH_FILE)
-    if not os.path.exists(path):
-        return None
-    with np.load(path, allow_pickle=False) as f:
+    return graph_from(path) if os.path.exists(path) else None
+
+
+def graph_from(file):
+    """The CSR graph (offsets, neighbours, inliers) of a `neighbours.npz` (a path or file object)."""
+    with np.load(file, allow_pickle=False) as f:
         return f["offsets"], f["neighbours"], f["inliers"]
+
+
+def read_vectors(data):
+    """Every vector [n, G] of a flat faiss index serialised as `data` (global.faiss, dba.faiss)."""
+    index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+    return index.reconstruct_n(0, index.ntotal)
 
 
 def neighbours_of(graph, row, min_inliers):

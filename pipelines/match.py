@@ -21,6 +21,7 @@ sharded Parquet tables (schemas/search.py), _SUMMARY.json, and a contact sheet
 """
 
 import csv
+import io
 import json
 import logging
 import os
@@ -89,6 +90,27 @@ def source_tables(manifest, features=None):
     if not source:
         raise UserError("the index does not name the features table it was built from: pass --features")
     return [(uri, stale) for uri, _, stale in tables.live_tables(source["uri"], source["table_version"])[1]]
+
+
+class VerifiedPairs(beam.PTransform):
+    """(data file uri, image_ids to skip) of feature tables -> pairs-table rows (`pair_row`):
+    each image read from the tables searched against the index at `index_uri`, its results
+    verified, each unordered pair once. With `progress`, images are counted there."""
+
+    def __init__(self, index_uri, conf, progress=None):
+        super().__init__()
+        self.index_uri, self.conf, self.progress = index_uri, conf, progress
+
+    def expand(self, tables):
+        queries = tables | "ReadQueries" >> beam.ParDo(ReadQueries()) | "SpreadQueries" >> beam.Reshuffle()
+        if self.progress is not None:
+            queries = queries | "Progress" >> beam.ParDo(CountProgress(self.progress))
+        return (
+            queries
+            | "Neighbours" >> beam.ParDo(Neighbours(self.index_uri, self.conf, shared.Shared()))
+            | "GroupPairs" >> beam.GroupByKey()
+            | "Pairs" >> beam.FlatMap(pair_row)
+        )
 
 
 class Neighbours(beam.DoFn):
@@ -214,12 +236,7 @@ def match_version(index, pinned, output, features, conf, labels, flags, test_pip
             p
             | "Tables" >> beam.Create(sources)
             | "SpreadTables" >> beam.Reshuffle()
-            | "ReadQueries" >> beam.ParDo(ReadQueries())
-            | "SpreadQueries" >> beam.Reshuffle()
-            | "Progress" >> beam.ParDo(CountProgress(folder))
-            | "Neighbours" >> beam.ParDo(Neighbours(pinned, conf, shared.Shared()))
-            | "GroupPairs" >> beam.GroupByKey()
-            | "Pairs" >> beam.FlatMap(pair_row)
+            | "VerifiedPairs" >> VerifiedPairs(pinned, conf, folder)
         )
         every_pair = pairs | "AllPairs" >> beam.combiners.ToList()
         tables_out = {
@@ -404,36 +421,44 @@ def refresh_graph(index, version_uri, beam_options=None, test_pipeline=None):
     recorded = base.get("augmented")
     if not recorded:
         return None
-    old = art.Artifact.load(art.current_version(index), verify=False)
-    new = art.Artifact.load(version_uri, verify=False)
-    new_of_old, old_of_new = expansion.carried_rows(live_keys(old), live_keys(new))
-    searched = [new.image_ids[row] for row in np.flatnonzero(old_of_new < 0) if new.live[row]]
+    # only the files the refresh needs: the launcher of a large index fetches no lists or codes
+    current = art.current_version(index)
+    manifest = json.loads(storage.read_bytes(posixpath.join(version_uri, "manifest.json")))
+    old_keys, new_keys = row_keys(current, base), row_keys(version_uri, manifest)
+    new_of_old, old_of_new = expansion.carried_rows(old_keys, new_keys)
+    row_of = {key[0]: row for row, key in enumerate(new_keys) if key is not None}
+    searched = [new_keys[row][0] for row in np.flatnonzero(old_of_new < 0) if new_keys[row] is not None]
     if "match" not in recorded:  # a graph of an earlier delf-index: match's defaults made it
         log.warning("the graph of %s does not record its match settings: refreshing with the defaults", index)
     conf = resolve_conf(recorded.get("match") or matched_with(default_conf))
-    staging = posixpath.join(index.rstrip("/"), STAGING, f"{new.manifest['version']}-graph")
-    pairs = search_images(version_uri, new.manifest, searched, conf, staging, beam_options, test_pipeline)
-    triples = [(new.row_of[p["image_a"]], new.row_of[p["image_b"]], p["inliers"]) for p in pairs]
-    graph_, counts = expansion.refreshed_graph(old.graph, new_of_old, new.num_rows, triples)
-    globals_ = new.global_index.reconstruct_n(0, new.num_rows)
-    old_dba = old.dba_index.reconstruct_n(0, old.num_rows)
-    dba, again = expansion.refreshed_dba(globals_, graph_, old_dba, old.graph, new_of_old, old_of_new, recorded["conf"])
+    staging = posixpath.join(index.rstrip("/"), STAGING, f"{manifest['version']}-graph")
+    pairs = search_images(version_uri, manifest, searched, conf, staging, beam_options, test_pipeline)
+    triples = [(row_of[p["image_a"]], row_of[p["image_b"]], p["inliers"]) for p in pairs]
+    old_graph = expansion.graph_from(io.BytesIO(art.read_file(current, base, expansion.GRAPH_FILE)))
+    refreshed, counts = expansion.refreshed_graph(old_graph, new_of_old, len(new_keys), triples)
+    globals_ = expansion.read_vectors(art.read_file(version_uri, manifest, "global.faiss"))
+    old_dba = expansion.read_vectors(art.read_file(current, base, expansion.DBA_FILE))
+    dba, recomputed = expansion.refreshed_dba(globals_, refreshed, old_dba, old_graph, new_of_old, old_of_new,
+                                              recorded["conf"])  # fmt: skip
     entry = {
         **recorded,
         "from_version": base["version"],
         "matched_version": recorded.get("matched_version", recorded["from_version"]),
-        "pairs": int(len(graph_[1]) // 2),
-        "refreshed": {"searched": len(searched), **counts, "dba_computed": len(again),
+        "pairs": int(len(refreshed[1]) // 2),
+        "refreshed": {"searched": len(searched), **counts, "dba_computed": len(recomputed),
                       "seconds": round(time.time() - start, 1)},
     }  # fmt: skip
-    write_augmentation(version_uri, new.manifest, graph_, dba, entry)
-    log.info("refreshed the match graph of %s for %s: %s", base["version"], new.manifest["version"], entry["refreshed"])
+    write_augmentation(version_uri, manifest, refreshed, dba, entry)
+    log.info("refreshed the match graph of %s for %s: %s", base["version"], manifest["version"], entry["refreshed"])
     return entry
 
 
-def live_keys(artifact):
-    """(image_id, run) of each row of a version, None for a hidden one: a row's features."""
-    return [(i, r or "") if live else None for i, r, live in zip(artifact.image_ids, artifact.runs, artifact.live)]
+def row_keys(version, manifest):
+    """(image_id, run) of each row of an index version, None for a hidden one: a row's
+    features. Reads only its image table and hidden list."""
+    image_ids, runs, hidden = art.indexed_images(version, manifest)
+    hidden = set(hidden.tolist())
+    return [None if row in hidden else (i, r or "") for row, (i, r) in enumerate(zip(image_ids, runs))]
 
 
 def query_files(manifest, image_ids):
@@ -460,11 +485,7 @@ def search_images(version_uri, manifest, image_ids, conf, staging, beam_options=
             (
                 p
                 | "Tables" >> beam.Create(query_files(manifest, image_ids))
-                | "ReadQueries" >> beam.ParDo(ReadQueries())
-                | "SpreadQueries" >> beam.Reshuffle()
-                | "Neighbours" >> beam.ParDo(Neighbours(version_uri, conf, shared.Shared()))
-                | "GroupPairs" >> beam.GroupByKey()
-                | "Pairs" >> beam.FlatMap(pair_row)
+                | "VerifiedPairs" >> VerifiedPairs(version_uri, conf)
                 | "AllPairs" >> beam.combiners.ToList()
                 | "Write" >> beam.Map(lambda rows: storage.write_bytes(found, json.dumps(rows).encode()))
             )

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 
@@ -53,33 +54,45 @@ def rgb(image):
     return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
 
 
+def free_port():
+    """A loopback port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def environment(values):
+    """os.environ with `values` set, as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def gcs_bucket():
     """A real GCS HTTP server (gcp-storage-emulator) on loopback; gcsfs and the pipelines
     reach it through STORAGE_EMULATOR_HOST. Yields the bucket name."""
     pytest.importorskip("gcsfs")
     server_module = pytest.importorskip("gcp_storage_emulator.server")
-    import socket
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     server = server_module.create_server("127.0.0.1", port, in_memory=True, default_bucket="delf-test")
     server.start()
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # else gcsfs stalls ~60 s per bucket
-    import fsspec
+    # without the HNS switch off gcsfs stalls ~60 s per bucket
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    with environment(env):
+        import fsspec
 
-    fsspec.filesystem("gs").invalidate_cache()
-    yield "delf-test"
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        fsspec.filesystem("gs").invalidate_cache()
+        yield "delf-test"
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -88,10 +101,7 @@ def s3_bucket():
     pytest.importorskip("s3fs")
     server_module = pytest.importorskip("moto.server")
     boto3 = pytest.importorskip("boto3")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {
@@ -100,16 +110,10 @@ def s3_bucket():
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket="delf-test")
-    yield "delf-test"
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with environment(env):
+        boto3.client("s3").create_bucket(Bucket="delf-test")
+        yield "delf-test"
+        server.stop()
 
 
 def live_rows(out, version=None):
