@@ -15,7 +15,7 @@ class Features:
     x: np.ndarray  # float32 [N]
     y: np.ndarray  # float32 [N]
     scale: np.ndarray  # float32 [N]
-    attention: np.ndarray  # float32 [N], sorted descending
+    attention: np.ndarray  # float32 [N], the model's scores; rows are best first (the extractor's `selection`)
     descriptors: np.ndarray  # float32 [N, D], L2-normalised
     global_descriptor: np.ndarray  # float32 [G], L2-normalised
     width: int  # original image size
@@ -28,6 +28,13 @@ class Features:
     def keypoints(self):
         """[N, 2] array of (x, y)."""
         return np.stack([self.x, self.y], axis=1)
+
+    def take(self, rows):
+        """The features at `rows` (an index array, a boolean mask or a slice), in that order:
+        a selection of these, e.g. the best n (`take(slice(n))`) or another ranking's order."""
+        return dataclasses.replace(
+            self, **{k: getattr(self, k)[rows] for k in ("x", "y", "scale", "attention", "descriptors")}
+        )
 
     def rescaled(self, width, height):
         """The same features in the pixels of a (width, height) version of the image, e.g. the

@@ -323,6 +323,50 @@ def commit(table_uri, entries, properties, base, run, operation, summary=None, r
     return version + 1
 
 
+def derive(source_uri, target_uri, select, extractor_conf, rows_per_file=200):
+    """A new table at `target_uri` whose images are the live images of `source_uri` with their
+    features passed through `select` ((image_id, Features) -> Features: fewer features,
+    another order),
+    committed as one version; labels, sources and warnings are kept, failures are copied, and
+    what is not live (replaced, deleted or removed images) is left out.
+    `extractor_conf`: the settings recorded for the new table (what `select` amounts to, e.g.
+    a smaller `max_features`). Returns the number of images written."""
+    if exists(target_uri):
+        raise UserError(f"{target_uri} already holds a features table: derive into a new folder")
+    snap, files = live_tables(source_uri)
+    properties = {**snap.raw_properties, "delf_index.extractor": json.dumps(extractor_conf, sort_keys=True)}
+    dtype = snap.properties["descriptor_dtype"]
+    run = new_run_id()
+    entries, rows, count = [], [], 0
+
+    def flush():
+        name = f"derived-{run}-{len(entries):05d}.parquet"
+        entries.append(write_records(target_uri, name, rows, snap.records_schema, properties, run))
+        rows.clear()
+
+    for path, _, stale in files:
+        for table in iter_batches(path, None, skip=stale):
+            layout = schema.descriptor_layout(table.schema)
+            for row in table.to_pylist():
+                features = select(row["image_id"], Features.from_row(row, *layout))
+                source = (row["source_size"], row["source_version"], row["source_hash"])
+                warned = row["warnings"].split("\n") if row["warnings"] else ()
+                rows.append(schema.feature_record(row["image_id"], row["uri"], row["label"], features, dtype,
+                                                  source, warned))  # fmt: skip
+                count += 1
+                if len(rows) == rows_per_file:
+                    flush()
+    records = snap.read(["image_id", "status", "run", "uri", "stage", "error"])
+    failing = resolve(records).filter(pc.is_valid(pc.field("failed"))).select(["image_id", "failed"])
+    failures = records.filter(pc.equal(records.column("status"), "failed"))
+    failures = failures.join(failing.rename_columns(["image_id", "run"]), ["image_id", "run"], join_type="inner")
+    rows += [schema.failure_record(r["image_id"], r["uri"], r["stage"], r["error"]) for r in failures.to_pylist()]
+    if rows or not entries:
+        flush()
+    commit(target_uri, entries, properties, None, run, "derive", {"images": count, "source": source_uri})
+    return count
+
+
 def create(table_uri, records_schema, properties):
     """Create an empty features table (version 0) with the table's properties; TableChanged
     when another writer created it first."""
