@@ -52,6 +52,7 @@ from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.indexing.shards import METHODS
 from delf_index.pipelines import build, cli, extract, fit, match, visualize
 from delf_index.runtime import progress, storage, tables
+from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.extractor import load_model, recorded_settings
 from delf_index.runtime.images import read_image
 from delf_index.runtime.tables import iter_features
@@ -177,6 +178,8 @@ class RunQueries(beam.DoFn):
                 m = metrics.query_metrics(ranking, positives, query["junk"][protocol], KAPPAS)
                 row[f"{name}|{protocol}"] = m
             row[f"{name}|seconds"] = seconds
+            knn = timings.get("local_s", 0.0) + prepare_seconds.get(index.method, 0.0) * uses_local
+            row[f"{name}|stages"] = {"knn": knn, "verify": timings.get("verify_s", 0.0)}
             row[f"{name}|top"] = [(r.image_id, r.inliers, round(r.score, 4)) for r in results[: self.keep]]
             row[f"{name}|pr"] = precision_recall(ranking, query["positives"], query["junk"])
         yield row
@@ -239,6 +242,9 @@ def summarise(rows, configs, protocols):
             out[name][protocol] = metrics.mean_metrics(per, KAPPAS)
         out[name]["seconds_per_query"] = float(np.mean([r[f"{name}|seconds"] for r in rows]))
         out[name]["extractions_per_query"] = float(np.mean([r.get(f"{name}|extractions", 1) for r in rows]))
+        for stage in ("knn", "verify"):  # the local search (voting) and the verification, apart
+            out[name][f"{stage}_seconds_per_query"] = float(np.mean([r.get(f"{name}|stages", {}).get(stage, 0.0)
+                                                                     for r in rows]))  # fmt: skip
     return out
 
 
@@ -250,10 +256,13 @@ def resolve_conf(conf=None):
     return {**default_conf, **conf}
 
 
-def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_options=None, fresh=False):
+def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_options=None, fresh=False,
+        features=None):  # fmt: skip
     """Evaluate retrieval on a collection: extract, fit, build, every query, metrics and a
     report under `workdir`. Ground truth: `groups` (groups.csv, leave-one-out) or `gnd`
-    (revisitop .pkl). Returns the summary dict (also printed as the last line)."""
+    (revisitop .pkl). `features`: a features table to evaluate as it is, instead of extracting
+    into `workdir` (e.g. a table `curve` derived). Returns the summary dict (also printed as
+    the last line)."""
     if (groups is None) == (gnd is None):
         raise UserError("give the ground truth as groups (groups.csv) or gnd (revisitop .pkl), one of them")
     conf = resolve_conf(conf)
@@ -261,19 +270,48 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
         raise UserError(f"method {conf['method']!r}: use one of {METHODS}")
     if conf["method"] != "knn" and not conf["fit"].get("asmk_words"):
         conf["fit"] = {**conf["fit"], "asmk_words": "auto"}
-    # the workdir's table follows the image list: images left out of it are deleted, however many
-    extract_conf = extract.resolve_conf({"max_change": None, **conf["extract"]})
-    fit_conf = fit.resolve_conf(conf["fit"])
-    query_conf = {**query_defaults, **conf["query"]}
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    _, _, fingerprint = load_model(model)
     in_database = groups is not None
     manifest, queries = groups_protocol(groups, images) if in_database else gnd_protocol(gnd, images)
     protocols = list(queries[0]["positives"]) if queries else []
     timings = {}
-
-    # each step reruns when its inputs or settings differ from what made its outputs
     start = time.time()
+    if features is None:
+        features = extract_step(manifest, workdir, conf, model, beam_options, fresh)
+    timings["extract_s"] = time.time() - start
+    index = index_steps(features, workdir, conf, beam_options, fresh, timings)
+    stages = {**presets, **(expansion_presets if conf["augment"] else {})} if conf["ablation"] else {}
+    stages[FINAL] = {}
+    query_conf = {**query_defaults, **conf["query"]}
+    configs = ranking_configs(conf["method"], stages, query_conf)
+    start = time.time()
+    rows = query_step(queries, features, index, configs, protocols, in_database, workdir, beam_options)
+    timings["queries_s"] = time.time() - start
+    scores = summarise(rows, configs, protocols)
+    report(workdir, rows, scores, configs, protocols, timings, len(manifest))
+    report_html(workdir, rows, scores, configs, protocols, queries, {i: u for i, u, _ in manifest})
+    main_protocol = "medium" if "medium" in protocols else protocols[0]
+    final = scores[FINAL][main_protocol]
+    summary = {key: round(final[key], 4) for key in ("mAP", "mP@5", "R@1")}
+    summary["queries"] = final["queries"]
+    if conf["method"] == "both":
+        summary["ASMK mAP"] = round(scores[f"ASMK {FINAL}"][main_protocol]["mAP"], 4)
+        summary["k-NN + ASMK mAP"] = round(scores[f"k-NN + ASMK {FINAL}"][main_protocol]["mAP"], 4)
+    record = {"summary": summary, "protocol": main_protocol, "scores": scores, "timings": timings,
+              "index": index_size(index), "query": query_conf}  # fmt: skip
+    with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    cli.say(f"report: {os.path.join(workdir, 'eval', 'report.html')} (and report.md)")
+    print(json.dumps(summary))
+    return summary
+
+
+def extract_step(manifest, workdir, conf, model, beam_options, fresh):
+    """workdir/features, extracted incrementally over the image list: only what is new or
+    changed since the last evaluation; another model or other settings start it again."""
+    # the workdir's table follows the image list: images left out of it are deleted, however many
+    extract_conf = extract.resolve_conf({"max_change": None, **conf["extract"]})
+    _, _, fingerprint = load_model(model)
     features = os.path.join(workdir, "features")
     done = read_json(os.path.join(features, "_SUMMARY.json")) or {}
     stored_settings = recorded_settings(extract_conf["extractor"])
@@ -281,15 +319,18 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     if fresh or not same or tables.is_legacy(features):
         storage.remove(features)  # another model, other settings or an old format: start the table again
     write_manifest(manifest, os.path.join(workdir, "manifest.csv"))
-    # incremental: extracts the images that are new or changed since the last evaluation
     extract.run(os.path.join(workdir, "manifest.csv"), features, extract_conf, model, beam_options)
+    return features
+
+
+def index_steps(features, workdir, conf, beam_options, fresh, timings):
+    """workdir/codebooks and workdir/index (and the match graph with `augment`), each made
+    again only when its inputs or settings differ from what made it; returns the index."""
+    fit_conf = fit.resolve_conf(conf["fit"])
     # the table version fit and build last finished with (steps.json): an interrupted run redoes them
-    state = {"table_version": tables.snapshot(features).version}
+    state = {"table_version": tables.snapshot(features).version, "table": features}
     steps_file = os.path.join(workdir, "steps.json")
     finished = (read_json(steps_file) or {}) if not fresh else {}
-    redo = finished.get("fit") != state
-    timings["extract_s"] = time.time() - start
-
     start = time.time()
     codebooks = os.path.join(workdir, "codebooks")
     done = (read_json(os.path.join(codebooks, "codebooks.json")) or {}).get("conf", {})
@@ -297,13 +338,12 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     # fitted with them serve --method knn as they are (the same PCA and PQ from the same seed)
     unchecked = {k for k in ("nlist", "asmk_words") if fit_conf[k] in (None, "auto")}
     unchecked |= {"asmk_words"} if conf["method"] == "knn" else set()
-    redo = redo or fresh or any(done.get(k) != v for k, v in fit_conf.items() if k not in unchecked)
+    redo = finished.get("fit") != state or any(done.get(k) != v for k, v in fit_conf.items() if k not in unchecked)
     redo = redo or (fit_conf["asmk_words"] == "auto" and not done.get("asmk_words"))  # words wanted, none fitted
     if redo:
         fit.run(features, codebooks, fit_conf, beam_options)
         write_json(steps_file, {"fit": state})
     timings["fit_s"] = time.time() - start
-
     start = time.time()
     index = os.path.join(workdir, "index")
     built = art.current_manifest(index) if art.current_entry(index) is not None else None
@@ -311,13 +351,14 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
         build.run(features, index, codebooks=codebooks, beam_options=beam_options, method=conf["method"])
         write_json(steps_file, {"fit": state, "build": state})
     timings["build_s"] = time.time() - start
-
     if conf["augment"] and (redo or not art.current_manifest(index).get("augmented")):
         match.run(index, os.path.join(workdir, "match"), conf={"sheet": False}, beam_options=beam_options, augment=True)
-    stages = {**presets, **(expansion_presets if conf["augment"] else {})} if conf["ablation"] else {}
-    stages[FINAL] = {}
-    configs = ranking_configs(conf["method"], stages, query_conf)
-    start = time.time()
+    return index
+
+
+def query_step(queries, features, index, configs, protocols, in_database, workdir, beam_options):
+    """Every query ranked under every configuration (a Beam batch): the per-query rows, a
+    query that could not be ranked scoring 0."""
     elements = query_elements(queries, features, in_database)
     missing = len(queries) - len(elements)
     if missing:
@@ -336,27 +377,112 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
         results | "Collect" >> beam.combiners.ToList() | "Write" >> beam.Map(write_rows, os.path.join(workdir, "eval"))
     rows = read_json(os.path.join(workdir, "eval", "rows.json"))
     answered = {r["query"] for r in rows}
-    rows += [failed_row(q, configs, protocols) for q in queries if q["id"] not in answered]  # AP 0, not left out
-    timings["queries_s"] = time.time() - start
-    scores = summarise(rows, configs, protocols)
-    report(workdir, rows, scores, configs, protocols, timings, len(manifest))
-    report_html(workdir, rows, scores, configs, protocols, queries, {i: u for i, u, _ in manifest})
-    main_protocol = "medium" if "medium" in protocols else protocols[0]
-    final = scores[FINAL][main_protocol]
-    summary = {
-        "mAP": round(final["mAP"], 4),
-        "mP@5": round(final["mP@5"], 4),
-        "R@1": round(final["R@1"], 4),
-        "queries": final["queries"],
+    return rows + [failed_row(q, configs, protocols) for q in queries if q["id"] not in answered]  # AP 0
+
+
+def index_size(index):
+    """Images, descriptors and bytes per image of the current version of an index: the parts
+    that grow with the collection (local lists and geometry, global descriptors), not the
+    codebooks."""
+    manifest = art.current_manifest(index)
+    images = max(manifest["counts"]["images"], 1)
+    local = sum(manifest["bytes"].values())
+    globals_ = manifest["files"].get("global.faiss", {}).get("bytes", 0)
+    return {"images": manifest["counts"]["images"], "descriptors": manifest["counts"]["descriptors"],
+            "bytes_per_image": (local + globals_) / images, "local_bytes_per_image": local / images}  # fmt: skip
+
+
+def curve(images, workdir, max_features=(1000, 500, 300), seeds=(0, 1, 2), groups=None, gnd=None, conf=None,
+          model=None, beam_options=None, fresh=False, features=None):  # fmt: skip
+    """Quality, size and speed of the ranking at several numbers of features per image, each
+    over several codebook seeds. The images are extracted once, at the largest number, into
+    workdir/features; each smaller number is a table derived from it (workdir/n{N}/features)
+    by keeping every image's best N features, which is what extraction with that
+    max_features gives (features come sorted by score). Each (N, seed) is then evaluated in
+    workdir/n{N}/seed{S}. `features`: a table to start from instead of extracting (its
+    images hold at least the largest number of features, best first). Writes
+    workdir/eval/curve.json and curve.md; returns the curve's rows, one per N (mean and
+    standard deviation of mAP over the seeds, bytes per image, seconds per query)."""
+    counts = sorted({int(n) for n in max_features}, reverse=True)
+    if not counts or counts[-1] < 1 or not seeds:
+        raise UserError(f"a curve needs numbers of features of at least 1 and seeds, got {max_features} and {seeds}")
+    conf = resolve_conf(conf)
+    extract_conf = {**conf["extract"], "extractor": {**conf["extract"].get("extractor", {}), "max_features": counts[0]}}
+    manifest, _ = groups_protocol(groups, images) if gnd is None else gnd_protocol(gnd, images)
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    source = features or extract_step(manifest, workdir, {**conf, "extract": extract_conf}, model, beam_options, fresh)
+    rows = []
+    for n in counts:
+        table = source if n == counts[0] else truncated_table(source, os.path.join(workdir, f"n{n}"), n)
+        points = []
+        for seed in seeds:
+            point = os.path.join(workdir, f"n{n}", f"seed{seed}")
+            point_conf = {**conf, "extract": extract_conf, "fit": {**conf["fit"], "seed": seed}}
+            run(images, point, groups, gnd, point_conf, model, beam_options, fresh, features=table)
+            points.append(read_json(os.path.join(point, "eval", "metrics.json")))
+        rows.append(curve_row(n, seeds, points))
+    write_json(os.path.join(workdir, "eval", "curve.json"), rows)
+    with open(os.path.join(workdir, "eval", "curve.md"), "w") as f:
+        f.write(curve_markdown(rows))
+    cli.say(f"curve: {os.path.join(workdir, 'eval', 'curve.md')}")
+    return rows
+
+
+def truncated_table(source, folder, n):
+    """folder/features: `source` with each image's best `n` features, derived again whenever
+    `source` has a newer version than the one it was derived from."""
+    target, marker = os.path.join(folder, "features"), os.path.join(folder, "derived.json")
+    snap = tables.snapshot(source)
+    made = {"source": source, "source_version": snap.version, "max_features": n}
+    if read_json(marker) != made:
+        storage.remove(target)
+        settings = {**snap.properties["extractor"], "max_features": n}
+        tables.derive(source, target, lambda _, features: features.take(slice(n)), settings)
+        os.makedirs(folder, exist_ok=True)
+        write_json(marker, made)
+    return target
+
+
+def curve_row(n, seeds, points):
+    """One row of the curve: the default ranking at `n` features over the seeds' metrics.json."""
+    protocol = points[0]["protocol"]
+    final = [p["scores"][FINAL] for p in points]
+    maps = [f[protocol]["mAP"] for f in final]
+    mean = lambda key: float(np.mean(key))  # noqa: E731
+    return {
+        "max_features": n,
+        "seeds": list(seeds),
+        "mAP_per_seed": [round(m, 4) for m in maps],
+        "mAP": round(mean(maps), 4),
+        "mAP_std": round(float(np.std(maps)), 4),
+        "mP@5": round(mean([f[protocol]["mP@5"] for f in final]), 4),
+        "R@1": round(mean([f[protocol]["R@1"] for f in final]), 4),
+        "bytes_per_image": round(points[0]["index"]["bytes_per_image"]),
+        "features_per_image": round(points[0]["index"]["descriptors"] / max(points[0]["index"]["images"], 1), 1),
+        "seconds_per_query": round(mean([f["seconds_per_query"] for f in final]), 4),
+        "knn_seconds_per_query": round(mean([f["knn_seconds_per_query"] for f in final]), 4),
+        "verify_seconds_per_query": round(mean([f["verify_seconds_per_query"] for f in final]), 4),
     }
-    if conf["method"] == "both":
-        summary["ASMK mAP"] = round(scores[f"ASMK {FINAL}"][main_protocol]["mAP"], 4)
-        summary["k-NN + ASMK mAP"] = round(scores[f"k-NN + ASMK {FINAL}"][main_protocol]["mAP"], 4)
-    with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
-        json.dump({"summary": summary, "protocol": main_protocol, "scores": scores, "timings": timings}, f, indent=1)
-    cli.say(f"report: {os.path.join(workdir, 'eval', 'report.html')} (and report.md)")
-    print(json.dumps(summary))
-    return summary
+
+
+def curve_markdown(rows):
+    lines = [
+        "# Features per image: quality, size and speed of the default ranking",
+        "",
+        f"mAP: mean ± standard deviation over codebook seeds {rows[0]['seeds']}; bytes per image: local lists, "
+        "geometry and global descriptor; s/query: the ranking with the query's features from the table "
+        "(k-NN voting and verification apart, the query's extraction not counted).",
+        "",
+        "| features/image | mAP | per seed | mP@5 | R@1 | bytes/image | s/query | k-NN s/query | verify s/query |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['max_features']} | {r['mAP']:.4f} ± {r['mAP_std']:.4f} | {' / '.join(map(str, r['mAP_per_seed']))}"
+            f" | {r['mP@5']:.3f} | {r['R@1']:.3f} | {r['bytes_per_image']:,} | {r['seconds_per_query']:.3f}"
+            f" | {r['knn_seconds_per_query']:.3f} | {r['verify_seconds_per_query']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def ranking_configs(method, stages, query_conf):
@@ -511,7 +637,16 @@ def main(argv=None):
     parser.add_argument("--no-ablation", action="store_true", help="score only the full ranking")
     parser.add_argument("--augment", action="store_true", help="match the index against itself: graph expansion, DBA")
     parser.add_argument("--fresh", action="store_true", help="recompute every step, reuse nothing")
-    parser.add_argument("--seed", type=int, help="seed of the codebook training (fit; default 0)")
+    parser.add_argument(
+        "--seed", type=int, nargs="+", help="seed of the codebook training (fit; default 0); several: mean and spread"
+    )
+    parser.add_argument(
+        "--max-features",
+        type=int,
+        nargs="+",
+        help="features kept per image (default 1000); several: a curve, extracted once (eval/curve.md)",
+    )
+    parser.add_argument("--features", help="evaluate this features table as it is, instead of extracting the images")
     parser.add_argument(
         "--method", choices=METHODS, default="knn", help="local ranking: knn, asmk, or both side by side"
     )
@@ -522,11 +657,18 @@ def main(argv=None):
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
     query = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight")}
+    seeds, counts = args.seed or [], args.max_features or []
     conf = {
-        "fit": {} if args.seed is None else {"seed": args.seed},
+        "extract": {"extractor": {"max_features": counts[0]}} if len(counts) == 1 else {},
+        "fit": {"seed": seeds[0]} if len(seeds) == 1 else {},
         "query": {**{k: v for k, v in query.items() if v is not None}, **cli.ranking_conf_from_args(args)},
         "ablation": not args.no_ablation,
         "augment": args.augment,
         "method": args.method,
     }
-    run(args.images, args.workdir, args.groups, args.gnd, conf, args.model, beam_options, args.fresh)
+    if len(seeds) > 1 or len(counts) > 1 or (args.features and counts):
+        counts = counts or [extractor_defaults["max_features"]]
+        curve(args.images, args.workdir, counts, seeds or [0], args.groups, args.gnd, conf, args.model,
+              beam_options, args.fresh, args.features)  # fmt: skip
+        return
+    run(args.images, args.workdir, args.groups, args.gnd, conf, args.model, beam_options, args.fresh, args.features)
