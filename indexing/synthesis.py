@@ -99,9 +99,7 @@ def synthesized(extractor, image, views, features_per_view=None):
     for tilt, phi in views:
         warped, affine = view(image, tilt, phi, extractor.conf["max_image_size"])
         found = extractor.extract_image(warped)
-        if features_per_view is not None and len(found) > features_per_view:
-            keep = np.argsort(-found.attention, kind="stable")[:features_per_view]
-            found = Features(found.x[keep], found.y[keep], found.scale[keep], found.attention[keep],
-                             found.descriptors[keep], found.global_descriptor, found.width, found.height)  # fmt: skip
+        if features_per_view is not None:
+            found = found.take(slice(features_per_view))  # the best, in the extractor's order
         out.append(map_back(found, affine, w, h))
     return out

@@ -27,6 +27,7 @@ from delf_index.errors import UserError
 from delf_index.indexing import synthesis
 from delf_index.indexing.retrieval import default_conf as retrieval_defaults
 from delf_index.runtime import cache
+from delf_index.runtime.extractor import SELECTIONS
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.version import __version__
 
@@ -191,6 +192,12 @@ def add_extractor_arguments(parser):
     group.add_argument("--max-features", type=int, help="features kept per image (default 1000)")
     group.add_argument("--nms-iou", type=float, help="NMS on receptive-field boxes at this IoU (default: off)")
     group.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        help=f"which features are kept: by score over the pyramid, or the best of each level in turn "
+        f"(default {extractor_defaults['selection']})",
+    )
+    group.add_argument(
         "--global-scales",
         type=float,
         nargs="+",
@@ -201,7 +208,7 @@ def add_extractor_arguments(parser):
 def extractor_conf_from_args(args):
     """The extractor options given on the command line, as a conf dict."""
     conf = {}
-    for key in ("scales", "score_threshold", "max_features", "nms_iou", "global_scales"):
+    for key in ("scales", "score_threshold", "max_features", "nms_iou", "global_scales", "selection"):
         if getattr(args, key) is not None:
             conf[key] = tuple(getattr(args, key)) if key in ("scales", "global_scales") else getattr(args, key)
     if args.max_image_size is not None:

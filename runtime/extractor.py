@@ -44,7 +44,11 @@ default_conf = {
     "scales": (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0),  # image pyramid (official DELF)
     "max_image_size": 1024,  # largest image side before the pyramid; None: no limit (DELF v1)
     "score_threshold": None,  # attention threshold; None: the model's default_score_threshold
-    "max_features": 1000,  # keep this many features, best attention first
+    "max_features": 1000,  # keep this many features, best first (in the order of `selection`)
+    # the order features are kept in: "score", best attention first over the whole pyramid
+    # (official DELF), or "levels", the best of each pyramid level in turn, so that every
+    # scale keeps its share (benchmarks/README.md, "Learned keypoint selection")
+    "selection": "score",
     "nms_iou": None,  # IoU of receptive-field boxes for NMS; None disables it (official default)
     # levels averaged into the global descriptor (DELG's); coarser levels rank better alone on
     # landmarks-dev, through a few queries only, and the full ranking not at all
@@ -56,6 +60,7 @@ default_conf = {
     "max_batch": None,
 }
 
+SELECTIONS = ("score", "levels")  # the orders `selection` knows
 SPEED_ONLY = ("max_batch",)  # knobs that change how fast features come, not which
 # the models shipped in the package (model/default/MODEL_CARD.md), by precision
 SHIPPED_MODELS = {"float32": "delf-efficientnet_lite0.onnx", "int8": "delf-efficientnet_lite0-int8.onnx"}
@@ -214,6 +219,8 @@ class Extractor:
         if unknown:
             raise UserError(f"unknown extractor options {sorted(unknown)}; known: {sorted(default_conf)}")
         self.conf = {**default_conf, **(conf or {})}
+        if self.conf["selection"] not in SELECTIONS:
+            raise UserError(f"selection {self.conf['selection']!r}: use one of {SELECTIONS}")
         self.engine = engine or OnnxEngine(model, providers=providers, threads=threads)
         self.metadata = self.engine.metadata
         self.fingerprint = self.engine.fingerprint
@@ -314,7 +321,7 @@ class Extractor:
     def _select(self, size, levels, candidates):
         """Merge the levels' candidates: threshold, order by score, NMS, keep the best."""
         h0, w0 = size
-        parts = {key: [] for key in ("score", "x", "y", "scale", "desc")}
+        parts = {key: [] for key in ("score", "x", "y", "scale", "desc", "level")}
         globals_, all_globals = [], []
         for (s, padded, (h, w)), (scores, cells, descriptors, glob) in zip(levels, candidates):
             all_globals.append(glob)
@@ -330,12 +337,17 @@ class Extractor:
             parts["scale"].append(np.full(len(scores), np.sqrt((h0 / h) * (w0 / w))))
             parts["score"].append(scores)
             parts["desc"].append(descriptors)
+            parts["level"].append(np.full(len(scores), len(parts["level"])))
         dim = self.metadata["descriptor_dim"]
         if not levels:
             parts = {key: [np.zeros((0, dim) if key == "desc" else 0, np.float32)] for key in parts}
-        x, y, scale, scores, descriptors = (np.concatenate(parts[key]) for key in ("x", "y", "scale", "score", "desc"))
+        x, y, scale, scores, descriptors, level = (
+            np.concatenate(parts[key]) for key in ("x", "y", "scale", "score", "desc", "level")
+        )
         # best first; ties broken by position so that the order is reproducible
         order = np.lexsort((x, y, scale, -scores))
+        if self.conf["selection"] == "levels":  # the k-th best of every level before any (k+1)-th
+            order = order[np.argsort(rank_within(level[order]), kind="stable")]
         x, y, scale, scores = x[order], y[order], scale[order], scores[order]
         limit = self.conf["max_features"]
         if self.conf["nms_iou"] is not None and self.conf["nms_iou"] < 1.0:
@@ -366,6 +378,16 @@ class Extractor:
             f"{meta['backbone']}/{meta['feature_layer']} {precision} ({meta['descriptor_dim']}-d, attention="
             f"{meta['attention']['type']}) fingerprint {self.fingerprint[:12]}, conf {json.dumps(self.conf)}"
         )
+
+
+def rank_within(groups):
+    """The rank of each element within its group, in the given order: [0, 0, 1, 0, 1, 2] for
+    groups [a, b, a, c, c, c]."""
+    rank = np.zeros(len(groups), np.int64)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        rank[members] = np.arange(len(members))
+    return rank
 
 
 def nms(x, y, box_size, iou, limit):
