@@ -31,17 +31,30 @@ NORMALISATION = {
 
 
 class AttentionHead(nn.Module):
-    """DELF's attention: conv1x1(C->512) -> BatchNorm -> ReLU -> conv1x1(512->1) -> softplus."""
+    """DELF's attention: conv1x1(C->512) -> BatchNorm -> ReLU -> conv1x1(512->1) -> softplus.
 
-    def __init__(self, channels, hidden=512):
+    With `norm_weight` (a number: its initial value) the head learns a correction to the
+    untrained ranking instead: its output is added to norm_weight x log(descriptor L2 norm),
+    a learned scalar, before the softplus, and its last layer starts at zero, so that an
+    untrained head ranks exactly as the L2 norm does (a departure from DELF, measured in
+    benchmarks/README.md, "Learned keypoint selection")."""
+
+    def __init__(self, channels, hidden=512, norm_weight=None):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, hidden, 1)
         self.bn = nn.BatchNorm2d(hidden)
         self.conv2 = nn.Conv2d(hidden, 1, 1)
+        if norm_weight is not None:
+            self.norm_weight = nn.Parameter(torch.tensor(float(norm_weight)))
+            nn.init.zeros_(self.conv2.weight)
+            nn.init.zeros_(self.conv2.bias)
 
     def logits(self, x):
         """Scores before the softplus, [B, H, W] (what training's ranking losses compare)."""
-        return self.conv2(F.relu(self.bn(self.conv1(x)))).squeeze(1)
+        out = self.conv2(F.relu(self.bn(self.conv1(x)))).squeeze(1)
+        if hasattr(self, "norm_weight"):
+            out = out + self.norm_weight * torch.log(torch.linalg.vector_norm(x, dim=1).clamp(min=1e-6))
+        return out
 
     def forward(self, x):
         return F.softplus(self.logits(x))
@@ -64,7 +77,10 @@ class DELF(nn.Module):
             raise ValueError(f"global_from must be one of {GLOBAL_FROM}, got {global_from!r}")
         self.global_from = global_from
         self.backbone = build_backbone(backbone, feature_layer)
-        self.attention = AttentionHead(self.backbone.local_dim) if attention else None
+        # attention: False (rank by L2 norm), True (DELF's head) or {"norm_weight": w} (a learned
+        # correction of the L2 norm ranking, AttentionHead)
+        options = attention if isinstance(attention, dict) else {}
+        self.attention = AttentionHead(self.backbone.local_dim, **options) if attention else None
         self.gem_p = gem_p
         mean, std = NORMALISATION[backbone]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)

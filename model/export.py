@@ -54,13 +54,17 @@ def build_model(backbone=DEFAULT_BACKBONE, weights=None, attention="default", fe
         attention = None
     if weights is None:
         weights = default_weights_path(backbone)
-    model = DELF(backbone, feature_layer, attention=attention is not None, global_from=global_from)
-    model.backbone.load_imagenet(read_state_dict(weights))
-    provenance = {"weights": backbone_provenance(backbone, weights)}
+    state = None
     if attention is not None:
         state = read_state_dict(attention)
         if any(k.startswith("attention.") for k in state):  # a whole-model checkpoint
             state = {k[len("attention.") :]: v for k, v in state.items() if k.startswith("attention.")}
+    # a head that corrects the L2 norm ranking carries its norm_weight (model/delf.py)
+    head = state is not None and ({"norm_weight": 0.0} if "norm_weight" in state else True)
+    model = DELF(backbone, feature_layer, attention=head, global_from=global_from)
+    model.backbone.load_imagenet(read_state_dict(weights))
+    provenance = {"weights": backbone_provenance(backbone, weights)}
+    if attention is not None:
         try:
             model.attention.load_state_dict(state, strict=True)
         except RuntimeError as e:

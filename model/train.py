@@ -1,39 +1,46 @@
-"""`delf-index train`: DELF's attention head (and optionally its descriptors) from image labels.
+"""`delf-index train`: DELF's attention head (and optionally its descriptors) from image labels,
+or from the verified pairs of a collection's own match graph.
 
     delf-index train --manifest train.csv --output runs/head                     # attention only
     delf-index train --manifest gs://bucket/train.csv --output runs/ft --stage1-epochs 5
     delf-index train --manifest train.csv --output runs/head --resume            # continue a run
+    delf-index train --from-match gs://bucket/match --output runs/own            # no labels
     delf-index export-model --attention runs/head/attention.pt --output head.onnx
 
 DELF's recipe (Noh et al. 2017), on image-level landmark labels:
 
 1. stage 1 (``--stage1-epochs``, off by default): fine-tune the descriptor layers (the
    backbone up to the local feature layer) with a classification loss on average-pooled
-   local features;
+   local features of random crops;
 2. stage 2: freeze the descriptors and train the attention head: the L2-normalised local
-   features, weighted by the attention scores and averaged, feed a linear classifier.
-   Training crops are randomly rescaled over the extractor's pyramid range, so that scores
-   from different pyramid levels can be compared when the best features are selected.
+   features, weighted by the attention scores and averaged, feed a linear classifier. The
+   frozen backbone's cells of every pyramid level of every image are computed once and
+   cached (model/cells.py), and each sample is one level of one image: random rescaling over
+   the extractor's pyramid, so that scores from different levels can be compared when the
+   best features are selected. ``inputs="crops"`` runs the backbone on random rescaled
+   crops every step instead (needed by the matchability objective).
 
-Two optional objectives train the head as well (docs/training.md; benchmarks/README.md
-has what they measured): ``matchability_weight``, label-free: each crop is also warped by a
-random homography, and a cell is a positive when its mutual nearest neighbour in the other
-view is the geometrically right cell; ``verified_weight``: cells that RANSAC verifies between
-two images of the same landmark, over the whole pyramid, are the positives. Both rank
-positives above negatives (pairwise logistic loss).
+Two further objectives train the head as well (docs/training.md; benchmarks/README.md has
+what they measured): ``verified_weight``: cells that RANSAC verifies between two images of the
+same landmark (or, with ``--from-match``, of a verified pair of the match graph), over the
+whole pyramid, are the positives; ``matchability_weight``, label-free: each crop is also warped
+by a random homography, and a cell is a positive when its mutual nearest neighbour in the
+other view is the geometrically right cell. Both rank positives above negatives (pairwise
+logistic loss). ``norm_weight`` makes the head a learned correction of the L2-norm ranking.
 
 The manifest has Google-Landmarks-v2's ``train.csv`` shape: columns ``id``, ``landmark_id``
 and ``url`` or ``path`` (relative paths resolve against the manifest's folder), on any
-fsspec filesystem. Per class, ``val_fraction`` of the images are held out to report
-validation accuracy after every epoch.
+fsspec filesystem. Per class, ``val_fraction`` of the images are held out for the validation
+figures reported after every epoch.
 
 Written to ``--output``: ``attention.pt`` (the head, what `export-model --attention` reads),
 ``backbone.pt`` (after stage 1), ``checkpoint.pt`` (what ``--resume`` continues from),
-``history.json`` (loss and accuracies per epoch), ``split.json`` and ``conf.json``.
+``history.json`` (loss and validation figures per epoch), ``split.json`` and ``conf.json``.
 """
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -44,17 +51,20 @@ import time
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from delf_index.errors import UserError
-from delf_index.indexing import verify
+from delf_index.indexing import artifact
+from delf_index.model import cells as cells_lib
 from delf_index.model.backbones import DEFAULT_FEATURE_LAYER, EfficientNetLite, ResNet50
+from delf_index.model.cells import cell_mask
+from delf_index.model.crops import CropDataset, matchability_labels
 from delf_index.model.delf import DELF
 from delf_index.model.weights import default_weights_path, read_state_dict
 from delf_index.runtime import storage
-from delf_index.runtime.images import read_image
 
 logger = logging.getLogger("delf_index.train")
 
@@ -63,19 +73,23 @@ default_conf = {
     "feature_layer": None,  # layer of the local features; None: the backbone's default (recorded resolved)
     "weights": None,  # backbone state dict to start from; None: the packaged ImageNet weights
     "image_size": 1024,  # images are first shrunk to this largest side, as the extractor does
+    "inputs": "cells",  # stage 2 learns from the cached pyramid cells, or "crops": the backbone on random crops
+    "cache_dir": None,  # where cells and matched pairs are kept across runs; None: <output>/cache
+    "norm_weight": None,  # None: DELF's head; a number: the head corrects log(L2 norm) x this (learned) weight
     "crop_size": 256,  # side of the square training crops, a multiple of 32
-    "scale_range": (0.25, 2.0),  # random rescaling, log-uniform: the extractor's pyramid range
-    "crops_per_image": 4,  # samples drawn from each training image per epoch
+    "scale_range": (0.25, 2.0),  # random rescaling of crops, log-uniform: the extractor's pyramid range
+    "crops_per_image": 4,  # samples (crops, or pyramid levels) drawn from each training image per epoch
     "batch_size": 8,
     "stage1_epochs": 0,  # descriptor fine-tuning; 0 keeps the backbone's descriptors (measured better here)
     "stage1_lr": 1e-4,  # Adam, cosine decay; the backbone moves slowly
     "epochs": 20,  # stage 2: attention
     "lr": 1e-3,  # Adam, cosine decay, for the attention head and the classifiers
     "weight_decay": 1e-4,
-    "val_fraction": 0.2,  # images held out per class for the validation accuracy
-    "val_size": 512,  # largest side of validation images (one pass, whole image)
+    "val_fraction": 0.2,  # images held out per class for the validation figures
+    "val_size": 512,  # largest side of validation images (stage 1 and crops: one pass, whole image)
+    "val_features": 500,  # validation: the share of verified cells among an image's best this many
     "classification_weight": 1.0,  # DELF's loss: attention-pooled features -> classifier
-    "matchability_weight": 0.0,  # label-free loss on homography pairs; 0 disables it
+    "matchability_weight": 0.0,  # label-free loss on homography pairs; 0 disables it (needs inputs "crops")
     "homography": {  # random warps of the matchability pairs
         "max_rotation": 15.0,  # degrees
         "max_scale": 1.25,  # scale change, log-uniform in [1/x, x]
@@ -87,7 +101,7 @@ default_conf = {
     "verified_pairs": 40,  # most image pairs per class that give the real-pair targets
     "verified_images": 8,  # images per step for the real-pair loss
     "verified_cells": 1024,  # cells drawn per image and step for it (all pyramid levels)
-    "scales": (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0),  # pyramid of the real-pair targets (extractor's)
+    "scales": (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0),  # pyramid of the cells (the extractor's)
     "seed": 0,  # every random choice (split, order, crops, initialisation) derives from it
     "device": None,  # None: cuda when available, else cpu
     "amp": None,  # bf16 autocast; None: on for cuda
@@ -98,7 +112,9 @@ default_conf = {
 }
 
 # Knobs that may change when a run is resumed: they do not change what is computed.
-RESUMABLE = {"epochs", "stage1_epochs", "device", "num_workers", "threads", "checkpoint_every", "cache_images"}
+RESUMABLE = {"epochs", "stage1_epochs", "device", "num_workers", "threads", "checkpoint_every", "cache_images",
+             "cache_dir"}  # fmt: skip
+OBJECTIVES = ("classification_weight", "matchability_weight", "verified_weight")
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -152,115 +168,41 @@ def split_items(items, val_fraction, seed):
     return train, val, classes
 
 
-def load_image(location, max_side):
-    """uint8 RGB image shrunk (area interpolation) to `max_side` on its largest side."""
-    image = read_image(location)
-    h, w = image.shape[:2]
-    if max(h, w) > max_side:
-        f = max_side / max(h, w)
-        image = cv2.resize(image, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
-    return image
+def match_items(match):
+    """Images and verified pairs of a `delf-index match` output, as training data without
+    labels: ([{id, location, landmark_id}], [(id_a, id_b)]). An image's class is its cluster
+    of the match graph (so that the validation split holds whole clusters' pairs); the pairs
+    are those with at least the match's own `min_inliers`. Images no longer in the index
+    the match was made from are left out, with a count."""
+    match = match.rstrip("/")
+    try:
+        summary = json.loads(storage.read_bytes(posixpath.join(match, "_SUMMARY.json")))
+    except FileNotFoundError as e:
+        raise UserError(f"{match} holds no match output (no _SUMMARY.json): run delf-index match first") from e
+    image_ids, uris, _ = artifact.read_images(summary["index"])
+    location = dict(zip(image_ids, uris))
+    clusters = {row["image_id"]: row["cluster"] for row in match_table(match, "clusters")}
+    least = summary["conf"].get("min_inliers", 1)
+    pairs = [(r["image_a"], r["image_b"]) for r in match_table(match, "pairs") if (r["inliers"] or 0) >= least]
+    kept = [(a, b) for a, b in pairs if a in location and b in location]
+    if len(kept) < len(pairs):
+        logger.warning("%d verified pairs name images no longer in %s: left out", len(pairs) - len(kept),
+                       summary["index"])  # fmt: skip
+    if not kept:
+        raise UserError(f"{match}: no verified pair with {least} inliers or more to train on")
+    ids = sorted({i for pair in kept for i in pair})
+    items = [{"id": i, "location": location[i], "landmark_id": str(clusters.get(i, i))} for i in ids]
+    return items, kept
 
 
-def cell_mask(pixel_valid, stride, offset):
-    """Cells of a feature map whose receptive-field centre is a valid pixel, as the extractor
-    keeps them: [H, W] bool pixels -> [H / stride, W / stride] bool cells."""
-    return pixel_valid[offset::stride, offset::stride][
-        : pixel_valid.shape[0] // stride, : pixel_valid.shape[1] // stride
-    ]
-
-
-def random_crop(image, rng, crop, scale_range, pad_value):
-    """A `crop` x `crop` view of `image` rescaled by a log-uniform random factor.
-
-    Returns (crop uint8 [crop, crop, 3], valid pixels [crop, crop] bool, the scaled image it
-    was cut from, 3x3 map scaled image -> crop). Rescaled images smaller than the crop are
-    padded bottom/right with the mean colour, as the extractor pads pyramid levels.
-    """
-    lo, hi = scale_range
-    s = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    h, w = image.shape[:2]
-    sh, sw = max(1, round(h * s)), max(1, round(w * s))
-    # shrink with area interpolation (anti-aliased, as the pyramid); enlarge bilinearly
-    scaled = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-    ch, cw = min(crop, sh), min(crop, sw)
-    y0, x0 = int(rng.integers(0, sh - ch + 1)), int(rng.integers(0, sw - cw + 1))
-    out = np.empty((crop, crop, 3), np.uint8)
-    out[:] = pad_value
-    out[:ch, :cw] = scaled[y0 : y0 + ch, x0 : x0 + cw]
-    valid = np.zeros((crop, crop), bool)
-    valid[:ch, :cw] = True
-    to_crop = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], np.float64)
-    return out, valid, scaled, to_crop
-
-
-def random_homography(rng, size, conf):
-    """3x3 map of a `size` square to a randomly rotated, scaled and perspective-warped one."""
-    c = (size - 1) / 2
-    corners = np.array([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]], np.float64)
-    theta = math.radians(rng.uniform(-1, 1) * conf["max_rotation"])
-    s = math.exp(rng.uniform(-1, 1) * math.log(conf["max_scale"]))
-    rot = s * np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-    moved = (corners - c) @ rot.T + c + rng.uniform(-1, 1, (4, 2)) * conf["perspective"] * size
-    return cv2.getPerspectiveTransform(corners.astype(np.float32), moved.astype(np.float32)).astype(np.float64)
-
-
-def photometric(image, rng, strength):
-    """Brightness, contrast and gamma jitter: the second view is not the same photograph."""
-    x = image.astype(np.float32) / 255.0
-    x = x ** math.exp(rng.uniform(-1, 1) * strength * 2)
-    x = (x - 0.5) * (1 + rng.uniform(-1, 1) * strength) + 0.5 + rng.uniform(-1, 1) * strength / 2
-    return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-class CropDataset(torch.utils.data.Dataset):
-    """Random training views of labelled images; an item is addressed by (index, seed), so that
-    an epoch's samples depend on the seed alone, whatever the loader's workers do."""
-
-    def __init__(self, items, conf, stride, offset, pad_value, pairs=False):
-        self.items, self.conf, self.pairs = items, conf, pairs
-        self.stride, self.offset, self.pad_value = stride, offset, np.asarray(pad_value, np.uint8)
-        self.cache = {}
-
-    def __len__(self):
-        return len(self.items)
-
-    def image(self, index):
-        if index in self.cache:
-            return self.cache[index]
-        image = load_image(self.items[index]["location"], self.conf["image_size"])
-        if self.conf["cache_images"]:
-            self.cache[index] = image
-        return image
-
-    def __getitem__(self, key):
-        index, seed = key
-        rng = np.random.default_rng(seed)
-        conf = self.conf
-        crop, valid, scaled, to_crop = random_crop(
-            self.image(index), rng, conf["crop_size"], conf["scale_range"], self.pad_value
-        )
-        out = {
-            "image": torch.from_numpy(crop),
-            "mask": torch.from_numpy(cell_mask(valid, self.stride, self.offset)),
-            "label": self.items[index]["label"],
-        }
-        if self.pairs:
-            size = conf["crop_size"]
-            hom = random_homography(rng, size, conf["homography"])
-            warp = hom @ to_crop  # scaled image -> second view
-            view = cv2.warpPerspective(
-                scaled, warp, (size, size), flags=cv2.INTER_LINEAR, borderValue=tuple(int(v) for v in self.pad_value)
-            )
-            inside = np.zeros(scaled.shape[:2], np.uint8)
-            inside[:] = 1
-            inside = cv2.warpPerspective(inside, warp, (size, size), flags=cv2.INTER_NEAREST) > 0
-            # the second view shows only what the first one does: the rest is unverifiable
-            shown = cv2.warpPerspective(valid.astype(np.uint8), hom, (size, size), flags=cv2.INTER_NEAREST) > 0
-            out["image_b"] = torch.from_numpy(photometric(view, rng, conf["homography"]["photometric"]))
-            out["mask_b"] = torch.from_numpy(cell_mask(inside & shown, self.stride, self.offset))
-            out["homography"] = torch.from_numpy(hom)
-        return out
+def match_table(match, name):
+    """The rows of one of match's tables (its Parquet files, in name order)."""
+    fs, folder = storage.filesystem(posixpath.join(match, name))
+    rows = []
+    for path in sorted(fs.glob(posixpath.join(folder, "*.parquet"))):
+        with storage.open_file(storage.with_protocol(fs, path), "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    return rows
 
 
 def epoch_keys(n_items, crops_per_image, seed, stage, epoch):
@@ -300,146 +242,14 @@ def attention_pool(features, scores, mask):
     return masked_mean(F.normalize(features, dim=1) * scores[:, None], mask)
 
 
-def matchability_labels(feat_a, feat_b, mask_a, mask_b, hom, stride, offset, radius):
-    """Targets of the label-free objective for the cells of two views of one crop.
-
-    feat_* [C, h, w], mask_* [h, w], hom: 3x3 map from view a to view b pixels. A cell's
-    target is 1 when its mutual nearest neighbour (cosine) among the other view's cells lies
-    within `radius` pixels of where the homography sends it, 0 when not, and -1 (ignored)
-    when its true position is not a valid cell of the other view. Returns (targets of a,
-    targets of b), each [h * w].
-    """
-    c, h, w = feat_a.shape
-    device = feat_a.device
-    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    centres = torch.stack([xs, ys], -1).reshape(-1, 2).double() * stride + offset
-    da = F.normalize(feat_a.reshape(c, -1).T.float(), dim=1)
-    db = F.normalize(feat_b.reshape(c, -1).T.float(), dim=1)
-    va, vb = mask_a.reshape(-1).to(device), mask_b.reshape(-1).to(device)
-    sim = (da @ db.T).masked_fill(~va[:, None] | ~vb[None, :], -2.0)
-    ab, ba = sim.argmax(1), sim.argmax(0)
-    hom = hom.to(device=device, dtype=torch.float64)
-
-    def targets(nn_fwd, nn_bwd, valid_src, valid_dst, mapping):
-        pts = torch.cat([centres, torch.ones_like(centres[:, :1])], 1) @ mapping.T
-        pts = pts[:, :2] / pts[:, 2:].clamp(min=1e-9)
-        cell = torch.round((pts - offset) / stride).long()
-        inside = (cell[:, 0] >= 0) & (cell[:, 0] < w) & (cell[:, 1] >= 0) & (cell[:, 1] < h)
-        flat = cell[:, 1].clamp(0, h - 1) * w + cell[:, 0].clamp(0, w - 1)
-        seen = valid_src & inside & valid_dst[flat]
-        mutual = nn_bwd[nn_fwd] == torch.arange(len(nn_fwd), device=device)
-        right = mutual & ((centres[nn_fwd] - pts).norm(dim=1) <= radius)
-        return torch.where(seen, right.float(), torch.full_like(pts[:, 0], -1.0).float())
-
-    return targets(ab, ba, va, vb, hom), targets(ba, ab, vb, va, torch.linalg.inv(hom))
-
-
-def mutual_nearest(desc_a, desc_b, ratio=0.95, chunk=4096):
-    """Mutual nearest neighbours (cosine) of two large descriptor sets that pass a ratio test,
-    [M, 2] indices; computed in chunks, so that 25k x 25k cells fit in memory."""
-    n, m = len(desc_a), len(desc_b)
-    best_ab = torch.empty(n, dtype=torch.long)
-    keep = torch.empty(n, dtype=torch.bool)
-    best_ba = torch.full((m,), -1, dtype=torch.long)
-    best_ba_sim = torch.full((m,), -2.0)
-    for i in range(0, n, chunk):
-        sim = desc_a[i : i + chunk] @ desc_b.T
-        top, idx = sim.topk(2, dim=1)
-        best_ab[i : i + chunk] = idx[:, 0]
-        # distances of unit vectors: d^2 = 2 - 2 cos
-        d1, d2 = (2 - 2 * top[:, 0]).clamp(min=0).sqrt(), (2 - 2 * top[:, 1]).clamp(min=0).sqrt()
-        keep[i : i + chunk] = d1 <= ratio * d2
-        col, row = sim.max(dim=0)
-        better = col > best_ba_sim
-        best_ba_sim[better], best_ba[better] = col[better], row[better] + i
-    a = torch.nonzero(keep & (best_ba[best_ab] == torch.arange(n))).squeeze(1)
-    return torch.stack([a, best_ab[a]], 1).numpy()
-
-
-class PyramidCells:
-    """All candidate cells of an image over the extractor's pyramid: raw features (the head's
-    input), original-pixel positions and scales, as `delf_index.runtime.extractor` computes them."""
-
-    def __init__(self, trainer, image, scales, min_level_size=10):
-        h0, w0 = image.shape[:2]
-        m, stride, offset = trainer.net.input_multiple, trainer.stride, trainer.offset
-        pad = np.array([int(round(v)) for v in trainer.net.mean.flatten().tolist()], np.uint8)
-        feats, xs, ys, ss = [], [], [], []
-        for s in scales:
-            h, w = round(h0 * s), round(w0 * s)
-            if min(h, w) < min_level_size:
-                continue
-            level = image if (h, w) == (h0, w0) else cv2.resize(image, (w, h), interpolation=_interpolation(s))
-            padded = np.empty((-(-h // m) * m, -(-w // m) * m, 3), np.uint8)
-            padded[:] = pad
-            padded[:h, :w] = level
-            valid = np.zeros(padded.shape[:2], bool)
-            valid[:h, :w] = True
-            rows, cols = np.nonzero(cell_mask(valid, stride, offset))
-            f = trainer.features(torch.from_numpy(padded)[None], grad=False)[0]
-            feats.append(f[:, torch.from_numpy(rows), torch.from_numpy(cols)].T.cpu().half())
-            xs.append((cols * stride + offset + 0.5) * (w0 / w) - 0.5)
-            ys.append((rows * stride + offset + 0.5) * (h0 / h) - 0.5)
-            ss.append(np.full(len(rows), np.sqrt((h0 / h) * (w0 / w))))
-        self.features = torch.cat(feats)  # [n, C] float16
-        self.xy = np.stack([np.concatenate(xs), np.concatenate(ys)], 1)
-        self.scale = np.concatenate(ss)
-        self.size = (w0, h0)
-        self.verified = np.zeros(len(self.features), bool)
-        self.pairs = 0
-
-    def descriptors(self):
-        return F.normalize(self.features.float(), dim=1)
-
-
-def _interpolation(scale):
-    return cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-
-
-def verified_targets(cells, labels, max_pairs, seed):
-    """Mark, in each image's PyramidCells, the cells that are RANSAC inliers (scale-consistent
-    affine, indexing.verify) of the mutual nearest-neighbour matches with another image of
-    its class. Pairs per class are capped at `max_pairs` (a seeded sample). Returns the number
-    of pairs verified and tried."""
-    rng = np.random.default_rng([seed, 2])
-    by_class = {}
-    for i, label in enumerate(labels):
-        by_class.setdefault(label, []).append(i)
-    verified = tried = 0
-    for members in by_class.values():
-        pairs = [(a, b) for k, a in enumerate(members) for b in members[k + 1 :]]
-        if len(pairs) > max_pairs:
-            pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), max_pairs, replace=False))]
-        for a, b in pairs:
-            ca, cb = cells[a], cells[b]
-            matches = mutual_nearest(ca.descriptors(), cb.descriptors())
-            tried += 1
-            if len(matches) < 3:
-                continue
-            _, inliers = verify.ransac_affine(
-                ca.xy[matches[:, 0]],
-                cb.xy[matches[:, 1]],
-                cb.size,
-                {"max_trials": 10000},
-                scales_a=ca.scale[matches[:, 0]],
-                scales_b=cb.scale[matches[:, 1]],
-            )
-            if inliers.any():
-                verified += 1
-                ca.verified[matches[inliers, 0]] = True
-                cb.verified[matches[inliers, 1]] = True
-                ca.pairs += 1
-                cb.pairs += 1
-    return verified, tried
-
-
 class Trainer:
     """The network, its classifiers and one optimiser per stage; see the module docstring."""
 
     def __init__(self, conf, num_classes, device):
         self.conf, self.device = conf, device
         torch.manual_seed(conf["seed"])
-        self.net = DELF(conf["backbone"], conf["feature_layer"], attention=True)
+        head = True if conf["norm_weight"] is None else {"norm_weight": conf["norm_weight"]}
+        self.net = DELF(conf["backbone"], conf["feature_layer"], attention=head)
         weights = conf["weights"] or default_weights_path(conf["backbone"])
         self.net.backbone.load_imagenet(read_state_dict(weights))
         channels = self.net.backbone.local_dim
@@ -545,7 +355,7 @@ class Trainer:
             feats.append(c.features[torch.from_numpy(take)])
             targets.append(torch.from_numpy(c.verified[take]))
         feats = torch.cat(feats).float().to(self.device)
-        logits = self.net.attention.logits(feats.T[None, :, :, None])[0, :, 0]
+        logits = self.head_logits(feats)
         losses, start = [], 0
         for t in targets:
             part, start = logits[start : start + len(t)], start + len(t)
@@ -559,7 +369,7 @@ class Trainer:
     def validate(self, stage, dataset):
         """Accuracy and mean loss on whole validation images at `val_size`, one at a time."""
         if not len(dataset.items):
-            return None, None
+            return {"val_acc": None, "val_loss": None}
         self.set_mode(stage, training=False)
         correct, total = 0, 0.0
         m = self.net.input_multiple
@@ -584,7 +394,305 @@ class Trainer:
             label = torch.tensor([item["label"]], device=self.device)
             total += float(F.cross_entropy(logits, label))
             correct += int(logits.argmax(1).item() == item["label"])
-        return correct / len(dataset.items), total / len(dataset.items)
+        return {"val_acc": correct / len(dataset.items), "val_loss": total / len(dataset.items)}
+
+    def head_logits(self, feats):
+        """The head's logits of cells given as rows, [n, C] -> [n]."""
+        return self.net.attention.logits(feats.T[None, :, :, None])[0, :, 0]
+
+    def level_classification(self, cells, labels, rng):
+        """DELF's classification loss on cached cells: each of `batch_size` samples is one
+        pyramid level of one image (DELF's random rescaling), its L2-normalised features
+        weighted by the head's scores and averaged, then classified. Returns (loss, correct,
+        count)."""
+        chosen = rng.integers(0, len(cells), self.conf["batch_size"])
+        parts = []
+        for i in chosen:
+            levels = np.unique(cells[i].level)
+            keep = cells[i].level == levels[rng.integers(len(levels))]
+            parts.append(cells[i].features[torch.from_numpy(keep)])
+        logits = self.classifiers["2"](self.pool_levels(parts))
+        target = torch.tensor([labels[i] for i in chosen], device=self.device)
+        return F.cross_entropy(logits, target), int((logits.argmax(1) == target).sum()), len(chosen)
+
+    def pool_levels(self, parts):
+        """Attention pooling of each level's cells ([n_i, C] each) -> [len(parts), C]; one call
+        of the head for all of them (its BatchNorm sees the whole batch, as with crops)."""
+        feats = torch.cat(parts).float().to(self.device)
+        weighted = F.normalize(feats, dim=1) * F.softplus(self.head_logits(feats))[:, None]
+        return torch.stack([part.mean(0) for part in torch.split(weighted, [len(p) for p in parts])])
+
+    @torch.no_grad()
+    def validate_cells(self, cells, labels):
+        """Validation on held-out images' cached cells: classification accuracy and loss (the
+        level nearest the original size of each image), and the share of an image's verified
+        cells among its best `val_features` by the head (mean over images with a verified pair;
+        `verified_share`, what selection keeps of what matches)."""
+        self.set_mode(2, training=False)
+        out = {"val_acc": None, "val_loss": None, "val_verified_share": None}
+        if not cells:
+            return out
+        if self.conf["classification_weight"] > 0:
+            unit = int(np.argmin(np.abs(np.log(np.asarray(self.conf["scales"])))))
+            parts = [c.features[torch.from_numpy(c.level == (unit if (c.level == unit).any() else c.level.max()))]
+                     for c in cells]  # fmt: skip
+            logits = self.classifiers["2"](self.pool_levels(parts))
+            target = torch.tensor(labels, device=self.device)
+            out["val_acc"] = float((logits.argmax(1) == target).float().mean())
+            out["val_loss"] = float(F.cross_entropy(logits, target))
+        scored = [(c, self.head_logits(c.features.float().to(self.device)).cpu().numpy()) for c in cells if c.pairs]
+        if scored:
+            out["val_verified_share"] = verified_share(scored, self.conf["val_features"])
+        return out
+
+
+def verified_share(scored, k):
+    """Mean over images of the share of their verified cells among their k best-scored cells:
+    `scored` is [(PyramidCells, scores [n])]."""
+    shares = []
+    for cells, scores in scored:
+        best = np.argsort(-scores, kind="stable")[:k]
+        shares.append(cells.verified[best].sum() / max(cells.verified.sum(), 1))
+    return float(np.mean(shares))
+
+
+# -- what a stage learns from --------------------------------------------------------------------
+class CellSource:
+    """Stage 2 from the cached pyramid cells: a step classifies `batch_size` pyramid levels and
+    ranks the verified cells of `verified_images` images first; no backbone runs."""
+
+    def __init__(self, conf, cells, labels):
+        self.conf, self.cells, self.labels = conf, cells, labels
+        self.steps_per_epoch = -(-len(cells) * conf["crops_per_image"] // conf["batch_size"])
+
+    def batches(self, epoch, start_step):
+        return range(start_step, self.steps_per_epoch)
+
+    def losses(self, trainer, step_data, epoch, step):
+        conf = self.conf
+        rng = np.random.default_rng([conf["seed"], 2, epoch, step])
+        out, correct, seen = {}, 0, 0
+        if conf["classification_weight"] > 0:
+            loss, correct, seen = trainer.level_classification(self.cells, self.labels, rng)
+            out["classification"] = conf["classification_weight"] * loss
+        if conf["verified_weight"] > 0:
+            term = trainer.verified_loss(self.cells, rng)
+            if term is not None:
+                out["verified"] = conf["verified_weight"] * term
+        return out, correct, seen
+
+
+class CropSource:
+    """Random rescaled crops through the backbone every step (stage 1; stage 2 with
+    inputs="crops"), with the real-pair loss on `cells` when given."""
+
+    def __init__(self, conf, stage, dataset, device, cells=None):
+        self.conf, self.stage, self.dataset, self.device, self.cells = conf, stage, dataset, device, cells
+        self.steps_per_epoch = -(-len(dataset.items) * conf["crops_per_image"] // conf["batch_size"])
+
+    def batches(self, epoch, start_step):
+        conf, batch = self.conf, self.conf["batch_size"]
+        keys = epoch_keys(len(self.dataset.items), conf["crops_per_image"], conf["seed"], self.stage, epoch)
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=batch,
+            sampler=keys[start_step * batch :],
+            num_workers=conf["num_workers"],
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def losses(self, trainer, data, epoch, step):
+        out, correct, seen = trainer.losses(self.stage, data, training=True)
+        if self.cells is not None:
+            term = trainer.verified_loss(self.cells, np.random.default_rng([self.conf["seed"], 3, epoch, step]))
+            if term is not None:
+                out["verified"] = self.conf["verified_weight"] * term
+        return out, correct, seen
+
+
+def stage_source(trainer, stage, split, pairs, conf, output):
+    """(what stage `stage` learns from, a function returning its validation figures)."""
+    train_items, val_items = split
+    pad = [int(round(v)) for v in trainer.net.mean.flatten().tolist()]
+    if stage == 1 or conf["inputs"] == "crops":
+        crops = conf["matchability_weight"] > 0 and stage == 2
+        train_set = CropDataset(train_items, conf, trainer.stride, trainer.offset, pad, pairs=crops)
+        val_set = CropDataset(val_items, conf, trainer.stride, trainer.offset, pad)
+        cells = None
+        if stage == 2 and conf["verified_weight"] > 0:
+            cells = target_cells(trainer, train_set, pairs, conf, output, targets=True)
+        return CropSource(conf, stage, train_set, trainer.device, cells), lambda: trainer.validate(stage, val_set)
+    train_set = CropDataset(train_items, conf, trainer.stride, trainer.offset, pad)
+    val_set = CropDataset(val_items, conf, trainer.stride, trainer.offset, pad)
+    train_cells = target_cells(trainer, train_set, pairs, conf, output, targets=conf["verified_weight"] > 0)
+    val_cells = target_cells(trainer, val_set, pairs, conf, output, targets=conf["val_features"] > 0)
+    train_labels = [it["label"] for it in train_items]
+    val_labels = [it["label"] for it in val_items]
+    return CellSource(conf, train_cells, train_labels), lambda: trainer.validate_cells(val_cells, val_labels)
+
+
+def target_cells(trainer, dataset, pairs, conf, output, targets):
+    """PyramidCells of a dataset's images (cached), and with `targets` the cells of verified
+    pairs marked: `pairs` [(id_a, id_b)] within the dataset, or, when None, same-class pairs
+    (at most `verified_pairs` per class). Logs how many pairs and cells were verified."""
+    start = time.perf_counter()
+    trainer.set_mode(2, training=False)
+    cache = conf["cache_dir"] or os.path.join(output, "cache")
+    items = dataset.items
+    progress = Progress(len(items), "pyramid cells")
+    cells = cells_lib.image_cells(trainer, items, dataset.image, conf["scales"], cache, progress)
+    if not targets:
+        return cells
+    if pairs is None:
+        chosen = cells_lib.class_pairs([it["label"] for it in items], conf["verified_pairs"], conf["seed"])
+    else:
+        position = {it["id"]: n for n, it in enumerate(items)}
+        chosen = [(position[a], position[b]) for a, b in pairs if a in position and b in position]
+    key = hashlib.sha1(json.dumps([cells_lib.network_key(trainer.net), list(conf["scales"]),
+                                   [it["location"] for it in items], chosen]).encode()).hexdigest()[:24]  # fmt: skip
+    matched = Progress(len(chosen), "verified pairs")
+    verified, tried = cells_lib.verified_targets(cells, chosen, os.path.join(cache, f"pairs-{key}.npz"), matched)
+    positives = sum(int(c.verified.sum()) for c in cells)
+    total = sum(len(c.verified) for c in cells)
+    logger.info("real-pair targets: %d of %d pairs verified, %.2f%% of %d cells, %.0fs", verified, tried,
+                100 * positives / max(total, 1), total, time.perf_counter() - start)  # fmt: skip
+    return cells
+
+
+# -- training ---------------------------------------------------------------------------------
+def resolve_conf(conf):
+    """`conf` over default_conf, checked: unknown keys, no objective, settings that do not fit."""
+    unknown = set(conf or {}) - set(default_conf)
+    if unknown:
+        raise UserError(f"unknown training options {sorted(unknown)}; known: {sorted(default_conf)}")
+    conf = {**default_conf, **(conf or {})}
+    conf["homography"] = {**default_conf["homography"], **conf["homography"]}
+    conf["scale_range"], conf["scales"] = tuple(conf["scale_range"]), tuple(conf["scales"])
+    # recorded resolved: the head fits this layer only, whatever the default becomes
+    conf["feature_layer"] = conf["feature_layer"] or DEFAULT_FEATURE_LAYER[conf["backbone"]]
+    if conf["epochs"] and not any(conf[k] > 0 for k in OBJECTIVES):
+        raise UserError("no training objective: set classification_weight, matchability_weight or verified_weight")
+    if conf["crop_size"] % 32:
+        raise UserError(f"crop_size must be a multiple of 32, got {conf['crop_size']}")
+    if conf["inputs"] not in ("cells", "crops"):
+        raise UserError(f"inputs {conf['inputs']!r}: use cells or crops")
+    if conf["inputs"] == "cells" and conf["matchability_weight"] > 0:
+        raise UserError("the matchability objective warps crops: set inputs=crops with matchability_weight")
+    return conf
+
+
+def resume_state(output, conf, resume):
+    """The checkpoint to continue from (None: start afresh); refuses options that changed."""
+    path = os.path.join(output, "checkpoint.pt")
+    if not resume or not os.path.exists(path):
+        if resume:
+            logger.info("no checkpoint in %s: starting afresh", output)
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    changed = sorted(k for k in conf if k not in RESUMABLE and state["conf"].get(k) != conf[k])
+    if changed:
+        raise UserError(f"cannot resume {output}: options differ from the run's ({', '.join(changed)})")
+    logger.info("resuming %s at stage %d, epoch %d, step %d", output, state["stage"], state["epoch"], state["step"])
+    return state
+
+
+def train(manifest, output, conf=None, resume=False, match=None):
+    """Train as the module docstring says, on a GLDv2-style `manifest` or, with `match` (a
+    `delf-index match` output) instead, on the verified pairs of a collection's own match
+    graph; returns the per-epoch history (also history.json)."""
+    conf = resolve_conf(conf)
+    if (manifest is None) == (match is None):
+        raise UserError("train on a manifest (train.csv) or on a match output (--from-match), one of them")
+    if conf["threads"]:
+        torch.set_num_threads(int(conf["threads"]))
+    device = torch.device(conf["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(output, exist_ok=True)
+    state = resume_state(output, conf, resume)
+    items, pairs = (read_manifest(manifest), None) if match is None else match_items(match)
+    train_items, val_items, classes = split_items(items, conf["val_fraction"], conf["seed"])
+    logger.info("%d images, %d classes: %d for training, %d for validation", len(items), len(classes),
+                len(train_items), len(val_items))  # fmt: skip
+    split = {"classes": classes, "train": [it["id"] for it in train_items], "val": [it["id"] for it in val_items]}
+    _write_json(split, os.path.join(output, "split.json"))
+    _write_json({**conf, "manifest": manifest, "from_match": match}, os.path.join(output, "conf.json"))
+    trainer = Trainer(conf, len(classes), device)
+    if state:
+        trainer.net.load_state_dict(state["model"])
+        trainer.classifiers.load_state_dict(state["classifiers"])
+    history = state["history"] if state else []
+    for stage in (1, 2):
+        if (conf["stage1_epochs"] if stage == 1 else conf["epochs"]) == 0 or (state and state["stage"] > stage):
+            continue
+        source, validate = stage_source(trainer, stage, (train_items, val_items), pairs, conf, output)
+        run_stage(trainer, stage, source, validate, output, state if state and state["stage"] == stage else None,
+                  history)  # fmt: skip
+        if stage == 1:
+            backbone = {k: v.cpu() for k, v in trainer.net.backbone.state_dict().items()}
+            _save(backbone, os.path.join(output, "backbone.pt"))
+        state = None  # the next stage starts afresh
+    if conf["epochs"]:
+        head = {k: v.cpu() for k, v in trainer.net.attention.state_dict().items()}
+        _save(head, os.path.join(output, "attention.pt"))
+    _write_json(history, os.path.join(output, "history.json"))
+    return history
+
+
+def run_stage(trainer, stage, source, validate, output, state, history):
+    """The epochs of one stage (from `state`, a checkpoint of this stage, when resuming): an
+    optimiser with cosine decay, validation and a checkpoint after every epoch."""
+    conf = trainer.conf
+    epochs = conf["stage1_epochs"] if stage == 1 else conf["epochs"]
+    base_lr = conf["stage1_lr"] if stage == 1 else conf["lr"]
+    optimizer = torch.optim.AdamW(trainer.parameters(stage), lr=base_lr, weight_decay=conf["weight_decay"])
+    start_epoch = start_step = 0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_step = state["epoch"], state["step"]
+    ckpt_path = os.path.join(output, "checkpoint.pt")
+    for epoch in range(start_epoch, epochs):
+        start = time.perf_counter()
+        sums, counts = run_epoch(trainer, optimizer, source, stage, epoch, start_step, history, ckpt_path)
+        seconds = time.perf_counter() - start
+        done = max(source.steps_per_epoch - start_step, 1)
+        record = {"stage": stage, "epoch": epoch + 1, **{k: v / done for k, v in sums.items()},
+                  "train_acc": counts["correct"] / max(counts["seen"], 1), **validate(),
+                  "seconds": round(seconds, 2), "steps_per_s": round(done / max(seconds, 1e-9), 2)}  # fmt: skip
+        history.append(record)
+        logger.info("%s", json.dumps(record))
+        start_step = 0
+        _save(_checkpoint(trainer, optimizer, conf, stage, epoch + 1, 0, history), ckpt_path)
+        _write_json(history, os.path.join(output, "history.json"))
+
+
+def run_epoch(trainer, optimizer, source, stage, epoch, start_step, history, ckpt_path):
+    """The steps of one epoch from `start_step`: (summed loss terms, {correct, seen})."""
+    conf = trainer.conf
+    epochs = conf["stage1_epochs"] if stage == 1 else conf["epochs"]
+    base_lr = conf["stage1_lr"] if stage == 1 else conf["lr"]
+    steps = source.steps_per_epoch
+    trainer.set_mode(stage, training=True)
+    progress = Progress(steps, f"stage {stage} epoch {epoch + 1}/{epochs}")
+    sums, counts = {}, {"correct": 0, "seen": 0}
+    step = start_step
+    for data in source.batches(epoch, start_step):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine(base_lr, epoch * steps + step, epochs * steps)
+        losses, correct, seen = source.losses(trainer, data, epoch, step)
+        step += 1
+        if losses:  # else nothing to learn from in this batch
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in {**losses, "loss": loss}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        counts["correct"], counts["seen"] = counts["correct"] + correct, counts["seen"] + seen
+        accuracy = counts["correct"] / max(counts["seen"], 1)
+        progress.update(step, loss=sums.get("loss", 0.0) / (step - start_step), acc=accuracy)
+        if conf["checkpoint_every"] and step % conf["checkpoint_every"] == 0 and step < steps:
+            _save(_checkpoint(trainer, optimizer, conf, stage, epoch, step, history), ckpt_path)
+    return sums, counts
 
 
 # -- checkpoints and progress -----------------------------------------------------------------
@@ -633,166 +741,6 @@ def _cosine(base, step, total):
     return base * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
-# -- training ---------------------------------------------------------------------------------
-def train(manifest, output, conf=None, resume=False):
-    """Train as the module docstring says; returns the per-epoch history (also history.json)."""
-    unknown = set(conf or {}) - set(default_conf)
-    if unknown:
-        raise UserError(f"unknown training options {sorted(unknown)}; known: {sorted(default_conf)}")
-    conf = {**default_conf, **(conf or {})}
-    conf["homography"] = {**default_conf["homography"], **conf["homography"]}
-    conf["scale_range"] = tuple(conf["scale_range"])
-    # recorded resolved: the head fits this layer only, whatever the default becomes
-    conf["feature_layer"] = conf["feature_layer"] or DEFAULT_FEATURE_LAYER[conf["backbone"]]
-    if conf["epochs"] and not any(
-        conf[k] > 0 for k in ("classification_weight", "matchability_weight", "verified_weight")
-    ):
-        raise UserError("no training objective: set classification_weight, matchability_weight or verified_weight")
-    if conf["crop_size"] % 32:
-        raise UserError(f"crop_size must be a multiple of 32, got {conf['crop_size']}")
-    if conf["threads"]:
-        torch.set_num_threads(int(conf["threads"]))
-    device = torch.device(conf["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
-    os.makedirs(output, exist_ok=True)
-    ckpt_path = os.path.join(output, "checkpoint.pt")
-
-    state = None
-    if resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        changed = sorted(k for k in conf if k not in RESUMABLE and state["conf"].get(k) != conf[k])
-        if changed:
-            raise UserError(f"cannot resume {output}: options differ from the run's ({', '.join(changed)})")
-        logger.info("resuming %s at stage %d, epoch %d, step %d", output, state["stage"], state["epoch"], state["step"])
-    elif resume:
-        logger.info("no checkpoint in %s: starting afresh", output)
-
-    items = read_manifest(manifest)
-    train_items, val_items, classes = split_items(items, conf["val_fraction"], conf["seed"])
-    logger.info(
-        "%d images, %d classes: %d for training, %d for validation",
-        len(items),
-        len(classes),
-        len(train_items),
-        len(val_items),
-    )
-    split = {"classes": classes, "train": [it["id"] for it in train_items], "val": [it["id"] for it in val_items]}
-    _write_json(split, os.path.join(output, "split.json"))
-    _write_json({**conf, "manifest": manifest}, os.path.join(output, "conf.json"))
-
-    trainer = Trainer(conf, len(classes), device)
-    pad = [int(round(v)) for v in trainer.net.mean.flatten().tolist()]
-    pairs = conf["matchability_weight"] > 0
-    train_set = CropDataset(train_items, conf, trainer.stride, trainer.offset, pad, pairs=pairs)
-    val_set = CropDataset(val_items, conf, trainer.stride, trainer.offset, pad)
-    history = state["history"] if state else []
-    if state:
-        trainer.net.load_state_dict(state["model"])
-        trainer.classifiers.load_state_dict(state["classifiers"])
-
-    for stage in (1, 2):
-        epochs = conf["stage1_epochs"] if stage == 1 else conf["epochs"]
-        if epochs == 0 or (state and state["stage"] > stage):
-            continue
-        params = trainer.parameters(stage)
-        base_lr = conf["stage1_lr"] if stage == 1 else conf["lr"]
-        optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=conf["weight_decay"])
-        start_epoch = start_step = 0
-        if state and state["stage"] == stage:
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch, start_step = state["epoch"], state["step"]
-        batch = conf["batch_size"]
-        steps_per_epoch = -(-len(train_items) * conf["crops_per_image"] // batch)
-        cells = None
-        if stage == 2 and conf["verified_weight"] > 0:
-            cells = real_pair_targets(trainer, train_set, conf)
-        for epoch in range(start_epoch, epochs):
-            keys = epoch_keys(len(train_items), conf["crops_per_image"], conf["seed"], stage, epoch)
-            loader = torch.utils.data.DataLoader(
-                train_set,
-                batch_size=batch,
-                sampler=keys[start_step * batch :],
-                num_workers=conf["num_workers"],
-                pin_memory=device.type == "cuda",
-                persistent_workers=False,
-            )
-            trainer.set_mode(stage, training=True)
-            progress = Progress(steps_per_epoch, f"stage {stage} epoch {epoch + 1}/{epochs}")
-            sums, correct, seen, samples, start = {}, 0, 0, 0, time.perf_counter()
-            step = start_step
-            for data in loader:
-                for group in optimizer.param_groups:
-                    group["lr"] = _cosine(base_lr, epoch * steps_per_epoch + step, epochs * steps_per_epoch)
-                losses, c, n = trainer.losses(stage, data, training=True)
-                if cells is not None:
-                    term = trainer.verified_loss(cells, np.random.default_rng([conf["seed"], 3, epoch, step]))
-                    if term is not None:
-                        losses["verified"] = conf["verified_weight"] * term
-                step += 1
-                if losses:  # else nothing to learn from in this batch
-                    loss = sum(losses.values())
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    for k, v in losses.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                correct, seen, samples = correct + c, seen + n, samples + len(data["label"])
-                progress.update(step, loss=sums.get("loss", 0.0) / (step - start_step), acc=correct / max(seen, 1))
-                if conf["checkpoint_every"] and step % conf["checkpoint_every"] == 0 and step < steps_per_epoch:
-                    _save(_checkpoint(trainer, optimizer, conf, stage, epoch, step, history), ckpt_path)
-            seconds = time.perf_counter() - start
-            val_acc, val_loss = trainer.validate(stage, val_set)
-            done = step - start_step
-            record = {
-                "stage": stage,
-                "epoch": epoch + 1,
-                **{k: v / max(done, 1) for k, v in sums.items()},
-                "train_acc": correct / max(seen, 1),
-                "val_acc": val_acc,
-                "val_loss": val_loss,
-                "seconds": round(seconds, 2),
-                "samples_per_s": round(samples / max(seconds, 1e-9), 2),
-            }
-            history.append(record)
-            logger.info("%s", json.dumps(record))
-            start_step = 0
-            _save(_checkpoint(trainer, optimizer, conf, stage, epoch + 1, 0, history), ckpt_path)
-            _write_json(history, os.path.join(output, "history.json"))
-        if stage == 1:
-            _save(
-                {k: v.cpu() for k, v in trainer.net.backbone.state_dict().items()}, os.path.join(output, "backbone.pt")
-            )
-        state = None  # the next stage starts afresh
-    if conf["epochs"]:
-        head = {k: v.cpu() for k, v in trainer.net.attention.state_dict().items()}
-        _save(head, os.path.join(output, "attention.pt"))
-    _write_json(history, os.path.join(output, "history.json"))
-    return history
-
-
-def real_pair_targets(trainer, dataset, conf):
-    """PyramidCells of every training image with their verified cells marked (see
-    `verified_targets`); logs how many pairs and cells were verified."""
-    start = time.perf_counter()
-    trainer.set_mode(2, training=False)
-    progress = Progress(len(dataset.items), "pyramid cells of the training images")
-    cells = []
-    with torch.no_grad():
-        for index in range(len(dataset.items)):
-            cells.append(PyramidCells(trainer, dataset.image(index), conf["scales"]))
-            progress.update(index + 1)
-    labels = [it["label"] for it in dataset.items]
-    verified, tried = verified_targets(cells, labels, conf["verified_pairs"], conf["seed"])
-    positives = sum(int(c.verified.sum()) for c in cells)
-    total = sum(len(c.verified) for c in cells)
-    share = 100 * positives / max(total, 1)
-    seconds = time.perf_counter() - start
-    logger.info(
-        "real-pair targets: %d of %d pairs verified, %.2f%% of %d cells, %.0fs", verified, tried, share, total, seconds
-    )
-    return cells
-
-
 def _checkpoint(trainer, optimizer, conf, stage, epoch, step, history):
     """Everything a resumed run needs: weights, optimiser, position, history (tensors and
     plain Python values only, so that torch.load(weights_only=True) reads it)."""
@@ -815,9 +763,23 @@ def _parse_value(text):
         return text
 
 
+def _parse_value(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="delf-index train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--manifest", required=True, help="train.csv (id, url or path, landmark_id); any fsspec URI")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="train.csv (id, url or path, landmark_id); any fsspec URI")
+    source.add_argument(
+        "--from-match",
+        metavar="MATCH",
+        help="no labels: learn which features to keep from the verified pairs of this `delf-index match` output "
+        "(the verified-pairs objective alone, unless --conf says otherwise)",
+    )
     parser.add_argument("--output", required=True, help="folder for attention.pt, checkpoints and history")
     parser.add_argument("--resume", action="store_true", help="continue from --output/checkpoint.pt if present")
     parser.add_argument("--epochs", type=int, help=f"attention epochs (default {default_conf['epochs']})")
@@ -828,7 +790,8 @@ def main(argv=None):
     parser.add_argument("--weights", help="backbone state dict; packaged ImageNet weights if omitted")
     parser.add_argument("--conf", nargs="*", default=[], metavar="KEY=VALUE", help="any other option (JSON values)")
     args = parser.parse_args(argv)
-    conf = {}
+    # the match graph has no labels to classify: its pairs are the objective
+    conf = {"classification_weight": 0.0, "verified_weight": 1.0} if args.from_match else {}
     for item in args.conf:
         key, sep, value = item.partition("=")
         if not sep:
@@ -837,13 +800,15 @@ def main(argv=None):
     for key in ("epochs", "stage1_epochs", "seed", "device", "backbone", "weights"):
         if getattr(args, key) is not None:
             conf[key] = getattr(args, key)
-    history = train(args.manifest, args.output, conf, resume=args.resume)
+    history = train(args.manifest, args.output, conf, resume=args.resume, match=args.from_match)
     last = {}
     for record in history:
         last[record["stage"]] = record
     for stage, record in sorted(last.items()):
-        val = "n/a" if record["val_acc"] is None else f"{record['val_acc']:.3f}"
-        loss = record.get("loss", float("nan"))
-        print(f"stage {stage}: {record['epoch']} epochs, loss {loss:.4f}, validation accuracy {val}")
+        figures = [f"loss {record.get('loss', float('nan')):.4f}"]
+        for key, name in (("val_acc", "validation accuracy"), ("val_verified_share", "verified share")):
+            if record.get(key) is not None:
+                figures.append(f"{name} {record[key]:.3f}")
+        print(f"stage {stage}: {record['epoch']} epochs, {', '.join(figures)}")
     print(f"wrote {os.path.join(args.output, 'attention.pt')}")
     return 0

@@ -13,6 +13,9 @@ ONE_WORKER = {"workers": 1}  # beam_options of the jobs in tests: one local work
 LANDMARKS = os.environ.get(
     "LANDMARKS_DEV", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "landmarks-dev")
 )
+LANDMARKS_TRAIN = os.environ.get(
+    "LANDMARKS_TRAIN", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "landmarks-train")
+)
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +24,14 @@ def landmarks_dir():
     if not os.path.exists(os.path.join(LANDMARKS, "groups.csv")):
         pytest.skip("landmarks-dev data set not available")
     return LANDMARKS
+
+
+@pytest.fixture(scope="session")
+def landmarks_train_dir():
+    """../shared/data/landmarks-train (GLDv2 photos for training), or skip when it is not there."""
+    if not os.path.exists(os.path.join(LANDMARKS_TRAIN, "train.csv")):
+        pytest.skip("landmarks-train data set not available")
+    return LANDMARKS_TRAIN
 
 
 @pytest.fixture(scope="session")

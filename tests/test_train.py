@@ -13,6 +13,8 @@ torch = pytest.importorskip("torch")
 import cv2
 from PIL import Image
 
+from delf_index.model import cells as C
+from delf_index.model import crops
 from delf_index.model import train as T
 from delf_index.model.backbones import EfficientNetLite
 from delf_index.model.export import build_model
@@ -66,7 +68,7 @@ def test_manifest_over_fsspec_and_split(memory_manifest):
     items = T.read_manifest(memory_manifest)
     assert len(items) == 12, "the unlabelled row is skipped"
     assert items[0]["location"].startswith("memory://") and items[0]["location"].endswith("images/astronaut_a.jpg")
-    assert T.load_image(items[1]["location"], 100).shape == (76, 100, 3)  # 136x180 shrunk to 100 on its long side
+    assert crops.load_image(items[1]["location"], 100).shape == (76, 100, 3)  # 136x180 shrunk to 100 on its long side
     train, val, classes = T.split_items(items, 0.34, seed=0)
     assert classes == ["1000", "1001", "1002", "1003"]
     assert len(train) == 8 and sorted(it["label"] for it in val) == [0, 1, 2, 3]
@@ -98,7 +100,7 @@ def test_second_view_is_the_homography_of_the_first(photos):
     conf = {**T.default_conf, "crop_size": 128, "scale_range": (0.5, 1.5)}
     conf["homography"] = {**conf["homography"], "photometric": 0.0}
     image = rgb(photos["coffee"])
-    ds = T.CropDataset([{"location": None, "label": 0}], conf, 16, 15, [128] * 3, pairs=True)
+    ds = crops.CropDataset([{"location": None, "label": 0}], conf, 16, 15, [128] * 3, pairs=True)
     ds.cache[0] = image
     for seed in range(5):
         item = ds[(0, seed)]
@@ -119,18 +121,18 @@ def test_matchability_targets():
     feats = torch.randn(16, 6, 6)
     mask = torch.ones(6, 6, dtype=torch.bool)
     ident = torch.eye(3, dtype=torch.float64)
-    ta, tb = T.matchability_labels(feats, feats, mask, mask, ident, 16, 15, 16.0)
+    ta, tb = crops.matchability_labels(feats, feats, mask, mask, ident, 16, 15, 16.0)
     assert (ta == 1).all() and (tb == 1).all()
     # view b shifted one cell to the right: column j of a is column j + 1 of b
     shifted = torch.zeros_like(feats)
     shifted[:, :, 1:] = feats[:, :, :-1]
     shift = torch.tensor([[1, 0, 16], [0, 1, 0], [0, 0, 1]], dtype=torch.float64)
-    ta, tb = T.matchability_labels(feats, shifted, mask, mask, shift, 16, 15, 16.0)
+    ta, tb = crops.matchability_labels(feats, shifted, mask, mask, shift, 16, 15, 16.0)
     ta, tb = ta.reshape(6, 6), tb.reshape(6, 6)
     assert (ta[:, -1] == -1).all() and (tb[:, 0] == -1).all(), "no counterpart: ignored"
     assert (ta[:, :-1] == 1).all() and (tb[:, 1:] == 1).all()
     # unrelated descriptors: (almost) nothing is matchable
-    ta, _ = T.matchability_labels(feats, torch.randn(16, 6, 6), mask, mask, ident, 16, 15, 16.0)
+    ta, _ = crops.matchability_labels(feats, torch.randn(16, 6, 6), mask, mask, ident, 16, 15, 16.0)
     assert (ta == 0).float().mean() > 0.8
 
 
@@ -145,10 +147,13 @@ def test_real_pair_targets(photos):
     other = cv2.resize(rgb(photos["astronaut"]), (320, 240), interpolation=cv2.INTER_AREA)
     scales = (0.5, 0.7071, 1.0, 1.4142)
     with torch.no_grad():
-        cells = [T.PyramidCells(trainer, image, scales) for image in (coffee, zoomed, other, other[:, ::-1].copy())]
+        images = (coffee, zoomed, other, other[:, ::-1].copy())
+        cells = [C.PyramidCells.compute(trainer, image, scales) for image in images]
     count = sum(round(240 * s) // 16 * (round(320 * s) // 16) for s in scales)
     assert cells[0].features.shape == (count, trainer.net.backbone.local_dim)
-    verified, tried = T.verified_targets(cells, [0, 0, 1, 1], max_pairs=5, seed=0)
+    pairs = C.class_pairs([0, 0, 1, 1], max_pairs=5, seed=0)
+    assert pairs == [(0, 1), (2, 3)]
+    verified, tried = C.verified_targets(cells, pairs)
     assert (verified, tried) == (1, 2), "a mirror image is no affine match"
     a, b = cells[0], cells[1]
     assert a.verified.sum() >= 8 and a.verified.sum() == b.verified.sum()
@@ -176,6 +181,7 @@ def test_attention_learns_where_the_classes_differ(photos, tmp_path):
         "image_size": 256,
         "crop_size": 256,
         "scale_range": (1.0, 1.0),
+        "scales": (1.0,),  # the whole image, at its size: one level per sample
         "val_fraction": 0.0,
         "crops_per_image": 2,
         "epochs": 8,
@@ -194,13 +200,17 @@ def test_attention_learns_where_the_classes_differ(photos, tmp_path):
     assert unique > 4 * shared, (unique, shared)  # an untrained head: 1.7x, L2 norm 1.2x
 
 
-def test_training_is_seeded_and_resumes_exactly(memory_manifest, tmp_path, monkeypatch):
-    conf = {**TINY, "stage1_epochs": 1, "epochs": 2, "checkpoint_every": 1}
-    conf.update(matchability_weight=1.0, verified_weight=1.0, scales=(0.7071, 1.0, 1.4142))
+@pytest.mark.parametrize("inputs", ["cells", "crops"])
+def test_training_is_seeded_and_resumes_exactly(memory_manifest, tmp_path, monkeypatch, inputs):
+    conf = {**TINY, "stage1_epochs": 1, "epochs": 2, "checkpoint_every": 1, "inputs": inputs}
+    conf.update(verified_weight=1.0, scales=(0.7071, 1.0, 1.4142), cache_dir=str(tmp_path / "cache"))
+    terms = ("classification", "verified")
+    if inputs == "crops":  # what only crops can learn from
+        conf["matchability_weight"], terms = 1.0, (*terms, "matchability")
     history = T.train(memory_manifest, str(tmp_path / "a"), conf)
     assert [(h["stage"], h["epoch"]) for h in history] == [(1, 1), (2, 1), (2, 2)]
     assert all(0 <= h["val_acc"] <= 1 and h["train_acc"] <= 1 for h in history)
-    assert min(history[-1][k] for k in ("classification", "matchability", "verified")) > 0
+    assert min(history[-1][k] for k in terms) > 0
     reference = torch.load(tmp_path / "a" / "attention.pt", weights_only=True)
     assert set(reference) == {f"{m}.{p}" for m in ("conv1", "conv2") for p in ("weight", "bias")} | {
         f"bn.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -210,21 +220,21 @@ def test_training_is_seeded_and_resumes_exactly(memory_manifest, tmp_path, monke
 
     # interrupted in the middle of stage 2's second epoch, then resumed: the same weights
     calls = {"n": 0}
-    losses = T.Trainer.losses
+    source = T.CellSource if inputs == "cells" else T.CropSource
+    losses = source.losses
 
-    def interrupted(self, stage, batch, training):
-        if training and stage == 2:
-            calls["n"] += 1
-            if calls["n"] == 6:  # 4 steps per epoch: the second step of epoch 2
-                raise KeyboardInterrupt
-        return losses(self, stage, batch, training)
+    def interrupted(self, trainer, data, epoch, step):
+        calls["n"] += getattr(self, "stage", 2) == 2  # stage 1 learns from crops too
+        if calls["n"] == 6:  # 4 steps per epoch: the second step of epoch 2
+            raise KeyboardInterrupt
+        return losses(self, trainer, data, epoch, step)
 
-    monkeypatch.setattr(T.Trainer, "losses", interrupted)
+    monkeypatch.setattr(source, "losses", interrupted)
     with pytest.raises(KeyboardInterrupt):
         T.train(memory_manifest, str(tmp_path / "b"), conf)
     state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert (state["stage"], state["epoch"], state["step"]) == (2, 1, 1), "checkpointed within the epoch"
-    monkeypatch.setattr(T.Trainer, "losses", losses)
+    monkeypatch.setattr(source, "losses", losses)
     with pytest.raises(ValueError, match="options differ"):
         T.train(memory_manifest, str(tmp_path / "b"), {**conf, "lr": 0.1}, resume=True)
     resumed = T.train(memory_manifest, str(tmp_path / "b"), conf, resume=True)
@@ -245,3 +255,36 @@ def test_cli(memory_manifest, tmp_path, capsys):
     assert "stage 2: 1 epochs" in capsys.readouterr().out
     assert json.loads((out / "history.json").read_text())[0]["val_acc"] is not None
     assert main(["train", "--manifest", memory_manifest, "--output", str(out), "--conf", "nonsense"]) == 1
+
+
+def test_a_head_that_corrects_the_l2_norm_starts_as_the_l2_norm(photos):
+    """norm_weight: the untrained head ranks every cell exactly as the L2 norm does, in torch
+    and in the exported model's attention output."""
+    from delf_index.model.delf import DELF
+
+    torch.manual_seed(0)
+    net = DELF(attention={"norm_weight": 1.0}).eval()
+    image = torch.from_numpy(cv2.resize(rgb(photos["coffee"]), (320, 224), interpolation=cv2.INTER_AREA))[None]
+    with torch.no_grad():
+        local, scores, _ = net(image)
+    norms = torch.linalg.vector_norm(local, dim=1)
+    assert torch.equal(scores.flatten().argsort(), norms.flatten().argsort())
+    assert net.attention.norm_weight.requires_grad
+
+
+def test_trains_a_head_on_landmarks_train(landmarks_train_dir, tmp_path):
+    """A few images of two landmarks of landmarks-train: their real pairs verify, the head
+    learns from them and exports."""
+    with open(f"{landmarks_train_dir}/train.csv") as f:
+        header, *rows = f.read().splitlines()
+    chosen = [r for name in ("Sydney_Opera_House", "Pyramids") for r in [r for r in rows if r.startswith(name)][:8]]
+    absolute = [r.replace(",images/", f",{landmarks_train_dir}/images/") for r in chosen]  # images stay put
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("\n".join([header, *absolute]) + "\n")
+    conf = {**TINY, "image_size": 256, "classification_weight": 0.0, "verified_weight": 1.0, "norm_weight": 1.0,
+            "epochs": 2, "verified_pairs": 12, "val_fraction": 0.25, "scales": (0.7071, 1.0, 1.4142),
+            "val_features": 100}  # fmt: skip
+    history = T.train(str(manifest), str(tmp_path / "run"), conf)
+    assert history[-1]["verified"] > 0 and 0 < history[-1]["val_verified_share"] <= 1
+    model, provenance = build_model(attention=str(tmp_path / "run" / "attention.pt"))
+    assert provenance["attention"]["type"] == "learned" and hasattr(model.attention, "norm_weight")
