@@ -515,16 +515,12 @@ def main(argv=None):
     parser.add_argument(
         "--method", choices=METHODS, default="knn", help="local ranking: knn, asmk, or both side by side"
     )
-    for key in ("knn", "nprobe", "shortlist", "min_inliers"):
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"query {key} ({query_defaults[key]})")
-    parser.add_argument("--local-weight", type=float, help=f"query local_weight ({query_defaults['local_weight']})")
     cli.add_ranking_arguments(parser)
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
-    query = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight")}
     conf = {
         "fit": {} if args.seed is None else {"seed": args.seed},
-        "query": {**{k: v for k, v in query.items() if v is not None}, **cli.ranking_conf_from_args(args)},
+        "query": cli.ranking_conf_from_args(args),
         "ablation": not args.no_ablation,
         "augment": args.augment,
         "method": args.method,
