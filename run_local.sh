@@ -32,7 +32,7 @@ case "${1:-demo}" in
     echo "mAP (leave-one-out on the demo corpus): $(tail -n 1 "$OUT/evaluate.log")"
     echo "outputs:"
     echo "  $OUT/corpus/        the demo images, groups.csv, and queries/ (photos the index has not seen)"
-    echo "  $OUT/features/      Parquet feature and error tables (docs/tables.md)"
+    echo "  $OUT/features/      the features table: a Delta Lake table, failures included (docs/tables.md)"
     echo "  $OUT/codebooks/     PCA + PQ codebooks"
     echo "  $OUT/index/         the index artifact"
     echo "  $OUT/eval/          report.html (open it), report.md, metrics.json, pr.png, queries.parquet"

@@ -11,7 +11,7 @@ LAYERS = ("pipelines", "indexing", "runtime", "schemas", "model")
 setup(
     name="delf-index",
     version=VERSION,
-    description="DELF local features at scale: Beam extraction to Parquet, PQ index, verified retrieval",
+    description="DELF local features at scale: Beam extraction to a Delta table, PQ index, verified retrieval",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

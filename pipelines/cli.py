@@ -16,6 +16,7 @@ Python as from the command line (`--workers`, `--threads`, and any Beam option):
 
 import argparse
 import difflib
+import functools
 import importlib
 import logging
 import os
@@ -37,10 +38,10 @@ COMMANDS = {
     "train": ("delf_index.model.train", "train the attention head (and optionally fine-tune descriptors)"),
     "extract": (
         "delf_index.pipelines.extract",
-        "Beam job: images (glob, tar shards, manifest) -> Parquet feature tables",
+        "Beam job: images (glob, tar shards, manifest) -> a features table (Delta Lake)",
     ),
-    "fit": ("delf_index.pipelines.fit", "Beam job: feature tables -> PCA and PQ codebooks"),
-    "build": ("delf_index.pipelines.build", "Beam job: feature tables + codebooks -> index artifact (or --append)"),
+    "fit": ("delf_index.pipelines.fit", "Beam job: the features table -> PCA and PQ codebooks"),
+    "build": ("delf_index.pipelines.build", "Beam job: features table + codebooks -> index artifact (or --append)"),
     "update": ("delf_index.pipelines.update", "the scheduled run: extract what is new, append it, publish a version"),
     "search": ("delf_index.pipelines.search", "Beam job: a batch of queries (images or tables) -> results table"),
     "match": ("delf_index.pipelines.match", "Beam job: an index against itself -> match graph, clusters, labels"),
@@ -108,15 +109,15 @@ def parse_job_args(parser, argv):
     """(args, beam_options) of a job's command line. What the command does not know goes to
     Beam, if Beam knows it: anything else is refused before any work (exit 2), naming the
     closest option, so that a typo never runs with the default silently."""
+    parser.passed_on = beam_parser
     args, rest = parser.parse_known_args(argv)
-    if rest:
-        beam = beam_parser()
-        _, unknown = beam.parse_known_args(rest)
-        if unknown:
-            parser.refuse(unknown, [o for a in beam._actions for o in a.option_strings])
+    unknown = parser.unknown(rest)
+    if unknown:
+        parser.refuse(unknown)
     return args, {"workers": args.workers, "threads": args.threads, "flags": rest}
 
 
+@functools.cache
 def beam_parser():
     """An argument parser of every Beam pipeline option (what PipelineOptions would accept)."""
     # Beam is imported here, not at the top: `query` and the other commands that run no Beam
@@ -129,24 +130,66 @@ def beam_parser():
     return parser
 
 
+class Reparsed(Exception):
+    """An error while a command line is parsed again for its unknown words (`Parser.leftover`)."""
+
+
 class Parser(argparse.ArgumentParser):
     """The argument parser of a `delf-index` command: an unknown option is refused naming the
-    closest known one ("unknown option --max-featues (did you mean --max-features?)")."""
+    closest known one ("unknown option --max-featues (did you mean --max-features?)"), and
+    before any other error of the same command line, such as a required option missing: that
+    is often the typo itself (`--inptu x` leaves --input missing)."""
 
     def __init__(self, command, doc, **kwargs):
         super().__init__(prog=f"delf-index {command}", description=doc.split("\n\n")[0], allow_abbrev=False, **kwargs)
         console = self.add_argument_group("console")  # read by cli.main before the command runs
         console.add_argument("-v", "--verbose", action="count", default=0, help="progress of each step (-vv: all)")
         console.add_argument("-q", "--quiet", action="store_true", help="errors only")
+        self.passed_on = None  # a job's: the parser of the options it passes on (Beam's)
+        self.argv, self.reparsing = [], False
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
+        if self.reparsing:
+            raise Reparsed(message)
         found = re.match(r"unrecognized arguments: (.*)", message)
-        if found:
-            self.refuse(found.group(1).split())
+        unknown = self.unknown(found.group(1).split()) if found else self.leftover()
+        if unknown:
+            self.refuse(unknown)
         super().error(message)
 
-    def refuse(self, unknown, known=()):
-        options = [o for action in self._actions for o in action.option_strings] + list(known)
+    def unknown(self, words):
+        """Of the words no option of the command took, those that are not passed on either."""
+        if words and self.passed_on:
+            _, words = self.passed_on().parse_known_args(words)
+        return words
+
+    def leftover(self):
+        """The unknown words of the command line, parsed again with every option optional: an
+        error raised before argparse names the words it did not know (a required option
+        missing, a bad value) must not hide them. Empty where parsing again fails too."""
+        required = [a for a in self._actions if a.required] + [g for g in self._mutually_exclusive_groups if g.required]
+        for item in required:
+            item.required = False
+        self.reparsing = True
+        try:
+            return self.unknown(super().parse_known_args(self.argv)[1])
+        except Reparsed:
+            return []
+        finally:
+            self.reparsing = False
+            for item in required:
+                item.required = True
+
+    def refuse(self, unknown):
+        """Exit status 2 naming each unknown word, with the closest option: the command's own
+        before those it passes on (--dryr-un is --dry-run, not Beam's --dry_run)."""
+        known = [[o for action in self._actions for o in action.option_strings]]
+        if self.passed_on:
+            known.append([o for action in self.passed_on()._actions for o in action.option_strings])
         said, after_option = [], False
         for word in unknown:
             name = word.split("=")[0]
@@ -156,7 +199,7 @@ class Parser(argparse.ArgumentParser):
                 after_option = False
                 continue
             after_option = "=" not in word
-            close = difflib.get_close_matches(name, options, 1, 0.75)
+            close = [c for options in known for c in difflib.get_close_matches(name, options, 1, 0.75)]
             said.append(f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else ""))
         self.exit(2, f"{self.prog}: error: {'; '.join(said)}; see {self.prog} --help\n")
 
@@ -174,7 +217,7 @@ def add_cache_argument(parser):
         "--cache-size",
         type=size,
         metavar="SIZE",
-        help=f"bound of the local cache of remote indexes, e.g. 5G; 0: none (default {cache.DEFAULT_LIMIT})",
+        help=f"bound of the local cache of remote indexes, e.g. 5G; 0: no limit (default {cache.DEFAULT_LIMIT})",
     )
 
 
@@ -216,26 +259,46 @@ def extractor_conf_from_args(args):
     return conf
 
 
-def add_ranking_arguments(parser):
-    """The switches of the ranking's later stages (indexing/retrieval.py; None: not given, the
-    default stands): query expansion, DBA and view synthesis."""
-    group = parser.add_argument_group("ranking stages (docs/index.md)")
+# The ranking's numbers, one option each in the group of every command that ranks (query,
+# search, match, evaluate): key of indexing.retrieval.default_conf -> (type, what it sets)
+RANKING_OPTIONS = {
+    "knn": (int, "neighbours per query descriptor"),
+    "nprobe": (int, "coarse cells visited per query descriptor"),
+    "shortlist": (int, "images verified geometrically per query"),
+    "min_inliers": (int, "inliers that make a verified match"),
+    "local_weight": (float, "weight of the local votes against the global similarity"),
+}
+
+
+def add_ranking_arguments(parser, flags=None):
+    """The options of the ranking (indexing/retrieval.py `default_conf`; not given: its default
+    stands), one group for every command that ranks: its numbers and the switches of its later
+    stages (query expansion, DBA, view synthesis). `flags` renames an option whose name the
+    command uses otherwise (match: its --min-inliers makes a cluster edge)."""
+    group = parser.add_argument_group("ranking (docs/index.md)")
+    for key, (kind, text) in RANKING_OPTIONS.items():
+        flag = (flags or {}).get(key, "--" + key.replace("_", "-"))
+        group.add_argument(flag, dest=f"ranking_{key}", type=kind, metavar=key.split("_")[-1].upper(),
+                           help=f"{text} (default {retrieval_defaults[key]})")  # fmt: skip
     on_off = argparse.BooleanOptionalAction
-    group.add_argument("--expansion", action=on_off, help="alpha-QE with the verified results (default: on)")
-    group.add_argument("--graph-expansion", action=on_off, help="verified results vote for their match-graph "
-                       "neighbours (default: when the index holds a graph, `match --augment`)")  # fmt: skip
-    group.add_argument("--dba", action=on_off, help="rank against neighbour-augmented global descriptors "
+    group.add_argument("--expansion", dest="ranking_expansion", action=on_off,
+                       help="alpha-QE with the verified results (default: on)")  # fmt: skip
+    group.add_argument("--graph-expansion", dest="ranking_graph_expansion", action=on_off,
+                       help="verified results vote for their match-graph neighbours "
+                       "(default: when the index holds a graph, `match --augment`)")  # fmt: skip
+    group.add_argument("--dba", dest="ranking_use_dba", action=on_off,
+                       help="rank against neighbour-augmented global descriptors "
                        "(default: when the index holds them, `match --augment`)")  # fmt: skip
-    group.add_argument("--synthesis", nargs="*", metavar="STAGE", choices=list(synthesis.STAGES),
+    group.add_argument("--synthesis", dest="ranking_synthesis_stages", nargs="*", metavar="STAGE",
+                       choices=list(synthesis.STAGES),
                        help=f"view synthesis stages for queries that verify weakly, of {list(synthesis.STAGES)}; "
                        f"none given: off (default: {retrieval_defaults['synthesis_stages']})")  # fmt: skip
 
 
 def ranking_conf_from_args(args):
-    """The ranking switches given on the command line, as query conf."""
-    names = {"expansion": "expansion", "graph_expansion": "graph_expansion", "dba": "use_dba",
-             "synthesis": "synthesis_stages"}  # fmt: skip
-    return {key: getattr(args, name) for name, key in names.items() if getattr(args, name) is not None}
+    """The ranking options given on the command line (`add_ranking_arguments`), as query conf."""
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    return {name.removeprefix("ranking_"): value for name, value in given.items() if name.startswith("ranking_")}
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -306,9 +369,20 @@ def say(text):
 
 
 def usage():
-    lines = ["usage: delf-index COMMAND [options]   (delf-index COMMAND --help for its options)", "", "commands:"]
+    lines = ["usage: delf-index COMMAND [options]   (delf-index COMMAND --help: its options)", "", "commands:"]
     lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "options:", f"  {'-h, --help':<15} this list", f"  {'--version':<15} the version of delf-index"]
     return "\n".join(lines)
+
+
+def refuse_command(word):
+    """Exit status 2 and the usage for a first word that is no command (nor --help, --version),
+    naming the closest one: a typo is never taken for something else."""
+    kind, known = ("option", ["--help", "--version"]) if word.startswith("-") else ("command", [*COMMANDS, "help"])
+    close = difflib.get_close_matches(word, known, 1, 0.6)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    print(f"{usage()}\n\ndelf-index: error: unknown {kind} {word!r}{hint}", file=sys.stderr)
+    return 2
 
 
 def user_error(error):
@@ -322,16 +396,18 @@ def user_error(error):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # a command is needed: a script that forgot it must not look successful
+        print(usage(), file=sys.stderr)
+        return 2
+    command = argv[0]
+    if command in ("-h", "--help", "help"):
         print(usage())
         return 0
-    command = argv[0]
     if command in ("--version", "version"):
         print(f"delf-index {__version__}")
         return 0
     if command not in COMMANDS:
-        print(f"delf-index: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        return refuse_command(command)
     global verbosity
     verbosity = sum(VERBOSITY.get(a, 0) for a in argv[1:])
     setup_logging(verbosity)

@@ -52,8 +52,8 @@ from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.indexing.shards import METHODS
 from delf_index.pipelines import build, cli, extract, fit, match, visualize
 from delf_index.runtime import progress, storage, tables
+from delf_index.runtime.extractor import SELECTIONS, load_model, recorded_settings
 from delf_index.runtime.extractor import default_conf as extractor_defaults
-from delf_index.runtime.extractor import load_model, recorded_settings
 from delf_index.runtime.images import read_image
 from delf_index.runtime.tables import iter_features
 
@@ -647,21 +647,20 @@ def main(argv=None):
         help="features kept per image (default 1000); several: a curve, extracted once (eval/curve.md)",
     )
     parser.add_argument("--features", help="evaluate this features table as it is, instead of extracting the images")
+    parser.add_argument("--selection", choices=SELECTIONS, help="which features extraction keeps (default: score)")
     parser.add_argument(
         "--method", choices=METHODS, default="knn", help="local ranking: knn, asmk, or both side by side"
     )
-    for key in ("knn", "nprobe", "shortlist", "min_inliers"):
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"query {key} ({query_defaults[key]})")
-    parser.add_argument("--local-weight", type=float, help=f"query local_weight ({query_defaults['local_weight']})")
     cli.add_ranking_arguments(parser)
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
-    query = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight")}
     seeds, counts = args.seed or [], args.max_features or []
+    extractor = {"max_features": counts[0]} if len(counts) == 1 else {}
+    extractor.update({"selection": args.selection} if args.selection else {})
     conf = {
-        "extract": {"extractor": {"max_features": counts[0]}} if len(counts) == 1 else {},
+        "extract": {"extractor": extractor},
         "fit": {"seed": seeds[0]} if len(seeds) == 1 else {},
-        "query": {**{k: v for k, v in query.items() if v is not None}, **cli.ranking_conf_from_args(args)},
+        "query": cli.ranking_conf_from_args(args),
         "ablation": not args.no_ablation,
         "augment": args.augment,
         "method": args.method,

@@ -1,4 +1,4 @@
-"""`delf-index fit`: feature tables -> PCA and PQ codebooks (the Beam reduce stage).
+"""`delf-index fit`: the features table -> PCA and PQ codebooks (the Beam reduce stage).
 
     delf-index fit --features gs://bucket/features --output gs://bucket/codebooks
     delf-index fit --features '/data/features/features/*.parquet' --output /data/codebooks \

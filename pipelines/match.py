@@ -512,7 +512,7 @@ def main(argv=None):
     parser = cli.Parser("match", __doc__)
     parser.add_argument("--index", required=True, help="the index to match against itself")
     parser.add_argument("--output", required=True, help="tables and sheet/ go here")
-    parser.add_argument("--features", help="the images' feature tables (default: those the index was built from)")
+    parser.add_argument("--features", help="the images' features table (default: the one the index was built from)")
     parser.add_argument("--labels", help="CSV of image_id,label replacing the index's labels")
     parser.add_argument("--top", type=int, default=default_conf["top"], help="candidates per image")
     parser.add_argument(
@@ -520,8 +520,6 @@ def main(argv=None):
         type=int,
         help=f"inliers that make an edge of clusters and labels ({default_conf['min_inliers']})",
     )
-    parser.add_argument("--pair-inliers", type=int, help=f"inliers that make a pair ({query_defaults['min_inliers']})")
-    parser.add_argument("--shortlist", type=int, help=f"images verified per query ({query_defaults['shortlist']})")
     parser.add_argument("--no-sheet", action="store_true", help="write no contact sheet")
     parser.add_argument(
         "--augment", action="store_true", help="publish a version of the index with the graph and DBA (query expansion)"
@@ -529,11 +527,11 @@ def main(argv=None):
     parser.add_argument(
         "--keep", type=int, help=f"with --augment: index versions to keep ({DEFAULT_KEEP}); 0 keeps all"
     )
+    cli.add_ranking_arguments(parser, flags={"min_inliers": "--pair-inliers"})  # the verified match that makes a pair
     cli.add_cache_argument(parser)
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
-    query = {k: v for k, v in (("min_inliers", args.pair_inliers), ("shortlist", args.shortlist)) if v is not None}
-    conf = {"top": args.top, "query": query, "sheet": not args.no_sheet}
+    conf = {"top": args.top, "query": cli.ranking_conf_from_args(args), "sheet": not args.no_sheet}
     if args.min_inliers is not None:
         conf["min_inliers"] = args.min_inliers
     if args.keep is not None:

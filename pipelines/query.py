@@ -15,7 +15,7 @@ import sys
 import time
 
 from delf_index.errors import UserError
-from delf_index.indexing.retrieval import Index, default_conf
+from delf_index.indexing.retrieval import Index
 from delf_index.pipelines import cli
 from delf_index.pipelines.visualize import draw_matches, save_png
 from delf_index.runtime.images import read_image
@@ -51,7 +51,6 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="one JSON line per query")
     parser.add_argument("--visualize", metavar="DIR", help="write a PNG of each result's inlier matches here")
     parser.add_argument("--model", help="the model the index was built from (default: found by its fingerprint)")
-    parser.add_argument("--shortlist", type=int, default=default_conf["shortlist"], help="images verified per query")
     parser.add_argument("--no-global", action="store_true", help="switch off the global descriptor")
     parser.add_argument(
         "--local-method",
@@ -65,7 +64,6 @@ def main(argv=None):
     cli.add_cache_argument(parser)
     args = parser.parse_args(argv)
     conf = {
-        "shortlist": args.shortlist,
         "use_global": not args.no_global,
         "use_local": not args.no_local,
         "use_verification": not args.no_verification,
@@ -88,7 +86,9 @@ def main(argv=None):
         if args.json:
             print(json.dumps({"query": path, "seconds": round(seconds, 3), "results": [r.as_dict() for r in results]}))
         else:
-            print(f"{path}: {len(results)} results from {len(index)} images ({seconds:.2f}s)")
+            # the order is not the score's: verification decides it (retrieval.py, `verified_first`)
+            print(f"{path}: {len(results)} results from {len(index)} images ({seconds:.2f}s), "
+                  "most verified inliers first, then by score")  # fmt: skip
             for rank, r in enumerate(results, 1):
                 verified = f"{r.inliers:4d} inliers" if r.inliers else "  not verified"
                 print(f"  {rank:3d}. {r.image_id:<40} {verified}  score {r.score:.3f}")

@@ -295,9 +295,6 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=default_conf["top"], help="results per query")
     parser.add_argument("--exclude-self", action="store_true", help="leave each query's own image_id out")
     parser.add_argument("--model", help="the model the index was built from (default: found by its fingerprint)")
-    for key in ("knn", "nprobe", "shortlist", "min_inliers"):
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"query {key} ({query_defaults[key]})")
-    parser.add_argument("--local-weight", type=float, help=f"query local_weight ({query_defaults['local_weight']})")
     parser.add_argument(
         "--local-method",
         choices=("knn", "asmk", "both"),
@@ -308,10 +305,10 @@ def main(argv=None):
     cli.add_cache_argument(parser)
     cli.add_beam_arguments(parser)
     args, beam_options = cli.parse_job_args(parser, argv)
-    query = {k: getattr(args, k) for k in ("knn", "nprobe", "shortlist", "min_inliers", "local_weight", "local_method")}
-    query = {k: v for k, v in query.items() if v is not None}
+    query = cli.ranking_conf_from_args(args)
+    if args.local_method is not None:
+        query["local_method"] = args.local_method
     if args.no_verification:
         query["use_verification"] = False
-    query.update(cli.ranking_conf_from_args(args))
     conf = {"top": args.top, "exclude_self": args.exclude_self, "query": query}
     run(args.input, args.index, args.output, conf, args.model, beam_options)

@@ -1,5 +1,7 @@
 import contextlib
+import importlib.util
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -16,6 +18,47 @@ LANDMARKS = os.environ.get(
 LANDMARKS_TRAIN = os.environ.get(
     "LANDMARKS_TRAIN", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "landmarks-train")
 )
+
+
+def chromium():
+    """Debian's Chromium, which tests/test_pages.py drives (no browser download), or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def playwright():
+    """True where Playwright, which drives Chromium, is installed (the dev extras)."""
+    return importlib.util.find_spec("playwright") is not None
+
+
+def missing_here():
+    """{fixture: (why its tests skip on this machine, the one command that enables them)} of
+    what the dev extras do not install: said before the run, not in one line of the summary."""
+    missing, pages = {}, "the HTML reports are not opened in a browser"
+    if chromium() is None:
+        missing["browser"] = (f"no Chromium: {pages}", "sudo apt-get install chromium")
+    elif not playwright():
+        missing["browser"] = (f"no Playwright: {pages}", "pip install -e '.[dev]'")
+    if not os.path.exists(os.path.join(LANDMARKS, "groups.csv")):
+        missing["landmarks_dir"] = (f"no landmarks-dev data set at {LANDMARKS}",
+                                    "LANDMARKS_DEV=/path/to/landmarks-dev ./run_local.sh test")  # fmt: skip
+    return missing
+
+
+def pytest_collection_finish(session):
+    """Before the first test runs: which of the collected tests will skip here, why, and how to
+    run them (even under -q)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = []
+    for fixture, (why, fix) in missing_here().items():
+        skipped = [item.nodeid.split("::")[0] for item in session.items if fixture in item.fixturenames]
+        if skipped:
+            files = ", ".join(dict.fromkeys(skipped))
+            lines.append(f"{len(skipped)} tests of {files} will skip: {why}; to run them: {fix}")
+    if lines and reporter is not None:
+        reporter.write_sep("!", "tests skipped on this machine", yellow=True, bold=True)
+        for line in lines:
+            reporter.write_line(line, yellow=True, bold=True)
+        reporter.write_sep("!", yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,26 +1,29 @@
 """The HTML pages people open (evaluate's report.html, search's results.html) in a real
-headless browser: Debian's Chromium, driven by Playwright; .ci/run installs Chromium when it
-is missing. Every image loads, the console has no errors, and a screenshot is saved."""
+headless browser: Debian's Chromium, driven by Playwright. .ci/run installs Chromium when it
+is missing; elsewhere the run says before it starts that these tests will skip (conftest.py).
+Every image loads, the console has no errors, and a screenshot is saved."""
 
 import os
-import shutil
 
 import pytest
 
 from delf_index.pipelines import search
-from tests.conftest import ONE_WORKER
+from tests.conftest import ONE_WORKER, chromium, missing_here
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = chromium()
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run"]  # fmt: skip
+# a mark, not a skip in `browser`: fixtures of a wider scope (`evaluated`, a whole evaluation)
+# are set up first, for nothing when the browser is missing
+MISSING = missing_here().get("browser")
+pytestmark = pytest.mark.skipif(MISSING is not None, reason="; to run them: ".join(MISSING or ()))
 
 
 @pytest.fixture(scope="module")
 def browser():
-    sync = pytest.importorskip("playwright.sync_api")
-    if CHROMIUM is None:
-        pytest.skip("no Chromium on this machine (apt-get install chromium)")
-    with sync.sync_playwright() as playwright:
+    from playwright import sync_api
+
+    with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         yield chromium
         chromium.close()
