@@ -14,7 +14,8 @@ fits, builds and ranks, for each codebook seed (the default ranking, leave-one-o
 
 Selections: `l2norm` (the shipped ranking), `head=PATH` (an attention head from `delf-index
 train`, applied to the cells' raw features: descriptor x L2 norm), `levels` (the best of each
-pyramid level in turn), `grid` (the best of each of 4 x 4 image regions in turn), `nms=IOU`
+pyramid level in turn, the extractor's `selection="levels"`), `levels-head=PATH` (a head's
+order within each level, the levels in turn), `grid` (the best of each of 4 x 4 image regions in turn), `nms=IOU`
 (the extractor's NMS on receptive-field boxes), `oracle` (cells that RANSAC verifies between
 images of the same group first, an upper bound that knows the answers: in-sample, never a
 candidate). Results: <workdir>/<selection>/eval/curve.md and <workdir>/selection.md.
@@ -44,22 +45,23 @@ def order_by(features, scores, n=CANDIDATES):
     return chosen
 
 
-def round_robin(features, groups, n=CANDIDATES):
-    """The best feature (by L2 norm) of each group in turn, then the second of each, ...:
-    `groups` [N] ints. The attention becomes the rank's complement, so that best-first order
-    and truncation keep working."""
+def round_robin(features, groups, scores=None, n=CANDIDATES):
+    """The best feature (by `scores`, default the L2 norm) of each group in turn, then the
+    second of each, ...: `groups` [N] ints. The attention becomes the rank's complement, so
+    that best-first order and truncation keep working."""
+    scores = features.attention if scores is None else scores
     rank = np.zeros(len(features), np.int64)
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
-        rank[members[np.argsort(-features.attention[members], kind="stable")]] = np.arange(len(members))
-    order = np.lexsort((-features.attention, rank))[:n]
+        rank[members[np.argsort(-scores[members], kind="stable")]] = np.arange(len(members))
+    order = np.lexsort((-scores, rank))[:n]
     chosen = features.take(order)
     chosen.attention = (1.0 - np.arange(len(order)) / max(len(features), 1)).astype(np.float32)
     return chosen
 
 
-def select_levels(features):
-    return round_robin(features, np.unique(features.scale, return_inverse=True)[1])
+def select_levels(features, scores=None):
+    return round_robin(features, np.unique(features.scale, return_inverse=True)[1], scores)
 
 
 def select_grid(features, side=4):
@@ -144,6 +146,9 @@ def selection(name, workdir, cells_table):
     if kind == "head":
         score = head_scorer(arg)
         return lambda _, f: order_by(f, score(f))
+    if kind == "levels-head":  # a head's order within each level, the levels in turn
+        score = head_scorer(arg)
+        return lambda _, f: select_levels(f, score(f))
     if kind == "oracle":
         marks = oracle_marks(cells_table, workdir)
         # verified cells first, each part by L2 norm: the norm plus a constant above any norm
@@ -153,8 +158,8 @@ def selection(name, workdir, cells_table):
 
 def folder_name(name):
     kind, _, arg = name.partition("=")
-    if kind == "head":
-        return "head-" + os.path.basename(os.path.dirname(os.path.abspath(arg)))
+    if kind in ("head", "levels-head"):
+        return f"{kind}-" + os.path.basename(os.path.dirname(os.path.abspath(arg)))
     return name.replace("=", "-")
 
 
@@ -201,6 +206,27 @@ def summary(workdir):
     with open(os.path.join(workdir, "selection.md"), "w") as f:
         f.write(text)
     return text
+
+
+def proxy(workdir, names, counts, root=LANDMARKS):
+    """A quick screen of selections without the system: the mean share of an image's oracle
+    cells (RANSAC-verified with its own group, oracle_marks) that a selection keeps among its
+    best n; {name: {n: share}}."""
+    cells = os.path.join(workdir, "features")
+    marks = oracle_marks(cells, workdir, root)
+    selects = {name: selection(name, workdir, cells) for name in names}
+    shares = {name: {n: [] for n in counts} for name in names}
+    for image_id, features in tables.iter_features(cells, set(marks)):
+        if not marks[image_id].any():
+            continue
+        # which cell each kept feature is: a cell is its position and scale
+        lookup = {(x, y, sc): k for k, (x, y, sc) in enumerate(zip(features.x, features.y, features.scale))}
+        for name, select in selects.items():
+            chosen = select(image_id, features)
+            index = np.array([lookup[(x, y, sc)] for x, y, sc in zip(chosen.x, chosen.y, chosen.scale)])
+            for n in counts:
+                shares[name][n].append(marks[image_id][index[:n]].sum() / marks[image_id].sum())
+    return {name: {n: round(float(np.mean(v)), 4) for n, v in per.items()} for name, per in shares.items()}
 
 
 # -- selection learned from landmarks-dev's own match graph, cross-validated over groups -------------
@@ -275,7 +301,7 @@ def crossval(workdir, match, counts, seeds, k=3, train_conf=None, root=LANDMARKS
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("cells", "curve", "crossval", "summary"))
+    parser.add_argument("command", choices=("cells", "curve", "proxy", "crossval", "summary"))
     parser.add_argument("--match", help="crossval: the `delf-index match` output of a landmarks-dev index")
     parser.add_argument("--train-conf", default="{}", help="crossval: training options, JSON")
     parser.add_argument("--workdir", required=True)
@@ -287,6 +313,10 @@ def main(argv=None):
         extract_cells(args.workdir)
     elif args.command == "curve":
         run_curve(args.workdir, args.select, args.max_features, args.seed)
+    elif args.command == "proxy":
+        for name, shares in proxy(args.workdir, args.select, args.max_features).items():
+            print(f"{name}: share of verified cells kept " + ", ".join(f"{n}: {v:.3f}" for n, v in shares.items()))
+        return
     elif args.command == "crossval":
         conf = json.loads(args.train_conf)
         for n, maps in crossval(args.workdir, args.match, args.max_features, args.seed, train_conf=conf).items():

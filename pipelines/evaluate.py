@@ -297,8 +297,9 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     if conf["method"] == "both":
         summary["ASMK mAP"] = round(scores[f"ASMK {FINAL}"][main_protocol]["mAP"], 4)
         summary["k-NN + ASMK mAP"] = round(scores[f"k-NN + ASMK {FINAL}"][main_protocol]["mAP"], 4)
+    made_from = made_of(features, conf)
     record = {"summary": summary, "protocol": main_protocol, "scores": scores, "timings": timings,
-              "index": index_size(index), "query": query_conf}  # fmt: skip
+              "index": index_size(index), "query": query_conf, "made_from": made_from}  # fmt: skip
     with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
         json.dump(record, f, indent=1)
     cli.say(f"report: {os.path.join(workdir, 'eval', 'report.html')} (and report.md)")
@@ -411,14 +412,17 @@ def curve(images, workdir, max_features=(1000, 500, 300), seeds=(0, 1, 2), group
     manifest, _ = groups_protocol(groups, images) if gnd is None else gnd_protocol(gnd, images)
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     source = features or extract_step(manifest, workdir, {**conf, "extract": extract_conf}, model, beam_options, fresh)
+    extracted_with = tables.snapshot(source).properties["extractor"].get("max_features")
     rows = []
     for n in counts:
-        table = source if n == counts[0] else truncated_table(source, os.path.join(workdir, f"n{n}"), n)
+        table = source if n == extracted_with else truncated_table(source, os.path.join(workdir, f"n{n}"), n)
         points = []
         for seed in seeds:
             point = os.path.join(workdir, f"n{n}", f"seed{seed}")
             point_conf = {**conf, "extract": extract_conf, "fit": {**conf["fit"], "seed": seed}}
-            run(images, point, groups, gnd, point_conf, model, beam_options, fresh, features=table)
+            done = read_json(os.path.join(point, "eval", "metrics.json")) or {}
+            if fresh or made_of(table, resolve_conf(point_conf)) != done.get("made_from"):  # else measured already
+                run(images, point, groups, gnd, point_conf, model, beam_options, fresh, features=table)
             points.append(read_json(os.path.join(point, "eval", "metrics.json")))
         rows.append(curve_row(n, seeds, points))
     write_json(os.path.join(workdir, "eval", "curve.json"), rows)
@@ -426,6 +430,14 @@ def curve(images, workdir, max_features=(1000, 500, 300), seeds=(0, 1, 2), group
         f.write(curve_markdown(rows))
     cli.say(f"curve: {os.path.join(workdir, 'eval', 'curve.md')}")
     return rows
+
+
+def made_of(features, conf):
+    """What a point's metrics were measured from: the table, its version and the settings after
+    extraction (the table stands for those), as JSON reads it back."""
+    made = {"table": features, "table_version": tables.snapshot(features).version,
+            "conf": {k: v for k, v in conf.items() if k != "extract"}}  # fmt: skip
+    return json.loads(json.dumps(made))
 
 
 def truncated_table(source, folder, n):

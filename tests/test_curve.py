@@ -55,8 +55,9 @@ def test_curve_derives_each_number_once_and_reports_it(evaluated, corpus, tmp_pa
     assert main(args) == 0
     rows = json.loads((out / "eval" / "curve.json").read_text())
     assert [r["max_features"] for r in rows] == [300, 100]
-    assert all(len(r["mAP_per_seed"]) == 2 and r["mAP"] == round(np.mean(r["mAP_per_seed"]), 4) for r in rows)
-    assert rows[0]["bytes_per_image"] > rows[1]["bytes_per_image"] and rows[1]["features_per_image"] <= 100
+    assert all(len(r["mAP_per_seed"]) == 2 and abs(r["mAP"] - np.mean(r["mAP_per_seed"])) < 1e-4 for r in rows)
+    assert rows[0]["bytes_per_image"] > rows[1]["bytes_per_image"]
+    assert rows[0]["features_per_image"] <= 300 and rows[1]["features_per_image"] <= 100  # the source holds 1000
     assert "| 100 |" in (out / "eval" / "curve.md").read_text()
     # the smaller number's table: every image's first 100 features of the source, nothing else
     derived = dict(tables.iter_features(str(out / "n100" / "features")))

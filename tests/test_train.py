@@ -288,3 +288,25 @@ def test_trains_a_head_on_landmarks_train(landmarks_train_dir, tmp_path):
     assert history[-1]["verified"] > 0 and 0 < history[-1]["val_verified_share"] <= 1
     model, provenance = build_model(attention=str(tmp_path / "run" / "attention.pt"))
     assert provenance["attention"]["type"] == "learned" and hasattr(model.attention, "norm_weight")
+
+
+def test_trains_from_a_match_graph_without_labels(evaluated, tmp_path):
+    """--from-match: the graph's edges are the real pairs, no label is needed or classified."""
+    from delf_index.pipelines import match
+    from delf_index.pipelines.cli import main
+
+    with pytest.raises(ValueError, match="no match output"):
+        T.train(None, str(tmp_path / "none"), match=str(tmp_path))
+    out = str(tmp_path / "m")
+    summary = match.run(str(evaluated[0] / "index"), out, conf={"sheet": False}, beam_options={"workers": 1})
+    edges = [p for p in T.match_table(out, "pairs") if p["inliers"] >= summary["conf"]["min_inliers"]]
+    conf = {**TINY, "image_size": 256, "epochs": 1, "scales": (0.7071, 1.0), "val_fraction": 0.0}
+    run = tmp_path / "run"
+    options = [f"{k}={json.dumps(v)}" for k, v in conf.items()]
+    args = ["train", "--from-match", out, "--output", str(run), "--conf", *options]
+    assert main(args) == 0
+    history = json.loads((run / "history.json").read_text())
+    assert history[-1]["verified"] > 0 and "classification" not in history[-1]
+    trained_on = set(json.loads((run / "split.json").read_text())["train"])
+    assert trained_on == {i for p in edges for i in (p["image_a"], p["image_b"])}
+    assert json.loads((run / "conf.json").read_text())["from_match"] == out
