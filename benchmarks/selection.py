@@ -156,6 +156,15 @@ def selection(name, workdir, cells_table):
     raise SystemExit(f"unknown selection {name!r}")
 
 
+def recorded(cells, name):
+    """The extractor settings a selection's table records: the cells' with CANDIDATES features,
+    and the extractor's own `selection` where it has one. Queries in the table need none;
+    synthesized views of a query are extracted with these (L2 norm order for heads and the
+    oracle)."""
+    settings = {**tables.snapshot(cells).properties["extractor"], "max_features": CANDIDATES}
+    return {**settings, "selection": "levels" if name == "levels" else "score"}
+
+
 def folder_name(name):
     kind, _, arg = name.partition("=")
     if kind in ("head", "levels-head"):
@@ -179,7 +188,7 @@ def run_curve(workdir, names, counts, seeds, root=LANDMARKS):
         table = os.path.join(folder, "features")
         if not tables.exists(table):
             select = selection(name, workdir, cells)
-            tables.derive(cells, table, select, {"selection": name, "max_features": CANDIDATES})
+            tables.derive(cells, table, select, recorded(cells, name))
         out[name] = evaluate.curve(os.path.join(root, "images"), folder, counts, seeds,
                                    groups=os.path.join(root, "groups.csv"), conf={"ablation": False},
                                    features=table)  # fmt: skip
@@ -286,7 +295,7 @@ def crossval(workdir, match, counts, seeds, k=3, train_conf=None, root=LANDMARKS
         print(f"fold {fold}: {len(held_out)} held-out images, {pairs} training pairs", flush=True)
         table = os.path.join(base, "features")
         if not tables.exists(table):
-            tables.derive(cells, table, selection(f"head={head}", workdir, cells), {"selection": f"fold {fold}"})
+            tables.derive(cells, table, selection(f"head={head}", workdir, cells), recorded(cells, "head"))
         evaluate.curve(os.path.join(root, "images"), base, counts, seeds, groups=os.path.join(root, "groups.csv"),
                        conf={"ablation": False}, features=table)  # fmt: skip
         for n in counts:

@@ -429,7 +429,7 @@ class Trainer:
         cells among its best `val_features` by the head (mean over images with a verified pair;
         `verified_share`, what selection keeps of what matches)."""
         self.set_mode(2, training=False)
-        out = {"val_acc": None, "val_loss": None, "val_verified_share": None}
+        out = {"val_acc": None, "val_loss": None, "val_verified_share": None, "val_verified_share_l2norm": None}
         if not cells:
             return out
         if self.conf["classification_weight"] > 0:
@@ -443,6 +443,9 @@ class Trainer:
         scored = [(c, self.head_logits(c.features.float().to(self.device)).cpu().numpy()) for c in cells if c.pairs]
         if scored:
             out["val_verified_share"] = verified_share(scored, self.conf["val_features"])
+            # the untrained ranking's share, the figure to beat
+            norms = [(c, torch.linalg.vector_norm(c.features.float(), dim=1).numpy()) for c, _ in scored]
+            out["val_verified_share_l2norm"] = verified_share(norms, self.conf["val_features"])
         return out
 
 

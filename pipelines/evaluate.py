@@ -3,6 +3,9 @@
     delf-index evaluate --images ../shared/data/landmarks-dev/images \
         --groups ../shared/data/landmarks-dev/groups.csv --workdir /tmp/eval
     delf-index evaluate --images data/roxford5k/jpg --gnd data/roxford5k/gnd_roxford5k.pkl --workdir /tmp/rox
+    # features per image as a curve, each number over three codebook seeds (eval/curve.md)
+    delf-index evaluate --images ... --groups ... --workdir /tmp/curve --max-features 1000 500 300 --seed 0 1 2
+    delf-index evaluate --images ... --groups ... --workdir /tmp/t --features gs://b/features   # a table as it is
 
 Protocols:
 
@@ -27,6 +30,14 @@ incremental over the image list (only new and changed images; another model or o
 extraction settings start the tables again), codebooks and the index are made again when
 the features or the fit settings changed; --fresh recomputes everything. The last line
 printed is a one-line JSON summary.
+
+Several ``--max-features`` or ``--seed`` make a curve (`curve`): the images are extracted
+once, at the largest number; each smaller number is a table derived from that one by keeping
+every image's best features (what extracting with it gives: tests/test_curve.py), and each
+(number, seed) is evaluated in --workdir/n{N}/seed{S}. eval/curve.md and curve.json give, per
+number, mAP as mean ± standard deviation over the seeds, the index's bytes per image and the
+seconds per query of k-NN voting and of verification. A point already measured from the same
+table and settings is not measured again.
 """
 
 import csv
