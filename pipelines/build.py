@@ -163,14 +163,14 @@ def check_append(output, base, snap, method):
     if base is None:
         raise UserError(f"{output} has no version to append to: build it first with --codebooks")
     manifest, properties = art.current_manifest(output), snap.properties
-    if not failpoints.broken("append-table-check"):
-        art.check_source(output, manifest, snap)
     art.check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
     if manifest.get("extractor") != properties["extractor"]:
         raise art.ArtifactError(
             f"the features were extracted with other settings than the index ({properties['extractor']} against "
             f"{manifest.get('extractor')}): extract with the index's settings, or build a new index"
         )
+    if not failpoints.broken("append-table-check"):
+        art.check_source(output, manifest, snap)
     built_with = manifest.get("method", "knn")
     if method not in (None, built_with):
         raise UserError(f"--append keeps the index's local method ({built_with}); rebuild it to use --method {method}")
@@ -196,7 +196,7 @@ def check_build(output, base, properties, codebooks, method):
     return info, method
 
 
-def check_arguments(features, append, remove, codebooks):
+def check_arguments(features, output, append, remove, codebooks):
     """Refuse, before any lease is taken, what a build cannot do (a mistyped table path must
     not leave a lease behind in a folder of that name)."""
     if remove is not None and not append:
@@ -207,6 +207,8 @@ def check_arguments(features, append, remove, codebooks):
         raise UserError("--codebooks is required (the output of `delf-index fit`), unless --append")
     if not tables.exists(features):
         raise tables.missing_table(features.rstrip("/"))
+    if append and art.current_entry(output) is None:  # checked again under the lease
+        raise UserError(f"{output} has no version to append to: build it first with --codebooks")
 
 
 def warn_if_dropped(output, manifest):
@@ -269,7 +271,7 @@ def run(
     unchanged, when an append finds nothing to do)."""
     flags, _ = cli.beam_flags(beam_options)
     output = output.rstrip("/")
-    check_arguments(features, append, remove, codebooks)
+    check_arguments(features, output, append, remove, codebooks)
     # leases in one order everywhere, the table's before the index's: two jobs never wait on each other
     taking_down = lease.hold(features, "build --remove", wait=wait) if remove is not None else contextlib.nullcontext()
     with (
