@@ -603,7 +603,8 @@ class Artifact:
         """Load the current version of an index (or a version folder); checks format, checksums
         and, when given, that it was built from `model_fingerprint`'s features. A version that
         vanished while it was being fetched (pruned after a newer one was published) is
-        followed by reading the log once more."""
+        followed by reading the log once more, also when it vanished while it was being opened
+        (a local version is read in place)."""
         for attempt in range(2):
             version = current_version(uri)
             try:
@@ -611,18 +612,23 @@ class Artifact:
                 manifest = read_manifest(folder, "manifest.json", ARTIFACT_FORMAT, ARTIFACT_READS)
                 if verify:
                     verify_files(folder, manifest)
-                break
+                if model_fingerprint is not None:
+                    check_fingerprint(manifest["model_fingerprint"], model_fingerprint, "query features")
+                return cls.opened(folder, manifest, version)
             except (ArtifactError, FileNotFoundError) as e:
                 if attempt or version == uri.rstrip("/") or current_version(uri) == version:
                     fs, path = storage.fresh(uri.rstrip("/"))
                     if not fs.exists(path):  # a mistyped path, not an unfinished build
                         raise ArtifactError(f"no index at {uri}: check the path (--index)") from e
                     raise
-        if model_fingerprint is not None:
-            check_fingerprint(manifest["model_fingerprint"], model_fingerprint, "query features")
+
+    @classmethod
+    def opened(cls, folder, manifest, version):
         try:
             return cls(folder, manifest, version)
-        except RuntimeError as e:  # faiss refuses a damaged file it was asked to read unverified
+        except RuntimeError as e:  # faiss refuses a damaged file it was asked to read unverified, or a pruned one
+            if not os.path.exists(os.path.join(folder, "manifest.json")):
+                raise FileNotFoundError(f"{folder} was removed while it was opened") from e
             raise ArtifactError(f"{folder}: cannot read the index ({e}); rebuild it") from e
 
     @property

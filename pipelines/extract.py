@@ -656,7 +656,8 @@ def run(
 
 def describe_plan(summary):
     decided = ", ".join(f"{summary[k]} {k}" for k in DECISIONS if summary.get(k)) or "nothing"
-    return f"{summary['listed']} listed ({decided})"
+    hashed = f"; {summary['hashed']} hashed: their mtime changed, not their size" if summary.get("hashed") else ""
+    return f"{summary['listed']} listed ({decided}{hashed})"
 
 
 def tally(entries):

@@ -90,7 +90,7 @@ def run(
         graph, refreshed = None, []  # the refresh of the match graph, and its counts (graph_refresh)
         counts = {
             "run": extracted["run"],
-            **{k: extracted[k] for k in ("listed", *extract.DECISIONS, "extracted", "failed")},
+            **{k: extracted[k] for k in ("listed", *extract.DECISIONS, "hashed", "extracted", "failed")},
         }
         if art.current_entry(index) is None:
             if codebooks is None:

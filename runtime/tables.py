@@ -95,19 +95,23 @@ def read_columns(uri, columns):
 
 @contextlib.contextmanager
 def opened(uri):
-    """A data file opened for reading; FileGone when a takedown or a vacuum deleted it."""
-    try:
-        with storage.open_file(uri, "rb") as f:
-            yield f
-    except FileNotFoundError as e:
-        if isinstance(e, FileGone):
-            raise
-        gone = FileGone(
-            f"the data file {uri} is gone: a takedown or compaction deleted it after the table version being read "
-            "named it; run the job again (it reads the current version)",
-            uri,
-        )
-        raise gone from e
+    """A data file opened for reading; FileGone when a takedown or a vacuum deleted it. A file
+    this process's listing cache does not know yet (s3fs answers from a listing it cached
+    before the file was written) is looked up again first."""
+    for attempt in range(2):
+        try:
+            handle = storage.open_file(uri, "rb").open()
+            break
+        except FileNotFoundError as e:
+            if attempt:
+                raise FileGone(
+                    f"the data file {uri} is gone: a takedown or compaction deleted it after the table version being "
+                    "read named it; run the job again (it reads the current version)",
+                    uri,
+                ) from e
+            storage.fresh(uri)
+    with handle:
+        yield handle
 
 
 def missing_table(uri):
