@@ -38,7 +38,8 @@ from delf_index.runtime import storage
 
 LEASE = "_lease.json"
 POLL_SECONDS = 2.0
-LOCKS = os.path.join(tempfile.gettempdir(), "delf-index-leases")  # a lock file per live process that took a lease
+# a lock file per live process of this user that took a lease (another user's holders are waited out)
+LOCKS = os.path.join(tempfile.gettempdir(), f"delf-index-leases-{os.getuid()}")
 _process = {}  # this process's token and its locked file, made on its first lease
 _process_guard = threading.Lock()
 
@@ -170,13 +171,16 @@ def process_token():
     which the lock keeps marked alive until the process ends (a kill included)."""
     with _process_guard:
         if _process.get("pid") != os.getpid():  # first use, or a forked child: a token of its own
-            token = uuid.uuid4().hex
-            os.makedirs(LOCKS, exist_ok=True)
-            _sweep()
-            handle = open(os.path.join(LOCKS, token), "w")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            token, handle = uuid.uuid4().hex, None
+            try:
+                os.makedirs(LOCKS, exist_ok=True)
+                _sweep()
+                handle = open(os.path.join(LOCKS, token), "w")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                atexit.register(_forget, handle.name)
+            except OSError:  # no writable temporary folder: its leases are only waited out
+                pass
             _process.update(pid=os.getpid(), token=token, handle=handle)
-            atexit.register(_forget, handle.name)
         return _process["token"]
 
 

@@ -142,7 +142,7 @@ def test_identical_bytes_written_again_are_unchanged_on_local_disk(copies):
     assert (changed["changed"], changed["unchanged"], changed["hashed"]) == (1, 7, 7)
 
 
-def test_a_takedown_leaves_no_record_of_the_image_on_storage(copies):
+def test_a_takedown_leaves_no_record_of_the_image_on_storage(copies, monkeypatch):
     """Item 6: when `remove` ends, no data file in the table's folder holds a record of the
     image but its removal: not the current version's (rewritten), not an earlier version's,
     not a dead run's; and time travel to a version that held it says why it cannot."""
@@ -159,6 +159,15 @@ def test_a_takedown_leaves_no_record_of_the_image_on_storage(copies):
     }
     with pytest.raises(tables.FileGone, match=r"version 1 of .* no longer be read: .* gone \(deleted by a takedown"):
         tables.snapshot(features, 1).read()
+    # killed between its commit and its deletions: out of every read already, gone once run again
+    with monkeypatch.context() as patched:
+        patched.setattr(tables, "purge", lambda *args: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            remove.run(features, ["chelsea.jpg"], max_change=None)
+    assert ("chelsea.jpg", "extracted") in records_on_storage(features)
+    again = remove.run(features, ["chelsea.jpg"], max_change=None)
+    assert (again["removed"], again["unchanged"], again["files_deleted"]) == (0, 1, 1)
+    assert ("chelsea.jpg", "extracted") not in records_on_storage(features)
 
 
 def test_smaller_refusals_say_what_happened(copies, capsys):
