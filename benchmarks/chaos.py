@@ -204,7 +204,7 @@ class World:
         self.fs.makedirs(self.images_path, exist_ok=True)
         self.rng, self.seed = random.Random(seed), seed
         self.listing, self.next_picture = {}, 0  # name -> picture number (each picture used once)
-        self.rewritten = set()  # images rewritten with other bytes since their live record was seen
+        self.rewritten = {}  # image rewritten with other bytes -> its live run then (None: none)
         self.live_runs, self.live_at = {}, {}  # image -> live run at the last check; table version -> live pairs
         self.blocked, self.sequence, self.table_version = set(), 0, -1
         self.versions, self.extractor = set(), None
@@ -226,7 +226,7 @@ class World:
             self.put(name)
         elif kind == "rewrite":
             self.put(name)
-            self.rewritten.add(name)
+            self.rewritten.setdefault(name, self.live_runs.get(name))
         elif kind == "delete":
             self.fs.rm_file(f"{self.images_path}/{name}")
             del self.listing[name]
@@ -442,7 +442,8 @@ class World:
             before = self.live_runs.get(name)
             if before is not None and run != before:
                 assert name in self.rewritten, f"{name} was extracted again ({before} -> {run}), its bytes unchanged"
-                self.rewritten.discard(name)
+            if name in self.rewritten and run != self.rewritten[name]:  # extracted after the rewrite
+                del self.rewritten[name]
         writers = [(op, code) for op, argv, code in finished if op in WRITERS]
         if writers in ([("update", 0)], [("extract", 0)]):
             stale = {n for n in self.rewritten if n not in blocked and n in self.listing}
