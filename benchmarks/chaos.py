@@ -258,8 +258,9 @@ class World:
             return ["remove", "--features", self.features, "--ids", ",".join(ids), "--index", self.index,
                     "--max-change", "1", *extra[1:]] if ids else None  # fmt: skip
         if op == "restore":
-            ids = sorted(self.blocked & set(known))
-            return ["restore", "--features", self.features, "--ids", self.rng.choice(ids)] if ids else None
+            down = sorted(self.blocked & set(known))
+            ids = self.rng.sample(down, min(len(down), self.rng.choice([1, 1, 2])))
+            return ["restore", "--features", self.features, "--ids", ",".join(ids)] if ids else None
         if op == "compact":
             return ["compact", "--features", self.features]
         if op == "query":
@@ -294,6 +295,8 @@ class World:
                 ["remove", "--features", self.features, "--ids", typo, "--index", self.index, "--max-change", "1"],
                 ["restore", "--features", self.features, "--ids", f"never-{typo}"],
             ])  # fmt: skip
+        if op == "wrong-listing" and not self.live_runs:  # no live image: the guard has nothing to keep
+            return self.wrong("unknown-ids", known)
         if op == "wrong-listing":  # one folder too high: every image_id changes, the guard refuses
             return ["update", "--input", self.images.rsplit("/", 1)[0], "--features", self.features, "--index",
                     self.index, "--codebooks", self.codebooks, "--workers", "1"]  # fmt: skip
