@@ -221,9 +221,10 @@ class World:
     def mutate(self, kind=None):
         kind = kind or self.rng.choice(MUTATIONS if len(self.listing) > 3 else ["new"])
         name = self.rng.choice(sorted(self.listing)) if self.listing else None
-        if kind == "new":
+        if kind == "new":  # the name after the highest listed: a deleted one may come back with other bytes
             name = f"img{max(int(n[3:6]) for n in self.listing) + 1:03d}.jpg" if self.listing else "img000.jpg"
             self.put(name)
+            self.rewritten.setdefault(name, self.live_runs.get(name))
         elif kind == "rewrite":
             self.put(name)
             self.rewritten.setdefault(name, self.live_runs.get(name))
