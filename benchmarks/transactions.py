@@ -6,12 +6,16 @@
   files that hold them (copy-on-write; here the 1 % touch every file);
 - reading the live descriptors, as fit and build do, from the Delta table (binary float16)
   against the same rows in the table layout of version 2 (Parquet list<fixed_size_list<float16>>);
-- the live rows as one DuckDB query (docs/live_rows.sql) and through runtime/tables.py.
+- the live rows as one DuckDB query (docs/live_rows.sql) and through runtime/tables.py;
+- a day after the whole collection was copied back without its mtimes (a restore from a
+  backup): every file hashed, nothing changed (issue 33);
+- a takedown: `remove` of one image (its data file rewritten without it, the old one
+  deleted), then the append that leaves it out of the index (issue 33).
 
     python -m benchmarks.incremental --workdir /tmp/incremental --images 10000 --size 256
     python -m benchmarks.transactions --workdir /tmp/incremental --changed 0.01
 
-Prints one JSON line per measurement.
+It changes the workdir (a day, a copy back, a takedown). Prints one JSON line per measurement.
 """
 
 import argparse
@@ -27,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from benchmarks.incremental import sources, write_images
-from delf_index.pipelines import update
+from delf_index.pipelines import build, remove, update
 from delf_index.runtime import tables
 from delf_index.schemas import features as schema
 
@@ -131,6 +135,40 @@ def live_queries(features):
     return {"live": len(rows), "duckdb_s": round(duck_s, 2), "live_tables_s": round(helper_s, 2)}
 
 
+def copied_back_day(workdir):
+    """Write every image again with its own bytes and a new mtime, then one `update`; the
+    seconds and its counts (everything hashed, nothing changed)."""
+    images = os.path.join(workdir, "images")
+    later = time.time() + 86400
+    for name in sorted(os.listdir(images)):
+        path = os.path.join(images, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data)
+        os.utime(path, (later, later))
+    start = time.time()
+    counts = update.run(images, os.path.join(workdir, "features"), os.path.join(workdir, "index"),
+                        conf={"compact_table_above": None})  # fmt: skip
+    return time.time() - start, counts
+
+
+def takedown_cost(workdir, seed=2):
+    """Seconds of `remove` of one live image (the data file that holds it rewritten without it,
+    the old one deleted), and of the append that then leaves it out of the index."""
+    features, index = os.path.join(workdir, "features"), os.path.join(workdir, "index")
+    live = tables.live_records(tables.snapshot(features).read(["image_id", "status", "run"]))
+    image = sorted(live.column("image_id").to_pylist())[np.random.default_rng(seed).integers(live.num_rows)]
+    start = time.time()
+    counts = remove.run(features, [image], note="benchmark", max_change=None)
+    remove_s = time.time() - start
+    start = time.time()
+    build.run(features, index, append=True)
+    return {"takedown": image, "remove_s": round(remove_s, 1), "append_s": round(time.time() - start, 1),
+            "files_rewritten": counts["files_rewritten"], "files_deleted": counts["files_deleted"],
+            "table_files": len(tables.snapshot(features).files)}  # fmt: skip
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a workdir of benchmarks/incremental.py")
@@ -150,6 +188,9 @@ def main(argv=None):
     print(json.dumps(read_throughput(features, version_2)), flush=True)
     shutil.rmtree(version_2)
     print(json.dumps(live_queries(features)), flush=True)
+    seconds, counts = copied_back_day(args.workdir)
+    print(json.dumps({"copied_back_day_s": round(seconds, 1), "update": counts}), flush=True)
+    print(json.dumps(takedown_cost(args.workdir)), flush=True)
 
 
 if __name__ == "__main__":

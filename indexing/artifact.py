@@ -189,6 +189,29 @@ def fetch_manifested(uri, name, what):
         raise ArtifactError(f"{uri} has no {name}: not a finished {what} folder (did the job complete?)") from e
 
 
+def check_source(index, manifest, snap):
+    """Refuse, naming both, a features table other than the one the index was built from, or
+    an older version of it (a stale copy, a table restored from a backup), before any work.
+    `snap` is a snapshot of the table (runtime/tables.py). Indexes built before tables had an
+    id recorded are checked by the table's URI."""
+    source = manifest.get("features") or {}
+    if not source:
+        return
+    built = f"{index} was built from {source['uri']} version {source['table_version']}"
+    if source.get("table_id") and source["table_id"] != snap.table_id:
+        raise ArtifactError(
+            f"{snap.uri} is another features table (id {snap.table_id}) than the one {built} (id "
+            f"{source['table_id']}): check --features, or build a new index from it with --codebooks"
+        )
+    if not source.get("table_id") and storage.filesystem(source["uri"])[1] != storage.filesystem(snap.uri)[1]:
+        raise ArtifactError(f"{snap.uri} is not the features table {built}: check --features")
+    if snap.version < source["table_version"]:
+        raise ArtifactError(
+            f"{snap.uri} is at version {snap.version}, older than the one {built} (a stale copy, or a table restored "
+            "from a backup?): point --features at the table the index follows"
+        )
+
+
 def check_fingerprint(expected, actual, what):
     if expected != actual:
         raise ArtifactError(
@@ -207,6 +230,12 @@ def check_fingerprint(expected, actual, what):
 # their first new version starts the log)
 LOG, PINS = "_log", "_pins"
 DEFAULT_GRACE = 600.0  # seconds a version stays after it stopped being current: readers may be loading it
+
+
+def grace_seconds(grace=None):
+    """`grace`, else DELF_INDEX_GRACE_SECONDS, else DEFAULT_GRACE (the chaos test shortens it so
+    that its readers meet prunes)."""
+    return float(os.environ.get("DELF_INDEX_GRACE_SECONDS", DEFAULT_GRACE)) if grace is None else grace
 
 
 class IndexChanged(UserError):
@@ -338,7 +367,7 @@ def place_version(folder, uri, version):
     return target
 
 
-def commit_version(uri, version, base, keep=None, grace=DEFAULT_GRACE, info=None, published=None):
+def commit_version(uri, version, base, keep=None, grace=None, info=None, published=None):
     """Make the placed `version` the one readers load, if the index is still at the log entry
     `base` the writer planned on (None: no version yet): create the next log entry, only if it
     does not exist (a conditional write). When another writer created it first, the version
@@ -374,19 +403,20 @@ def commit_version(uri, version, base, keep=None, grace=DEFAULT_GRACE, info=None
     return entry
 
 
-def publish_version(folder, uri, version, base, keep=None, grace=DEFAULT_GRACE, info=None):
+def publish_version(folder, uri, version, base, keep=None, grace=None, info=None):
     """`place_version`, then `commit_version`."""
     place_version(folder, uri, version)
     return commit_version(uri, version, base, keep, grace, info)
 
 
-def prune(uri, keep, grace=DEFAULT_GRACE):
+def prune(uri, keep, grace=None):
     """Remove old versions: all but the current one, the `keep` - 1 that were current before
     it, those that stopped being current less than `grace` seconds ago (a reader may be
     loading them), and those a live pin names (`pin`). A version folder that no log entry
     names (its build crashed before publishing) goes once it is `grace` seconds old. Log
-    entries of removed versions go too; the newest stays. Run by the lease holder."""
-    uri = uri.rstrip("/")
+    entries of removed versions go too; the newest stays. Run by the lease holder. `grace`:
+    `grace_seconds`."""
+    uri, grace = uri.rstrip("/"), grace_seconds(grace)
     entries = log_entries(uri)
     if not entries:
         return
@@ -573,7 +603,8 @@ class Artifact:
         """Load the current version of an index (or a version folder); checks format, checksums
         and, when given, that it was built from `model_fingerprint`'s features. A version that
         vanished while it was being fetched (pruned after a newer one was published) is
-        followed by reading the log once more."""
+        followed by reading the log once more, also when it vanished while it was being opened
+        (a local version is read in place)."""
         for attempt in range(2):
             version = current_version(uri)
             try:
@@ -581,15 +612,23 @@ class Artifact:
                 manifest = read_manifest(folder, "manifest.json", ARTIFACT_FORMAT, ARTIFACT_READS)
                 if verify:
                     verify_files(folder, manifest)
-                break
-            except (ArtifactError, FileNotFoundError):
+                if model_fingerprint is not None:
+                    check_fingerprint(manifest["model_fingerprint"], model_fingerprint, "query features")
+                return cls.opened(folder, manifest, version)
+            except (ArtifactError, FileNotFoundError) as e:
                 if attempt or version == uri.rstrip("/") or current_version(uri) == version:
+                    fs, path = storage.fresh(uri.rstrip("/"))
+                    if not fs.exists(path):  # a mistyped path, not an unfinished build
+                        raise ArtifactError(f"no index at {uri}: check the path (--index)") from e
                     raise
-        if model_fingerprint is not None:
-            check_fingerprint(manifest["model_fingerprint"], model_fingerprint, "query features")
+
+    @classmethod
+    def opened(cls, folder, manifest, version):
         try:
             return cls(folder, manifest, version)
-        except RuntimeError as e:  # faiss refuses a damaged file it was asked to read unverified
+        except RuntimeError as e:  # faiss refuses a damaged file it was asked to read unverified, or a pruned one
+            if not os.path.exists(os.path.join(folder, "manifest.json")):
+                raise FileNotFoundError(f"{folder} was removed while it was opened") from e
             raise ArtifactError(f"{folder}: cannot read the index ({e}); rebuild it") from e
 
     @property

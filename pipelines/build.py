@@ -156,18 +156,21 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
     storage.remove(staging)  # this build's staged shards
 
 
-def check_append(output, base, properties, method):
+def check_append(output, base, snap, method):
     """(the current manifest, the local method) of an append, refused before any work when the
-    index does not match the table or the method asked for."""
+    index does not match the table (another table, an older version of it, another model or
+    settings) or the method asked for."""
     if base is None:
         raise UserError(f"{output} has no version to append to: build it first with --codebooks")
-    manifest = art.current_manifest(output)
+    manifest, properties = art.current_manifest(output), snap.properties
     art.check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
     if manifest.get("extractor") != properties["extractor"]:
         raise art.ArtifactError(
             f"the features were extracted with other settings than the index ({properties['extractor']} against "
             f"{manifest.get('extractor')}): extract with the index's settings, or build a new index"
         )
+    if not failpoints.broken("append-table-check"):
+        art.check_source(output, manifest, snap)
     built_with = manifest.get("method", "knn")
     if method not in (None, built_with):
         raise UserError(f"--append keeps the index's local method ({built_with}); rebuild it to use --method {method}")
@@ -175,15 +178,47 @@ def check_append(output, base, properties, method):
 
 
 def check_build(output, base, properties, codebooks, method):
-    """(the codebooks' manifest, the local method) of a full build, refused before any work when
-    the codebooks do not fit the table or lack what the method needs."""
+    """(what the new version's manifest says of its model and codebooks, the local method) of a
+    full build, refused before any work when the codebooks do not fit the table or lack what
+    the method needs."""
     _, _, manifest = art.load_codebooks(codebooks)  # of fit, or an index's own (a rebuild)
     art.check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
     if method is None:  # a rebuild (update's compaction too) keeps the index's local method
         method = art.current_manifest(output).get("method", "knn") if base is not None else "knn"
     if method != "knn" and art.load_words(codebooks) is None:
         raise UserError(f"--method {method} needs ASMK visual words: fit the codebooks with --asmk-words auto")
-    return manifest, method
+    info = {
+        "model_fingerprint": properties["model_fingerprint"],
+        "model": manifest["model"],
+        "codebooks": manifest.get("codebooks") or {k: manifest[k] for k in ("conf", "index_string", "code_bytes")},
+        "extractor": properties["extractor"],
+    }
+    return info, method
+
+
+def check_arguments(features, output, append, remove, codebooks):
+    """Refuse, before any lease is taken, what a build cannot do (a mistyped table path must
+    not leave a lease behind in a folder of that name)."""
+    if remove is not None and not append:
+        raise UserError("--remove takes images down from an existing index: use it with --append")
+    if append and codebooks:
+        raise UserError("append builds with the index's own codebooks: leave out --codebooks")
+    if not append and not codebooks:
+        raise UserError("--codebooks is required (the output of `delf-index fit`), unless --append")
+    if not tables.exists(features):
+        raise tables.missing_table(features.rstrip("/"))
+    if append and art.current_entry(output) is None:  # checked again under the lease
+        raise UserError(f"{output} has no version to append to: build it first with --codebooks")
+
+
+def warn_if_dropped(output, manifest):
+    """Say so when the new version of an index drops the match graph and DBA of the current one."""
+    if manifest.get("augmented"):
+        log.warning(
+            "the new version of %s drops its match graph and DBA: `delf-index match --augment` makes them again "
+            "(`update` and `remove --index` keep them current)",
+            output,
+        )
 
 
 def plan_append(indexed, live):
@@ -219,8 +254,9 @@ def run(
     method=None,
     table_version=None,
     wait=False,
-    grace=art.DEFAULT_GRACE,
+    grace=None,
     before_publish=None,
+    allow_unknown=False,
 ):
     """Build a new version of the index at `output` from the live records of the features table
     `features` (at `table_version`, default its current one) with the codebooks of `fit`; with
@@ -229,16 +265,13 @@ def run(
     the local index, shards.METHODS (default: the index's own when appending to or rebuilding
     one, else "knn"). `wait`: wait for another writer of the index instead of failing.
     `before_publish`: called with the URI of the new version once it is placed, before it is
-    published, the lease held (`update` refreshes the match graph there). Returns the new
-    version's manifest (the current one, unchanged, when an append finds nothing to do)."""
+    published, the lease held (`update` refreshes the match graph there; without it, a match
+    graph the index holds is dropped, with a warning). `allow_unknown`: `remove` may name
+    images the table never held. Returns the new version's manifest (the current one,
+    unchanged, when an append finds nothing to do)."""
     flags, _ = cli.beam_flags(beam_options)
     output = output.rstrip("/")
-    if remove is not None and not append:
-        raise UserError("--remove takes images down from an existing index: use it with --append")
-    if append and codebooks:
-        raise UserError("append builds with the index's own codebooks: leave out --codebooks")
-    if not append and not codebooks:
-        raise UserError("--codebooks is required (the output of `delf-index fit`), unless --append")
+    check_arguments(features, output, append, remove, codebooks)
     # leases in one order everywhere, the table's before the index's: two jobs never wait on each other
     taking_down = lease.hold(features, "build --remove", wait=wait) if remove is not None else contextlib.nullcontext()
     with (
@@ -246,13 +279,14 @@ def run(
         lease.hold(output, f"build{' --append' if append else ''} --features {features}", wait=wait) as held,
     ):
         base = art.current_entry(output)
-        properties = tables.snapshot(features, table_version).properties
+        planned = tables.snapshot(features, table_version)
         if append:
-            manifest, method = check_append(output, base, properties, method)
+            manifest, method = check_append(output, base, planned, method)
         else:
-            codebooks_manifest, method = check_build(output, base, properties, codebooks, method)
+            info, method = check_build(output, base, planned.properties, codebooks, method)
         if remove is not None:  # a record in the table first: every later build and append honours it
-            counts = tables.take_down(features, read_ids(remove) if isinstance(remove, str) else list(remove))
+            ids = read_ids(remove) if isinstance(remove, str) else list(remove)
+            counts = tables.take_down(features, ids, allow_unknown=allow_unknown)
             log.info("took down %d images (%d were already)", counts["removed"], counts["unchanged"])
         snap = tables.snapshot(features, table_version)
         records = snap.read(["image_id", "status", "run"])
@@ -277,14 +311,9 @@ def run(
                     "restore taken-down ones)"
                 )
             codebooks_uri = codebooks
-            info = {
-                "model_fingerprint": properties["model_fingerprint"],
-                "model": codebooks_manifest["model"],
-                "codebooks": codebooks_manifest.get("codebooks")
-                or {k: codebooks_manifest[k] for k in ("conf", "index_string", "code_bytes")},
-                "extractor": properties["extractor"],
-            }
-        info["features"] = {"uri": snap.uri, "table_version": snap.version}
+        info["features"] = {"uri": snap.uri, "table_version": snap.version, "table_id": snap.table_id}
+        if base is not None and before_publish is None:
+            warn_if_dropped(output, art.current_manifest(output))
         files = tables.file_skips(snap, records, live)
         rows = [n for _, n, _ in files]
         offsets = first_id + np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
@@ -349,6 +378,9 @@ def main(argv=None):
     parser.add_argument(
         "--remove", metavar="IDS.csv", help="with --append: take these image_ids down first (CSV or one per line)"
     )
+    parser.add_argument(
+        "--allow-unknown", action="store_true", help="with --remove: take down ids the table has not listed yet"
+    )
     parser.add_argument("--table-version", type=int, help="build from this version of the table (default: current)")
     parser.add_argument(
         "--keep", type=int, default=DEFAULT_KEEP, help=f"versions to keep ({DEFAULT_KEEP}); 0 keeps all"
@@ -374,4 +406,5 @@ def main(argv=None):
         method=args.method,
         table_version=args.table_version,
         wait=args.wait,
+        allow_unknown=args.allow_unknown,
     )

@@ -101,7 +101,7 @@ def write_compacted(snap, uris, keep_keys, run, rows_per_file):
         pending.clear()
 
     for uri in uris:
-        with storage.open_file(uri, "rb") as f:
+        with tables.opened(uri) as f:
             table = pq.read_table(f)
         pending.append(table.filter(pc.is_in(key(table), keep_keys)))
         if sum(t.num_rows for t in pending) >= rows_per_file:

@@ -29,6 +29,7 @@ Every listed image ends up with one record of the run (extracted or failed) or n
 without one, the job runs locally on Beam's FnApiRunner with ``--workers`` processes.
 """
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -154,6 +155,36 @@ def same_source(source, record):
     if content and record["source_hash"]:
         return content == record["source_hash"]
     return size is not None and (size, version) == (record["source_size"], record["source_version"])
+
+
+def hash_touched(items, kind, state):
+    """`items` with the content hash of their bytes filled in where the store gives none (local
+    files) and the run needs it: an image whose records hold a hash and its size, but another
+    version (mtime: a copy or a restore that did not keep mtimes), and a tar shard that is new
+    or not as recorded (its members' records keep it). What is as recorded by size and version
+    is not read; a new image gets its hash from the bytes its worker reads. Returns (items,
+    the number hashed)."""
+
+    def wanted(item):
+        size, version, content = item[-3:]
+        before = state.get(item[0])
+        records = before["features"] + before["failed"] if before else []
+        if (
+            content is not None
+            or size is None
+            or any((size, version) == (r["source_size"], r["source_version"]) for r in records)
+        ):
+            return False
+        return kind == "tar" or any(r["source_hash"] and r["source_size"] == size for r in records)
+
+    chosen = [n for n, item in enumerate(items) if wanted(item)]
+    uri = (lambda item: item[0]) if kind == "tar" else (lambda item: item[1])  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(inputs.STAT_THREADS) as pool:
+        hashes = list(pool.map(lambda n: inputs.hash_of(uri(items[n])), chosen))
+    items = list(items)
+    for n, content in zip(chosen, hashes):
+        items[n] = (*items[n][:-1], content)
+    return items, len(chosen)
 
 
 def decide(now, before, full=False, retry_errors=False):
@@ -310,6 +341,8 @@ class ReadAndDecode(beam.DoFn):
         source = tuple(source)
         try:
             data = storage.read_bytes(uri)
+            if source[2] is None:  # the store keeps no hash (local files): the record keeps this one
+                source = (*source[:2], inputs.content_hash(data))
         except Exception as e:  # missing object, permissions, network after retries
             self.read.inc()
             self.done.add()
@@ -541,6 +574,7 @@ def run(
         state, newest = table_state(snap, kind)
         run_id = tables.new_run_id(newest)
         items, unreadable = inputs.list_input(input)
+        items, hashed = hash_touched(items, kind, state)
         todo, records, counts, affected = plan(items, unreadable, kind, state, full, retry_errors, keep_unlisted)
         live = sum(len(s["features"]) for s in state.values())
         summary = {
@@ -557,6 +591,7 @@ def run(
             "retry_errors": bool(retry_errors),
             **{k: counts.get(k, 0) for k in ("listed", *DECISIONS)},
             "to_extract": len(todo),
+            "hashed": hashed,  # files read for their content hash: size as recorded, mtime not
             "live_before": live,
         }
         if not full:
@@ -621,7 +656,8 @@ def run(
 
 def describe_plan(summary):
     decided = ", ".join(f"{summary[k]} {k}" for k in DECISIONS if summary.get(k)) or "nothing"
-    return f"{summary['listed']} listed ({decided})"
+    hashed = f"; {summary['hashed']} hashed: their mtime changed, not their size" if summary.get("hashed") else ""
+    return f"{summary['listed']} listed ({decided}{hashed})"
 
 
 def tally(entries):

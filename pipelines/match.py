@@ -49,7 +49,7 @@ from delf_index.pipelines.build import DEFAULT_KEEP
 from delf_index.pipelines.extract import CountProgress
 from delf_index.pipelines.search import ReadQueries
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import lease, progress, storage, tables
+from delf_index.runtime import failpoints, lease, progress, storage, tables
 from delf_index.schemas import search as schema
 from delf_index.schemas.artifact import STAGING
 from delf_index.version import __version__
@@ -81,11 +81,15 @@ def resolve_conf(conf=None):
     return conf
 
 
-def source_tables(manifest, features=None):
+def source_tables(index, manifest, features=None):
     """(data file uri, stale image_ids) of the live records of the features table version the
-    index was built from (or of the current version of `features`)."""
+    index was built from (or of the current version of `features`, which must be that table
+    at that version or a later one: artifact.check_source)."""
     if features is not None:
-        return [(uri, stale) for uri, _, stale in tables.live_tables(features)[1]]
+        snap, files = tables.live_tables(features)
+        if not failpoints.broken("append-table-check"):
+            art.check_source(index, manifest, snap)
+        return [(uri, stale) for uri, _, stale in files]
     source = manifest.get("features")
     if not source:
         raise UserError("the index does not name the features table it was built from: pass --features")
@@ -210,7 +214,7 @@ def match_version(index, pinned, output, features, conf, labels, flags, test_pip
         labels = {image_id: labels.get(image_id) for image_id in image_ids}
     else:
         labels = dict(zip(image_ids, index_labels))
-    sources = source_tables(manifest, features)
+    sources = source_tables(index, manifest, features)
     metadata = {
         t: schema.table_metadata(t, manifest["version"], manifest["model_fingerprint"], conf)
         for t in ("pairs", "clusters", "label_images", "labels")

@@ -39,7 +39,7 @@ from delf_index.indexing.retrieval import Index, local_method
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import cli, extract, visualize
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import inputs, progress, storage, tables
+from delf_index.runtime import failpoints, inputs, progress, storage, tables
 from delf_index.runtime.extractor import load_model, model_of
 from delf_index.schemas import search as search_schema
 from delf_index.version import __version__
@@ -148,6 +148,16 @@ def queries(p, input, conf, manifest, model=None, threads=None):
     return found, (errors, listing_errors) | "QueryListErrors" >> beam.Flatten()
 
 
+def check_queries(index, manifest, snap, exclude_self):
+    """Refuse, before any work, a table of queries that is the index's own table at an older
+    version than the index names (a stale copy), or, with `exclude_self` (the collection
+    against itself), any other table than the index's own. A table of other images (the
+    day's uploads) is what search is for."""
+    own = snap.table_id == (manifest.get("features") or {}).get("table_id")
+    if (own or exclude_self) and not failpoints.broken("append-table-check"):
+        art.check_source(index, manifest, snap)
+
+
 def results_page(output, version, files, queries=50, top=5):
     """`output`/results.html: the first `queries` queries (by query_id) as thumbnails with their
     top results, verified ones framed green; the page and its thumbs/ folder are written
@@ -212,7 +222,9 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         # refused here, not in every worker: a local method the index was not built with
         has = {"knn": "index.faiss" in manifest["files"], "asmk": "asmk_offsets.npy" in manifest["files"]}
         local_method(conf["query"].get("local_method"), has)
-        if not tables.exists(input):
+        if tables.exists(input):
+            check_queries(index, manifest, tables.snapshot(input), conf["exclude_self"])
+        else:
             model = model_of(manifest["model_fingerprint"], model)  # by default the index's own
             _, _, fingerprint = load_model(model)
             art.check_fingerprint(manifest["model_fingerprint"], fingerprint, "queries extracted with this model")

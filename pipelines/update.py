@@ -24,7 +24,8 @@ images that stay, the new images searched against the new version, DBA computed 
 their neighbours changed (pipelines/match.py, `refresh_graph`; `--no-graph-refresh` drops
 it instead). Readers keep loading the previous version until the new one is complete. A
 listing that would delete or replace more than `--max-change` of the images stops the run
-before any work (extract's guard).
+before any work (extract's guard), and so does a --features that is not the table the index
+was built from (another table, an older copy of it, a path where no table is: `check_table`).
 """
 
 import logging
@@ -33,9 +34,8 @@ import time
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
-from delf_index.indexing.artifact import DEFAULT_GRACE
 from delf_index.pipelines import build, cli, compact, extract, fit, match
-from delf_index.runtime import lease
+from delf_index.runtime import failpoints, lease, tables
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ default_conf = {
     "compact_above": 0.25,  # rebuild the index when this share of its images is hidden; None: never
     "compact_table_above": 0.25,  # compact the table when this share of its records is dead; None: never
     "keep": build.DEFAULT_KEEP,  # index versions kept
-    "grace": DEFAULT_GRACE,  # seconds an index version outlives its successor: readers may be loading it
+    # seconds an index version outlives its successor, readers may be loading it; None:
+    # DELF_INDEX_GRACE_SECONDS, else 600 (indexing/artifact.py, grace_seconds)
+    "grace": None,
     # bring the match graph and DBA of an augmented index up to date in each new version
     # (its new images searched, not the whole index); False: new versions drop them
     "refresh_graph": True,
@@ -73,6 +75,7 @@ def run(
     conf = {**default_conf, **(conf or {})}
     versions = {"keep": conf["keep"], "grace": conf["grace"]}
     start = time.time()
+    check_table(index, features)
     with lease.hold(features, f"update --input {input}", wait=wait), lease.hold(index, "update", wait=wait):
         extracted = extract.run(
             input, features, conf["extract"], model, beam_options, retry_errors=retry_errors,
@@ -87,7 +90,7 @@ def run(
         graph, refreshed = None, []  # the refresh of the match graph, and its counts (graph_refresh)
         counts = {
             "run": extracted["run"],
-            **{k: extracted[k] for k in ("listed", *extract.DECISIONS, "extracted", "failed")},
+            **{k: extracted[k] for k in ("listed", *extract.DECISIONS, "hashed", "extracted", "failed")},
         }
         if art.current_entry(index) is None:
             if codebooks is None:
@@ -97,9 +100,10 @@ def run(
             action = "built"
         else:
             graph, refreshed = graph_refresh(index, conf["refresh_graph"], beam_options)
+            current = art.current_entry(index)["version"]
             manifest = build.run(features, index, append=True, beam_options=beam_options, before_publish=graph,
                                  **versions)  # fmt: skip
-            action = "appended"
+            action = "appended" if manifest["version"] != current else "unchanged"
             hidden, images = manifest["counts"].get("hidden", 0), manifest["counts"]["images"]
             if images and conf["compact_above"] is not None and hidden > conf["compact_above"] * (images + hidden):
                 log.info("%d of %d indexed images are hidden: rebuilding %s", hidden, hidden + images, index)
@@ -127,14 +131,29 @@ def run(
     return counts
 
 
+def check_table(index, features):
+    """Refuse, before any work, a features table other than the one the index was built from,
+    or an older version of it (artifact.check_source): a mistyped --features would otherwise
+    become a new table, extracted from scratch, that the index would follow, taken-down
+    images and all. An update creates a table only for an index that names none."""
+    if art.current_entry(index) is None or failpoints.broken("update-table-check"):
+        return
+    manifest = art.current_manifest(index)
+    source = manifest.get("features")
+    if source and not tables.exists(features):
+        raise UserError(
+            f"no features table at {features}, and {index} was built from {source['uri']}: check --features (update "
+            "creates a table only for an index that names none)"
+        )
+    if source:
+        art.check_source(index, manifest, tables.snapshot(features))
+
+
 def graph_refresh(index, enabled, beam_options):
     """(the refresh of the match graph that an update's builds call before publishing, the list
     it adds each refresh's counts to). No refresh (None) when the index holds no graph, or when
-    it is off: the new version then drops the graph, and the log says so."""
+    it is off: the new version then drops the graph, and the build says so."""
     held, refreshed = art.current_manifest(index).get("augmented"), []
-    if held and not enabled:
-        log.warning("refresh_graph is off: the new version of %s drops its match graph and DBA "
-                    "(`delf-index match --augment` makes them again)", index)  # fmt: skip
     if not (held and enabled):
         return None, refreshed
 

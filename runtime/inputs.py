@@ -17,6 +17,7 @@ stay thin.
 
 import concurrent.futures
 import csv
+import hashlib
 import os
 import posixpath
 import re
@@ -90,7 +91,8 @@ def source_of(info):
     what changes when an object is rewritten (the generation on GCS, the version id or ETag on
     S3, the modification time on local disks); the content hash is the store's digest of the
     bytes, where it keeps one (GCS's md5 or crc32c, S3's ETag), so that identical bytes
-    uploaded again count as unchanged. Local files have none."""
+    uploaded again count as unchanged. Local files have none: a run hashes their bytes itself
+    (`content_hash`, `hash_of`; pipelines/extract.py)."""
     version = next((str(info[k]) for k in VERSION_KEYS if info.get(k) not in (None, "")), None)
     content = None
     for key, name in (("md5Hash", "md5"), ("crc32c", "crc32c"), ("ETag", "etag"), ("etag", "etag")):
@@ -101,6 +103,25 @@ def source_of(info):
 
 
 VERSION_KEYS = ("generation", "VersionId", "ETag", "etag", "md5Hash", "mtime", "LastModified", "updated")
+
+
+def content_hash(data):
+    """The content hash a record keeps of bytes whose store gives none (local files): identical
+    bytes written again (a copy, a restore from a backup) are unchanged, whatever their mtime."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def hash_of(uri):
+    """`content_hash` of the object at `uri`, read in 4 MiB blocks; None when it cannot be read
+    (it went since it was listed: the run records that when it reads it)."""
+    digest = hashlib.sha256()
+    try:
+        with storage.open_file(uri, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    except OSError:
+        return None
+    return "sha256:" + digest.hexdigest()
 
 
 def stat(uri):

@@ -7,19 +7,28 @@
 
 The lease is ``<root>/_lease.json``, taken with a conditional write (create-if-absent, then
 generation / ETag match: storage.write_if), renewed by a thread every quarter of its time to
-live, and released at the end. A holder that crashed stops renewing, so its lease expires
-(DELF_INDEX_LEASE_SECONDS, default 300); on the same host, one whose process is gone is taken
-over at once. A second writer waits (`wait=True`) or fails naming the holder and since when.
-Leases are re-entrant within a process: `update` holds the table's and the index's while the
-extract and the build it runs take them again.
+live, and released at the end. A lease belongs to the process that took it by a random token
+made once per process (`process_token`), never by hostname and pid, which two containers can
+share. A holder that crashed stops renewing, so its lease expires (DELF_INDEX_LEASE_SECONDS,
+default 300, after its last renewal); one whose process ran on this machine and is gone is
+taken over at once: each process holds a lock on a file named by its token in the machine's
+temporary folder while it lives, and a file found here and not locked is a dead holder's
+(a holder elsewhere, another machine or a container with its own /tmp, leaves no file here,
+and its lease is waited out). A second writer waits (`wait=True`) or fails naming the
+holder and since when. Leases are re-entrant within a thread: `update` holds the table's
+and the index's while the extract and the build it runs take them again.
 """
 
+import atexit
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import posixpath
+import re
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -29,6 +38,10 @@ from delf_index.runtime import storage
 
 LEASE = "_lease.json"
 POLL_SECONDS = 2.0
+# a lock file per live process of this user that took a lease (another user's holders are waited out)
+LOCKS = os.path.join(tempfile.gettempdir(), f"delf-index-leases-{os.getuid()}")
+_process = {}  # this process's token and its locked file, made on its first lease
+_process_guard = threading.Lock()
 
 
 class LeaseHeld(UserError):
@@ -64,7 +77,8 @@ class Lease:
         self.record = {
             "id": uuid.uuid4().hex,
             "holder": holder,
-            "host": socket.gethostname(),
+            "owner": process_token(),
+            "host": socket.gethostname(),  # host and pid: for messages only
             "pid": os.getpid(),
             "since": now,
             "expires": now + self.ttl,
@@ -152,25 +166,62 @@ def hold(root, holder, wait=False, timeout=None):
             lease.release()
 
 
+def process_token():
+    """This process's random token; the first call also creates and locks its file in LOCKS,
+    which the lock keeps marked alive until the process ends (a kill included)."""
+    with _process_guard:
+        if _process.get("pid") != os.getpid():  # first use, or a forked child: a token of its own
+            token, handle = uuid.uuid4().hex, None
+            try:
+                os.makedirs(LOCKS, exist_ok=True)
+                _sweep()
+                handle = open(os.path.join(LOCKS, token), "w")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                atexit.register(_forget, handle.name)
+            except OSError:  # no writable temporary folder: its leases are only waited out
+                pass
+            _process.update(pid=os.getpid(), token=token, handle=handle)
+        return _process["token"]
+
+
+def _forget(path):
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def _sweep():
+    """Delete the lock files of processes that ended (killed: no exit handler ran) longer ago
+    than a lease lives: any lease of theirs has expired, the file proves nothing more."""
+    for name in os.listdir(LOCKS):
+        path = os.path.join(LOCKS, name)
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(path) > 2 * seconds() and _gone(name):
+                _forget(path)
+
+
 def _free(record):
-    """A lease nobody holds: released, expired, or its holder's process is gone from this host."""
+    """A lease nobody holds: released, expired (not renewed in time), or its holder's process
+    ran on this machine and is gone."""
     if record.get("released") or record.get("expires", 0) < time.time():
         return True
-    return record.get("host") == socket.gethostname() and not _alive(record.get("pid"))
+    return _gone(record.get("owner"))
 
 
-def _alive(pid):
-    """Whether a process of this host runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+def _gone(token):
+    """Whether the process of `token` ran on this machine and ended: its lock file is here and
+    nobody holds its lock. (No file: a process elsewhere, or a lease of an earlier delf-index.)"""
+    if not isinstance(token, str) or not re.fullmatch(r"[0-9a-f]{32}", token):
         return False
-    except (PermissionError, TypeError, ValueError):
-        return True
+    path = os.path.join(LOCKS, token)
     try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:  # no /proc (not Linux)
+        handle = open(path)
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: the process lives (this one's own, from another thread, too)
+            return False
         return True
 
 

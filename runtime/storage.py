@@ -277,8 +277,9 @@ def remove(uri):
 
 
 def download(uri, target):
-    """Copy one object to the local path `target` through a temporary file renamed into place."""
-    fs, path = filesystem(uri)
+    """Copy one object to the local path `target` through a temporary file renamed into place
+    (looked up afresh: a listing this process cached may predate the object)."""
+    fs, path = fresh(uri)
     tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         retrying(lambda: fs.get_file(path, tmp), f"downloading {uri}")

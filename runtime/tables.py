@@ -9,6 +9,7 @@ on: a commit never lands on a table that changed under its writer.
 """
 
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import posixpath
@@ -37,6 +38,15 @@ class TableChanged(UserError):
     """The table got a commit after the writer planned on it; nothing was committed."""
 
 
+class FileGone(UserError, FileNotFoundError):
+    """A data file that the table version being read names is gone: a takedown deleted it, or
+    compaction's vacuum did once the version was older than its retention."""
+
+    def __init__(self, message, uri=None):
+        super().__init__(message)
+        self.uri = uri
+
+
 class Snapshot:
     """One version of a features table: its properties and data files."""
 
@@ -47,6 +57,7 @@ class Snapshot:
         except TableNotFoundError as e:
             raise missing_table(self.uri) from e
         self.version = self.delta.version()
+        self.table_id = self.delta.metadata().id  # Delta's table id: the same in every copy, version and location
         self.raw_properties = dict(self.delta.metadata().configuration)
         self.properties = schema.read_properties(self.raw_properties, self.uri)
         self.files = sorted(self.delta.file_uris())
@@ -61,8 +72,16 @@ class Snapshot:
 
     def read(self, columns=schema.STATE_COLUMNS):
         """The `columns` of every record, with "file" (the index of its file in `files`)."""
-        with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
-            parts = list(pool.map(lambda uri: read_columns(uri, columns), self.files))
+        try:
+            with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+                parts = list(pool.map(lambda uri: read_columns(uri, columns), self.files))
+        except FileGone as e:
+            raise FileGone(
+                f"version {self.version} of {self.uri} can no longer be read: {e.uri} is gone (deleted by a takedown, "
+                "or vacuumed by `delf-index compact` once the version was older than --retention-hours): use a newer "
+                "version",
+                e.uri,
+            ) from e
         for index, part in enumerate(parts):
             parts[index] = part.append_column("file", pa.array(np.full(part.num_rows, index, np.int32)))
         fields = [schema.records_schema().field(c) for c in columns] + [pa.field("file", pa.int32())]
@@ -70,8 +89,29 @@ class Snapshot:
 
 
 def read_columns(uri, columns):
-    with storage.open_file(uri, "rb") as f:
+    with opened(uri) as f:
         return pq.read_table(f, columns=columns)
+
+
+@contextlib.contextmanager
+def opened(uri):
+    """A data file opened for reading; FileGone when a takedown or a vacuum deleted it. A file
+    this process's listing cache does not know yet (s3fs answers from a listing it cached
+    before the file was written) is looked up again first."""
+    for attempt in range(2):
+        try:
+            handle = storage.open_file(uri, "rb").open()
+            break
+        except FileNotFoundError as e:
+            if attempt:
+                raise FileGone(
+                    f"the data file {uri} is gone: a takedown or compaction deleted it after the table version being "
+                    "read named it; run the job again (it reads the current version)",
+                    uri,
+                ) from e
+            storage.fresh(uri)
+    with handle:
+        yield handle
 
 
 def missing_table(uri):
@@ -169,7 +209,7 @@ def live_tables(uri, version=None):
 def iter_batches(uri, columns, rows=100, skip=frozenset()):
     """pyarrow Tables of at most `rows` extracted records of one data file, in file order,
     without those of the image_ids in `skip`."""
-    with storage.open_file(uri, "rb") as handle:
+    with opened(uri) as handle:
         f = pq.ParquetFile(handle)
         wanted = None if columns is None else list(dict.fromkeys([*columns, "image_id", "status"]))
         for batch in f.iter_batches(batch_size=rows, columns=wanted):
@@ -224,16 +264,25 @@ def new_run_id(after=""):
     return now.strftime("%Y%m%dT%H%M%S%fZ")
 
 
-def take_down(uri, ids, restore=False, note=None, max_change=None, wait=False):
+def take_down(uri, ids, restore=False, note=None, max_change=None, wait=False, allow_unknown=False):
     """Record the removal of `ids` (status removed), or with `restore` their restoration, in the
-    table `uri` as one commit, under its lease. Ids already in that state are left alone; a
-    removal of more than `max_change` of the live images is refused. Returns the counts:
-    removed / restored, unchanged, table_version."""
+    table `uri` as one commit, under its lease. Ids the table never held are refused before
+    anything is written, unless `allow_unknown`; ids already in that state are left alone; a
+    removal of more than `max_change` of the live images is refused. A removal leaves no
+    other record of the images on storage: the commit also rewrites the data files that hold
+    them without them (a Delta delete of those files alone), and the files it replaced, and
+    any file older versions or dead runs left that holds them, are deleted once it is
+    committed (`purge`). Returns the counts: removed / restored, unchanged, table_version,
+    and for a removal files_rewritten, files_deleted."""
     ids = sorted(set(ids))
     verb = "restored" if restore else "removed"
+    if not exists(uri):  # before the lease: a mistyped --features must not create a folder
+        raise missing_table(uri.rstrip("/"))
     with lease.hold(uri, f"{'restore' if restore else 'remove'} {len(ids)} images", wait=wait) as held:
         snap = snapshot(uri)
         records = snap.read(["image_id", "status", "run"])
+        if not failpoints.broken("known-ids"):
+            check_known(uri, ids, records, verb, allow_unknown)
         resolved = resolve(records)
         blocked = set(resolved.filter(resolved.column("blocked")).column("image_id").to_pylist())
         live = set(resolved.filter(pc.is_valid(resolved.column("features"))).column("image_id").to_pylist())
@@ -245,15 +294,86 @@ def take_down(uri, ids, restore=False, note=None, max_change=None, wait=False):
                 f"--max-change {max_change:g}: check the ids, or allow it with --max-change 1"
             )
         counts = {verb: len(targets), "unchanged": len(ids) - len(targets), "table_version": snap.version}
+        run = new_run_id(snap.newest_run(records))
+        entries = []
         if targets:
-            run = new_run_id(snap.newest_run(records))
             rows = [schema.status_record(i, verb, note=note) for i in targets]
-            name = f"part-{run}-{verb}.parquet"
-            entry = write_records(uri, name, rows, snap.records_schema, snap.raw_properties, run)
+            entries.append(write_records(uri, f"part-{run}-{verb}.parquet", rows, snap.records_schema,
+                                         snap.raw_properties, run))  # fmt: skip
+        replaced, rewritten = ([], []) if restore else rewrite_without(snap, records, ids, run)
+        if entries or replaced:
             failpoints.reach("remove:written")
             held.check()
-            counts["table_version"] = commit(uri, [entry], snap.raw_properties, snap, run, verb[:-1], counts)
+            counts["table_version"] = commit(uri, entries + rewritten, snap.raw_properties, snap, run, verb[:-1],
+                                             counts, removed=replaced)  # fmt: skip
+            failpoints.reach("remove:committed")
+        if not restore:
+            counts.update(files_rewritten=len(replaced), files_deleted=purge(uri, ids, replaced))
     return counts
+
+
+def check_known(uri, ids, records, verb, allow_unknown):
+    """Refuse, before anything is written, image_ids the table never held (a typo, another
+    table's ids), naming up to 10 of them."""
+    known = set(pc.unique(records.column("image_id")).to_pylist())
+    unknown = [i for i in ids if i not in known]
+    if not unknown or allow_unknown:
+        return
+    shown = ", ".join(unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+    allowed = "take down images not listed yet" if verb == "removed" else "skip them"
+    raise UserError(
+        f"{len(unknown)} of the {len(ids)} image_ids were never in {uri}: {shown}; nothing was {verb}. Check them (a "
+        f"typo? another table?), or pass --allow-unknown to {allowed}"
+    )
+
+
+def held_by(table, ids):
+    """Whether a table of records holds a record of `ids` other than a removal."""
+    mine = pc.is_in(table.column("image_id"), pa.array(sorted(ids), pa.string()))
+    return pc.and_(mine, pc.not_equal(table.column("status"), "removed"))
+
+
+def rewrite_without(snap, records, ids, run):
+    """(the data files of `snap` that hold a record of `ids` other than a removal, the
+    `file_entry`s of their rewrites without those records): one file each, its other records
+    as they were, named after the run `run`; a file with nothing else left is not rewritten."""
+    holding = records.filter(held_by(records, ids))
+    replaced = sorted({int(i) for i in holding.column("file").to_pylist()})
+    rewritten = []
+    file_schema = snap.records_schema.with_metadata({**snap.raw_properties, "delf_index.run": run})
+    for n, index in enumerate(replaced):
+        with opened(snap.files[index]) as f:
+            table = pq.read_table(f)
+        kept = table.filter(pc.invert(held_by(table, ids)))
+        if kept.num_rows:
+            path = posixpath.join(snap.uri, f"part-{run}-takedown-{n:05d}.parquet")
+            rewritten.append(write_table(kept.cast(file_schema), path))
+    return [snap.files[i] for i in replaced], rewritten
+
+
+def purge(uri, ids, replaced):
+    """Delete the data files `replaced` (no version from now on names them), and every other
+    data file in the table's folder that no current record names and that holds a record of
+    `ids` other than a removal: files of earlier versions (time travel to them ends) and of
+    runs that never committed. Returns the number deleted. Run under the table's lease, once
+    the removal is committed: a removal killed before it is completed by running it again."""
+    path_of = lambda u: storage.filesystem(u)[1]  # noqa: E731 - delta-rs names file:// URIs, fsspec plain paths
+    current, dropped = {path_of(u) for u in snapshot(uri).files}, {path_of(u) for u in replaced}
+    fs, root = storage.fresh(posixpath.join(uri.rstrip("/"), "x"))
+    deleted = 0
+    for path in sorted(fs.ls(posixpath.dirname(root), detail=False)):
+        if not path.endswith(".parquet") or path in current:
+            continue
+        name = storage.with_protocol(fs, path)
+        if path not in dropped:
+            try:
+                if not pc.any(held_by(read_columns(name, ["image_id", "status"]), ids)).as_py():
+                    continue
+            except FileGone:
+                continue
+        storage.remove(name)
+        deleted += 1
+    return deleted
 
 
 def write_records(table_uri, name, rows, records_schema, properties, run):

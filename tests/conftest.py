@@ -1,5 +1,6 @@
 import contextlib
 import importlib.util
+import io
 import os
 import shutil
 import socket
@@ -7,7 +8,7 @@ import socket
 import numpy as np
 import pytest
 
-from delf_index.pipelines import demo_corpus, evaluate
+from delf_index.pipelines import build, demo_corpus, evaluate, extract, fit
 from delf_index.runtime import tables
 
 ONE_WORKER = {"workers": 1}  # beam_options of the jobs in tests: one local worker process
@@ -106,6 +107,44 @@ def exported_default(tmp_path_factory):
 def rgb(image):
     image = np.asarray(image)
     return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
+
+
+def jpeg(array):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def pictures(photos):
+    """Eight small distinct images (four photos and their mirrors)."""
+    out = {}
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        small = np.ascontiguousarray(rgb(photos[name])[::3, ::3])
+        out[f"{name}.jpg"], out[f"{name}-mirror.jpg"] = jpeg(small), jpeg(small[:, ::-1])
+    return out
+
+
+def put(folder, pictures, names):
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(pictures[name])
+
+
+@pytest.fixture(scope="session")
+def built(pictures, tmp_path_factory):
+    """A features table of `pictures`, its codebooks and an index of it (images, features,
+    codebooks, index under the folder returned), which tests copy before they change them."""
+    root = tmp_path_factory.mktemp("built")
+    images = str(root / "images")
+    put(images, pictures, list(pictures))
+    extract.run(images, str(root / "features"), beam_options=ONE_WORKER)
+    fit.run(str(root / "features"), str(root / "codebooks"), {"nlist": 8, "sample": 20000}, beam_options=ONE_WORKER)
+    build.run(str(root / "features"), str(root / "index"), codebooks=str(root / "codebooks"), beam_options=ONE_WORKER)
+    return root
 
 
 def free_port():

@@ -160,10 +160,23 @@ def test_a_takedown_with_index_keeps_the_graph_of_the_others(day, tmp_path):
     assert taken.manifest["augmented"]["refreshed"]["searched"] == 0
 
 
-def test_switched_off_the_new_version_drops_the_graph_and_says_so(day, caplog):
-    with caplog.at_level(logging.WARNING):
-        assert update.graph_refresh(str(day[0] / "index"), False, ONE_WORKER) == (None, [])
-    assert "drops its match graph" in caplog.text
+def test_a_new_version_without_the_graph_says_so(day, tmp_path, caplog):
+    """Switched off in update, a plain build, and a removal without --index then an append:
+    the new version drops the graph and DBA, and the build says so (issue 33)."""
+    assert update.graph_refresh(str(day[0] / "index"), False, ONE_WORKER) == (None, [])  # the build will warn
+    for case in ("build", "append"):
+        index, features = str(tmp_path / case / "index"), str(tmp_path / case / "features")
+        shutil.copytree(day[0] / "index", index)
+        shutil.copytree(day[0] / "features", features)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            if case == "build":
+                build.run(features, index, codebooks=index, beam_options=ONE_WORKER)
+            else:
+                remove.run(features, ["coffee-new.jpg"], max_change=None)
+                build.run(features, index, append=True, beam_options=ONE_WORKER)
+        assert f"the new version of {index} drops its match graph and DBA" in caplog.text
+        assert "augmented" not in art.current_manifest(index)
 
 
 def test_refreshed_graph_by_hand():
