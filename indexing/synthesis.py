@@ -91,17 +91,12 @@ def map_back(features, affine, width, height):
     )
 
 
-def synthesized(extractor, image, views, features_per_view=None):
+def synthesized(extractor, image, views):
     """The features of `image` (uint8 RGB, as the extractor prepares queries) under `views`
-    ([(tilt, phi)]), each mapped back into its pixels; at most `features_per_view` each."""
+    ([(tilt, phi)]), each mapped back into its pixels: the views extracted in one call, so that
+    pyramid levels of the same shape share forward passes where the extractor batches them
+    (on accelerators; `max_batch`). `extractor` decides the levels and the features kept."""
     h, w = image.shape[:2]
-    out = []
-    for tilt, phi in views:
-        warped, affine = view(image, tilt, phi, extractor.conf["max_image_size"])
-        found = extractor.extract_image(warped)
-        if features_per_view is not None and len(found) > features_per_view:
-            keep = np.argsort(-found.attention, kind="stable")[:features_per_view]
-            found = Features(found.x[keep], found.y[keep], found.scale[keep], found.attention[keep],
-                             found.descriptors[keep], found.global_descriptor, found.width, found.height)  # fmt: skip
-        out.append(map_back(found, affine, w, h))
-    return out
+    warped = [view(image, tilt, phi, extractor.conf["max_image_size"]) for tilt, phi in views]
+    found = extractor.extract_batch([pixels for pixels, _ in warped])
+    return [map_back(features, affine, w, h) for features, (_, affine) in zip(found, warped)]
