@@ -381,27 +381,35 @@ def main(argv=None):
     budget_table(data, "to 1.41")
 
 
-TURN, GLOBAL = query_defaults["synthesis_turn"], query_defaults["synthesis_global"]
-RULES = {  # the default's rule (Index.wants_views) and its parts
+TURN, GLOBAL, VOTES = (query_defaults[k] for k in ("synthesis_turn", "synthesis_global", "synthesis_votes"))
+
+
+def turned(s):
+    return s["partial"] > 0 and s["partial_turn"] >= TURN
+
+
+RULES = {  # the default's rule (Index.wants_views), its parts and what else was tried
     "every query that verified nothing (issue 28)": lambda s: True,
     "any partial fit": lambda s: s["partial"] > 0,
-    "partial fit turned by synthesis_turn": lambda s: s["partial"] > 0 and s["partial_turn"] >= TURN,
+    "partial fit turned by synthesis_turn": turned,
     "global neighbour at synthesis_global": lambda s: s["top_global"] >= GLOBAL,
-    "default: turned fit or global neighbour": lambda s: (s["partial"] > 0 and s["partial_turn"] >= TURN)
-    or s["top_global"] >= GLOBAL,
+    "local score at synthesis_votes": lambda s: s["vote_top"] >= VOTES,
+    "global neighbour and local score": lambda s: s["top_global"] >= GLOBAL and s["vote_top"] >= VOTES,
+    "default: turned fit, or global neighbour and local score": lambda s: turned(s)
+    or (s["top_global"] >= GLOBAL and s["vote_top"] >= VOTES),
     "none": lambda s: False,
 }
 
 
 def promise(s):
     """Index.wants_views' promise, from the recorded signals."""
-    return (s["partial"] if s["partial"] and s["partial_turn"] >= TURN else 0) + s["top_global"]
+    return (s["partial"] if turned(s) else 0) + s["vote_top"]
 
 
 def budget_table(data, levels):
     """Each set searched as one batch under the default rule and each budget: mAP and the
     share synthesized (the most promising first, as search's SynthesisBudget takes them)."""
-    rule = RULES["default: turned fit or global neighbour"]
+    rule = RULES["default: turned fit, or global neighbour and local score"]
     for share in (0.05, 0.1, 0.2, 1.0):
         row = {"budget": share, "levels": levels}
         for label in TUNING:

@@ -89,13 +89,16 @@ default_conf = {
     # pyramid levels a view is extracted at (None: the query's): without the finest (2.0),
     # half the pixels of the full pyramid and the same mAP on the extreme-viewpoint set
     "synthesis_scales": (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142),
-    # the evidence that makes a query that verified nothing want views (`Index.wants_views`):
-    # its best partial fit turned by this many degrees (1 % of landmarks-dev's verified pairs
-    # of a place turn so far; 6 % of its photos with nothing to find have such a fit) ...
+    # the evidence that makes a query that verified nothing want views (`Index.wants_views`),
+    # chosen on landmarks-dev and the sets built from it (benchmarks/README.md): its best
+    # partial fit turned by this many degrees (1 % of landmarks-dev's verified pairs of a
+    # place turn so far) ...
     "synthesis_turn": 30.0,
-    # ... or a candidate this similar by the global descriptor (all but one query synthesis
-    # helped on the extreme-viewpoint set; also most photos of places with nothing to find)
+    # ... or a candidate this similar by the global descriptor ...
     "synthesis_global": 0.69,
+    # ... and a candidate with this local score (k-NN votes: the mean over the query's
+    # descriptors of their best similarity above vote_floor; measured for k-NN voting only)
+    "synthesis_votes": 0.045,
 }
 
 # Named configurations for evaluate's ablation: each stage on its own, from the plain ranking
@@ -356,9 +359,10 @@ class Index:
         promising first). Only where nothing verified with `synthesis_min_inliers`; there, on
         evidence (benchmarks/README.md, "View synthesis where it pays"): a partial fit (the
         candidate RANSAC fitted best, under min_inliers) turned by `synthesis_turn` degrees or
-        more, as a rolled photo's few matches are, or a candidate at least `synthesis_global`
-        similar by the global descriptor. The promise: the turned fit's inliers, if any, plus
-        the best global similarity: turned fits first."""
+        more, as a rolled photo's few matches are, or a strong global neighbour with the local
+        scores concentrated on one image: a candidate at least `synthesis_global` similar by
+        the global descriptor, and one with a local score of `synthesis_votes`. The promise:
+        the turned fit's inliers, if any, plus the best local score: turned fits first."""
         conf = self.conf
         if not (conf["use_verification"] and conf["synthesis_stages"]):
             return False, 0.0
@@ -366,9 +370,11 @@ class Index:
             return False, 0.0
         count, qxy, dxy = max(ranked["tried"].values(), key=lambda fit: fit[0], default=(0, None, None))
         turned = count if count and abs(verify.fit_shape(qxy, dxy)[1]) >= conf["synthesis_turn"] else 0
-        best = ranked["own_global"][ranked["order"]] if conf["use_global"] else np.zeros(0)
-        best = float(best[np.isfinite(best)].max(initial=0.0))
-        return bool(turned or best >= conf["synthesis_global"]), turned + best
+        rows = ranked["order"]
+        best = ranked["own_global"][rows][np.isfinite(ranked["own_global"][rows])].max(initial=0.0)
+        votes = float(ranked["local"][rows].max(initial=0.0))
+        near = conf["use_global"] and best >= conf["synthesis_global"] and votes >= conf["synthesis_votes"]
+        return bool(turned or near), turned + votes
 
     def query_pixels(self, query):
         """(the query's pixels as extraction prepares them, its original (width, height))."""
