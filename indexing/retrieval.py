@@ -77,8 +77,9 @@ default_conf = {
     # rank against the neighbour-augmented global descriptors; None: when the index holds them
     "use_dba": None,
     # view synthesis (indexing/synthesis.py): a query whose best result verifies with fewer
-    # than `synthesis_min_inliers` is extracted again under the views of these stages, in
-    # order, until one verifies; a view's result counts from as many. Rotations only: the
+    # than `synthesis_min_inliers`, and whose ranking shows evidence of a match (below), is
+    # extracted again under the views of these stages, in order, until one verifies; a
+    # view's result counts from as many. Rotations only: the
     # tilt stages added nothing on the extreme-viewpoint set at 7 to 20 more views per query
     # that failed (benchmarks/README.md, "View synthesis"); [] turns synthesis off
     "synthesis_stages": ["rotations"],

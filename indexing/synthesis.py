@@ -2,8 +2,9 @@
 of growing cost as MODS: Mishkin, Matas and Perdoch, 2015).
 
 DELF's features come from an upright image pyramid: they tolerate scale and moderate
-perspective, not a strong tilt or an in-plane rotation. A query whose best result verifies
-weakly is therefore extracted again under simulated camera poses: a view is the image
+perspective, not a strong tilt or an in-plane rotation. A query that verifies nothing, where
+its ranking shows evidence of a match (`Index.wants_views`), is therefore extracted again
+under simulated camera poses: a view is the image
 rotated (a phone held sideways), or stretched by t along a direction with its content
 upright, undoing the foreshortening of a camera turned away from the plane by the latitude
 arccos(1 / t). Each view's keypoints map back into the query's own pixel frame through the

@@ -203,6 +203,24 @@ def error_row(query_id, uri, error):
     return {"image_id": query_id, "uri": uri, "stage": "search", "error": str(error)[:2000]}
 
 
+def search_batch(queries, index_uri, conf):
+    """(query_id, uri, Features) -> (results-table rows, errors-table rows, the budget's
+    choice, (queries synthesized, views)): `Search`, then `Synthesize` for the queries that
+    want views, within the batch's `SynthesisBudget`."""
+    handle = shared.Shared()  # one index per worker process for both steps
+    searched = queries | "Search" >> beam.ParDo(Search(index_uri, conf, handle)).with_outputs(
+        "errors", "wanted", "budget", main="results"
+    )
+    budget = searched.budget | "Budget" >> beam.CombineGlobally(SynthesisBudget(conf["synthesis_budget"]))
+    synthesized = searched.wanted | "Synthesize" >> beam.ParDo(
+        Synthesize(index_uri, conf, handle), budget=beam.pvalue.AsSingleton(budget)
+    ).with_outputs("views", main="results")
+    views = synthesized.views | "OneQuery" >> beam.Map(lambda count: (1, count))
+    views = views | "Views" >> beam.CombineGlobally(add_up)
+    results = (searched.results, synthesized.results) | "AllResults" >> beam.Flatten()
+    return results, searched.errors, budget, views
+
+
 def add_up(pairs):
     """(queries synthesized, views) summed: CombineGlobally's function, on (1, views) of each
     synthesized query or on partial sums."""
@@ -310,29 +328,13 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         watched = progress.watching(folder, count_queries(input), "search", "queries", cli.verbosity >= 0)
         with watched, pipeline as p:
             found, failed = queries(p, input, conf, manifest, model, threads if test_pipeline is None else None)
-            handle = shared.Shared()  # one index per worker process for both steps
-            searched = (
-                found
-                | "Progress" >> beam.ParDo(extract.CountProgress(folder))
-                | "Search" >> beam.ParDo(Search(version, conf, handle)).with_outputs(
-                    "errors", "wanted", "budget", main="results"
-                )
-            )
-            budget = searched.budget | "Budget" >> beam.CombineGlobally(SynthesisBudget(conf["synthesis_budget"]))
-            synthesized = searched.wanted | "Synthesize" >> beam.ParDo(
-                Synthesize(version, conf, handle), budget=beam.pvalue.AsSingleton(budget)
-            ).with_outputs("views", main="results")
-            views = (
-                synthesized.views
-                | "OneQuery" >> beam.Map(lambda count: (1, count))
-                | "Views" >> beam.CombineGlobally(add_up)
-            )
-            results = (searched.results, synthesized.results) | "AllResults" >> beam.Flatten()
+            counted = found | "Progress" >> beam.ParDo(extract.CountProgress(folder))
+            results, search_errors, budget, views = search_batch(counted, version, conf)
             results_out = results | "WriteResults" >> WriteShardedParquet(
                 posixpath.join(output, "results"), "results", results_schema, "", conf["rows_per_shard"], False,
                 "query_id", ("query_id", "rank"),
             )  # fmt: skip
-            errors = (failed, searched.errors) | "QueryErrors" >> beam.Flatten()
+            errors = (failed, search_errors) | "QueryErrors" >> beam.Flatten()
             errors_out = errors | "WriteErrors" >> WriteShardedParquet(
                 posixpath.join(output, "errors"), "errors", errors_schema, "", per_image=False
             )
