@@ -10,9 +10,10 @@ scikit-image's 16 photographs and their mirror images (32 queries, none of them 
 none a view of an indexed place), and `matches/`: links to at most 4 other photos of each
 indexed group (31 queries, each with a match in the index, a few far apart: WxBS pairs).
 Each batch is searched with the default ranking and with `--synthesis` alone (off), the two
-alternating, `--repeats` times each; the best wall-clock seconds of each command, their ratio,
-and the search summary's share of queries synthesized and extractions per query are
-printed as one JSON line per batch. Anything after `--` goes to every `delf-index search`.
+alternating, `--repeats` times each; the best wall-clock seconds of each command, their
+ratio, every run's seconds, and the search summary's queries that wanted views, that were
+synthesized, and extractions per query are printed as one JSON line per batch. Anything
+after `--` goes to every `delf-index` command.
 """
 
 import argparse
@@ -96,18 +97,18 @@ def build_index(workdir, indexed, extra):
 
 
 def timed_batch(workdir, batch, queries, repeats, extra):
-    """The best seconds of each ranking over `repeats` alternating runs, and their summaries."""
+    """Each ranking's wall-clock seconds over `repeats` alternating runs, and its last summary."""
     rankings = {"default": [], "synthesis off": ["--synthesis"]}
-    best, summaries = {}, {}
+    seconds, summaries = {name: [] for name in rankings}, {}
     for _ in range(repeats):
         for name, flags in rankings.items():
             output = os.path.join(workdir, "search", f"{batch}-{name.replace(' ', '-')}")
-            seconds = command("search", "--input", queries, "--index", os.path.join(workdir, "index"),
-                              "--output", output, *flags, *extra)  # fmt: skip
-            best[name] = min(best.get(name, np.inf), seconds)
+            took = command("search", "--input", queries, "--index", os.path.join(workdir, "index"),
+                           "--output", output, *flags, *extra)  # fmt: skip
             with open(os.path.join(output, "_SUMMARY.json")) as f:
                 summaries[name] = json.load(f)
-    return best, summaries
+            seconds[name].append(round(took, 1))
+    return seconds, summaries
 
 
 def main(argv=None):
@@ -122,11 +123,12 @@ def main(argv=None):
     build_index(args.workdir, indexed, args.extra)
     upload_paths(args.workdir)
     for batch, queries in (("no matches", os.path.join(args.workdir, "uploads")), ("matches", matched)):
-        best, summaries = timed_batch(args.workdir, batch.replace(" ", "-"), queries, args.repeats, args.extra)
+        seconds, summaries = timed_batch(args.workdir, batch.replace(" ", "-"), queries, args.repeats, args.extra)
+        best = {name: min(runs) for name, runs in seconds.items()}
         row = {"batch": batch, "queries": summaries["default"]["queries"],
-               **{f"{name} s": round(s, 1) for name, s in best.items()},
-               "ratio": round(best["default"] / best["synthesis off"], 3)}  # fmt: skip
-        for key in ("synthesized", "extractions_per_query"):
+               **{f"{name} s": s for name, s in best.items()},
+               "ratio": round(best["default"] / best["synthesis off"], 3), "runs": seconds}  # fmt: skip
+        for key in ("synthesis_wanted", "synthesized", "extractions_per_query"):
             row[key] = summaries["default"].get(key)
         print(json.dumps(row), flush=True)
 
