@@ -54,7 +54,7 @@ def record(index, query, below):
                views={})  # fmt: skip
     if plain["inliers"].max(initial=0) < below:
         for stage, views in synthesis.STAGES.items():
-            found = synthesis.synthesized(index.extractor, pixels[0], views, index.conf["synthesis_features"])
+            found = synthesis.synthesized(index.view_extractor, pixels[0], views)
             for (tilt, phi), view in zip(views, found):
                 view = dataclasses.replace(view.rescaled(*pixels[1]), global_descriptor=features.global_descriptor)
                 seen = index._rank(view, None, query["exclude"], None, None, expand=False)["inliers"]

@@ -77,8 +77,9 @@ default_conf = {
     # rank against the neighbour-augmented global descriptors; None: when the index holds them
     "use_dba": None,
     # view synthesis (indexing/synthesis.py): a query whose best result verifies with fewer
-    # than `synthesis_min_inliers` is extracted again under the views of these stages, in
-    # order, until one verifies; a view's result counts from as many. Rotations only: the
+    # than `synthesis_min_inliers`, and whose ranking shows evidence of a match (below), is
+    # extracted again under the views of these stages, in order, until one verifies; a
+    # view's result counts from as many. Rotations only: the
     # tilt stages added nothing on the extreme-viewpoint set at 7 to 20 more views per query
     # that failed (benchmarks/README.md, "View synthesis"); [] turns synthesis off
     "synthesis_stages": ["rotations"],
@@ -86,6 +87,20 @@ default_conf = {
     # against 0.708 on the extreme-viewpoint set)
     "synthesis_min_inliers": None,
     "synthesis_features": 500,  # features kept per synthesized view (the strongest)
+    # pyramid levels a view is extracted at (None: the query's). Up to 1.41 (without 2.0, half
+    # the pyramid's pixels) the extreme-viewpoint set and the far pairs ranked as well, but a
+    # WxBS pair that a view verifies with 12 inliers at every level fell to 11 on one seed
+    "synthesis_scales": None,
+    # the evidence that makes a query that verified nothing want views (`Index.wants_views`),
+    # chosen on landmarks-dev and the sets built from it (benchmarks/README.md): its best
+    # partial fit turned by this many degrees (1 % of landmarks-dev's verified pairs of a
+    # place turn so far) ...
+    "synthesis_turn": 30.0,
+    # ... or a candidate this similar by the global descriptor ...
+    "synthesis_global": 0.69,
+    # ... and a candidate with this local score (k-NN votes: the mean over the query's
+    # descriptors of their best similarity above vote_floor; measured for k-NN voting only)
+    "synthesis_votes": 0.045,
 }
 
 # Named configurations for evaluate's ablation: each stage on its own, from the plain ranking
@@ -198,6 +213,7 @@ class Index:
             self.conf["local_method"], {"knn": artifact.index is not None, "asmk": artifact.asmk is not None}
         )
         self._model, self._threads, self._extractor = model, threads, extractor
+        self._view_extractor = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -225,6 +241,19 @@ class Index:
                 self._extractor = extractor
             return self._extractor
 
+    @property
+    def view_extractor(self):
+        """The extractor of synthesized views: the query's network and settings, at the pyramid
+        levels of `synthesis_scales`, keeping `synthesis_features` per view."""
+        extractor = self.extractor
+        with self._lock:
+            if self._view_extractor is None:
+                conf = {**extractor.conf, "max_features": self.conf["synthesis_features"]}
+                if self.conf["synthesis_scales"] is not None:
+                    conf["scales"] = tuple(self.conf["synthesis_scales"])
+                self._view_extractor = Extractor(conf=conf, engine=extractor.engine)
+            return self._view_extractor
+
     def __len__(self):
         return len(self.artifact)
 
@@ -244,15 +273,20 @@ class Index:
             raise QueryError(f"cannot extract the query: {e}") from e
 
     # -- search ---------------------------------------------------------------------------
-    def search(self, query, top_k=10, exclude=(), with_matches=True, timings=None, prepared=None, image=None):
+    def search(self, query, top_k=10, exclude=(), with_matches=True, timings=None, prepared=None, image=None,
+               synthesize=None):  # fmt: skip
         """Ranked results (best first) for one query; `exclude`: image_ids to leave out (the
         query itself in leave-one-out evaluation). `top_k=None` ranks the whole index.
-        A `timings` dict receives the seconds spent extracting, searching and verifying.
+        A `timings` dict receives the seconds spent extracting, searching and verifying, and
+        what view synthesis did (`synthesis_views`, `synthesis_s`) or wanted
+        (`synthesis_wanted`, `synthesis_promise`: `wants_views`).
         `prepared`: this query's `prepare(features)`, when several rankings of the same query
         with the same local method share it (the evaluation's ablation). A query whose best
-        result verifies with fewer than `synthesis_min_inliers` is extracted again under the
-        views of `synthesis_stages` (indexing/synthesis.py), stage by stage; that needs its
-        pixels: a query given as Features names them with `image` (a path, bytes or array)."""
+        result verifies with fewer than `synthesis_min_inliers`, and whose ranking shows
+        evidence that its match is there (`wants_views`), is extracted again under the views
+        of `synthesis_stages` (indexing/synthesis.py), stage by stage; `synthesize` False: never
+        (a batch decides later, within its budget), True: without that evidence. That needs
+        its pixels: a query given as Features names them with `image` (a path, bytes or array)."""
         clock = time.perf_counter()
         pixels = None if isinstance(query, Features) else self.query_pixels(query)
         features = query if pixels is None else self.features_of(pixels)
@@ -260,10 +294,9 @@ class Index:
         if len(self.artifact) == 0:
             return []
         ranked = self._rank(features, top_k, exclude, prepared, timings)
-        synthesis = self._synthesize(ranked, features, pixels, image, top_k, exclude)
+        synthesis = self._synthesize(ranked, features, pixels, image, top_k, exclude, synthesize)
         if timings is not None:
-            timings.update(extract_s=extracted - clock, synthesis_s=synthesis["seconds"],
-                           synthesis_views=synthesis["views"])  # fmt: skip
+            timings.update(extract_s=extracted - clock, **{f"synthesis_{k}": v for k, v in synthesis.items()})
         order = ranked["order"] if top_k is None else ranked["order"][:top_k]
         results = []
         for row in order:
@@ -284,16 +317,21 @@ class Index:
             )
         return results
 
-    def _synthesize(self, ranked, features, pixels, image, top_k, exclude):
-        """View synthesis, MODS-style: while the best verified result of `ranked` has fewer than
-        `synthesis_min_inliers`, the next stage's views of the query are each ranked and
-        verified on their own (in the query's frame, with its global descriptor), and a row a
-        view verifies with at least `synthesis_min_inliers` takes that view's inliers if they
-        are more. Each view alone, not their union: the union's many unmatched features
-        drowned RANSAC's inlier ratio and lost matches the plain query had (landmarks-dev
-        0.951 -> 0.911). Updates `ranked`; returns {"views", "seconds"}."""
-        conf, done = self.conf, {"views": 0, "seconds": 0.0}
-        start = time.perf_counter()
+    def _synthesize(self, ranked, features, pixels, image, top_k, exclude, synthesize=None):
+        """View synthesis, MODS-style: where the best verified result of `ranked` has fewer than
+        `synthesis_min_inliers` and the ranking wants views (`wants_views`; `synthesize`
+        overrides that), the stages' views of the query are each ranked and verified on their
+        own (in the query's frame, with its global descriptor and scores), stage after stage
+        while nothing verifies, and a row a view verifies with at least
+        `synthesis_min_inliers` takes that view's inliers if they are more. Each view alone,
+        not their union: the union's many unmatched features drowned RANSAC's inlier ratio and
+        lost matches the plain query had (landmarks-dev 0.951 -> 0.911). Updates `ranked`;
+        returns {"wanted", "promise", "views", "s"}."""
+        conf, start = self.conf, time.perf_counter()
+        wanted, promise = self.wants_views(ranked)
+        done = {"wanted": wanted, "promise": promise, "views": 0, "s": 0.0}
+        if not (synthesize or (synthesize is None and wanted)):
+            return done
         for stage in conf["synthesis_stages"] if conf["use_verification"] else ():
             if ranked["inliers"].max(initial=0) >= conf["synthesis_min_inliers"]:
                 break
@@ -304,18 +342,41 @@ class Index:
                     log.warning("view synthesis skipped: %s", e)
             if pixels is None:
                 break
-            views = synthesis_lib.STAGES[stage]
-            for view in synthesis_lib.synthesized(self.extractor, pixels[0], views, conf["synthesis_features"]):
+            views = synthesis_lib.synthesized(self.view_extractor, pixels[0], synthesis_lib.STAGES[stage])
+            for view in views:
                 view = dataclasses.replace(view.rescaled(*pixels[1]), global_descriptor=features.global_descriptor)
-                seen = self._rank(view, top_k, exclude, None, None, expand=False)
+                seen = self._rank(view, top_k, exclude, None, None, expand=False, known_global=ranked["own_global"])
                 better = (seen["inliers"] >= conf["synthesis_min_inliers"]) & (seen["inliers"] > ranked["inliers"])
                 for row in np.flatnonzero(better):
                     ranked["inliers"][row], ranked["matches"][row] = seen["inliers"][row], seen["matches"][row]
             done["views"] += len(views)
         if done["views"]:
             ranked["order"] = verified_first(ranked["order"], ranked["fused"], ranked["inliers"])
-            done["seconds"] = time.perf_counter() - start
+            done["s"] = time.perf_counter() - start
         return done
+
+    def wants_views(self, ranked):
+        """(whether view synthesis should run for this ranking, its promise: how strong the
+        evidence that the query's match is in the index, for a batch that synthesizes the most
+        promising first). Only where nothing verified with `synthesis_min_inliers`; there, on
+        evidence (benchmarks/README.md, "View synthesis where it pays"): a partial fit (the
+        candidate RANSAC fitted best, under min_inliers) turned by `synthesis_turn` degrees or
+        more, as a rolled photo's few matches are, or a strong global neighbour with the local
+        scores concentrated on one image: a candidate at least `synthesis_global` similar by
+        the global descriptor, and one with a local score of `synthesis_votes`. The promise:
+        the turned fit's inliers, if any, plus the best local score: turned fits first."""
+        conf = self.conf
+        if not (conf["use_verification"] and conf["synthesis_stages"]):
+            return False, 0.0
+        if ranked["inliers"].max(initial=0) >= conf["synthesis_min_inliers"]:
+            return False, 0.0
+        count, qxy, dxy = max(ranked["tried"].values(), key=lambda fit: fit[0], default=(0, None, None))
+        turned = count if count and abs(verify.fit_shape(qxy, dxy)[1]) >= conf["synthesis_turn"] else 0
+        rows = ranked["order"]
+        best = ranked["own_global"][rows][np.isfinite(ranked["own_global"][rows])].max(initial=0.0)
+        votes = float(ranked["local"][rows].max(initial=0.0))
+        near = conf["use_global"] and best >= conf["synthesis_global"] and votes >= conf["synthesis_votes"]
+        return bool(turned or near), turned + votes
 
     def query_pixels(self, query):
         """(the query's pixels as extraction prepares them, its original (width, height))."""
@@ -325,10 +386,12 @@ class Index:
         except (UserError, OSError) as e:
             raise QueryError(f"cannot read the query {str(query)[:200]!r}: {e}") from e
 
-    def _rank(self, features, top_k, exclude, prepared, timings, expand=True):
+    def _rank(self, features, top_k, exclude, prepared, timings, expand=True, known_global=None):
         """The ranking of one query's features: {"order", "fused", "global", "local", "inliers",
-        "matches"} (every stage of `conf`: local scores, global fusion, verification,
-        expansion unless not `expand`)."""
+        "matches", "tried", "own_global"} (every stage of `conf`: local scores, global fusion,
+        verification, expansion unless not `expand`; "global" after expansion, "own_global"
+        the query descriptor's). `known_global`: the own_global of a ranking with the same
+        global descriptor (`_global_scores`' `known`)."""
         start = time.perf_counter()
         conf, artifact = self.conf, self.artifact
         n = artifact.num_rows  # int ids; hidden images keep theirs and are never ranked
@@ -352,11 +415,11 @@ class Index:
             # an expansion re-ranks with new scores: it needs every row's
             partial = top_k is not None and not expand
             fusion = (local_part, rankable, count) if partial else ()
-            global_scores = self._global_scores(features.global_descriptor, *fusion)
+            global_scores = self._global_scores(features.global_descriptor, *fusion, known=known_global)
         fused = global_scores * conf["use_global"] + local_part
-        order = best_rows(fused, rankable, count)
+        order, own_global = best_rows(fused, rankable, count), global_scores
         searched = time.perf_counter()
-        inliers, matches, tried = np.zeros(n, np.int64), {}, set()
+        inliers, matches, tried = np.zeros(n, np.int64), {}, {}
         if conf["use_verification"] and prepared is not None:
             self._verify_shortlist(features, prepared, order, inliers, matches, tried)
             if expand:
@@ -372,7 +435,7 @@ class Index:
                 global_s=searched - local_done,
             )
         return {"order": order, "fused": fused, "global": global_scores, "local": local_scores,
-                "inliers": inliers, "matches": matches}  # fmt: skip
+                "inliers": inliers, "matches": matches, "tried": tried, "own_global": own_global}  # fmt: skip
 
     def _database_globals(self):
         if self.conf["use_dba"]:
@@ -381,7 +444,7 @@ class Index:
             return self.artifact.dba_index
         return self.artifact.global_index
 
-    def _global_scores(self, descriptor, local=None, rankable=None, count=None):
+    def _global_scores(self, descriptor, local=None, rankable=None, count=None, known=None):
         """Cosine similarity of a global descriptor with every indexed image [num_rows].
 
         Given what it is fused with (the weighted local scores), the rows that may rank and how
@@ -389,9 +452,13 @@ class Index:
         scored, the others are -inf: the GLOBAL_TOP best by global score, and the rows whose
         local score can lift them, from at most the last of those's global score, to the
         `count`-th best fused score among them. The same scores and ranking as scoring every
-        row, whose heap cost 11-23 ms at 100k images (benchmarks/README.md)."""
+        row, whose heap cost 11-23 ms at 100k images (benchmarks/README.md). `known`: this
+        descriptor's scores from an earlier call (a synthesized view shares its query's global
+        descriptor): only the rows these local scores lift that it left -inf are scored."""
         database, n = self._database_globals(), self.artifact.num_rows
         query = np.asarray(descriptor, np.float32)[None]
+        if known is not None and not np.isneginf(known).any():
+            return known
 
         def score_rows(k, params=None):  # into scores; faiss's -1 (a descriptor it could not score) skipped
             sims, rows = database.search(query, k, params=params)
@@ -400,13 +467,20 @@ class Index:
             return rows[0], found.all()
 
         if local is not None and n > GLOBAL_TOP and count > 0:
-            scores = np.full(n, -np.inf, np.float32)
-            rows, complete = score_rows(GLOBAL_TOP)
+            if known is None:
+                scores = np.full(n, -np.inf, np.float32)
+                rows, complete = score_rows(GLOBAL_TOP)
+                bound = scores[rows[-1]]
+            else:  # the GLOBAL_TOP best and the rows an earlier local score lifted (no higher than those)
+                scores = known.copy()
+                rows = np.flatnonzero(np.isfinite(scores))
+                complete = len(rows) >= GLOBAL_TOP
+                bound = np.partition(scores[rows], len(rows) - GLOBAL_TOP)[len(rows) - GLOBAL_TOP] if complete else 0
             top = rows[rankable[rows]]
             if complete and len(top) >= count:
                 fused = scores[top] + local[top]
                 threshold = np.partition(fused, len(fused) - count)[len(fused) - count]
-                lifted = rankable & (scores[rows[-1]] + local >= threshold) & np.isneginf(scores)
+                lifted = rankable & (bound + local >= threshold) & np.isneginf(scores)
                 lifted = np.flatnonzero(lifted)
                 if len(lifted) <= n // 4:  # else scoring every row costs less
                     if len(lifted):
@@ -418,7 +492,8 @@ class Index:
 
     def _verify_shortlist(self, features, prepared, order, inliers, matches, tried):
         """Verify the rows among the first `shortlist` of `order` not `tried` yet; fills
-        `inliers` and `matches` (rows under min_inliers keep 0)."""
+        `inliers` and `matches` (rows under min_inliers keep 0) and `tried` ({row: (inliers,
+        query xy, database xy)}, fits under min_inliers too: evidence for view synthesis)."""
         shortlist = list(order[: self.conf["shortlist"]])
         rows = [row for row in shortlist if row not in tried]
         if self.method == "asmk" and rows:
@@ -426,8 +501,8 @@ class Index:
             # also when an expansion round verifies only its new rows
             prepared = {**prepared, "neighbours": self.shortlist_neighbours(prepared["reduced"], shortlist)}
         for row in rows:
-            tried.add(row)
             count, qxy, dxy = self._verify(features, prepared, row)
+            tried[row] = (count, qxy, dxy)
             if count >= self.conf["min_inliers"]:
                 inliers[row] = count
                 matches[row] = (qxy, dxy)

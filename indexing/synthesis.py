@@ -2,8 +2,9 @@
 of growing cost as MODS: Mishkin, Matas and Perdoch, 2015).
 
 DELF's features come from an upright image pyramid: they tolerate scale and moderate
-perspective, not a strong tilt or an in-plane rotation. A query whose best result verifies
-weakly is therefore extracted again under simulated camera poses: a view is the image
+perspective, not a strong tilt or an in-plane rotation. A query that verifies nothing, where
+its ranking shows evidence of a match (`Index.wants_views`), is therefore extracted again
+under simulated camera poses: a view is the image
 rotated (a phone held sideways), or stretched by t along a direction with its content
 upright, undoing the foreshortening of a camera turned away from the plane by the latitude
 arccos(1 / t). Each view's keypoints map back into the query's own pixel frame through the
@@ -91,15 +92,12 @@ def map_back(features, affine, width, height):
     )
 
 
-def synthesized(extractor, image, views, features_per_view=None):
+def synthesized(extractor, image, views):
     """The features of `image` (uint8 RGB, as the extractor prepares queries) under `views`
-    ([(tilt, phi)]), each mapped back into its pixels; at most `features_per_view` each."""
+    ([(tilt, phi)]), each mapped back into its pixels: the views extracted in one call, so that
+    pyramid levels of the same shape share forward passes where the extractor batches them
+    (on accelerators; `max_batch`). `extractor` decides the levels and the features kept."""
     h, w = image.shape[:2]
-    out = []
-    for tilt, phi in views:
-        warped, affine = view(image, tilt, phi, extractor.conf["max_image_size"])
-        found = extractor.extract_image(warped)
-        if features_per_view is not None:
-            found = found.take(slice(features_per_view))  # the best, in the extractor's order
-        out.append(map_back(found, affine, w, h))
-    return out
+    warped = [view(image, tilt, phi, extractor.conf["max_image_size"]) for tilt, phi in views]
+    found = extractor.extract_batch([pixels for pixels, _ in warped])
+    return [map_back(features, affine, w, h) for features, (_, affine) in zip(found, warped)]

@@ -97,6 +97,17 @@ def degenerate(model, conf=None):
     return not (1 / limit <= area <= limit) or s[0] / s[1] > conf["max_anisotropy"]
 
 
+def fit_shape(points_a, points_b):
+    """(stretch, turn): how the least-squares affine map of matched points a -> b deforms the
+    image: the ratio of its singular values (1: no stretch) and the angle in degrees of its
+    closest rotation (its polar factor; counter-clockwise as the image shows it: negative)."""
+    a = np.hstack([points_a, np.ones((len(points_a), 1))])
+    model, *_ = np.linalg.lstsq(a, points_b, rcond=None)
+    u, s, vt = np.linalg.svd(model[:2].T)
+    rotation = u @ vt
+    return float(s[0] / max(s[1], 1e-9)), float(np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0])))
+
+
 def verify_pair(kp_a, desc_a, kp_b, desc_b, size_b, conf=None):
     """Inlier count, matches [M, 2] and inlier mask between two feature sets."""
     conf = {**default_conf, **(conf or {})}

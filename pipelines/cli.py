@@ -291,7 +291,8 @@ def add_ranking_arguments(parser, flags=None):
                        "(default: when the index holds them, `match --augment`)")  # fmt: skip
     group.add_argument("--synthesis", dest="ranking_synthesis_stages", nargs="*", metavar="STAGE",
                        choices=list(synthesis.STAGES),
-                       help=f"view synthesis stages for queries that verify weakly, of {list(synthesis.STAGES)}; "
+                       help=f"view synthesis stages for queries that verify nothing but show evidence of a match, "
+                       f"of {list(synthesis.STAGES)}; "
                        f"none given: off (default: {retrieval_defaults['synthesis_stages']})")  # fmt: skip
 
 

@@ -184,6 +184,7 @@ class RunQueries(beam.DoFn):
             uses_local = index.conf["use_local"] or index.conf["use_verification"]
             seconds = time.perf_counter() - start + prepare_seconds.get(index.method, 0.0) * uses_local
             row[f"{name}|extractions"] = 1 + timings.get("synthesis_views", 0)
+            row[f"{name}|synthesized"] = timings.get("synthesis_views", 0) > 0
             ranking = [r.image_id for r in results]
             for protocol, positives in query["positives"].items():
                 m = metrics.query_metrics(ranking, positives, query["junk"][protocol], KAPPAS)
@@ -256,6 +257,7 @@ def summarise(rows, configs, protocols):
         for stage in ("knn", "verify"):  # the local search (voting) and the verification, apart
             out[name][f"{stage}_seconds_per_query"] = float(np.mean([r.get(f"{name}|stages", {}).get(stage, 0.0)
                                                                      for r in rows]))  # fmt: skip
+        out[name]["synthesized"] = float(np.mean([r.get(f"{name}|synthesized", False) for r in rows]))
     return out
 
 
@@ -567,8 +569,10 @@ def report(work, rows, scores, configs, protocols, timings, database_size):
         + (f" (also {', '.join(p for p in protocols if p != main_protocol)})" if len(protocols) > 1 else "")
         + "; revisitop AP over the full ranking.",
         "",
-        "| ranking | " + " | ".join(f"mAP {p}" for p in protocols) + " | mP@5 | R@1 | s/query | extractions/query |",
-        "| --- | " + " | ".join("---" for _ in protocols) + " | --- | --- | --- | --- |",
+        "| ranking | "
+        + " | ".join(f"mAP {p}" for p in protocols)
+        + " | mP@5 | R@1 | s/query | extractions/query | synthesized |",
+        "| --- | " + " | ".join("---" for _ in protocols) + " | --- | --- | --- | --- | --- |",
     ]
     for name in configs:
         s = scores[name]
@@ -576,7 +580,7 @@ def report(work, rows, scores, configs, protocols, timings, database_size):
             f"| {name} | "
             + " | ".join(f"{s[p]['mAP']:.3f}" for p in protocols)
             + f" | {s[main_protocol]['mP@5']:.3f} | {s[main_protocol]['R@1']:.3f} | {s['seconds_per_query']:.3f}"
-            + f" | {s['extractions_per_query']:.2f} |"
+            + f" | {s['extractions_per_query']:.2f} | {s['synthesized']:.1%} |"
         )
     lines += ["", "![precision-recall](pr.png)", "", f"## Worst queries ({final}, {main_protocol})", ""]
     lines += ["| query | AP | top results (inliers) |", "| --- | --- | --- |"]
@@ -595,11 +599,12 @@ def report_html(work, rows, scores, configs, protocols, queries, uri_of, worst=1
     each."""
     folder = os.path.join(work, "eval")
     protocol = "medium" if "medium" in protocols else protocols[0]
-    header = ["ranking", *(f"mAP {p}" for p in protocols), "mP@5", "R@1", "s/query", "extractions/query"]
+    header = ["ranking", *(f"mAP {p}" for p in protocols), "mP@5", "R@1", "s/query", "extractions/query",
+              "synthesized"]  # fmt: skip
     table = [
         [name, *(f"{scores[name][p]['mAP']:.3f}" for p in protocols), f"{scores[name][protocol]['mP@5']:.3f}",
          f"{scores[name][protocol]['R@1']:.3f}", f"{scores[name]['seconds_per_query']:.3f}",
-         f"{scores[name]['extractions_per_query']:.2f}"]
+         f"{scores[name]['extractions_per_query']:.2f}", f"{scores[name]['synthesized']:.1%}"]
         for name in configs
     ]  # fmt: skip
     by_id = {q["id"]: q for q in queries}

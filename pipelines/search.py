@@ -21,6 +21,7 @@ long as the job runs.
 
 import json
 import logging
+import math
 import os
 import posixpath
 import shutil
@@ -52,6 +53,10 @@ default_conf = {
     "exclude_self": False,  # leave a query's own image_id out of its results (a collection against itself)
     "extract": {},  # image queries: overrides of extract.default_conf but the extractor's (the index's)
     "rows_per_shard": 100_000,  # result rows per Parquet file
+    # view synthesis (docs/index.md): at most this share of the batch's queries is synthesized,
+    # those with the most evidence that their match is in the index first; 1: every query that
+    # wants views
+    "synthesis_budget": 0.1,
 }
 
 
@@ -65,6 +70,8 @@ def resolve_conf(conf=None):
         raise UserError(f"unknown query options {sorted(unknown)}; known: {sorted(query_defaults)}")
     if conf["top"] < 1:
         raise UserError(f"top must be at least 1, not {conf['top']}")
+    if not 0 <= conf["synthesis_budget"] <= 1:
+        raise UserError(f"synthesis_budget is a share of the queries, from 0 to 1, not {conf['synthesis_budget']}")
     return conf
 
 
@@ -81,7 +88,9 @@ class ReadQueries(beam.DoFn):
 
 class Search(beam.DoFn):
     """(query_id, uri, Features) -> results-table rows; a query that fails goes to the errors
-    table. The index is loaded once per worker process and shared by its threads."""
+    table, one whose plain ranking wants view synthesis to "wanted" as (query_id, uri,
+    Features, its plain rows, promise), and every query's (query_id, promise or None) to
+    "budget". The index is loaded once per worker process and shared by its threads."""
 
     def __init__(self, index_uri, conf, handle):
         self.index_uri, self.conf, self.handle = index_uri, conf, handle
@@ -94,34 +103,128 @@ class Search(beam.DoFn):
 
     def process(self, element):
         query_id, uri, features = element
-        exclude = [query_id] if self.conf["exclude_self"] else ()
+        timings = {}
         try:
-            results = self.index.search(features, top_k=self.conf["top"], exclude=exclude, with_matches=False,
-                                        image=uri)  # fmt: skip
+            results = search_one(self.index, self.conf, query_id, uri, features, False, timings)
         except UserError as e:
             self.failed.inc()
-            yield beam.pvalue.TaggedOutput(
-                "errors", {"image_id": query_id, "uri": uri, "stage": "search", "error": str(e)[:2000]}
-            )
+            yield beam.pvalue.TaggedOutput("errors", error_row(query_id, uri, e))
             return
         self.searched.inc()
         self.count += 1
         if time.time() - self.last_log > 30:
             self.last_log = time.time()
             log.info("%d queries searched (%.1f/s)", self.count, self.count / max(self.last_log - self.start, 1e-9))
-        if not results:
-            yield {"query_id": query_id, "query_uri": uri, "rank": 0}
-        for rank, r in enumerate(results, 1):
-            yield {
-                "query_id": query_id,
-                "query_uri": uri,
-                "rank": rank,
-                "image_id": r.image_id,
-                "score": r.score,
-                "global_score": r.global_score,
-                "local_score": r.local_score,
-                "inliers": r.inliers,
-            }
+        rows = result_rows(query_id, uri, results)
+        promise = timings["synthesis_promise"] if timings.get("synthesis_wanted") else None
+        yield beam.pvalue.TaggedOutput("budget", (query_id, promise))
+        if promise is None:
+            yield from rows
+        else:
+            yield beam.pvalue.TaggedOutput("wanted", (query_id, uri, features, rows, promise))
+
+
+class Synthesize(beam.DoFn):
+    """(query_id, uri, Features, plain rows, promise) of a query that wants view synthesis ->
+    its results-table rows: searched again with views when the batch's budget has room for it
+    (`SynthesisBudget`'s last chosen query is not before it), else its plain rows; the views
+    each synthesized query took go to "views"."""
+
+    def __init__(self, index_uri, conf, handle):
+        self.index_uri, self.conf, self.handle = index_uri, conf, handle
+        self.synthesized = Metrics.counter("delf_index", "queries_synthesized")
+
+    def setup(self):
+        self.index = self.handle.acquire(lambda: Index.load(self.index_uri, conf=self.conf["query"]))
+
+    def process(self, element, budget):
+        query_id, uri, features, rows, promise = element
+        if budget["last"] is None or (-promise, query_id) > budget["last"]:
+            yield from rows
+            return
+        timings = {}
+        try:
+            results = search_one(self.index, self.conf, query_id, uri, features, True, timings)
+        except UserError as e:  # the plain ranking stood: its rows stand
+            log.warning("view synthesis of %s failed: %s", query_id, e)
+            yield from rows
+            return
+        self.synthesized.inc()
+        yield beam.pvalue.TaggedOutput("views", timings.get("synthesis_views", 0))
+        yield from result_rows(query_id, uri, results)
+
+
+class SynthesisBudget(beam.CombineFn):
+    """(query_id, promise or None) of every query of the batch -> {"wanted": the queries that
+    want views, "last": (-promise, query_id) of the last the budget takes, None if none}: the
+    most promising first (ties by query_id, so that a rerun takes the same), at most `share`
+    of all the queries."""
+
+    def __init__(self, share):
+        self.share = share
+
+    def create_accumulator(self):
+        return 0, []
+
+    def add_input(self, accumulator, element):
+        count, wanted = accumulator
+        query_id, promise = element
+        if promise is not None:
+            wanted.append((-promise, query_id))
+        return count + 1, wanted
+
+    def merge_accumulators(self, accumulators):
+        accumulators = list(accumulators)
+        return sum(c for c, _ in accumulators), [w for _, wanted in accumulators for w in wanted]
+
+    def extract_output(self, accumulator):
+        count, wanted = accumulator
+        chosen = sorted(wanted)[: math.floor(self.share * count + 1e-9)]
+        return {"wanted": len(wanted), "last": chosen[-1] if chosen else None}
+
+
+def search_one(index, conf, query_id, uri, features, synthesize, timings):
+    """The results of one query of the batch (`Index.search` with the job's settings)."""
+    exclude = [query_id] if conf["exclude_self"] else ()
+    return index.search(features, top_k=conf["top"], exclude=exclude, with_matches=False, timings=timings,
+                        image=uri, synthesize=synthesize)  # fmt: skip
+
+
+def result_rows(query_id, uri, results):
+    """The results-table rows of one query (one row of rank 0 when it had nothing to rank)."""
+    if not results:
+        return [{"query_id": query_id, "query_uri": uri, "rank": 0}]
+    return [{"query_id": query_id, "query_uri": uri, "rank": rank, "image_id": r.image_id, "score": r.score,
+             "global_score": r.global_score, "local_score": r.local_score, "inliers": r.inliers}
+            for rank, r in enumerate(results, 1)]  # fmt: skip
+
+
+def error_row(query_id, uri, error):
+    return {"image_id": query_id, "uri": uri, "stage": "search", "error": str(error)[:2000]}
+
+
+def search_batch(queries, index_uri, conf):
+    """(query_id, uri, Features) -> (results-table rows, errors-table rows, the budget's
+    choice, (queries synthesized, views)): `Search`, then `Synthesize` for the queries that
+    want views, within the batch's `SynthesisBudget`."""
+    handle = shared.Shared()  # one index per worker process for both steps
+    searched = queries | "Search" >> beam.ParDo(Search(index_uri, conf, handle)).with_outputs(
+        "errors", "wanted", "budget", main="results"
+    )
+    budget = searched.budget | "Budget" >> beam.CombineGlobally(SynthesisBudget(conf["synthesis_budget"]))
+    synthesized = searched.wanted | "Synthesize" >> beam.ParDo(
+        Synthesize(index_uri, conf, handle), budget=beam.pvalue.AsSingleton(budget)
+    ).with_outputs("views", main="results")
+    views = synthesized.views | "OneQuery" >> beam.Map(lambda count: (1, count))
+    views = views | "Views" >> beam.CombineGlobally(add_up)
+    results = (searched.results, synthesized.results) | "AllResults" >> beam.Flatten()
+    return results, searched.errors, budget, views
+
+
+def add_up(pairs):
+    """(queries synthesized, views) summed: CombineGlobally's function, on (1, views) of each
+    synthesized query or on partial sums."""
+    return tuple(sum(column) for column in zip((0, 0), *pairs))
 
 
 def queries(p, input, conf, manifest, model=None, threads=None):
@@ -237,16 +340,13 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         watched = progress.watching(folder, count_queries(input), "search", "queries", cli.verbosity >= 0)
         with watched, pipeline as p:
             found, failed = queries(p, input, conf, manifest, model, threads if test_pipeline is None else None)
-            searched = (
-                found
-                | "Progress" >> beam.ParDo(extract.CountProgress(folder))
-                | "Search" >> beam.ParDo(Search(version, conf, shared.Shared())).with_outputs("errors", main="results")
-            )
-            results_out = searched.results | "WriteResults" >> WriteShardedParquet(
+            counted = found | "Progress" >> beam.ParDo(extract.CountProgress(folder))
+            results, search_errors, budget, views = search_batch(counted, version, conf)
+            results_out = results | "WriteResults" >> WriteShardedParquet(
                 posixpath.join(output, "results"), "results", results_schema, "", conf["rows_per_shard"], False,
                 "query_id", ("query_id", "rank"),
             )  # fmt: skip
-            errors = (failed, searched.errors) | "QueryErrors" >> beam.Flatten()
+            errors = (failed, search_errors) | "QueryErrors" >> beam.Flatten()
             errors_out = errors | "WriteErrors" >> WriteShardedParquet(
                 posixpath.join(output, "errors"), "errors", errors_schema, "", per_image=False
             )
@@ -267,19 +367,25 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
                     },  # fmt: skip
                     written_results=beam.pvalue.AsList(results_out.written),
                     written_errors=beam.pvalue.AsList(errors_out.written),
+                    budget=beam.pvalue.AsSingleton(budget),
+                    views=beam.pvalue.AsSingleton(views),
+                    extracted=not tables.exists(input),
                 )
             )
         summary = json.loads(storage.read_bytes(posixpath.join(output, "_SUMMARY.json")))
         summary["page"] = results_page(output, version, summary["results_files"])
     summary["seconds"] = round(time.time() - start, 1)
+    share = summary["synthesized"] / max(summary["answered"], 1)
     cli.say(
         f"search: {summary['queries']} queries: {summary['answered']} answered ({summary['results']} results), "
-        f"{summary['failed']} failed -> {output} ({summary['seconds']}s)"
+        f"{summary['failed']} failed; {summary['synthesized']} synthesized ({share:.0%}; "
+        f"{summary['synthesis_wanted']} wanted views), {summary['extractions_per_query']:.2f} extractions per query "
+        f"-> {output} ({summary['seconds']}s)"
     )
     return summary
 
 
-def _finalize(_, output, schemas, summary, written_results, written_errors):
+def _finalize(_, output, schemas, summary, written_results, written_errors, budget, views, extracted):
     files = finalize(posixpath.join(output, "results"), "results", schemas[0], written_results, "")
     errors_files = finalize(posixpath.join(output, "errors"), "errors", schemas[1], written_errors, "")
     results = sum(w["rows"] for w in written_results)
@@ -293,6 +399,12 @@ def _finalize(_, output, schemas, summary, written_results, written_errors):
         results=results,
         results_files=files,
         errors_files=errors_files,
+        # view synthesis: the queries that wanted views, those the budget let have them, and
+        # extractions per answered query (its own, when the queries were images, and its views)
+        synthesis_wanted=budget["wanted"],
+        synthesized=views[0],
+        views=views[1],
+        extractions_per_query=round((answered * extracted + views[1]) / max(answered, 1), 3),
     )
     storage.write_bytes(posixpath.join(output, "_SUMMARY.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
 
@@ -313,6 +425,13 @@ def main(argv=None):
         help="local ranking of an index built with both: either, or both fused (default: knn)",
     )
     parser.add_argument("--no-verification", action="store_true", help="rank without geometric verification")
+    parser.add_argument(
+        "--synthesis-budget",
+        type=float,
+        default=default_conf["synthesis_budget"],
+        help="the share of the queries view synthesis may take, those with the most evidence first "
+        f"({default_conf['synthesis_budget']}; 1: every query that wants views)",
+    )
     cli.add_ranking_arguments(parser)
     cli.add_cache_argument(parser)
     cli.add_beam_arguments(parser)
@@ -322,5 +441,6 @@ def main(argv=None):
         query["local_method"] = args.local_method
     if args.no_verification:
         query["use_verification"] = False
-    conf = {"top": args.top, "exclude_self": args.exclude_self, "query": query}
+    conf = {"top": args.top, "exclude_self": args.exclude_self, "query": query,
+            "synthesis_budget": args.synthesis_budget}  # fmt: skip
     run(args.input, args.index, args.output, conf, args.model, beam_options)

@@ -4,6 +4,7 @@ import csv
 import os
 import shutil
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +14,7 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import expansion, graph
 from delf_index.indexing.retrieval import Index, QueryError
 from delf_index.pipelines import build, match, search
+from delf_index.runtime.images import read_image
 from tests.conftest import ONE_WORKER
 
 pytest.importorskip("skimage")
@@ -181,6 +183,68 @@ def test_a_query_the_index_refuses_becomes_an_error_row():
     assert out.tag == "errors"
     assert (out.value["image_id"], out.value["stage"]) == ("q.jpg", "search")
     assert "augmented" in out.value["error"]
+
+
+def test_a_batch_synthesizes_the_most_promising_queries_within_its_budget(evaluated, corpus, tmp_path):
+    """Four photos turned a quarter, each wanting views (nothing counts as verified, their
+    fits turn): a budget of a half synthesizes the two most promising (as Index.search ranks
+    them with views), the other two keep their plain results; the summary counts it."""
+    index = str(evaluated[0] / "index")
+    query = {"synthesis_min_inliers": 1000}
+    images = tmp_path / "turned"
+    images.mkdir()
+    for name in ("astronaut.jpg", "coffee.jpg", "rocket.jpg", "coffee-zoom.jpg"):
+        turned = np.ascontiguousarray(np.rot90(read_image(str(corpus / "images" / name))))
+        cv2.imwrite(str(images / name), cv2.cvtColor(turned, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    direct, promises = Index.load(index, conf=query), {}
+    for name in os.listdir(images):
+        timings = {}
+        direct.search(str(images / name), top_k=3, timings=timings, synthesize=False)
+        assert timings["synthesis_wanted"], name
+        promises[name] = timings["synthesis_promise"]
+    chosen = sorted(promises, key=lambda name: (-promises[name], name))[:2]
+    summary = search.run(str(images), index, str(tmp_path / "out"), {"top": 3, "query": query, "synthesis_budget": 0.5},
+                         beam_options=ONE_WORKER)  # fmt: skip
+    assert (summary["synthesis_wanted"], summary["synthesized"], summary["views"]) == (4, 2, 6)
+    assert summary["extractions_per_query"] == (4 + 6) / 4
+    rows, _ = table(tmp_path / "out" / "results")
+    for name in promises:
+        expected = direct.search(str(images / name), top_k=3, synthesize=name in chosen)
+        got = sorted((r for r in rows if r["query_id"] == name), key=lambda r: r["rank"])
+        assert [(r["image_id"], r["inliers"]) for r in got] == [(e.image_id, e.inliers) for e in expected], name
+
+
+def test_the_synthesis_budget_takes_the_most_promising_queries_up_to_its_share():
+    """Seeded: batches of queries, some wanting views with a promise (ties included), split
+    into random bundles and merged in random order: the budget's choice (the queries Synthesize
+    takes: not after `last`) is at most floor(share x queries) of them, as many as that
+    allows, each at least as promising as any it leaves, and the same however the batch was
+    split."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        count, share = int(rng.integers(0, 60)), float(rng.choice([0.0, 0.05, 0.1, 0.25, 1.0, rng.uniform()]))
+        promises = [float(rng.integers(0, 5)) if rng.uniform() < 0.4 else None for _ in range(count)]
+        queries = [(f"q{i:02d}", p) for i, p in enumerate(promises)]
+        budget = search.SynthesisBudget(share)
+        outputs = []
+        for _ in range(3):
+            order = rng.permutation(count)
+            cuts = sorted(rng.integers(0, count + 1, size=int(rng.integers(0, 4))))
+            parts = []
+            for chunk in np.split(order, cuts):
+                accumulator = budget.create_accumulator()
+                for i in chunk:
+                    accumulator = budget.add_input(accumulator, queries[i])
+                parts.append(accumulator)
+            outputs.append(budget.extract_output(budget.merge_accumulators(parts[::-1])))
+        assert outputs[0] == outputs[1] == outputs[2]
+        last = outputs[0]["last"]
+        wanted = [(q, p) for q, p in queries if p is not None]
+        chosen = [(q, p) for q, p in wanted if last is not None and (-p, q) <= last]
+        left = [(q, p) for q, p in wanted if (q, p) not in chosen]
+        assert outputs[0]["wanted"] == len(wanted)
+        assert len(chosen) == min(len(wanted), int(np.floor(share * count + 1e-9)))
+        assert not chosen or not left or min(p for _, p in chosen) >= max(p for _, p in left)
 
 
 def test_label_csv_rows_without_an_image_id_are_skipped(tmp_path):

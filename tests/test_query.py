@@ -41,10 +41,11 @@ def test_evaluate_writes_metrics_report_and_per_query_rows(evaluated):
     # here: one extraction each), so alpha-QE's numbers but the time
     timeless = {name: {k: v for k, v in s.items() if "seconds" not in k} for name, s in scores.items()}
     assert timeless["default"] == timeless["+ alpha-QE"] and scores["default"]["extractions_per_query"] == 1
+    assert scores["default"]["synthesized"] == 0
     assert scores["+ view synthesis"]["extractions_per_query"] >= 1
     report = (work / "eval" / "report.md").read_text()
     assert "| fused + verification |" in report and "pr.png" in report and "Worst queries" in report
-    assert "extractions/query" in report
+    assert "extractions/query" in report and "| synthesized |" in report
     assert (work / "eval" / "pr.png").stat().st_size > 1000
     rows = pq.read_table(work / "eval" / "queries.parquet")
     assert rows.num_rows == 18 and "fused_+_verification|all|ap" in rows.column_names
@@ -276,5 +277,13 @@ def test_scoring_only_the_rows_that_can_rank_gives_the_full_ranking(evaluated, c
         np.testing.assert_array_equal(scores[scored], every[scored])
         assert best_rows(scores + local, rankable, 3).tolist() == best_rows(every + local, rankable, 3).tolist()
         partial_rows += int((~scored).sum())
+        # a synthesized view (other local scores, the query's global descriptor) starts from
+        # these scores: the same best rows as scoring every row
+        view = index.features_of(queries[(queries.index(q) + 1) % len(queries)])
+        moved = index.conf["local_weight"] * index._votes(index.neighbours(view), artifact.num_rows, len(view))
+        again = index._global_scores(features.global_descriptor, moved, rankable, 3, known=scores)
+        assert np.isfinite(again[np.isfinite(scores)]).all()
+        np.testing.assert_array_equal(again[np.isfinite(again)], every[np.isfinite(again)])
+        assert best_rows(again + moved, rankable, 3).tolist() == best_rows(every + moved, rankable, 3).tolist()
     assert partial_rows > 0 and selected  # some rows were never scored, some were lifted
     assert Index(artifact, {"shortlist": 0}).search(queries[0], top_k=0) == []

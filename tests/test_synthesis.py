@@ -79,8 +79,57 @@ def test_a_rotated_query_verifies_again_through_synthesized_views(evaluated, cor
         before = {r.image_id: r.inliers for r in plain.search(turned, top_k=3)}
         timings = {}
         after = forced.search(turned, top_k=3, timings=timings)
-        assert timings["synthesis_views"] == 3 and timings["synthesis_s"] > 0
+        assert timings["synthesis_wanted"] and timings["synthesis_views"] == 3 and timings["synthesis_s"] > 0
         best = after[0]
         assert before["coffee.jpg"] < 200 and best.image_id == "coffee.jpg" and best.inliers >= 3 * before["coffee.jpg"]
         h, w = turned.shape[:2]
         assert (best.query_xy >= -0.5).all() and (best.query_xy[:, 0] <= w).all() and (best.query_xy[:, 1] <= h).all()
+
+
+def test_views_run_on_evidence_not_on_absence(evaluated, corpus):
+    """With nothing counted as verified (synthesis_min_inliers 1000), a query wants views on
+    evidence only: coffee turned 90 degrees, because its best fit turns (its promise, the
+    fit's inliers plus a global similarity, above any similarity alone); upright coffee, whose
+    fit does not turn, only when its global neighbour counts (synthesis_global); neither when
+    both routes are shut. `synthesize` True runs views without evidence, False never."""
+    artifact = Index.load(str(evaluated[0] / "index")).artifact
+    upright = read_image(str(corpus / "images" / "coffee.jpg"))
+    turned = np.ascontiguousarray(np.rot90(upright))
+    unseen = {"synthesis_min_inliers": 1000, "synthesis_global": 2.0}  # no global neighbour is enough
+
+    def views(query, synthesize=None, **conf):
+        timings = {}
+        Index(artifact, {**unseen, **conf}).search(query, top_k=3, timings=timings, synthesize=synthesize)
+        return timings["synthesis_wanted"], timings["synthesis_promise"], timings["synthesis_views"]
+
+    wanted, promise, count = views(turned)
+    assert wanted and promise > 12 and count == 3
+    assert views(turned, synthesis_turn=181.0)[::2] == (False, 0)
+    assert views(turned, synthesize=False)[::2] == (True, 0)
+    assert views(upright)[::2] == (False, 0)
+    wanted, promise, count = views(upright, synthesis_global=-1.0)
+    assert wanted and 0 < promise <= 1 and count == 3
+    assert views(upright, synthesize=True)[::2] == (False, 3)
+
+
+def test_views_are_extracted_in_one_call_at_the_views_levels(evaluated):
+    """synthesized() hands every view of a stage to one extract_batch; the index's view
+    extractor shares the query extractor's network, at synthesis_scales, keeping
+    synthesis_features per view."""
+    index = Index.load(str(evaluated[0] / "index"), conf={"synthesis_scales": [0.5, 1.0], "synthesis_features": 7})
+    views = index.view_extractor
+    assert views.engine is index.extractor.engine and views.conf["scales"] == (0.5, 1.0)
+    assert views.conf["max_features"] == 7 and index.extractor.conf["max_features"] != 7
+    calls = []
+
+    class Recording:
+        conf = views.conf
+
+        def extract_batch(self, images):
+            calls.append([image.shape for image in images])
+            return views.extract_batch(images)
+
+    image = np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8)
+    found = synthesis.synthesized(Recording(), image, synthesis.STAGES["rotations"])
+    assert calls == [[(160, 90, 3), (90, 160, 3), (160, 90, 3)]]
+    assert len(found) == 3 and all(len(f) <= 7 and (f.width, f.height) == (160, 90) for f in found)
