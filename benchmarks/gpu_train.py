@@ -1,7 +1,7 @@
 """GPU check of attention training (device machine): step throughput, and CPU/CUDA loss curves.
 
-1. Data: landmarks-dev's training groups (benchmarks/attention.py split) when the data set is
-   there (``LANDMARKS_DEV``), else scikit-image photos, each a class of two images.
+1. Data: landmarks-train (GLDv2 photos of 12 landmarks, ``LANDMARKS_TRAIN``) when the data
+   set is there, else scikit-image photos, each a class of two images.
 2. Loss curves: the same short run (stage 1, then stage 2 with the matchability term) on the
    CPU with seeds 0 and 1, and on CUDA with seed 0 in fp32 (TF32 off) and with bf16
    autocast. The seed-to-seed difference on the CPU is the noise: CUDA reproduces the CPU
@@ -35,7 +35,7 @@ def skimage_manifest(folder):
     from PIL import Image
     from skimage import data
 
-    names = ["astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field"]
+    names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
     lines = ["id,path,landmark_id"]
     for k, name in enumerate(names):
         image = np.ascontiguousarray(getattr(data, name)()[:, :, :3])
@@ -48,21 +48,24 @@ def skimage_manifest(folder):
     return path
 
 
-def manifest(folder):
-    """landmarks-dev's training manifest when the data set is here, else scikit-image's."""
-    from benchmarks.attention import LANDMARKS, write_manifest
+LANDMARKS_TRAIN = os.environ.get(
+    "LANDMARKS_TRAIN", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "landmarks-train")
+)
 
-    if os.path.exists(os.path.join(LANDMARKS, "groups.csv")):
-        path = os.path.join(folder, "train.csv")
-        write_manifest(path)
-        return path, "landmarks-dev training groups"
+
+def manifest(folder, tiny=False):
+    """landmarks-train's manifest when the data set is here (and not a dry run), else
+    scikit-image's."""
+    path = os.path.join(LANDMARKS_TRAIN, "train.csv")
+    if os.path.exists(path) and not tiny:
+        return path, "landmarks-train"
     return skimage_manifest(folder), "scikit-image photos"
 
 
 def short_run(manifest_path, folder, conf):
     """Per-epoch training losses of a short run, and its samples/s."""
     history = T.train(manifest_path, folder, conf)
-    return [h["loss"] for h in history], [h["samples_per_s"] for h in history]
+    return [h["loss"] for h in history], [h["steps_per_s"] for h in history]
 
 
 def step_throughput(trainer, stage, batch, crop, steps, num_classes):
@@ -112,6 +115,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     conf = {
+        "inputs": "crops",  # the backbone on crops every step: the path a GPU speeds up
         "stage1_epochs": 1,
         "epochs": args.epochs,
         "matchability_weight": 1.0,
@@ -122,7 +126,7 @@ def main(argv=None):
 
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
-        path, source = manifest(tmp)
+        path, source = manifest(tmp, args.tiny)
         curves = {}
         for label, extra in [
             ("cpu seed 0", {"device": "cpu", "amp": False, "num_workers": 0}),
@@ -134,7 +138,7 @@ def main(argv=None):
             losses, rates = short_run(path, os.path.join(tmp, label.replace(" ", "_")), {**conf, **extra})
             curves[label] = losses
             row = {"run": label, "data": source, "losses": [round(v, 4) for v in losses]}
-            row.update(samples_per_s=rates, seconds=round(time.perf_counter() - start, 1))
+            row.update(steps_per_s=rates, seconds=round(time.perf_counter() - start, 1))
             print(json.dumps(row), flush=True)
         reference = np.array(curves["cpu seed 0"])
         noise = np.abs(np.array(curves["cpu seed 1"]) - reference)

@@ -766,13 +766,6 @@ def _parse_value(text):
         return text
 
 
-def _parse_value(text):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="delf-index train", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
