@@ -8,6 +8,8 @@ numbers are those of encoding, merging and writing. Peak memory is each process'
 resident set (ru_maxrss).
 
     python -m benchmarks.build_scale --millions 1 10
+
+Figures: benchmarks/README.md, "Index build at scale".
 """
 
 import argparse

@@ -45,6 +45,8 @@ random steps follow. Invariants, after every step:
 A run with `require_all` (the command line's) also asks that every operation kind succeeded
 at least once and that versions were pruned. Prints one JSON line per step and a summary:
 steps, operations and successes per kind, exit codes, kills, prunes, checks.
+
+Figures: benchmarks/README.md, "Transactions (issue 29)".
 """
 
 import argparse

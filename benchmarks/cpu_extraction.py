@@ -14,6 +14,8 @@ ResNet-50 rows use random weights, speed does not depend on them), then:
    level, threads, spinning, and batching the levels of 4 images of one size;
 3. agreement of every faster variant of the default backbone with its float32 features:
    keypoints found within one pixel at the same scale, descriptor cosine of those.
+
+Figures: benchmarks/README.md, "CPU extraction (issue 18)".
 """
 
 import argparse

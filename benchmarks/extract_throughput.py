@@ -11,6 +11,8 @@ Engines alternate over `--rounds` rounds and each reports its best round, so tha
 machine penalises both alike.
 
     python -m benchmarks.extract_throughput [--images 12] [--rounds 3] [--max-image-size 1024]
+
+Figures: benchmarks/README.md, "Extraction throughput, CPU".
 """
 
 import argparse

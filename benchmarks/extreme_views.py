@@ -14,6 +14,9 @@ the index holds the original). The queries are written to `--out` (nothing is co
 are not indexed. Prints mAP per tilt and rotation without view synthesis and with the
 `--stages` of indexing/synthesis.py, and what synthesis cost per query (views extracted,
 seconds), as JSON lines.
+
+Figures: benchmarks/README.md, "View synthesis and fused local rankings (issue 28)" and
+"View synthesis where it pays (issue 35)".
 """
 
 import argparse

@@ -11,6 +11,8 @@ Weights are random: throughput does not depend on their values, and no ResNet-50
 be downloaded here. Prints one JSON line per configuration.
 
     python -m benchmarks.gpu_throughput --backbone resnet50 --images 512
+
+Figures: benchmarks/README.md, "GPU checks (owed)".
 """
 
 import argparse

@@ -15,6 +15,8 @@ Prints one JSON line per measurement; exits with status 1 when the curves disagr
 
     python -m benchmarks.gpu_train                     # on the device machine
     python -m benchmarks.gpu_train --device cpu --epochs 1 --steps 2 --batches 2 --tiny
+
+Figures: benchmarks/README.md, "GPU checks (owed)".
 """
 
 import argparse

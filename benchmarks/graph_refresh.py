@@ -18,6 +18,8 @@ files, the index's version files). Steps:
    start-up, timed on 4 images, counted once), unless `--full` timed it whole;
 3. the day: `--new` new images (benchmarks/incremental.py's recipe) and one `update`, whose
    graph refresh searches only them. Prints one JSON line per step and the ratio.
+
+Figures: benchmarks/README.md, "Match graph refresh in update (issue 28)".
 """
 
 import argparse

@@ -8,6 +8,8 @@ The collection is made from landmarks-dev photos (or scikit-image's, without it)
 `--size` pixels and varied per copy (seeded crop, flip and brightness), so that every file
 is a distinct image; small images keep the full run within minutes on 2 cores. Prints one
 JSON line per step and the ratio the issue asks about.
+
+Figures: benchmarks/README.md, "Incremental runs (issue 13)".
 """
 
 import argparse

@@ -20,6 +20,8 @@ descriptors, `--words` ASMK words by k-means (`--words-iterations` on 4 samples 
 HNSW assignment's recall against exact assignment is measured on 20,000 descriptors.
 
     python -m benchmarks.local_scale --millions 1 10 100 --out /tmp/local-scale.json
+
+Figures: benchmarks/README.md, "Synthetic scale: 1M, 10M, 100M descriptors".
 """
 
 import argparse

@@ -13,6 +13,8 @@ Measures, in one run:
 3. queries per second per core from feature tables (no extraction): the query module on one
    thread, and the search job's wall time, against the index and against it plus
    `--distractors` synthetic descriptors (benchmarks/query_latency.py's distractors).
+
+Figures: benchmarks/README.md, "Batch search and the match graph (issue 14)".
 """
 
 import argparse

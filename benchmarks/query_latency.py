@@ -9,6 +9,8 @@ inlier counts compared.
 
     delf-index evaluate --images .../landmarks-dev/images --groups .../groups.csv --workdir /tmp/lm
     python -m benchmarks.query_latency --workdir /tmp/lm --images .../landmarks-dev/images
+
+Figures: benchmarks/README.md, "Query latency and verification".
 """
 
 import argparse

@@ -14,6 +14,8 @@ alternating, `--repeats` times each; the best wall-clock seconds of each command
 ratio, every run's seconds, and the search summary's queries that wanted views, that were
 synthesized, and extractions per query are printed as one JSON line per batch. Anything
 after `--` goes to every `delf-index` command.
+
+Figures: benchmarks/README.md, "View synthesis where it pays (issue 35)".
 """
 
 import argparse

@@ -25,6 +25,8 @@ The records (`--out`/records.json, reused when present) keep per query its signa
 ranking and the rows each view verifies; `--report` then prints, for each signal and
 threshold, how often the queries synthesis helped had it and how often queries with nothing
 to find had it, and each rule replayed: mAP per set and views per query, as JSON lines.
+
+Figures: benchmarks/README.md, "View synthesis where it pays (issue 35)".
 """
 
 import argparse

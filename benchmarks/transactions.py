@@ -16,6 +16,8 @@
     python -m benchmarks.transactions --workdir /tmp/incremental --changed 0.01
 
 It changes the workdir (a day, a copy back, a takedown). Prints one JSON line per measurement.
+
+Figures: benchmarks/README.md, "Transactions (issue 29)".
 """
 
 import argparse

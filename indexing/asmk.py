@@ -60,7 +60,7 @@ def word_index(centroids, conf=None):
     words, an HNSW graph over them when there are many (assigning 100M descriptors to 65k words
     exactly costs hours on 2 cores; benchmarks/README.md measures what HNSW costs in recall).
     The graph holds the words in float16: the same recall as float32 in 3 to 18 % less time
-    (benchmarks/word_assignment.py); residuals are taken from the exact centroids."""
+    (benchmarks/README.md, "Assigning query descriptors to words"); residuals are taken from the exact centroids."""
     conf = {**default_conf, **(conf or {})}
     centroids = np.ascontiguousarray(centroids, np.float32)
     if len(centroids) > conf["hnsw_above"]:
