@@ -50,7 +50,7 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import shards as shards_lib
 from delf_index.pipelines import cli
 from delf_index.pipelines.extract import CountProgress
-from delf_index.runtime import failpoints, lease, progress, storage, tables
+from delf_index.runtime import console, failpoints, lease, progress, storage, tables
 from delf_index.runtime.inputs import read_ids
 from delf_index.runtime.tables import iter_batches
 from delf_index.schemas.artifact import ARTIFACT_VERSION, STAGING, VERSIONS
@@ -302,7 +302,10 @@ def run(
             dropped = ("files", "counts", "format", "format_version", "augmented", "tables")
             info = {k: v for k, v in manifest.items() if k not in dropped}
             if not live.num_rows and not hide:
-                cli.say(f"build: nothing to append to {output}: it holds the live images of {features} already")
+                log.info(
+                    f"build: nothing to append to {output}: it holds the live images of {features} already",
+                    extra=console.SUMMARY,
+                )
                 return manifest
         else:
             if not live.num_rows:
@@ -324,7 +327,7 @@ def run(
         start = time.time()
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
         folder = posixpath.join(staging, "progress")
-        with progress.watching(folder, sum(rows), "build", "images", cli.verbosity >= 0), pipeline as p:
+        with progress.watching(folder, sum(rows), "build", "images"), pipeline as p:
             shards = (
                 p
                 | "Tables" >> beam.Create(elements)
@@ -361,10 +364,11 @@ def run(
     manifest = art.Artifact.load(output).manifest
     counts = manifest["counts"]
     hidden = f", {len(hide)} hidden ({', '.join(f'{n} {k}' for k, n in reasons.items() if n)})" if hide else ""
-    cli.say(
+    log.info(
         f"build: version {version} ({features} version {snap.version}): {counts['images']} images, "
         f"{counts['descriptors']} descriptors, {manifest['bytes_per_descriptor']} bytes/descriptor with geometry; "
-        f"{sum(rows)} images added{hidden} -> {output} ({time.time() - start:.1f}s)"
+        f"{sum(rows)} images added{hidden} -> {output} ({time.time() - start:.1f}s)",
+        extra=console.SUMMARY,
     )
     return manifest
 

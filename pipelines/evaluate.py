@@ -62,7 +62,7 @@ from delf_index.indexing.retrieval import Index, expansion_presets, presets
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.indexing.shards import METHODS
 from delf_index.pipelines import build, cli, extract, fit, match, visualize
-from delf_index.runtime import progress, storage, tables
+from delf_index.runtime import console, progress, storage, tables
 from delf_index.runtime.extractor import SELECTIONS, load_model, recorded_settings
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import read_image
@@ -274,8 +274,8 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     """Evaluate retrieval on a collection: extract, fit, build, every query, metrics and a
     report under `workdir`. Ground truth: `groups` (groups.csv, leave-one-out) or `gnd`
     (revisitop .pkl). `features`: a features table to evaluate as it is, instead of extracting
-    into `workdir` (e.g. a table `curve` derived). Returns the summary dict (also printed as
-    the last line)."""
+    into `workdir` (e.g. a table `curve` derived). Returns the summary dict (also logged as
+    the last line, JSON)."""
     if (groups is None) == (gnd is None):
         raise UserError("give the ground truth as groups (groups.csv) or gnd (revisitop .pkl), one of them")
     conf = resolve_conf(conf)
@@ -315,8 +315,8 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
               "index": index_size(index), "query": query_conf, "made_from": made_from}  # fmt: skip
     with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
         json.dump(record, f, indent=1)
-    cli.say(f"report: {os.path.join(workdir, 'eval', 'report.html')} (and report.md)")
-    print(json.dumps(summary))
+    log.info(f"report: {os.path.join(workdir, 'eval', 'report.html')} (and report.md)", extra=console.SUMMARY)
+    log.info(json.dumps(summary), extra=console.SUMMARY)  # the last line, which scripts read
     return summary
 
 
@@ -379,7 +379,7 @@ def query_step(queries, features, index, configs, protocols, in_database, workdi
         log.warning("%d queries have no features (see the failed records of %s) and score 0", missing, features)
     flags, _ = cli.beam_flags(beam_options)
     folder = os.path.join(workdir, "eval", "_progress")
-    watched = progress.watching(folder, len(elements), "evaluate", "queries", cli.verbosity >= 0)
+    watched = progress.watching(folder, len(elements), "evaluate", "queries")
     with watched, beam.Pipeline(options=PipelineOptions(flags)) as p:
         results = (
             p
@@ -441,7 +441,7 @@ def curve(images, workdir, max_features=(1000, 500, 300), seeds=(0, 1, 2), group
     write_json(os.path.join(workdir, "eval", "curve.json"), rows)
     with open(os.path.join(workdir, "eval", "curve.md"), "w") as f:
         f.write(curve_markdown(rows))
-    cli.say(f"curve: {os.path.join(workdir, 'eval', 'curve.md')}")
+    log.info(f"curve: {os.path.join(workdir, 'eval', 'curve.md')}", extra=console.SUMMARY)
     return rows
 
 

@@ -49,7 +49,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from delf_index.errors import UserError
 from delf_index.pipelines import cli
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet
-from delf_index.runtime import failpoints, inputs, lease, progress, storage, tables
+from delf_index.runtime import console, failpoints, inputs, lease, progress, storage, tables
 from delf_index.runtime.extractor import Extractor, load_model, model_of, recorded_settings
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_extraction
@@ -597,7 +597,7 @@ def run(
         if not full:
             check_change(counts, affected, live, conf["max_change"], f"extract run {run_id}")
         if dry_run:
-            cli.say(f"extract: dry run {run_id}: {describe_plan(summary)}; nothing written")
+            log.info(f"extract: dry run {run_id}: {describe_plan(summary)}; nothing written", extra=console.SUMMARY)
             return summary
         failpoints.reach("extract:planned")
         entries, runs = [], posixpath.join(output, "_runs", run_id)
@@ -608,9 +608,7 @@ def run(
             pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
             file_schema = records_schema.with_metadata({**properties, "delf_index.run": run_id})
             total = None if kind == "tar" else len(todo)  # a shard's images are counted as they come
-            watched = progress.watching(
-                posixpath.join(runs, "progress"), total, "extract", "images", cli.verbosity >= 0
-            )
+            watched = progress.watching(posixpath.join(runs, "progress"), total, "extract", "images")
             with watched, pipeline as p:
                 written = build(
                     p, plan_uri, groups, kind, conf, file_schema, run_id, model,
@@ -646,10 +644,11 @@ def run(
     warned = (
         summary.get("decoder_warnings") and f" ({summary['decoder_warnings']} with decoder warnings in their records)"
     )
-    cli.say(
+    log.info(
         f"extract: run {run_id}: {describe_plan(summary)}; {summary['images']} images: {summary['extracted']} "
         f"extracted{warned or ''}, {summary['failed']} failed; {summary['features']} features; {version} of "
-        f"{output} ({summary['seconds']}s)"
+        f"{output} ({summary['seconds']}s)",
+        extra=console.SUMMARY,
     )
     return summary
 

@@ -26,6 +26,7 @@ from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import codebooks as cb
 from delf_index.pipelines import cli
+from delf_index.runtime import console
 from delf_index.runtime.tables import iter_batches, live_tables
 from delf_index.schemas.features import descriptors_of
 
@@ -131,10 +132,11 @@ def run(features, output, conf=None, beam_options=None, test_pipeline=None):
             | "Fit" >> beam.Map(fit_and_write)
         )
     _, _, manifest = art.load_codebooks(output)
-    cli.say(
+    log.info(
         f"fit: {manifest['index_string']} on {manifest['sample_descriptors']} of {manifest['corpus_descriptors']} "
         f"descriptors ({manifest['corpus_images']} images), PCA keeps {manifest['pca_explained_variance']:.1%} "
-        f"of the variance, {manifest['code_bytes']}-byte codes -> {output}"
+        f"of the variance, {manifest['code_bytes']}-byte codes -> {output}",
+        extra=console.SUMMARY,
     )
     return manifest
 

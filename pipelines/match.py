@@ -49,7 +49,7 @@ from delf_index.pipelines.build import DEFAULT_KEEP
 from delf_index.pipelines.extract import CountProgress
 from delf_index.pipelines.search import ReadQueries
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import failpoints, lease, progress, storage, tables
+from delf_index.runtime import console, failpoints, lease, progress, storage, tables
 from delf_index.schemas import search as schema
 from delf_index.schemas.artifact import STAGING
 from delf_index.version import __version__
@@ -192,10 +192,11 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
             index, pairs, summary["index_version"], conf["keep"], matched_with(conf)
         )
     summary["seconds"] = round(time.time() - start, 1)
-    cli.say(
+    log.info(
         f"match: {summary['images']} images, {summary['rows']['pairs']} verified pairs, "
         f"{summary['clusters']} clusters ({summary['largest_cluster']} images in the largest) -> {output} "
-        f"({summary['seconds']}s)"
+        f"({summary['seconds']}s)",
+        extra=console.SUMMARY,
     )
     return summary
 
@@ -235,7 +236,7 @@ def match_version(index, pinned, output, features, conf, labels, flags, test_pip
     has_labels = any(v is not None for v in labels.values())
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
     folder = posixpath.join(output, "_progress")
-    with progress.watching(folder, len(image_ids), "match", "images", cli.verbosity >= 0), pipeline as p:
+    with progress.watching(folder, len(image_ids), "match", "images"), pipeline as p:
         pairs = (
             p
             | "Tables" >> beam.Create(sources)

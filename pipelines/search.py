@@ -40,7 +40,7 @@ from delf_index.indexing.retrieval import Index, local_method
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import cli, extract, visualize
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import failpoints, inputs, progress, storage, tables
+from delf_index.runtime import console, failpoints, inputs, progress, storage, tables
 from delf_index.runtime.extractor import load_model, model_of
 from delf_index.schemas import search as search_schema
 from delf_index.version import __version__
@@ -337,7 +337,7 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         start = time.time()
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
         folder = posixpath.join(output, "_progress")
-        watched = progress.watching(folder, count_queries(input), "search", "queries", cli.verbosity >= 0)
+        watched = progress.watching(folder, count_queries(input), "search", "queries")
         with watched, pipeline as p:
             found, failed = queries(p, input, conf, manifest, model, threads if test_pipeline is None else None)
             counted = found | "Progress" >> beam.ParDo(extract.CountProgress(folder))
@@ -376,11 +376,12 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         summary["page"] = results_page(output, version, summary["results_files"])
     summary["seconds"] = round(time.time() - start, 1)
     share = summary["synthesized"] / max(summary["answered"], 1)
-    cli.say(
+    log.info(
         f"search: {summary['queries']} queries: {summary['answered']} answered ({summary['results']} results), "
         f"{summary['failed']} failed; {summary['synthesized']} synthesized ({share:.0%}; "
         f"{summary['synthesis_wanted']} wanted views), {summary['extractions_per_query']:.2f} extractions per query "
-        f"-> {output} ({summary['seconds']}s)"
+        f"-> {output} ({summary['seconds']}s)",
+        extra=console.SUMMARY,
     )
     return summary
 

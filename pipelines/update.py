@@ -35,7 +35,7 @@ import time
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.pipelines import build, cli, compact, extract, fit, match
-from delf_index.runtime import failpoints, lease, tables
+from delf_index.runtime import console, failpoints, lease, tables
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def run(
     wait=False,
 ):
     """One scheduled update of `index` from the images of `input`, through the features table
-    `features`. Returns the counts of what it did (also printed on one line)."""
+    `features`. Returns the counts of what it did (also logged on one line)."""
     unknown = set(conf or {}) - set(default_conf)
     if unknown:
         raise UserError(f"unknown update options {sorted(unknown)}; known: {sorted(default_conf)}")
@@ -127,7 +127,7 @@ def run(
     )
     if graph is not None:  # the images the match graph's refresh searched: the new ones
         counts["graph_searched"] = refreshed[0]["searched"] if refreshed else 0
-    cli.say("update: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    log.info("update: " + ", ".join(f"{k} {v}" for k, v in counts.items()), extra=console.SUMMARY)
     return counts
 
 
