@@ -201,20 +201,25 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
     return summary
 
 
+def labels_of(index, image_ids, index_labels, labels=None):
+    """{image_id: label or None} of the index's images: those the index holds, or `labels` (a
+    dict, or the URI of a CSV of them: read_labels) instead, for its images only."""
+    if isinstance(labels, str):
+        labels = read_labels(labels)
+    if labels is None:
+        return dict(zip(image_ids, index_labels))
+    unknown = len(set(labels) - set(image_ids))
+    if unknown:
+        log.warning("%d labelled image_ids are not in %s: ignored", unknown, index)
+    return {image_id: labels.get(image_id) for image_id in image_ids}
+
+
 def match_version(index, pinned, output, features, conf, labels, flags, test_pipeline):
     """The Beam job of `run` on one version of an index: (summary, {image_id: uri}, whether
     the images have labels)."""
     manifest = art.current_manifest(pinned)
     image_ids, uris, index_labels = art.read_images(pinned)
-    if isinstance(labels, str):
-        labels = read_labels(labels)
-    if labels is not None:  # they replace the index's: for its images only
-        unknown = len(set(labels) - set(image_ids))
-        if unknown:
-            log.warning("%d labelled image_ids are not in %s: ignored", unknown, index)
-        labels = {image_id: labels.get(image_id) for image_id in image_ids}
-    else:
-        labels = dict(zip(image_ids, index_labels))
+    labels = labels_of(index, image_ids, index_labels, labels)
     sources = source_tables(index, manifest, features)
     metadata = {
         t: schema.table_metadata(t, manifest["version"], manifest["model_fingerprint"], conf)
