@@ -50,6 +50,7 @@ from delf_index.errors import UserError
 from delf_index.pipelines import cli
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet
 from delf_index.runtime import console, failpoints, inputs, lease, progress, storage, tables
+from delf_index.runtime.conf import resolve_conf
 from delf_index.runtime.extractor import Extractor, load_model, model_of, recorded_settings
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_extraction
@@ -70,30 +71,12 @@ default_conf = {
     "max_change": DEFAULT_MAX_CHANGE,
 }
 
+EXTRACTOR = {"extractor": ("extractor", extractor_defaults)}  # the nested conf (runtime.conf.resolve_conf)
+
 presets = {
     "default": {},  # the official DELF procedure on images shrunk to 1024 px (as DELG's configs)
     "delf-v1": {"extractor": {"max_image_size": None}},  # DELF v1: no size limit
 }
-
-
-def resolve_conf(conf=None):
-    """`default_conf` updated by `conf` (a dict or a preset's name); the extractor part is
-    complete (the extractor's defaults filled in), so that tables record every setting."""
-    if isinstance(conf, str):
-        if conf not in presets:
-            raise UserError(f"unknown extract preset {conf!r}; presets: {sorted(presets)}")
-        conf = presets[conf]
-    conf = dict(conf or {})
-    unknown = set(conf) - set(default_conf)
-    if unknown:
-        raise UserError(f"unknown extract options {sorted(unknown)}; known: {sorted(default_conf)}")
-    extractor = conf.pop("extractor", {}) or {}
-    unknown = set(extractor) - set(extractor_defaults)
-    if unknown:
-        raise UserError(f"unknown extractor options {sorted(unknown)}; known: {sorted(extractor_defaults)}")
-    if conf.get("descriptor_dtype", "float16") not in table_schema.DESCRIPTOR_DTYPES:
-        raise UserError(f"descriptor_dtype must be one of {sorted(table_schema.DESCRIPTOR_DTYPES)}")
-    return {**default_conf, **conf, "extractor": {**extractor_defaults, **extractor}}
 
 
 def counter(name):
@@ -450,7 +433,7 @@ def list_inputs(p, input):
 def extract_features(items, kind, conf, model=None, threads=None, blocked=frozenset(), progress_folder=None):
     """Items (of one input kind) -> ((image_id, uri, label, source, warned), Features), in
     original-image pixels, and failure records of the images that could not be read,
-    decoded or extracted (conf: `resolve_conf`'s)."""
+    decoded or extracted (conf: as `run` resolves it)."""
     handler = KeyedModelHandler(DelfModelHandler(model, conf["extractor"], threads, batch_size=conf["batch_size"]))
     decoded = (
         items
@@ -638,7 +621,10 @@ def run(
     `keep_unlisted`. `retry_errors`: also retry images whose newest attempt failed; `full`:
     extract everything again. `dry_run`: plan only. `wait`: wait for another writer of the
     table instead of failing."""
-    conf = resolve_conf(conf)
+    conf = resolve_conf(conf, default_conf, "extract", presets, EXTRACTOR)
+    if conf["descriptor_dtype"] not in table_schema.DESCRIPTOR_DTYPES:
+        raise UserError(f"descriptor_dtype must be one of {sorted(table_schema.DESCRIPTOR_DTYPES)}")
+    conf["extractor"] = {**extractor_defaults, **(conf["extractor"] or {})}  # complete: tables record every setting
     flags, threads = cli.beam_flags(beam_options)
     output = output.rstrip("/")
     target = what_to_write(output, conf, model, flags)

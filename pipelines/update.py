@@ -36,6 +36,7 @@ from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.pipelines import build, cli, compact, extract, fit, match
 from delf_index.runtime import console, failpoints, lease, tables
+from delf_index.runtime.conf import resolve_conf
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,7 @@ def run(
 ):
     """One scheduled update of `index` from the images of `input`, through the features table
     `features`. Returns the counts of what it did (also logged on one line)."""
-    unknown = set(conf or {}) - set(default_conf)
-    if unknown:
-        raise UserError(f"unknown update options {sorted(unknown)}; known: {sorted(default_conf)}")
-    conf = {**default_conf, **(conf or {})}
+    conf = resolve_conf(conf, default_conf, "update")
     versions = {"keep": conf["keep"], "grace": conf["grace"]}
     start = time.time()
     check_table(index, features)

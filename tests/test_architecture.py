@@ -114,3 +114,9 @@ def test_functions_fit_a_screen():
     assert len(found) <= 3, f"more than three functions over {LONG} lines: {[(w, n) for w, n, _ in found]}"
     for where, lines, doc in found:
         assert LONG_REASON in " ".join(doc.split()), f"{where} has {lines} lines: split it, or say why ({LONG_REASON})"
+
+
+def test_one_resolve_conf():
+    """A conf is resolved by one function (runtime/conf.py), in every module that takes one."""
+    defined = [path.name for _, path in package_modules() if "def resolve_conf(" in path.read_text()]
+    assert defined == ["conf.py"]
