@@ -35,6 +35,7 @@ from benchmarks.incremental import sources, write_images
 from benchmarks.landmarks import LANDMARKS
 from delf_index.indexing import artifact as art
 from delf_index.pipelines import match, update
+from delf_index.runtime.conf import resolve_conf
 
 # files a run rewrites or adds next to its own (logs, leases, summaries) are copied, not linked
 LINKED = (".jpg", ".parquet", ".npy", ".faiss", ".ivfdata", ".npz")
@@ -100,7 +101,7 @@ def main(argv=None):
         link_tree(os.path.join(args.workdir, name), os.path.join(args.scratch, name))
     images, features, index = (os.path.join(args.scratch, n) for n in ("images", "features", "index"))
     count = len(art.read_images(index)[0])
-    matched = match.resolve_conf(None)
+    matched = resolve_conf(None, match.default_conf, "match")
 
     start = time.time()
     if args.full:

@@ -30,6 +30,7 @@ import numpy as np
 from benchmarks.landmarks import LANDMARKS, read_groups
 from delf_index.pipelines import evaluate
 from delf_index.runtime import tables
+from delf_index.runtime.conf import resolve_conf
 from delf_index.runtime.extractor import nms
 
 CANDIDATES = 1000  # cells kept per image in a selection's table: the curve's largest number
@@ -175,7 +176,8 @@ def folder_name(name):
 def extract_cells(workdir, root=LANDMARKS):
     """workdir/cells: every candidate cell of every landmarks-dev image (the shipped model)."""
     manifest, _ = evaluate.groups_protocol(os.path.join(root, "groups.csv"), os.path.join(root, "images"))
-    conf = evaluate.resolve_conf({"extract": {"extractor": {"max_features": 65535, "score_threshold": 0.0}}})
+    overrides = {"extract": {"extractor": {"max_features": 65535, "score_threshold": 0.0}}}
+    conf = resolve_conf(overrides, evaluate.default_conf, "evaluate")
     return evaluate.extract_step(manifest, workdir, conf, None, None, False)
 
 

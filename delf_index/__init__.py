@@ -16,6 +16,8 @@ The batch jobs are plain functions of their modules, each with a `default_conf` 
     extract.run("gs://bucket/photos/*.jpg", "gs://bucket/features")
 """
 
+import logging
+
 from delf_index.errors import UserError
 from delf_index.indexing.artifact import Artifact, ArtifactError
 from delf_index.indexing.retrieval import Index, QueryError, Result
@@ -39,3 +41,8 @@ __all__ = [
     "UserError",
     "load_model",
 ]
+
+# The jobs log through the `delf_index` logger and its children (a summary line at INFO, marked
+# runtime.console.SUMMARY) and print nothing: without a handler of the user's, Python's
+# last-resort handler would print their warnings; the command line sets its own (pipelines/cli.py)
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -40,6 +40,7 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk, expansion, verify
 from delf_index.indexing import pca as pca_lib
 from delf_index.indexing import synthesis as synthesis_lib
+from delf_index.runtime.conf import resolve_conf
 from delf_index.runtime.extractor import Extractor, model_of
 from delf_index.runtime.extractor import default_conf as extractor_conf
 from delf_index.runtime.features import Features
@@ -197,10 +198,7 @@ GLOBAL_TOP = 1000
 
 class Index:
     def __init__(self, artifact, conf=None, model=None, threads=None, extractor=None):
-        unknown = set(conf or {}) - set(default_conf)
-        if unknown:
-            raise UserError(f"unknown query options {sorted(unknown)}; known: {sorted(default_conf)}")
-        self.conf = {**default_conf, **(conf or {})}
+        self.conf = resolve_conf(conf, default_conf, "query")
         augmented = {"graph_expansion": artifact.graph is not None, "use_dba": artifact.dba_index is not None}
         for key, held in augmented.items():  # None: whenever the index holds what the stage needs
             self.conf[key] = held if self.conf[key] is None else bool(self.conf[key])

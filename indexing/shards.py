@@ -50,6 +50,24 @@ class WordAssigner:
         self.index = asmk.word_index(self.centroids) if index is None else index
 
 
+def image_rows(table, first_id):
+    """The shard's image table rows of a features-table chunk, ids consecutive from `first_id`
+    (without geometry offsets: the merge sets them)."""
+    runs = table.column("run") if "run" in table.column_names else pa.array([""] * len(table), pa.string())
+    return pa.table(
+        {
+            "id": pa.array(np.arange(first_id, first_id + len(table)), pa.int64()),
+            "image_id": table.column("image_id"),
+            "uri": table.column("uri"),
+            "label": table.column("label"),
+            "width": table.column("width"),
+            "height": table.column("height"),
+            "num_features": table.column("num_features"),
+            "run": runs,
+        }
+    )
+
+
 def encode_shard(tables, pca, trained, first_id, prefix, method="knn", words=None, timings=None):
     """Encode feature-table chunks (pyarrow Tables) into shard files `prefix`.*; image int ids
     are consecutive from `first_id` in row order. `method` (METHODS) says which local index to
@@ -98,21 +116,7 @@ def encode_shard(tables, pca, trained, first_id, prefix, method="knn", words=Non
         geometry.append(art.pack_geometry(x, y, scale))
         glob = table.column("global_descriptor").combine_chunks()
         globals_.append(glob.flatten().to_numpy().reshape(len(table), -1).astype(np.float16))
-        runs = table.column("run") if "run" in table.column_names else pa.array([""] * len(table), pa.string())
-        images.append(
-            pa.table(
-                {
-                    "id": pa.array(np.arange(next_id, next_id + len(table)), pa.int64()),
-                    "image_id": table.column("image_id"),
-                    "uri": table.column("uri"),
-                    "label": table.column("label"),
-                    "width": table.column("width"),
-                    "height": table.column("height"),
-                    "num_features": table.column("num_features"),
-                    "run": runs,
-                }
-            )
-        )
+        images.append(image_rows(table, next_id))
         next_id += len(table)
         clock.lap("tables_s")  # geometry, global descriptors, image table
     files = shard_files(prefix)

@@ -65,6 +65,7 @@ from delf_index.model.crops import CropDataset, matchability_labels
 from delf_index.model.delf import DELF
 from delf_index.model.weights import default_weights_path, read_state_dict
 from delf_index.runtime import storage
+from delf_index.runtime.conf import resolve_conf
 
 logger = logging.getLogger("delf_index.train")
 
@@ -110,6 +111,7 @@ default_conf = {
     "checkpoint_every": 0,  # also checkpoint every N steps within an epoch (large data sets)
     "cache_images": True,  # keep decoded images in memory (small data sets)
 }
+HOMOGRAPHY = {"homography": ("homography", default_conf["homography"])}  # the nested conf
 
 # Knobs that may change when a run is resumed: they do not change what is computed.
 RESUMABLE = {"epochs", "stage1_epochs", "device", "num_workers", "threads", "checkpoint_every", "cache_images",
@@ -564,12 +566,9 @@ def target_cells(trainer, dataset, pairs, conf, output, targets):
 
 
 # -- training ---------------------------------------------------------------------------------
-def resolve_conf(conf):
-    """`conf` over default_conf, checked: unknown keys, no objective, settings that do not fit."""
-    unknown = set(conf or {}) - set(default_conf)
-    if unknown:
-        raise UserError(f"unknown training options {sorted(unknown)}; known: {sorted(default_conf)}")
-    conf = {**default_conf, **(conf or {})}
+def check_conf(conf):
+    """The training conf `conf` (resolved: runtime.conf.resolve_conf) completed and checked: no
+    objective, settings that do not fit."""
     conf["homography"] = {**default_conf["homography"], **conf["homography"]}
     conf["scale_range"], conf["scales"] = tuple(conf["scale_range"]), tuple(conf["scales"])
     # recorded resolved: the head fits this layer only, whatever the default becomes
@@ -604,7 +603,7 @@ def train(manifest, output, conf=None, resume=False, match=None):
     """Train as the module docstring says, on a GLDv2-style `manifest` or, with `match` (a
     `delf-index match` output) instead, on the verified pairs of a collection's own match
     graph; returns the per-epoch history (also history.json)."""
-    conf = resolve_conf(conf)
+    conf = check_conf(resolve_conf(conf, default_conf, "training", parts=HOMOGRAPHY))
     if (manifest is None) == (match is None):
         raise UserError("train on a manifest (train.csv) or on a match output (--from-match), one of them")
     if conf["threads"]:

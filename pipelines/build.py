@@ -50,7 +50,7 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import shards as shards_lib
 from delf_index.pipelines import cli
 from delf_index.pipelines.extract import CountProgress
-from delf_index.runtime import failpoints, lease, progress, storage, tables
+from delf_index.runtime import console, failpoints, lease, progress, storage, tables
 from delf_index.runtime.inputs import read_ids
 from delf_index.runtime.tables import iter_batches
 from delf_index.schemas.artifact import ARTIFACT_VERSION, STAGING, VERSIONS
@@ -242,6 +242,103 @@ def plan_append(indexed, live):
     return live.filter(keep), hide, reasons
 
 
+def take_down(features, remove, allow_unknown):
+    """Record the takedowns of `remove` (image_ids, or the URI of a CSV of them) in the table
+    first: every later build and append honours them."""
+    ids = read_ids(remove) if isinstance(remove, str) else list(remove)
+    counts = tables.take_down(features, ids, allow_unknown=allow_unknown)
+    log.info("took down %d images (%d were already)", counts["removed"], counts["unchanged"])
+
+
+def plan_version(output, features, snap, live, checked, append, codebooks):
+    """What the new version holds, from the table's `live` records: {live records to encode,
+    rows to hide and why, first new image id, previous version's URI, codebooks' URI,
+    manifest info}; `checked` is check_append's manifest or check_build's info. None when an
+    append finds nothing to do; a full build of no live image is refused."""
+    if append:
+        previous_uri = art.current_version(output)
+        indexed = art.indexed_images(previous_uri, checked)
+        live, hide, reasons = plan_append(indexed, live)
+        if not live.num_rows and not hide:
+            return None
+        # what describes this version alone is not carried over; nor is an augmentation, whose
+        # graph and DBA files an append drops (update refreshes them: before_publish)
+        dropped = ("files", "counts", "format", "format_version", "augmented", "tables")
+        info = {k: v for k, v in checked.items() if k not in dropped}
+        work = {"hide": hide, "reasons": reasons, "first_id": len(indexed[0]), "previous_uri": previous_uri,
+                "codebooks_uri": previous_uri}  # fmt: skip
+    else:
+        if not live.num_rows:
+            raise UserError(
+                f"{features} version {snap.version} holds no live images: nothing to build (extract some, or "
+                "restore taken-down ones)"
+            )
+        info = checked
+        work = {"hide": [], "reasons": {}, "first_id": 0, "previous_uri": None, "codebooks_uri": codebooks}
+    info["features"] = {"uri": snap.uri, "table_version": snap.version, "table_id": snap.table_id}
+    return {**work, "live": live, "info": info}
+
+
+def shard_elements(files, first_id):
+    """(EncodeShard's elements, one per data file of the table with the image id its rows start
+    at, the number of images) of `files` (tables.file_skips)."""
+    rows = [n for _, n, _ in files]
+    offsets = first_id + np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
+    elements = [(k, uri, int(offset), stale) for k, ((uri, _, stale), offset) in enumerate(zip(files, offsets))]
+    return elements, sum(rows)
+
+
+def add_build_steps(p, elements, folder, output, version, staging, work, method):
+    """Add the build's steps to pipeline `p`: each data file encoded into a shard (in parallel,
+    counted into the progress `folder`), then the shards merged into the new version."""
+    shards = (
+        p
+        | "Tables" >> beam.Create(elements)
+        | "Redistribute" >> beam.Reshuffle()
+        | "EncodeShard" >> beam.ParDo(EncodeShard(work["codebooks_uri"], staging, method))
+        | "Progress" >> beam.ParDo(CountProgress(folder, weigh_images))
+    )
+    (
+        p
+        | "Done" >> beam.Create([None])
+        | "Merge"
+        >> beam.Map(
+            merge_version,
+            shards=beam.pvalue.AsList(shards),
+            output=output,
+            version=version,
+            staging=staging,
+            codebooks_uri=work["codebooks_uri"],
+            previous_uri=work["previous_uri"],
+            hide=work["hide"],
+            info=work["info"],
+            method=method,
+        )
+    )
+
+
+def publish(output, version, base, held, operation, work, keep, grace, before_publish):
+    """Make the placed `version` the index's current one (the lease `held` still ours), after
+    `before_publish`; prune old versions (keep, grace)."""
+    failpoints.reach("build:placed")
+    if before_publish is not None:
+        before_publish(posixpath.join(output, VERSIONS, version))
+    held.check()
+    entry = {"operation": operation, **work["info"]["features"]}
+    art.commit_version(output, version, base, keep, grace, entry, published=lambda: failpoints.reach("build:published"))
+
+
+def describe_build(manifest, features, snap, images, work, output, seconds):
+    """The build's summary line."""
+    counts, reasons, hide = manifest["counts"], work["reasons"], work["hide"]
+    hidden = f", {len(hide)} hidden ({', '.join(f'{n} {k}' for k, n in reasons.items() if n)})" if hide else ""
+    return (
+        f"build: version {manifest['version']} ({features} version {snap.version}): {counts['images']} images, "
+        f"{counts['descriptors']} descriptors, {manifest['bytes_per_descriptor']} bytes/descriptor with geometry; "
+        f"{images} images added{hidden} -> {output} ({seconds:.1f}s)"
+    )
+
+
 def run(
     features,
     output,
@@ -281,91 +378,34 @@ def run(
         base = art.current_entry(output)
         planned = tables.snapshot(features, table_version)
         if append:
-            manifest, method = check_append(output, base, planned, method)
+            checked, method = check_append(output, base, planned, method)
         else:
-            info, method = check_build(output, base, planned.properties, codebooks, method)
-        if remove is not None:  # a record in the table first: every later build and append honours it
-            ids = read_ids(remove) if isinstance(remove, str) else list(remove)
-            counts = tables.take_down(features, ids, allow_unknown=allow_unknown)
-            log.info("took down %d images (%d were already)", counts["removed"], counts["unchanged"])
+            checked, method = check_build(output, base, planned.properties, codebooks, method)
+        if remove is not None:
+            take_down(features, remove, allow_unknown)
         snap = tables.snapshot(features, table_version)
         records = snap.read(["image_id", "status", "run"])
-        live = tables.live_records(records)
-        hide, reasons, first_id, previous_uri = [], {}, 0, None
-        if append:
-            previous_uri = art.current_version(output)
-            indexed = art.indexed_images(previous_uri, manifest)
-            live, hide, reasons = plan_append(indexed, live)
-            codebooks_uri, first_id = previous_uri, len(indexed[0])
-            # what describes this version alone is not carried over; nor is an augmentation, whose
-            # graph and DBA files an append drops (update refreshes them: before_publish)
-            dropped = ("files", "counts", "format", "format_version", "augmented", "tables")
-            info = {k: v for k, v in manifest.items() if k not in dropped}
-            if not live.num_rows and not hide:
-                cli.say(f"build: nothing to append to {output}: it holds the live images of {features} already")
-                return manifest
-        else:
-            if not live.num_rows:
-                raise UserError(
-                    f"{features} version {snap.version} holds no live images: nothing to build (extract some, or "
-                    "restore taken-down ones)"
-                )
-            codebooks_uri = codebooks
-        info["features"] = {"uri": snap.uri, "table_version": snap.version, "table_id": snap.table_id}
+        work = plan_version(output, features, snap, tables.live_records(records), checked, append, codebooks)
+        if work is None:
+            log.info(
+                f"build: nothing to append to {output}: it holds the live images of {features} already",
+                extra=console.SUMMARY,
+            )
+            return checked
         if base is not None and before_publish is None:
             warn_if_dropped(output, art.current_manifest(output))
-        files = tables.file_skips(snap, records, live)
-        rows = [n for _, n, _ in files]
-        offsets = first_id + np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
-        elements = [(k, uri, int(offset), stale) for k, ((uri, _, stale), offset) in enumerate(zip(files, offsets))]
+        elements, images = shard_elements(tables.file_skips(snap, records, work["live"]), work["first_id"])
         version = art.new_version_name(base)
         staging = posixpath.join(output, STAGING, version)
-        log.info("build %s %s from %s version %d: %d images", output, version, features, snap.version, sum(rows))
+        log.info("build %s %s from %s version %d: %d images", output, version, features, snap.version, images)
         start = time.time()
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
         folder = posixpath.join(staging, "progress")
-        with progress.watching(folder, sum(rows), "build", "images", cli.verbosity >= 0), pipeline as p:
-            shards = (
-                p
-                | "Tables" >> beam.Create(elements)
-                | "Redistribute" >> beam.Reshuffle()
-                | "EncodeShard" >> beam.ParDo(EncodeShard(codebooks_uri, staging, method))
-                | "Progress" >> beam.ParDo(CountProgress(folder, weigh_images))
-            )
-            (
-                p
-                | "Done" >> beam.Create([None])
-                | "Merge"
-                >> beam.Map(
-                    merge_version,
-                    shards=beam.pvalue.AsList(shards),
-                    output=output,
-                    version=version,
-                    staging=staging,
-                    codebooks_uri=codebooks_uri,
-                    previous_uri=previous_uri,
-                    hide=hide,
-                    info=info,
-                    method=method,
-                )
-            )
-        failpoints.reach("build:placed")
-        if before_publish is not None:
-            before_publish(posixpath.join(output, VERSIONS, version))
-        held.check()
-        operation = "append" if append else "build"
-        entry = {"operation": operation, **info["features"]}
-        art.commit_version(
-            output, version, base, keep, grace, entry, published=lambda: failpoints.reach("build:published")
-        )
+        with progress.watching(folder, images, "build", "images"), pipeline as p:
+            add_build_steps(p, elements, folder, output, version, staging, work, method)
+        publish(output, version, base, held, "append" if append else "build", work, keep, grace, before_publish)
     manifest = art.Artifact.load(output).manifest
-    counts = manifest["counts"]
-    hidden = f", {len(hide)} hidden ({', '.join(f'{n} {k}' for k, n in reasons.items() if n)})" if hide else ""
-    cli.say(
-        f"build: version {version} ({features} version {snap.version}): {counts['images']} images, "
-        f"{counts['descriptors']} descriptors, {manifest['bytes_per_descriptor']} bytes/descriptor with geometry; "
-        f"{sum(rows)} images added{hidden} -> {output} ({time.time() - start:.1f}s)"
-    )
+    log.info(describe_build(manifest, features, snap, images, work, output, time.time() - start), extra=console.SUMMARY)
     return manifest
 
 

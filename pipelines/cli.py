@@ -27,7 +27,7 @@ import warnings
 from delf_index.errors import UserError
 from delf_index.indexing import synthesis
 from delf_index.indexing.retrieval import default_conf as retrieval_defaults
-from delf_index.runtime import cache
+from delf_index.runtime import cache, progress
 from delf_index.runtime.extractor import SELECTIONS
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.version import __version__
@@ -334,23 +334,55 @@ class BeamRootNotices(logging.Filter):
         return not record.getMessage().startswith("Resource module is not available")
 
 
+class ConsoleLines(logging.Handler):
+    """The lines jobs log for a person at the console (runtime/console.py), plain as `print`
+    writes them: summaries on stdout, where scripts read them, progress on stderr. The stream
+    is looked up per line, so that a redirected sys.stdout (pytest's) gets them."""
+
+    def filter(self, record):
+        return hasattr(record, "console")
+
+    def emit(self, record):
+        stream = sys.stdout if record.console == "summary" else sys.stderr
+        stream.write(record.getMessage() + "\n")
+        stream.flush()
+
+
+class Diagnostics(logging.Filter):
+    """The rest, with time, level and logger: at least `level`; the lines ConsoleLines shows
+    are not shown twice."""
+
+    def __init__(self, level):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record):
+        return record.levelno >= self.level and not hasattr(record, "console")
+
+
 def setup_logging(level=0):
-    """The console: warnings and errors, and delf-index's progress lines from -v on; libraries'
-    messages only at -vv (fsspec's cache notices, Beam's, faiss's loader)."""
+    """The console of a command: its summary and progress lines (`ConsoleLines`; a bar on a
+    terminal), warnings and errors, and the other INFO lines of delf-index from -v on;
+    libraries' messages only at -vv (fsspec's cache notices, Beam's, faiss's loader). -q:
+    errors only."""
     logging.basicConfig(
         level=logging.DEBUG if level >= 2 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.addFilter(Diagnostics(logging.WARNING if level < 1 else logging.NOTSET))
+    root.addHandler(ConsoleLines())
     logging.getLogger("delf_index").setLevel(
-        {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(level, logging.DEBUG)
+        logging.ERROR if level < 0 else logging.INFO if level < 2 else logging.DEBUG
     )
+    progress.bars = level >= 0
     if level < 2:
         # Beam's batch-size estimator warns of badly conditioned fits; numbers, not news
         warnings.filterwarnings("ignore", module=r"apache_beam\.")
         for noisy in ("apache_beam", "onnxscript", "onnx_ir", "torch", "faiss", "fsspec", "gcsfs", "s3fs", "asyncio"):
             logging.getLogger(noisy).setLevel(logging.ERROR if level < 0 else logging.WARNING)
-        root = logging.getLogger()
         if not any(isinstance(f, BeamRootNotices) for f in root.filters):
             root.addFilter(BeamRootNotices())
     logging.getLogger("apache_beam.runners.common").addFilter(UserErrorsOnce())
@@ -360,13 +392,6 @@ def setup_logging(level=0):
 
 
 VERBOSITY = {"-q": -1, "--quiet": -1, "-v": 1, "--verbose": 1, "-vv": 2}
-verbosity = 0  # -q: errors only; default: a line per step; -v: progress of the steps; -vv: everything
-
-
-def say(text):
-    """One line of what a command did (its summary), unless --quiet."""
-    if verbosity >= 0:
-        print(text, flush=True)
 
 
 def usage():
@@ -409,9 +434,8 @@ def main(argv=None):
         return 0
     if command not in COMMANDS:
         return refuse_command(command)
-    global verbosity
-    verbosity = sum(VERBOSITY.get(a, 0) for a in argv[1:])
-    setup_logging(verbosity)
+    # -q: errors only; default: the summary and progress lines; -v: each step's lines; -vv: everything
+    setup_logging(sum(VERBOSITY.get(a, 0) for a in argv[1:]))
     module_name, _, function = COMMANDS[command][0].partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from delf_index.pipelines import cli
-from delf_index.runtime import failpoints, lease, storage, tables
+from delf_index.runtime import console, failpoints, lease, storage, tables
 
 log = logging.getLogger(__name__)
 DEFAULT_RETENTION_HOURS = 168  # Delta Lake's default: a week of time travel
@@ -80,10 +80,11 @@ def run(features, rows_per_file=1000, retention_hours=DEFAULT_RETENTION_HOURS, w
         delta = DeltaTable(features.rstrip("/"), storage_options=storage.delta_options(features))
         vacuumed = delta.vacuum(int(retention_hours), dry_run=False, enforce_retention_duration=False, full=True)
         counts["files_vacuumed"] = len(vacuumed)
-    cli.say(
+    log.info(
         f"compact: {counts['dead']} of {counts['records']} records dropped from {counts['files_rewritten']} files; "
         f"{counts['files_vacuumed']} unused files deleted; {features}"
-        + (f" version {counts['table_version']}" if "table_version" in counts else "")
+        + (f" version {counts['table_version']}" if "table_version" in counts else ""),
+        extra=console.SUMMARY,
     )
     return counts
 

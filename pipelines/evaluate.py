@@ -57,12 +57,14 @@ from matplotlib.figure import Figure
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
+from delf_index.indexing import codebooks as cb
 from delf_index.indexing import metrics
 from delf_index.indexing.retrieval import Index, expansion_presets, presets
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.indexing.shards import METHODS
 from delf_index.pipelines import build, cli, extract, fit, match, visualize
-from delf_index.runtime import progress, storage, tables
+from delf_index.runtime import console, progress, storage, tables
+from delf_index.runtime.conf import resolve_conf
 from delf_index.runtime.extractor import SELECTIONS, load_model, recorded_settings
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import read_image
@@ -261,24 +263,16 @@ def summarise(rows, configs, protocols):
     return out
 
 
-def resolve_conf(conf=None):
-    conf = dict(conf or {})
-    unknown = set(conf) - set(default_conf)
-    if unknown:
-        raise UserError(f"unknown evaluate options {sorted(unknown)}; known: {sorted(default_conf)}")
-    return {**default_conf, **conf}
-
-
 def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_options=None, fresh=False,
         features=None):  # fmt: skip
     """Evaluate retrieval on a collection: extract, fit, build, every query, metrics and a
     report under `workdir`. Ground truth: `groups` (groups.csv, leave-one-out) or `gnd`
     (revisitop .pkl). `features`: a features table to evaluate as it is, instead of extracting
-    into `workdir` (e.g. a table `curve` derived). Returns the summary dict (also printed as
-    the last line)."""
+    into `workdir` (e.g. a table `curve` derived). Returns the summary dict (also logged as
+    the last line, JSON)."""
     if (groups is None) == (gnd is None):
         raise UserError("give the ground truth as groups (groups.csv) or gnd (revisitop .pkl), one of them")
-    conf = resolve_conf(conf)
+    conf = resolve_conf(conf, default_conf, "evaluate")
     if conf["method"] not in METHODS:
         raise UserError(f"method {conf['method']!r}: use one of {METHODS}")
     if conf["method"] != "knn" and not conf["fit"].get("asmk_words"):
@@ -315,8 +309,8 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
               "index": index_size(index), "query": query_conf, "made_from": made_from}  # fmt: skip
     with open(os.path.join(workdir, "eval", "metrics.json"), "w") as f:
         json.dump(record, f, indent=1)
-    cli.say(f"report: {os.path.join(workdir, 'eval', 'report.html')} (and report.md)")
-    print(json.dumps(summary))
+    log.info(f"report: {os.path.join(workdir, 'eval', 'report.html')} (and report.md)", extra=console.SUMMARY)
+    log.info(json.dumps(summary), extra=console.SUMMARY)  # the last line, which scripts read
     return summary
 
 
@@ -324,11 +318,12 @@ def extract_step(manifest, workdir, conf, model, beam_options, fresh):
     """workdir/features, extracted incrementally over the image list: only what is new or
     changed since the last evaluation; another model or other settings start it again."""
     # the workdir's table follows the image list: images left out of it are deleted, however many
-    extract_conf = extract.resolve_conf({"max_change": None, **conf["extract"]})
+    extract_conf = resolve_conf({"max_change": None, **conf["extract"]}, extract.default_conf, "extract",
+                                parts=extract.EXTRACTOR)  # fmt: skip
     _, _, fingerprint = load_model(model)
     features = os.path.join(workdir, "features")
     done = read_json(os.path.join(features, "_SUMMARY.json")) or {}
-    stored_settings = recorded_settings(extract_conf["extractor"])
+    stored_settings = recorded_settings({**extractor_defaults, **(extract_conf["extractor"] or {})})
     same = (done.get("model_fingerprint"), done.get("extractor")) == (fingerprint, stored_settings)
     if fresh or not same or tables.is_legacy(features):
         storage.remove(features)  # another model, other settings or an old format: start the table again
@@ -340,7 +335,7 @@ def extract_step(manifest, workdir, conf, model, beam_options, fresh):
 def index_steps(features, workdir, conf, beam_options, fresh, timings):
     """workdir/codebooks and workdir/index (and the match graph with `augment`), each made
     again only when its inputs or settings differ from what made it; returns the index."""
-    fit_conf = fit.resolve_conf(conf["fit"])
+    fit_conf = resolve_conf(conf["fit"], cb.default_conf, "fit", cb.presets)
     # the table version fit and build last finished with (steps.json): an interrupted run redoes them
     state = {"table_version": tables.snapshot(features).version, "table": features}
     steps_file = os.path.join(workdir, "steps.json")
@@ -379,7 +374,7 @@ def query_step(queries, features, index, configs, protocols, in_database, workdi
         log.warning("%d queries have no features (see the failed records of %s) and score 0", missing, features)
     flags, _ = cli.beam_flags(beam_options)
     folder = os.path.join(workdir, "eval", "_progress")
-    watched = progress.watching(folder, len(elements), "evaluate", "queries", cli.verbosity >= 0)
+    watched = progress.watching(folder, len(elements), "evaluate", "queries")
     with watched, beam.Pipeline(options=PipelineOptions(flags)) as p:
         results = (
             p
@@ -420,7 +415,7 @@ def curve(images, workdir, max_features=(1000, 500, 300), seeds=(0, 1, 2), group
     counts = sorted({int(n) for n in max_features}, reverse=True)
     if not counts or counts[-1] < 1 or not seeds:
         raise UserError(f"a curve needs numbers of features of at least 1 and seeds, got {max_features} and {seeds}")
-    conf = resolve_conf(conf)
+    conf = resolve_conf(conf, default_conf, "evaluate")
     extract_conf = {**conf["extract"], "extractor": {**conf["extract"].get("extractor", {}), "max_features": counts[0]}}
     manifest, _ = groups_protocol(groups, images) if gnd is None else gnd_protocol(gnd, images)
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
@@ -434,14 +429,16 @@ def curve(images, workdir, max_features=(1000, 500, 300), seeds=(0, 1, 2), group
             point = os.path.join(workdir, f"n{n}", f"seed{seed}")
             point_conf = {**conf, "extract": extract_conf, "fit": {**conf["fit"], "seed": seed}}
             done = read_json(os.path.join(point, "eval", "metrics.json")) or {}
-            if fresh or made_of(table, resolve_conf(point_conf)) != done.get("made_from"):  # else measured already
+            if fresh or made_of(table, resolve_conf(point_conf, default_conf, "evaluate")) != done.get(
+                "made_from"
+            ):  # else measured already
                 run(images, point, groups, gnd, point_conf, model, beam_options, fresh, features=table)
             points.append(read_json(os.path.join(point, "eval", "metrics.json")))
         rows.append(curve_row(n, seeds, points))
     write_json(os.path.join(workdir, "eval", "curve.json"), rows)
     with open(os.path.join(workdir, "eval", "curve.md"), "w") as f:
         f.write(curve_markdown(rows))
-    cli.say(f"curve: {os.path.join(workdir, 'eval', 'curve.md')}")
+    log.info(f"curve: {os.path.join(workdir, 'eval', 'curve.md')}", extra=console.SUMMARY)
     return rows
 
 

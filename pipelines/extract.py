@@ -49,7 +49,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from delf_index.errors import UserError
 from delf_index.pipelines import cli
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet
-from delf_index.runtime import failpoints, inputs, lease, progress, storage, tables
+from delf_index.runtime import console, failpoints, inputs, lease, progress, storage, tables
+from delf_index.runtime.conf import resolve_conf
 from delf_index.runtime.extractor import Extractor, load_model, model_of, recorded_settings
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import DEFAULT_MAX_PIXELS, ImageError, decode_for_extraction
@@ -70,30 +71,12 @@ default_conf = {
     "max_change": DEFAULT_MAX_CHANGE,
 }
 
+EXTRACTOR = {"extractor": ("extractor", extractor_defaults)}  # the nested conf (runtime.conf.resolve_conf)
+
 presets = {
     "default": {},  # the official DELF procedure on images shrunk to 1024 px (as DELG's configs)
     "delf-v1": {"extractor": {"max_image_size": None}},  # DELF v1: no size limit
 }
-
-
-def resolve_conf(conf=None):
-    """`default_conf` updated by `conf` (a dict or a preset's name); the extractor part is
-    complete (the extractor's defaults filled in), so that tables record every setting."""
-    if isinstance(conf, str):
-        if conf not in presets:
-            raise UserError(f"unknown extract preset {conf!r}; presets: {sorted(presets)}")
-        conf = presets[conf]
-    conf = dict(conf or {})
-    unknown = set(conf) - set(default_conf)
-    if unknown:
-        raise UserError(f"unknown extract options {sorted(unknown)}; known: {sorted(default_conf)}")
-    extractor = conf.pop("extractor", {}) or {}
-    unknown = set(extractor) - set(extractor_defaults)
-    if unknown:
-        raise UserError(f"unknown extractor options {sorted(unknown)}; known: {sorted(extractor_defaults)}")
-    if conf.get("descriptor_dtype", "float16") not in table_schema.DESCRIPTOR_DTYPES:
-        raise UserError(f"descriptor_dtype must be one of {sorted(table_schema.DESCRIPTOR_DTYPES)}")
-    return {**default_conf, **conf, "extractor": {**extractor_defaults, **extractor}}
 
 
 def counter(name):
@@ -450,7 +433,7 @@ def list_inputs(p, input):
 def extract_features(items, kind, conf, model=None, threads=None, blocked=frozenset(), progress_folder=None):
     """Items (of one input kind) -> ((image_id, uri, label, source, warned), Features), in
     original-image pixels, and failure records of the images that could not be read,
-    decoded or extracted (conf: `resolve_conf`'s)."""
+    decoded or extracted (conf: as `run` resolves it)."""
     handler = KeyedModelHandler(DelfModelHandler(model, conf["extractor"], threads, batch_size=conf["batch_size"]))
     decoded = (
         items
@@ -529,6 +512,91 @@ def check_table(snap, uri, fingerprint, settings, descriptor_dtype):
         )
 
 
+def what_to_write(output, conf, model, flags):
+    """What this run writes into the table `output`: {model (the file), fingerprint, settings
+    (the extractor's, as recorded), properties (the table's), records_schema}. A table keeps
+    the model it was made with; a new one gets int8 on CPU workers, float32 on GPUs."""
+    made_with = tables.snapshot(output).properties["model_fingerprint"] if tables.exists(output) else None
+    model = model_of(made_with, model, gpu=gpu_workers(flags))
+    _, model_metadata, fingerprint = load_model(model)
+    settings = recorded_settings(conf["extractor"])
+    return {
+        "model": model,
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "properties": table_schema.table_properties(fingerprint, model_metadata, settings, conf["descriptor_dtype"]),
+        "records_schema": table_schema.records_schema(conf["descriptor_dtype"], model_metadata["descriptor_dim"]),
+    }
+
+
+def current_table(output, target, descriptor_dtype):
+    """The table's current snapshot (None: a new table), refused when it holds features of
+    another model, settings or descriptor type, or is an extract output of an earlier version."""
+    snap = tables.snapshot(output) if tables.exists(output) else None
+    if snap is None and tables.is_legacy(output):
+        raise tables.missing_table(output)
+    if snap is not None:
+        check_table(snap, output, target["fingerprint"], target["settings"], descriptor_dtype)
+    return snap
+
+
+def run_summary(run_id, input, output, snap, target, conf, options, counts, todo, hashed, live):
+    """The run's summary as planned (its counts of work done are added as it ends)."""
+    return {
+        "run": run_id,
+        "delf_index_version": __version__,
+        "input": input,
+        "output": output,
+        "table_version_before": None if snap is None else snap.version,
+        "model_fingerprint": target["fingerprint"],
+        "schema_version": table_schema.SCHEMA_VERSION,
+        "extractor": target["settings"],
+        "descriptor_dtype": conf["descriptor_dtype"],
+        "full": bool(options["full"]),
+        "retry_errors": bool(options["retry_errors"]),
+        **{k: counts.get(k, 0) for k in ("listed", *DECISIONS)},
+        "to_extract": todo,
+        "hashed": hashed,  # files read for their content hash: size as recorded, mtime not
+        "live_before": live,
+    }
+
+
+def extract_planned(todo, kind, state, runs, run_id, conf, target, flags, threads, test_pipeline):
+    """Run the Beam job on the images `todo`: their records written as data files of the run
+    (not yet committed); returns the files' entries."""
+    plan_uri = posixpath.join(runs, "plan.parquet")
+    groups = write_plan(plan_uri, todo, kind)
+    blocked = frozenset(i for s in state.values() for i in s["blocked"]) if kind == "tar" else frozenset()
+    pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
+    file_schema = target["records_schema"].with_metadata({**target["properties"], "delf_index.run": run_id})
+    total = None if kind == "tar" else len(todo)  # a shard's images are counted as they come
+    with progress.watching(posixpath.join(runs, "progress"), total, "extract", "images"), pipeline as p:
+        entries = build(
+            p, plan_uri, groups, kind, conf, file_schema, run_id, target["model"],
+            threads if test_pipeline is None else None, blocked,
+        )  # fmt: skip
+        (
+            entries
+            | "Collect" >> beam.combiners.ToList()
+            | "Finalize" >> beam.Map(storage_json, posixpath.join(runs, "written.json"))
+        )
+    log.info("counters: %s", read_counters(getattr(p, "result", None)))
+    return json.loads(storage.read_bytes(posixpath.join(runs, "written.json")))
+
+
+def describe_run(summary, committed):
+    """The run's summary line."""
+    version = f"table version {summary['table_version']}" if committed else "nothing to commit"
+    warned = (
+        summary.get("decoder_warnings") and f" ({summary['decoder_warnings']} with decoder warnings in their records)"
+    )
+    return (
+        f"extract: run {summary['run']}: {describe_plan(summary)}; {summary['images']} images: {summary['extracted']} "
+        f"extracted{warned or ''}, {summary['failed']} failed; {summary['features']} features; {version} of "
+        f"{summary['output']} ({summary['seconds']}s)"
+    )
+
+
 def run(
     input,
     output,
@@ -553,104 +621,55 @@ def run(
     `keep_unlisted`. `retry_errors`: also retry images whose newest attempt failed; `full`:
     extract everything again. `dry_run`: plan only. `wait`: wait for another writer of the
     table instead of failing."""
-    conf = resolve_conf(conf)
+    conf = resolve_conf(conf, default_conf, "extract", presets, EXTRACTOR)
+    if conf["descriptor_dtype"] not in table_schema.DESCRIPTOR_DTYPES:
+        raise UserError(f"descriptor_dtype must be one of {sorted(table_schema.DESCRIPTOR_DTYPES)}")
+    conf["extractor"] = {**extractor_defaults, **(conf["extractor"] or {})}  # complete: tables record every setting
     flags, threads = cli.beam_flags(beam_options)
     output = output.rstrip("/")
-    # a table keeps the model it was made with; a new one gets int8 on CPU workers, float32 on GPUs
-    made_with = tables.snapshot(output).properties["model_fingerprint"] if tables.exists(output) else None
-    model = model_of(made_with, model, gpu=gpu_workers(flags))
-    _, model_metadata, fingerprint = load_model(model)
-    settings = recorded_settings(conf["extractor"])
-    properties = table_schema.table_properties(fingerprint, model_metadata, settings, conf["descriptor_dtype"])
-    records_schema = table_schema.records_schema(conf["descriptor_dtype"], model_metadata["descriptor_dim"])
+    target = what_to_write(output, conf, model, flags)
     kind = inputs.input_kind(input)
     with lease.hold(output, f"extract --input {input}", wait=wait) as held:
         start = time.time()
-        snap = tables.snapshot(output) if tables.exists(output) else None
-        if snap is None and tables.is_legacy(output):
-            raise tables.missing_table(output)
-        if snap is not None:
-            check_table(snap, output, fingerprint, settings, conf["descriptor_dtype"])
+        snap = current_table(output, target, conf["descriptor_dtype"])
         state, newest = table_state(snap, kind)
         run_id = tables.new_run_id(newest)
         items, unreadable = inputs.list_input(input)
         items, hashed = hash_touched(items, kind, state)
         todo, records, counts, affected = plan(items, unreadable, kind, state, full, retry_errors, keep_unlisted)
         live = sum(len(s["features"]) for s in state.values())
-        summary = {
-            "run": run_id,
-            "delf_index_version": __version__,
-            "input": input,
-            "output": output,
-            "table_version_before": None if snap is None else snap.version,
-            "model_fingerprint": fingerprint,
-            "schema_version": table_schema.SCHEMA_VERSION,
-            "extractor": settings,
-            "descriptor_dtype": conf["descriptor_dtype"],
-            "full": bool(full),
-            "retry_errors": bool(retry_errors),
-            **{k: counts.get(k, 0) for k in ("listed", *DECISIONS)},
-            "to_extract": len(todo),
-            "hashed": hashed,  # files read for their content hash: size as recorded, mtime not
-            "live_before": live,
-        }
+        options = {"full": full, "retry_errors": retry_errors}
+        summary = run_summary(run_id, input, output, snap, target, conf, options, counts, len(todo), hashed, live)
         if not full:
             check_change(counts, affected, live, conf["max_change"], f"extract run {run_id}")
         if dry_run:
-            cli.say(f"extract: dry run {run_id}: {describe_plan(summary)}; nothing written")
+            log.info(f"extract: dry run {run_id}: {describe_plan(summary)}; nothing written", extra=console.SUMMARY)
             return summary
         failpoints.reach("extract:planned")
         entries, runs = [], posixpath.join(output, "_runs", run_id)
         if todo:
-            plan_uri = posixpath.join(runs, "plan.parquet")
-            groups = write_plan(plan_uri, todo, kind)
-            blocked = frozenset(i for s in state.values() for i in s["blocked"]) if kind == "tar" else frozenset()
-            pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
-            file_schema = records_schema.with_metadata({**properties, "delf_index.run": run_id})
-            total = None if kind == "tar" else len(todo)  # a shard's images are counted as they come
-            watched = progress.watching(
-                posixpath.join(runs, "progress"), total, "extract", "images", cli.verbosity >= 0
-            )
-            with watched, pipeline as p:
-                written = build(
-                    p, plan_uri, groups, kind, conf, file_schema, run_id, model,
-                    threads if test_pipeline is None else None, blocked,
-                )  # fmt: skip
-                (
-                    written
-                    | "Collect" >> beam.combiners.ToList()
-                    | "Finalize" >> beam.Map(storage_json, posixpath.join(runs, "written.json"))
-                )
-            entries = json.loads(storage.read_bytes(posixpath.join(runs, "written.json")))
-            log.info("counters: %s", read_counters(getattr(p, "result", None)))
+            entries = extract_planned(todo, kind, state, runs, run_id, conf, target, flags, threads, test_pipeline)
             if kind == "tar":
                 changed = {item[0] for item in todo if state.get(item[0])}
                 records += tar_deletions(entries, changed, state)
                 counts["deleted"] = summary["deleted"] = sum(r["status"] == "deleted" for r in records)
         if records:
-            entries.append(tables.write_records(output, f"part-{run_id}-plan.parquet", records, records_schema,
-                                                properties, run_id))  # fmt: skip
+            entries.append(tables.write_records(output, f"part-{run_id}-plan.parquet", records,
+                                                target["records_schema"], target["properties"], run_id))  # fmt: skip
         summary.update(tally(entries))
         summary["seconds"] = round(time.time() - start, 1)
         if entries:
             failpoints.reach("extract:written")
             held.check()
-            summary["table_version"] = tables.commit(output, entries, properties, snap, run_id, "extract", counts)
+            summary["table_version"] = tables.commit(output, entries, target["properties"], snap, run_id, "extract",
+                                                     counts)  # fmt: skip
             failpoints.reach("extract:committed")
         else:
             summary["table_version"] = None if snap is None else snap.version
         for name in (posixpath.join("_runs", f"{run_id}.json"), "_SUMMARY.json"):
             storage_json(summary, posixpath.join(output, name))
         storage.remove(runs)
-    version = "nothing to commit" if not entries else f"table version {summary['table_version']}"
-    warned = (
-        summary.get("decoder_warnings") and f" ({summary['decoder_warnings']} with decoder warnings in their records)"
-    )
-    cli.say(
-        f"extract: run {run_id}: {describe_plan(summary)}; {summary['images']} images: {summary['extracted']} "
-        f"extracted{warned or ''}, {summary['failed']} failed; {summary['features']} features; {version} of "
-        f"{output} ({summary['seconds']}s)"
-    )
+    log.info(describe_run(summary, bool(entries)), extra=console.SUMMARY)
     return summary
 
 

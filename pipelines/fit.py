@@ -26,6 +26,8 @@ from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import codebooks as cb
 from delf_index.pipelines import cli
+from delf_index.runtime import console
+from delf_index.runtime.conf import resolve_conf
 from delf_index.runtime.tables import iter_batches, live_tables
 from delf_index.schemas.features import descriptors_of
 
@@ -81,25 +83,12 @@ class BottomKSample(beam.CombineFn):
         return acc
 
 
-def resolve_conf(conf=None):
-    """indexing.codebooks.default_conf updated by `conf` (a dict or a preset's name)."""
-    if isinstance(conf, str):
-        if conf not in cb.presets:
-            raise UserError(f"unknown fit preset {conf!r}; presets: {sorted(cb.presets)}")
-        conf = cb.presets[conf]
-    unknown = set(conf or {}) - set(cb.default_conf)
-    if unknown:
-        raise UserError(f"unknown fit options {sorted(unknown)}; known: {sorted(cb.default_conf)}")
-    conf = {**cb.default_conf, **(conf or {})}
-    cb.index_string(conf["pca_dim"], 1, conf["pq"], conf["opq"])  # check the shapes before any work
-    return conf
-
-
 def run(features, output, conf=None, beam_options=None, test_pipeline=None):
     """Fit PCA and PQ codebooks on a sample of the live descriptors of the features table
     `features` (at its current version); write them to `output`. Returns the codebooks
     manifest."""
-    conf = resolve_conf(conf)
+    conf = resolve_conf(conf, cb.default_conf, "fit", cb.presets)
+    cb.index_string(conf["pca_dim"], 1, conf["pq"], conf["opq"])  # check the shapes before any work
     flags, _ = cli.beam_flags(beam_options)
     snap, files = live_tables(features)
     if not files:
@@ -131,10 +120,11 @@ def run(features, output, conf=None, beam_options=None, test_pipeline=None):
             | "Fit" >> beam.Map(fit_and_write)
         )
     _, _, manifest = art.load_codebooks(output)
-    cli.say(
+    log.info(
         f"fit: {manifest['index_string']} on {manifest['sample_descriptors']} of {manifest['corpus_descriptors']} "
         f"descriptors ({manifest['corpus_images']} images), PCA keeps {manifest['pca_explained_variance']:.1%} "
-        f"of the variance, {manifest['code_bytes']}-byte codes -> {output}"
+        f"of the variance, {manifest['code_bytes']}-byte codes -> {output}",
+        extra=console.SUMMARY,
     )
     return manifest
 

@@ -49,7 +49,8 @@ from delf_index.pipelines.build import DEFAULT_KEEP
 from delf_index.pipelines.extract import CountProgress
 from delf_index.pipelines.search import ReadQueries
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import failpoints, lease, progress, storage, tables
+from delf_index.runtime import console, failpoints, lease, progress, storage, tables
+from delf_index.runtime.conf import resolve_conf
 from delf_index.schemas import search as schema
 from delf_index.schemas.artifact import STAGING
 from delf_index.version import __version__
@@ -68,17 +69,7 @@ default_conf = {
     "sheet_rows": 12,  # clusters and suspects shown
     "rows_per_shard": 100_000,  # rows per Parquet file
 }
-
-
-def resolve_conf(conf=None):
-    unknown = set(conf or {}) - set(default_conf)
-    if unknown:
-        raise UserError(f"unknown match options {sorted(unknown)}; known: {sorted(default_conf)}")
-    conf = {**default_conf, **(conf or {})}
-    unknown = set(conf["query"]) - set(query_defaults)
-    if unknown:
-        raise UserError(f"unknown query options {sorted(unknown)}; known: {sorted(query_defaults)}")
-    return conf
+QUERY = {"query": ("query", query_defaults)}  # the nested conf (runtime.conf.resolve_conf)
 
 
 def source_tables(index, manifest, features=None):
@@ -178,7 +169,7 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
     check). `augment`: also publish a new version of the index with the verified neighbour
     graph and the neighbour-augmented global descriptors (query expansion, DBA). Returns the
     summary (also in `output`/_SUMMARY.json)."""
-    conf = resolve_conf(conf)
+    conf = resolve_conf(conf, default_conf, "match", parts=QUERY)
     flags, _ = cli.beam_flags(beam_options)
     output = output.rstrip("/")
     start = time.time()
@@ -192,12 +183,26 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
             index, pairs, summary["index_version"], conf["keep"], matched_with(conf)
         )
     summary["seconds"] = round(time.time() - start, 1)
-    cli.say(
+    log.info(
         f"match: {summary['images']} images, {summary['rows']['pairs']} verified pairs, "
         f"{summary['clusters']} clusters ({summary['largest_cluster']} images in the largest) -> {output} "
-        f"({summary['seconds']}s)"
+        f"({summary['seconds']}s)",
+        extra=console.SUMMARY,
     )
     return summary
+
+
+def labels_of(index, image_ids, index_labels, labels=None):
+    """{image_id: label or None} of the index's images: those the index holds, or `labels` (a
+    dict, or the URI of a CSV of them: read_labels) instead, for its images only."""
+    if isinstance(labels, str):
+        labels = read_labels(labels)
+    if labels is None:
+        return dict(zip(image_ids, index_labels))
+    unknown = len(set(labels) - set(image_ids))
+    if unknown:
+        log.warning("%d labelled image_ids are not in %s: ignored", unknown, index)
+    return {image_id: labels.get(image_id) for image_id in image_ids}
 
 
 def match_version(index, pinned, output, features, conf, labels, flags, test_pipeline):
@@ -205,15 +210,7 @@ def match_version(index, pinned, output, features, conf, labels, flags, test_pip
     the images have labels)."""
     manifest = art.current_manifest(pinned)
     image_ids, uris, index_labels = art.read_images(pinned)
-    if isinstance(labels, str):
-        labels = read_labels(labels)
-    if labels is not None:  # they replace the index's: for its images only
-        unknown = len(set(labels) - set(image_ids))
-        if unknown:
-            log.warning("%d labelled image_ids are not in %s: ignored", unknown, index)
-        labels = {image_id: labels.get(image_id) for image_id in image_ids}
-    else:
-        labels = dict(zip(image_ids, index_labels))
+    labels = labels_of(index, image_ids, index_labels, labels)
     sources = source_tables(index, manifest, features)
     metadata = {
         t: schema.table_metadata(t, manifest["version"], manifest["model_fingerprint"], conf)
@@ -235,7 +232,7 @@ def match_version(index, pinned, output, features, conf, labels, flags, test_pip
     has_labels = any(v is not None for v in labels.values())
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
     folder = posixpath.join(output, "_progress")
-    with progress.watching(folder, len(image_ids), "match", "images", cli.verbosity >= 0), pipeline as p:
+    with progress.watching(folder, len(image_ids), "match", "images"), pipeline as p:
         pairs = (
             p
             | "Tables" >> beam.Create(sources)
@@ -434,7 +431,7 @@ def refresh_graph(index, version_uri, beam_options=None, test_pipeline=None):
     searched = [new_keys[row][0] for row in np.flatnonzero(old_of_new < 0) if new_keys[row] is not None]
     if "match" not in recorded:  # a graph of an earlier delf-index: match's defaults made it
         log.warning("the graph of %s does not record its match settings: refreshing with the defaults", index)
-    conf = resolve_conf(recorded.get("match") or matched_with(default_conf))
+    conf = resolve_conf(recorded.get("match") or matched_with(default_conf), default_conf, "match", parts=QUERY)
     staging = posixpath.join(index.rstrip("/"), STAGING, f"{manifest['version']}-graph")
     pairs = search_images(version_uri, manifest, searched, conf, staging, beam_options, test_pipeline)
     triples = [(row_of[p["image_a"]], row_of[p["image_b"]], p["inliers"]) for p in pairs]

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from delf_index.errors import SchemaError, UserError
 from delf_index.pipelines import cli
-from delf_index.runtime import lease, storage, tables
+from delf_index.runtime import console, lease, storage, tables
 from delf_index.schemas import features as schema
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,10 @@ def run(features, delete_old=False, wait=False):
     if delete_old:
         for name in tables.LEGACY_FOLDERS:
             storage.remove(posixpath.join(features, name))
-    cli.say(
+    log.info(
         f"migrate: {counts['extracted']} live images and {counts['failed']} failures of {features} are now table "
-        f"version {counts['table_version']}" + ("; old folders deleted" if delete_old else "; old folders kept")
+        f"version {counts['table_version']}" + ("; old folders deleted" if delete_old else "; old folders kept"),
+        extra=console.SUMMARY,
     )
     return counts
 

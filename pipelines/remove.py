@@ -33,7 +33,7 @@ from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.pipelines import build, cli, match
 from delf_index.pipelines.extract import DEFAULT_MAX_CHANGE
-from delf_index.runtime import failpoints, tables
+from delf_index.runtime import console, failpoints, tables
 from delf_index.runtime.inputs import read_ids
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ def run(features, ids, restore=False, note=None, wait=False, max_change=DEFAULT_
     verb = "restored" if restore else "removed"
     left = f" ({counts['unchanged']} {'not taken down' if restore else 'already down'})" if counts["unchanged"] else ""
     purged = "" if restore else f"; {counts['files_rewritten']} data files rewritten, {counts['files_deleted']} deleted"
-    cli.say(f"{'restore' if restore else 'remove'}: {counts[verb]} images {verb}{left}; {features} version "
-            f"{counts['table_version']}{purged}")  # fmt: skip
+    log.info(f"{'restore' if restore else 'remove'}: {counts[verb]} images {verb}{left}; {features} version "
+            f"{counts['table_version']}{purged}", extra=console.SUMMARY)  # fmt: skip
     if index is not None:
         # an augmented index keeps its match graph, without the removed images' edges
         refresh = functools.partial(match.refresh_graph, index)

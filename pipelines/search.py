@@ -40,7 +40,9 @@ from delf_index.indexing.retrieval import Index, local_method
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.pipelines import cli, extract, visualize
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
-from delf_index.runtime import failpoints, inputs, progress, storage, tables
+from delf_index.runtime import console, failpoints, inputs, progress, storage, tables
+from delf_index.runtime.conf import resolve_conf
+from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.extractor import load_model, model_of
 from delf_index.schemas import search as search_schema
 from delf_index.version import __version__
@@ -58,21 +60,6 @@ default_conf = {
     # wants views
     "synthesis_budget": 0.1,
 }
-
-
-def resolve_conf(conf=None):
-    unknown = set(conf or {}) - set(default_conf)
-    if unknown:
-        raise UserError(f"unknown search options {sorted(unknown)}; known: {sorted(default_conf)}")
-    conf = {**default_conf, **(conf or {})}
-    unknown = set(conf["query"]) - set(query_defaults)
-    if unknown:
-        raise UserError(f"unknown query options {sorted(unknown)}; known: {sorted(query_defaults)}")
-    if conf["top"] < 1:
-        raise UserError(f"top must be at least 1, not {conf['top']}")
-    if not 0 <= conf["synthesis_budget"] <= 1:
-        raise UserError(f"synthesis_budget is a share of the queries, from 0 to 1, not {conf['synthesis_budget']}")
-    return conf
 
 
 class ReadQueries(beam.DoFn):
@@ -244,7 +231,8 @@ def queries(p, input, conf, manifest, model=None, threads=None):
         return found, p | "NoExtractErrors" >> beam.Create([])
     if tables.is_legacy(input):
         raise tables.missing_table(input)
-    extract_conf = extract.resolve_conf({**conf["extract"], "extractor": manifest["extractor"]})
+    extract_conf = resolve_conf(conf["extract"], extract.default_conf, "extract")
+    extract_conf["extractor"] = {**extractor_defaults, **manifest["extractor"]}  # the index's
     items, listing_errors = extract.list_inputs(p, input)
     features, errors = extract.extract_features(items, inputs.input_kind(input), extract_conf, model, threads)
     found = features | "QueryFeatures" >> beam.MapTuple(lambda key, f: (key[0], key[1], f))
@@ -317,7 +305,11 @@ def count_queries(input):
 def run(input, index, output, conf=None, model=None, beam_options=None, test_pipeline=None):
     """Search the index at `index` with every query of `input`; results and errors tables
     under `output`. Returns the summary (also in `output`/_SUMMARY.json)."""
-    conf = resolve_conf(conf)
+    conf = resolve_conf(conf, default_conf, "search", parts={"query": ("query", query_defaults)})
+    if conf["top"] < 1:
+        raise UserError(f"top must be at least 1, not {conf['top']}")
+    if not 0 <= conf["synthesis_budget"] <= 1:
+        raise UserError(f"synthesis_budget is a share of the queries, from 0 to 1, not {conf['synthesis_budget']}")
     flags, threads = cli.beam_flags(beam_options)
     output = output.rstrip("/")
     with art.pinned(index, f"search --input {input}") as version:  # every worker reads this version
@@ -337,7 +329,7 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         start = time.time()
         pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
         folder = posixpath.join(output, "_progress")
-        watched = progress.watching(folder, count_queries(input), "search", "queries", cli.verbosity >= 0)
+        watched = progress.watching(folder, count_queries(input), "search", "queries")
         with watched, pipeline as p:
             found, failed = queries(p, input, conf, manifest, model, threads if test_pipeline is None else None)
             counted = found | "Progress" >> beam.ParDo(extract.CountProgress(folder))
@@ -376,11 +368,12 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         summary["page"] = results_page(output, version, summary["results_files"])
     summary["seconds"] = round(time.time() - start, 1)
     share = summary["synthesized"] / max(summary["answered"], 1)
-    cli.say(
+    log.info(
         f"search: {summary['queries']} queries: {summary['answered']} answered ({summary['results']} results), "
         f"{summary['failed']} failed; {summary['synthesized']} synthesized ({share:.0%}; "
         f"{summary['synthesis_wanted']} wanted views), {summary['extractions_per_query']:.2f} extractions per query "
-        f"-> {output} ({summary['seconds']}s)"
+        f"-> {output} ({summary['seconds']}s)",
+        extra=console.SUMMARY,
     )
     return summary
 

@@ -35,7 +35,8 @@ import time
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.pipelines import build, cli, compact, extract, fit, match
-from delf_index.runtime import failpoints, lease, tables
+from delf_index.runtime import console, failpoints, lease, tables
+from delf_index.runtime.conf import resolve_conf
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,8 @@ def run(
     wait=False,
 ):
     """One scheduled update of `index` from the images of `input`, through the features table
-    `features`. Returns the counts of what it did (also printed on one line)."""
-    unknown = set(conf or {}) - set(default_conf)
-    if unknown:
-        raise UserError(f"unknown update options {sorted(unknown)}; known: {sorted(default_conf)}")
-    conf = {**default_conf, **(conf or {})}
+    `features`. Returns the counts of what it did (also logged on one line)."""
+    conf = resolve_conf(conf, default_conf, "update")
     versions = {"keep": conf["keep"], "grace": conf["grace"]}
     start = time.time()
     check_table(index, features)
@@ -127,7 +125,7 @@ def run(
     )
     if graph is not None:  # the images the match graph's refresh searched: the new ones
         counts["graph_searched"] = refreshed[0]["searched"] if refreshed else 0
-    cli.say("update: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    log.info("update: " + ", ".join(f"{k} {v}" for k, v in counts.items()), extra=console.SUMMARY)
     return counts
 
 

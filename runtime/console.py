@@ -1,4 +1,13 @@
-"""What reaches the console: C libraries' own output (faiss) is kept out of it.
+"""What reaches the console: the lines jobs log for it, and C libraries' own output (faiss)
+kept out of it.
+
+Jobs log through `logging` (one `delf_index` logger, a child per module) and print nothing
+themselves. Two kinds of their INFO records are lines for a person at the console, marked
+with `extra`: a job's summary (`log.info(text, extra=console.SUMMARY)`: what it did, one line
+at its end) and its progress (`extra=console.PROGRESS`, runtime/progress.py). The command line
+shows those plain, summaries on stdout and progress on stderr, and the other INFO records only
+from -v on (pipelines/cli.py, `setup_logging`); a library user sees them all as ordinary INFO
+records of the loggers they configure, and nothing where they configure none.
 
 faiss prints on the process's C stdout and stderr ("resizing ... to N bytes" when it merges
 on-disk lists, a k-means "WARNING clustering ... points to ... centroids" per sub-quantizer),
@@ -11,6 +20,9 @@ import ctypes
 import os
 import sys
 import tempfile
+
+SUMMARY = {"console": "summary"}  # a job's summary line: stdout on the command line
+PROGRESS = {"console": "progress"}  # a progress line of a long job: stderr on the command line
 
 
 @contextlib.contextmanager

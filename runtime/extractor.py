@@ -36,6 +36,7 @@ import onnxruntime as ort
 
 from delf_index.errors import UserError
 from delf_index.runtime import storage
+from delf_index.runtime.conf import resolve_conf
 from delf_index.runtime.features import Features
 from delf_index.runtime.images import check_rgb, prepare_for_extraction, shrink_to
 from delf_index.schemas import model as model_schema
@@ -215,10 +216,7 @@ class Extractor:
     """
 
     def __init__(self, model=None, conf=None, engine=None, providers=None, threads=None):
-        unknown = set(conf or {}) - set(default_conf)
-        if unknown:
-            raise UserError(f"unknown extractor options {sorted(unknown)}; known: {sorted(default_conf)}")
-        self.conf = {**default_conf, **(conf or {})}
+        self.conf = resolve_conf(conf, default_conf, "extractor")
         if self.conf["selection"] not in SELECTIONS:
             raise UserError(f"selection {self.conf['selection']!r}: use one of {SELECTIONS}")
         self.engine = engine or OnnxEngine(model, providers=providers, threads=threads)

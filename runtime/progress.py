@@ -2,10 +2,14 @@
 
 Workers count what they finish with a `Counter` (in a DoFn), which writes its count every few
 seconds to a small file of the job's progress folder; the launching process sums them in
-`watching`, and shows a bar on a terminal (tqdm) or, in logs (Dataflow, CI, cron), a line
-every 30 s:
+`watching`, which logs a line every 30 s (an INFO record marked `console.PROGRESS`: in logs,
+Dataflow's, CI's, cron's):
 
     extract: 1,234 / 10,000 images (12%), 8.1 images/s, 18 min left
+
+or, where the command line asked for bars (`bars`) and stderr is a terminal, shows a bar
+(tqdm) instead. A library user sees the lines once they configure logging, and never a bar
+unless they set `progress.bars = True`.
 
 The folder is local for a local run and an object-store folder for remote workers (each
 worker writes one small object every 15 s there); it is removed at the end.
@@ -13,6 +17,7 @@ worker writes one small object every 15 s there); it is removed at the end.
 
 import contextlib
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -23,9 +28,11 @@ import uuid
 
 from tqdm import tqdm
 
-from delf_index.runtime import storage
+from delf_index.runtime import console, storage
 
-LOG_EVERY = 30.0  # seconds between progress lines when the console is not a terminal
+log = logging.getLogger(__name__)
+LOG_EVERY = 30.0  # seconds between progress lines when no bar is shown
+bars = False  # a bar on a terminal instead of the lines: the command line's choice (pipelines/cli.py)
 
 
 def flush_every(folder):
@@ -69,23 +76,23 @@ def done(folder):
 
 
 @contextlib.contextmanager
-def watching(folder, total, what, unit, show=True):
+def watching(folder, total, what, unit):
     """Show the progress of the workers counting into `folder` while the block runs: `total`
-    units (None: unknown), named `unit`, for the job `what`."""
+    units (None: unknown), named `unit`, for the job `what`. Nothing is shown where INFO
+    records of this module's logger go nowhere (`-q`, or a library user's default)."""
     stop = threading.Event()
     bar = None
-    if show and sys.stderr.isatty():
+    if bars and sys.stderr.isatty() and log.isEnabledFor(logging.INFO):
         bar = tqdm(total=total, desc=what, unit=f" {unit}", leave=False, dynamic_ncols=True)
 
     def watch():
         start, logged = time.time(), time.time()
         while not stop.wait(flush_every(folder)):
-            count = done(folder)
             if bar is not None:
-                bar.update(count - bar.n)
-            elif show and time.time() - logged >= LOG_EVERY:
+                bar.update(done(folder) - bar.n)
+            elif time.time() - logged >= LOG_EVERY and log.isEnabledFor(logging.INFO):
                 logged = time.time()
-                print(line(what, count, total, unit, time.time() - start), file=sys.stderr, flush=True)
+                log.info(line(what, done(folder), total, unit, time.time() - start), extra=console.PROGRESS)
 
     thread = threading.Thread(target=watch, name=f"progress {what}", daemon=True)
     thread.start()

@@ -91,3 +91,32 @@ def test_nothing_is_imported_for_a_side_effect():
                 continue
             source = ast.get_source_segment(text, node) or ""
             assert "os.environ" not in source, f"{path.name}:{node.lineno} changes the environment on import"
+
+
+LONG = 80  # lines of a function, from its `def` to its last line, that fit a screen
+LONG_REASON = "over 80 lines because"  # what the docstring of a longer one says, with the reason
+
+
+def long_functions():
+    """(where, lines, docstring) of the package's functions and methods over LONG lines."""
+    for _, path in package_modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONG:
+                    yield f"{path.relative_to(ROOT)}:{node.lineno} {node.name}", lines, ast.get_docstring(node) or ""
+
+
+def test_functions_fit_a_screen():
+    """At most three functions over 80 lines in the package, each saying why in its docstring
+    ("over 80 lines because ..."); tests and benchmarks apart."""
+    found = list(long_functions())
+    assert len(found) <= 3, f"more than three functions over {LONG} lines: {[(w, n) for w, n, _ in found]}"
+    for where, lines, doc in found:
+        assert LONG_REASON in " ".join(doc.split()), f"{where} has {lines} lines: split it, or say why ({LONG_REASON})"
+
+
+def test_one_resolve_conf():
+    """A conf is resolved by one function (runtime/conf.py), in every module that takes one."""
+    defined = [path.name for _, path in package_modules() if "def resolve_conf(" in path.read_text()]
+    assert defined == ["conf.py"]

@@ -14,6 +14,7 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import expansion, graph
 from delf_index.indexing.retrieval import Index, QueryError
 from delf_index.pipelines import build, match, search
+from delf_index.runtime.conf import resolve_conf
 from delf_index.runtime.images import read_image
 from tests.conftest import ONE_WORKER
 
@@ -177,7 +178,7 @@ def test_a_query_the_index_refuses_becomes_an_error_row():
         def search(self, *args, **kwargs):
             raise QueryError("use_dba needs an augmented index")
 
-    fn = search.Search("unused", search.resolve_conf(None), handle=None)
+    fn = search.Search("unused", resolve_conf(None, search.default_conf, "search"), handle=None)
     fn.index = Refusing()
     (out,) = list(fn.process(("q.jpg", "/photos/q.jpg", None)))
     assert out.tag == "errors"

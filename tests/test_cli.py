@@ -293,3 +293,26 @@ def test_the_test_run_says_first_what_will_skip(monkeypatch, tmp_path):
     (tmp_path / "groups.csv").write_text("image,group\n")
     conftest.pytest_collection_finish(session(*pages, landmarks, other))  # all there: nothing said
     assert written == []
+
+
+@pytest.mark.parametrize(
+    "job, conf, refused",
+    [
+        ("extract", {"extractor": {"max_featues": 10}}, "unknown extractor options ['max_featues']"),
+        ("extract", "delf-v2", "unknown extract preset 'delf-v2'; presets: ['default', 'delf-v1']"),
+        ("fit", {"pca": 40}, "unknown fit options ['pca']"),
+        ("search", {"query": {"knm": 5}}, "unknown query options ['knm']"),
+        ("match", {"query": {"knm": 5}}, "unknown query options ['knm']"),
+        ("evaluate", {"fitt": {}}, "unknown evaluate options ['fitt']"),
+    ],
+)
+def test_a_job_refuses_an_unknown_conf_key_before_any_work(job, conf, refused, tmp_path):
+    """Every job's conf goes through runtime.conf.resolve_conf first: a typo is named, nested
+    or not, before any path is read."""
+    module = importlib.import_module(f"delf_index.pipelines.{job}")
+    missing = str(tmp_path / "missing")
+    arguments = (missing,) * (3 if job == "search" else 2)
+    keywords = {"groups": missing} if job == "evaluate" else {}
+    with pytest.raises(UserError) as refusal:
+        module.run(*arguments, conf=conf, **keywords)
+    assert refused in str(refusal.value)

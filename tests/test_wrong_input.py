@@ -173,12 +173,13 @@ def test_a_takedown_leaves_no_record_of_the_image_on_storage(copies, monkeypatch
     assert ("chelsea.jpg", "extracted") not in records_on_storage(features)
 
 
-def test_update_with_nothing_to_append_says_the_index_is_unchanged(copies, capsys):
+def test_update_with_nothing_to_append_says_the_index_is_unchanged(copies, caplog):
     """Item 7: not "index appended" when build had nothing to append."""
     images, features, index = copies
-    counts = update.run(images, features, index, beam_options=ONE_WORKER)
+    with caplog.at_level(logging.INFO, logger="delf_index"):
+        counts = update.run(images, features, index, beam_options=ONE_WORKER)
     assert counts["index"] == "unchanged" and counts["version"] == served(index)[1]
-    assert "index unchanged" in capsys.readouterr().out
+    assert "index unchanged" in caplog.text
 
 
 def test_a_version_vacuumed_by_compaction_is_named_as_such(copies):
