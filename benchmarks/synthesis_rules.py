@@ -47,7 +47,7 @@ def landmark_queries(workdir):
 def record(index, query, below):
     """The plain ranking of one query, and what each view verifies when it verified too little."""
     pixels = index.query_pixels(query["uri"])
-    features = query.get("features") or index.features_of(pixels)
+    features = query.get("features") or index.query_features(pixels)
     plain = index._rank(features, None, query["exclude"], None, None)
     out = {k: query[k] for k in ("id", "positives", "tilt", "rotation") if k in query}
     out.update(fused=plain["fused"].tolist(), inliers=plain["inliers"].tolist(), order=plain["order"].tolist(),

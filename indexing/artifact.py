@@ -109,7 +109,7 @@ def write_codebooks(uri, pca, trained, info, words=None):
     return manifest
 
 
-def read_manifest(folder, name, expected_format, expected_version):
+def read_folder_manifest(folder, name, expected_format, expected_version):
     path = os.path.join(folder, name)
     if not os.path.exists(path):
         raise ArtifactError(f"{folder} has no {name}: not a finished {expected_format} folder (did the job complete?)")
@@ -157,7 +157,7 @@ def codebooks_folder(uri):
     else:
         name, expected = "codebooks.json", (CODEBOOKS_FORMAT, CODEBOOKS_VERSION)
     folder = fetch_manifested(uri, name, expected[0])
-    return folder, name, read_manifest(folder, name, *expected)
+    return folder, name, read_folder_manifest(folder, name, *expected)
 
 
 def load_codebooks(uri, verify=True):
@@ -244,7 +244,7 @@ class IndexChanged(UserError):
 
 def _log_names(uri):
     """(filesystem, log folder, entry names oldest first) of an index, listed afresh."""
-    fs, path = storage.fresh(posixpath.join(uri.rstrip("/"), LOG, "x"))
+    fs, path = storage.uncached_filesystem(posixpath.join(uri.rstrip("/"), LOG, "x"))
     folder = posixpath.dirname(path)
     names = sorted(posixpath.basename(p) for p in fs.ls(folder, detail=False)) if fs.exists(folder) else []
     return fs, folder, [n for n in names if re.fullmatch(r"\d{20}\.json", n)]
@@ -268,7 +268,7 @@ def current_entry(uri):
 
 
 def read_legacy_pointer(uri):
-    fs, path = storage.fresh(posixpath.join(uri.rstrip("/"), POINTER))
+    fs, path = storage.uncached_filesystem(posixpath.join(uri.rstrip("/"), POINTER))
     return json.loads(storage.read_bytes(storage.with_protocol(fs, path))) if fs.exists(path) else None
 
 
@@ -278,7 +278,7 @@ def is_index(uri):
 
 
 def storage_has(uri, name):
-    fs, path = storage.fresh(posixpath.join(uri, name))
+    fs, path = storage.uncached_filesystem(posixpath.join(uri, name))
     return fs.exists(path)
 
 
@@ -328,7 +328,7 @@ def read_images(uri):
 
 def list_versions(uri):
     """Names of the version folders of an index, oldest first."""
-    fs, path = storage.fresh(posixpath.join(uri, VERSIONS, "x"))
+    fs, path = storage.uncached_filesystem(posixpath.join(uri, VERSIONS, "x"))
     path = posixpath.dirname(path)
     if not fs.exists(path):
         return []
@@ -449,7 +449,7 @@ def work_leftovers(uri):
             if os.path.isdir(folder)
             else []
         )
-    fs, staging = storage.fresh(posixpath.join(uri, STAGING, "x"))
+    fs, staging = storage.uncached_filesystem(posixpath.join(uri, STAGING, "x"))
     staging = posixpath.dirname(staging)
     if fs.exists(staging):
         out += [storage.with_protocol(fs, p) for p in fs.ls(staging, detail=False)]
@@ -458,7 +458,7 @@ def work_leftovers(uri):
 
 def folder_age(uri):
     """Seconds since anything in a folder last changed (inf when it is gone)."""
-    fs, path = storage.fresh(posixpath.join(uri, "x"))
+    fs, path = storage.uncached_filesystem(posixpath.join(uri, "x"))
     path = posixpath.dirname(path)
     try:
         stamps = [_modified(info) for info in fs.find(path, detail=True).values()]
@@ -486,7 +486,7 @@ def _modified(info):
 # -- pins: a long job's claim on the version it reads --------------------------------------------
 def pinned_versions(uri):
     """Versions that an unexpired pin names."""
-    fs, path = storage.fresh(posixpath.join(uri, PINS, "x"))
+    fs, path = storage.uncached_filesystem(posixpath.join(uri, PINS, "x"))
     folder = posixpath.dirname(path)
     out = set()
     for name in fs.ls(folder, detail=False) if fs.exists(folder) else []:
@@ -548,7 +548,7 @@ class Artifact:
 
     def __init__(self, folder, manifest, uri=None):
         self.folder, self.manifest, self.uri = folder, manifest, uri or folder
-        self._hold = cache.hold(folder)  # a cache folder in use is never evicted
+        self._in_use = cache.mark_in_use(folder)  # a cache folder in use is never evicted
         with open(os.path.join(folder, "pca.npz"), "rb") as f:
             self.pca = pca_lib.pca_from_bytes(f.read())
         files = manifest["files"]
@@ -609,7 +609,7 @@ class Artifact:
             version = current_version(uri)
             try:
                 folder = fetch_manifested(version, "manifest.json", ARTIFACT_FORMAT)
-                manifest = read_manifest(folder, "manifest.json", ARTIFACT_FORMAT, ARTIFACT_READS)
+                manifest = read_folder_manifest(folder, "manifest.json", ARTIFACT_FORMAT, ARTIFACT_READS)
                 if verify:
                     verify_files(folder, manifest)
                 if model_fingerprint is not None:
@@ -617,7 +617,7 @@ class Artifact:
                 return cls.opened(folder, manifest, version)
             except (ArtifactError, FileNotFoundError) as e:
                 if attempt or version == uri.rstrip("/") or current_version(uri) == version:
-                    fs, path = storage.fresh(uri.rstrip("/"))
+                    fs, path = storage.uncached_filesystem(uri.rstrip("/"))
                     if not fs.exists(path):  # a mistyped path, not an unfinished build
                         raise ArtifactError(f"no index at {uri}: check the path (--index)") from e
                     raise

@@ -258,7 +258,7 @@ class Index:
         return len(self.artifact)
 
     # -- input ----------------------------------------------------------------------------
-    def features_of(self, query):
+    def query_features(self, query):
         """Features of a query: Features as they are, else an image (a path or URI, encoded
         bytes or a uint8 RGB array) decoded and shrunk as extract does with database images,
         or the (pixels, original size) of `query_pixels`."""
@@ -289,7 +289,7 @@ class Index:
         its pixels: a query given as Features names them with `image` (a path, bytes or array)."""
         clock = time.perf_counter()
         pixels = None if isinstance(query, Features) else self.query_pixels(query)
-        features = query if pixels is None else self.features_of(pixels)
+        features = query if pixels is None else self.query_features(pixels)
         extracted = time.perf_counter()
         if len(self.artifact) == 0:
             return []

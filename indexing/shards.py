@@ -342,7 +342,7 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
         if "offsets" in source:  # a previous version: CSR, its words implied by the offsets
             offsets = source["offsets"]
             found = np.repeat(np.arange(first, last, dtype=np.int32), np.diff(offsets[first : last + 1]))
-            owners = asmk.list_images(source, first, last)
+            owners = asmk.entry_images(source, first, last)
             return found, owners, np.asarray(source["signatures"][offsets[first] : offsets[last]])
         lo, hi = np.searchsorted(source["words"], [first, last])
         return tuple(np.asarray(source[key][lo:hi]) for key in ("words", "images", "signatures"))

@@ -273,10 +273,12 @@ def run(
     output = output.rstrip("/")
     check_arguments(features, output, append, remove, codebooks)
     # leases in one order everywhere, the table's before the index's: two jobs never wait on each other
-    taking_down = lease.hold(features, "build --remove", wait=wait) if remove is not None else contextlib.nullcontext()
+    taking_down = (
+        lease.writing(features, "build --remove", wait=wait) if remove is not None else contextlib.nullcontext()
+    )
     with (
         taking_down,
-        lease.hold(output, f"build{' --append' if append else ''} --features {features}", wait=wait) as held,
+        lease.writing(output, f"build{' --append' if append else ''} --features {features}", wait=wait) as held,
     ):
         base = art.current_entry(output)
         planned = tables.snapshot(features, table_version)

@@ -159,7 +159,7 @@ class RunQueries(beam.DoFn):
             if query.get("bbx"):
                 x1, y1, x2, y2 = (int(round(v)) for v in query["bbx"])
                 image = np.ascontiguousarray(image[max(0, y1) : y2, max(0, x1) : x2])
-            features = next(iter(self.indexes.values())).features_of(image)
+            features = next(iter(self.indexes.values())).query_features(image)
         row = {"query": query["id"], "label": query.get("label")}
         # the configurations of one local method differ only in the use_* switches: one k-NN
         # search (or one ASMK aggregation) serves them all

@@ -564,7 +564,7 @@ def run(
     properties = table_schema.table_properties(fingerprint, model_metadata, settings, conf["descriptor_dtype"])
     records_schema = table_schema.records_schema(conf["descriptor_dtype"], model_metadata["descriptor_dim"])
     kind = inputs.input_kind(input)
-    with lease.hold(output, f"extract --input {input}", wait=wait) as held:
+    with lease.writing(output, f"extract --input {input}", wait=wait) as held:
         start = time.time()
         snap = tables.snapshot(output) if tables.exists(output) else None
         if snap is None and tables.is_legacy(output):

@@ -366,7 +366,7 @@ def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP, matched=None
     filesystem allows) plus the verified neighbour graph of `pairs` and the DBA global
     descriptors (indexing/expansion.py). Refuses when the index changed since it was matched.
     `matched`: the match settings (`matched_with`), recorded for `update`'s refreshes."""
-    with lease.hold(index, "match --augment") as held:
+    with lease.writing(index, "match --augment") as held:
         base = art.current_entry(index)
         if base["version"] != matched_version:
             raise UserError(f"{index} is at version {base['version']}, matched {matched_version}: match again")

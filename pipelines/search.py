@@ -82,7 +82,7 @@ class ReadQueries(beam.DoFn):
         uri, stale = element
         for table in tables.iter_batches(uri, None, skip=stale):
             uris = table.column("uri").to_pylist()
-            for (image_id, features), query_uri in zip(tables.features_of(table), uris):
+            for (image_id, features), query_uri in zip(tables.record_features(table), uris):
                 yield image_id, query_uri, features
 
 

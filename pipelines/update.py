@@ -76,7 +76,7 @@ def run(
     versions = {"keep": conf["keep"], "grace": conf["grace"]}
     start = time.time()
     check_table(index, features)
-    with lease.hold(features, f"update --input {input}", wait=wait), lease.hold(index, "update", wait=wait):
+    with lease.writing(features, f"update --input {input}", wait=wait), lease.writing(index, "update", wait=wait):
         extracted = extract.run(
             input, features, conf["extract"], model, beam_options, retry_errors=retry_errors,
             keep_unlisted=keep_unlisted, dry_run=dry_run,

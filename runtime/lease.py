@@ -1,6 +1,6 @@
 """One writer at a time: a lease object beside what it guards (a features table, an index).
 
-    with lease.hold("gs://bucket/index", "build --append", wait=False) as held:
+    with lease.writing("gs://bucket/index", "build --append", wait=False) as held:
         ...                       # plan, write files
         held.check()              # right before the commit: still ours?
         ...                       # commit
@@ -149,7 +149,7 @@ _held = threading.local()  # lease uri -> Lease of this thread (re-entrant in on
 
 
 @contextlib.contextmanager
-def hold(root, holder, wait=False, timeout=None):
+def writing(root, holder, wait=False, timeout=None):
     """Hold the lease of `root` for the block (see the module's docstring); yields the Lease."""
     uri = posixpath.join(root.rstrip("/"), LEASE)
     held = _held.__dict__

@@ -126,7 +126,7 @@ class PreconditionFailed(Exception):
     """A conditional write found the object other than the writer last read it."""
 
 
-def fresh(uri):
+def uncached_filesystem(uri):
     """(filesystem, path) with fsspec's listing cache of `uri`'s folder dropped: another process
     may have written there since this one listed it."""
     fs, path = filesystem(uri)
@@ -149,7 +149,7 @@ def read_versioned(uri):
                 return f.read(), token
         except FileNotFoundError:
             return None, None
-    fs, path = fresh(uri)
+    fs, path = uncached_filesystem(uri)
     try:
         info = retrying(lambda: fs.info(path), f"reading {uri}")
         token = _remote_token(fs, info)
@@ -188,7 +188,7 @@ def write_if(uri, data, token=None):
                 f.write(data)
             os.replace(tmp, path)
             return _local_token(path)
-    fs, path = fresh(uri)
+    fs, path = uncached_filesystem(uri)
     protocol = protocol_of(fs)
     try:
         if protocol == "gs" and token is not None:
@@ -279,7 +279,7 @@ def remove(uri):
 def download(uri, target):
     """Copy one object to the local path `target` through a temporary file renamed into place
     (looked up afresh: a listing this process cached may predate the object)."""
-    fs, path = fresh(uri)
+    fs, path = uncached_filesystem(uri)
     tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         retrying(lambda: fs.get_file(path, tmp), f"downloading {uri}")

@@ -208,7 +208,7 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
             else:  # bit for bit, padding included
                 np.testing.assert_array_equal(written, expected[key], err_msg=key)
         lists = asmk.open_lists(str(out))
-        np.testing.assert_array_equal(asmk.list_images(lists), expected["images"])
+        np.testing.assert_array_equal(asmk.entry_images(lists), expected["images"])
     # a version of the unreleased formats 3 to 5 (no coded ids) is refused, naming the fix
     unreleased = tmp_path / "format-3"
     unreleased.mkdir()
@@ -234,7 +234,7 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
     for bits in (np.uint64(2**64 - 1), np.uint64(0)):
         lists = {**expected, "ids": np.full_like(expected["ids"], bits)}
         asmk.check_lists(lists, "memory")
-        assert len(asmk.list_images(lists)) == len(expected["images"])
+        assert len(asmk.entry_images(lists)) == len(expected["images"])
         signatures = expected["signatures"][:2]
         for idf, threads in ((True, 1), (True, 2), (False, 1)):
             scores = asmk.search(lists, np.arange(num_words)[[3, -1]], signatures, {"threads": threads, "idf": idf})
@@ -253,15 +253,15 @@ def test_image_ids_are_coded_in_elias_fano_and_decoded_exactly():
     assert id_offsets.tolist() == [0, 0, 15, 16, 79, 79 + 31 + 1] and len(coded) == 2 + 1  # + padding
     assert int(coded[0]) & 0xFFFF == 0b1100010010100101 and coded[-1] == 0
     lists = {"ids": coded, "low_bits": low_bits, "id_offsets": id_offsets, "offsets": offsets}
-    np.testing.assert_array_equal(asmk.list_images(lists), ids)
-    np.testing.assert_array_equal(asmk.list_images(lists, 2, 4), ids[4:7])
+    np.testing.assert_array_equal(asmk.entry_images(lists), ids)
+    np.testing.assert_array_equal(asmk.entry_images(lists, 2, 4), ids[4:7])
     # dense and sparse words: parts across uint64 boundaries, high parts over many uint64
     rng = np.random.default_rng(0)
     sizes = [(10**6, 3), (5000, 4999), (10**5, 700)]
     lists = [np.sort(rng.choice(universe, size, replace=False)) for universe, size in sizes] + [np.array([76])]
     ids, offsets = np.concatenate(lists).astype(np.int32), np.cumsum([0] + [len(x) for x in lists])
     coded = dict(zip(("ids", "low_bits", "id_offsets"), asmk.encode_ids(ids, offsets)), offsets=offsets)
-    np.testing.assert_array_equal(asmk.list_images(coded), ids)
+    np.testing.assert_array_equal(asmk.entry_images(coded), ids)
     assert coded["low_bits"].tolist() == [18, 0, 7, 6]
     with pytest.raises(ValueError, match="ascend"):
         asmk.encode_ids(np.array([3, 3], np.int32), np.array([0, 2], np.int64))

@@ -125,12 +125,12 @@ def record(**fields):
 
 def test_a_second_writer_is_told_who_holds_the_lease_and_waits_with_wait(store, monkeypatch):
     monkeypatch.setattr(lease, "POLL_SECONDS", 0.05)
-    with lease.hold(store, "build --append"):
+    with lease.writing(store, "build --append"):
         failed = []
 
         def second():
             try:
-                with lease.hold(store, "update"):
+                with lease.writing(store, "update"):
                     pass
             except lease.LeaseHeld as e:
                 failed.append(str(e))
@@ -140,7 +140,7 @@ def test_a_second_writer_is_told_who_holds_the_lease_and_waits_with_wait(store, 
         thread.join()
         assert failed and "`build --append` on " in failed[0] and "--wait" in failed[0]
         got = []
-        waiter = threading.Thread(target=lambda: got.append(lease.hold(store, "update", wait=True).__enter__()))
+        waiter = threading.Thread(target=lambda: got.append(lease.writing(store, "update", wait=True).__enter__()))
         waiter.start()
         time.sleep(0.3)
         assert not got  # still waiting while the first holds it

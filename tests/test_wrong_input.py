@@ -203,6 +203,6 @@ def test_lease_files_record_the_process_token(copies):
     _, features, _ = copies
     from delf_index.runtime import lease
 
-    with lease.hold(features, "test"):
+    with lease.writing(features, "test"):
         record = json.loads(open(os.path.join(features, "_lease.json")).read())
     assert record["owner"] == lease.process_token() and len(record["owner"]) == 32
