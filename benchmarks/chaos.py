@@ -334,10 +334,10 @@ class SystemUnderTest:
     def outside(self):
         """What wrong input must never change: (table version, index log sequence, the other
         tables' versions, whether anything exists at the mistyped paths)."""
-        from delf_index.indexing import artifact as art
+        from delf_index.indexing.versions import current_entry
         from delf_index.runtime import storage, tables
 
-        entry = art.current_entry(self.index)
+        entry = current_entry(self.index)
         typos = []
         for path in (self.features, self.index):
             fs, typo = storage.uncached_filesystem(f"{path}-typo")
@@ -411,9 +411,10 @@ class SystemUnderTest:
         version it names. Returns (its (image_id, run) pairs, the loaded artifact), or (None,
         None) before the first build."""
         from delf_index.indexing import artifact as art
+        from delf_index.indexing.versions import current_entry, list_versions
         from delf_index.runtime import tables
 
-        entry = art.current_entry(self.index)
+        entry = current_entry(self.index)
         if entry is None:
             return None, None
         artifact = art.Artifact.load(self.index)
@@ -434,7 +435,7 @@ class SystemUnderTest:
             self.counts["unverifiable"] += 1
             seen = set().union(pairs, *self.live_at.values())
             assert {p for p in held if p[0] not in blocked} <= seen, "the index holds records never live"
-        versions = set(art.list_versions(self.index))
+        versions = set(list_versions(self.index))
         self.counts["pruned"] += len(self.versions - versions)
         self.versions = versions
         return held, artifact

@@ -23,9 +23,9 @@ import time
 import faiss
 import numpy as np
 
-from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk
 from delf_index.indexing import pca as pca_lib
+from delf_index.indexing.codebooks_io import load_codebooks, load_words
 from delf_index.runtime import tables
 
 
@@ -70,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--ef", type=int, nargs="+", default=[16, 32, 64])
     args = parser.parse_args(argv)
     if args.features:
-        pca, _, _ = art.load_codebooks(args.codebooks)
+        pca, _, _ = load_codebooks(args.codebooks)
         images = [pca_lib.apply_pca(f.descriptors, pca) for _, f in tables.iter_features(args.features)]
         train = np.concatenate(images[: args.train_images]).astype(np.float32)
         queries = np.concatenate(images[args.train_images :]).astype(np.float32)
@@ -84,7 +84,7 @@ def main(argv=None):
     if args.synthetic_words:
         from benchmarks.build_scale import DIM, synthetic
 
-        words = art.load_words(args.synthetic_words)
+        words = load_words(args.synthetic_words)
         centres = synthetic(0, 20_000, np.random.default_rng(1).normal(size=(20_000, DIM)).astype(np.float32))
         queries = synthetic(99, 5000, centres)
         for row in measure(words, queries, args.ef):

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk
 from delf_index.indexing import pca as pca_lib
+from delf_index.indexing.manifests import ArtifactError
 from delf_index.runtime import console
 from delf_index.schemas.artifact import IMAGES_SCHEMA, MAX_COORDINATE, MAX_FEATURES
 from delf_index.schemas.features import descriptors_of
@@ -59,7 +60,7 @@ def encode_shard(tables, pca, trained, first_id, prefix, method="knn", words=Non
     clock = Clock(timings)
     knn, use_asmk = method in ("knn", "both"), method in ("asmk", "both")
     if use_asmk and words is None:
-        raise art.ArtifactError("an ASMK index needs ASMK visual words: fit the codebooks with --asmk-words")
+        raise ArtifactError("an ASMK index needs ASMK visual words: fit the codebooks with --asmk-words")
     index = faiss.clone_index(trained)
     geometry, globals_, images, entries, codes = [], [], [], [], []
     next_id = first_id
@@ -159,7 +160,7 @@ def check_ranges(table, counts):
     ids = table.column("image_id").to_pylist()
     too_many = np.nonzero(counts > MAX_FEATURES)[0]
     if len(too_many):
-        raise art.ArtifactError(
+        raise ArtifactError(
             f"{ids[too_many[0]]} has {counts[too_many[0]]} features; an index holds at most {MAX_FEATURES} per "
             "image: extract with a lower max_features"
         )
@@ -168,7 +169,7 @@ def check_ranges(table, counts):
         bad = np.nonzero((values < -0.5) | (values > MAX_COORDINATE + 0.49))[0]
         if len(bad):
             image = np.searchsorted(np.cumsum(counts), bad[0], side="right")
-            raise art.ArtifactError(
+            raise ArtifactError(
                 f"{ids[image]} has a keypoint at {column} = {values[bad[0]]:.1f}, beyond the index's pixel range "
                 f"0..{MAX_COORDINATE}: such images cannot be indexed (shrink them first)"
             )
@@ -191,7 +192,7 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
     images = pa.concat_tables(tables) if tables else IMAGES_SCHEMA.empty_table().drop(["geometry_offset"])
     ids = images.column("id").to_numpy()
     if len(ids) and not np.array_equal(ids, np.arange(len(ids))):
-        raise art.ArtifactError("image ids of the shards are not consecutive: shards missing or out of order")
+        raise ArtifactError("image ids of the shards are not consecutive: shards missing or out of order")
     image_ids = images.column("image_id").to_pylist()
     hidden = set(np.load(os.path.join(previous, "hidden.npy")).tolist()) if previous else set()
     hidden.update(int(h) for h in hide)
@@ -202,7 +203,7 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
             if image_id in seen:
                 dup.append(image_id)
             seen.add(image_id)
-        raise art.ArtifactError(f"{len(dup)} image_ids occur twice, e.g. {dup[:3]}: an image can be indexed once")
+        raise ArtifactError(f"{len(dup)} image_ids occur twice, e.g. {dup[:3]}: an image can be indexed once")
     np.save(os.path.join(out_dir, "hidden.npy"), np.array(sorted(hidden), np.int64))
     counts = images.column("num_features").to_numpy().astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
@@ -210,7 +211,7 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
     pq.write_table(images, os.path.join(out_dir, "images.parquet"))
     descriptors = int(counts.sum())
     if listed is not None and listed != descriptors:
-        raise art.ArtifactError(f"{listed} indexed descriptors but the image table counts {descriptors}")
+        raise ArtifactError(f"{listed} indexed descriptors but the image table counts {descriptors}")
     clock.lap("images_s")
 
     # geometry (and ASMK's per-descriptor codes), copied piece by piece into memory-mapped arrays
@@ -222,7 +223,7 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
     clock.lap("geometry_s")
     if method in ("asmk", "both"):
         if previous and not os.path.exists(os.path.join(previous, "codes.npy")):
-            raise art.ArtifactError("the index has no ASMK codes to append to: build it with --method asmk or both")
+            raise ArtifactError("the index has no ASMK codes to append to: build it with --method asmk or both")
         concatenate("codes.npy")
         clock.lap("codes_s")
         write_asmk(prefixes, previous, out_dir, len(image_ids), words)
@@ -250,7 +251,7 @@ def merge_lists(prefixes, trained, out_dir, previous=None):
     sources, keep_alive = [], []
     if previous is not None:
         if not os.path.exists(os.path.join(previous, "index.faiss")):
-            raise art.ArtifactError("the index has no k-NN lists to append to: build it with --method knn or both")
+            raise ArtifactError("the index has no k-NN lists to append to: build it with --method knn or both")
         with console.c_output() as said:  # and that it re-points the lists at their file
             old = faiss.read_index(os.path.join(previous, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
         log.debug("faiss: %s", said[0].strip())
@@ -328,7 +329,7 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
     written `block_words` words at a time, so memory holds one block of entries, not the
     corpus (tests/test_asmk.py checks it against the file built in memory)."""
     if num_images >= 2**31:
-        raise art.ArtifactError(f"{num_images} images: ASMK's inverted file holds int32 image ids, at most 2**31 - 1")
+        raise ArtifactError(f"{num_images} images: ASMK's inverted file holds int32 image ids, at most 2**31 - 1")
     num_words = len(words.centroids)
     sources = []  # per source, in image id order: a previous version's lists, or a shard's sorted entries
     if previous:

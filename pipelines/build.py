@@ -16,7 +16,7 @@ its geometry, images and global descriptors, staged under `_staging/<version>/`;
 parallel) -> Merge (one worker: on-disk merge of the inverted lists, memory-mapped geometry;
 indexing/shards.py; the complete version is placed under versions/) -> Publish (here: the
 next log entry, created only if no other writer published since this build planned;
-indexing/artifact.py). Readers never see a half-built index; `--keep N` prunes old versions.
+indexing/versions.py). Readers never see a half-built index; `--keep N` prunes old versions.
 One build at a time per index: the index's lease (runtime/lease.py).
 
 A build reads the live records of the features table at one version (its current one, or
@@ -48,12 +48,23 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import shards as shards_lib
+from delf_index.indexing.codebooks_io import WORDS_FILE, codebooks_folder, load_codebooks, load_words
+from delf_index.indexing.manifests import ArtifactError, check_fingerprint, fetch_manifested, file_entries
+from delf_index.indexing.versions import (
+    commit_version,
+    current_entry,
+    current_manifest,
+    current_version,
+    new_version_name,
+    place_version,
+    version_work_folder,
+)
 from delf_index.pipelines import cli
 from delf_index.pipelines.extract import CountProgress
 from delf_index.runtime import failpoints, lease, progress, storage, tables
 from delf_index.runtime.inputs import read_ids
 from delf_index.runtime.tables import iter_batches
-from delf_index.schemas.artifact import ARTIFACT_VERSION, STAGING, VERSIONS
+from delf_index.schemas.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, STAGING, VERSIONS
 from delf_index.version import __version__
 
 log = logging.getLogger(__name__)
@@ -64,7 +75,7 @@ def word_assigner(codebooks_uri, method):
     """ASMK's words of the codebooks when the method needs them, else None."""
     if method == "knn":
         return None
-    words = art.load_words(codebooks_uri)
+    words = load_words(codebooks_uri)
     if words is None:
         raise UserError(f"--method {method} needs ASMK visual words: fit the codebooks with --asmk-words auto")
     return shards_lib.WordAssigner(words)
@@ -80,7 +91,7 @@ class EncodeShard(beam.DoFn):
         self.descriptors = Metrics.counter("delf_index", "descriptors_encoded")
 
     def setup(self):
-        self.pca, self.trained, _ = art.load_codebooks(self.codebooks_uri)
+        self.pca, self.trained, _ = load_codebooks(self.codebooks_uri)
         self.words = word_assigner(self.codebooks_uri, self.method)
 
     def process(self, element):
@@ -107,7 +118,7 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
     place it under versions/ (not yet current: the launcher publishes it)."""
     shards = sorted(shards, key=lambda s: s["shard"])
     start = time.time()
-    out = art.version_work_folder(output, version)
+    out = version_work_folder(output, version)
     with tempfile.TemporaryDirectory() as work:
         shard_dir = os.path.join(work, "shards")
         os.makedirs(shard_dir)
@@ -115,15 +126,15 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
             for suffix in shard["files"]:
                 name = f"{shard['name']}.{suffix}"
                 storage.download(posixpath.join(staging, name), os.path.join(shard_dir, name))
-        previous = art.fetch_manifested(previous_uri, "manifest.json", "index") if previous_uri else None
-        codebooks_dir, _, _ = art.codebooks_folder(codebooks_uri)  # an append's: the previous version's
-        _, trained, _ = art.load_codebooks(codebooks_dir)
+        previous = fetch_manifested(previous_uri, "manifest.json", "index") if previous_uri else None
+        codebooks_dir, _, _ = codebooks_folder(codebooks_uri)  # an append's: the previous version's
+        _, trained, _ = load_codebooks(codebooks_dir)
         prefixes = [os.path.join(shard_dir, s["name"]) for s in shards]
         words = word_assigner(codebooks_dir, method)
         steps = {}
         counts = shards_lib.merge_shards(prefixes, trained, out, previous, hide, method, words, timings=steps)
     # the codebooks travel with the index: an append encodes with them
-    for name in ("pca.npz", "trained.faiss") + ((art.WORDS_FILE,) if method != "knn" else ()):
+    for name in ("pca.npz", "trained.faiss") + ((WORDS_FILE,) if method != "knn" else ()):
         shutil.copy(os.path.join(codebooks_dir, name), os.path.join(out, name))
     names = sorted(os.listdir(out))
     sizes = {name: os.path.getsize(os.path.join(out, name)) for name in names}
@@ -134,7 +145,7 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
         "geometry": sizes["geometry.npy"],
     }
     manifest = {
-        "format": art.ARTIFACT_FORMAT,
+        "format": ARTIFACT_FORMAT,
         "format_version": ARTIFACT_VERSION if method != "knn" else 2,  # 2: readable by earlier versions
         **info,
         "delf_index_version": __version__,
@@ -148,11 +159,11 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
         ),
         "merge_seconds": round(time.time() - start, 1),
         "merge_steps_seconds": {k: round(v, 1) for k, v in steps.items()},
-        "files": art.file_entries(out, names),
+        "files": file_entries(out, names),
     }
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
-    art.place_version(out, output, version)
+    place_version(out, output, version)
     storage.remove(staging)  # this build's staged shards
 
 
@@ -162,10 +173,10 @@ def check_append(output, base, snap, method):
     settings) or the method asked for."""
     if base is None:
         raise UserError(f"{output} has no version to append to: build it first with --codebooks")
-    manifest, properties = art.current_manifest(output), snap.properties
-    art.check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
+    manifest, properties = current_manifest(output), snap.properties
+    check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
     if manifest.get("extractor") != properties["extractor"]:
-        raise art.ArtifactError(
+        raise ArtifactError(
             f"the features were extracted with other settings than the index ({properties['extractor']} against "
             f"{manifest.get('extractor')}): extract with the index's settings, or build a new index"
         )
@@ -181,11 +192,11 @@ def check_build(output, base, properties, codebooks, method):
     """(what the new version's manifest says of its model and codebooks, the local method) of a
     full build, refused before any work when the codebooks do not fit the table or lack what
     the method needs."""
-    _, _, manifest = art.load_codebooks(codebooks)  # of fit, or an index's own (a rebuild)
-    art.check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
+    _, _, manifest = load_codebooks(codebooks)  # of fit, or an index's own (a rebuild)
+    check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
     if method is None:  # a rebuild (update's compaction too) keeps the index's local method
-        method = art.current_manifest(output).get("method", "knn") if base is not None else "knn"
-    if method != "knn" and art.load_words(codebooks) is None:
+        method = current_manifest(output).get("method", "knn") if base is not None else "knn"
+    if method != "knn" and load_words(codebooks) is None:
         raise UserError(f"--method {method} needs ASMK visual words: fit the codebooks with --asmk-words auto")
     info = {
         "model_fingerprint": properties["model_fingerprint"],
@@ -207,7 +218,7 @@ def check_arguments(features, output, append, remove, codebooks):
         raise UserError("--codebooks is required (the output of `delf-index fit`), unless --append")
     if not tables.exists(features):
         raise tables.missing_table(features.rstrip("/"))
-    if append and art.current_entry(output) is None:  # checked again under the lease
+    if append and current_entry(output) is None:  # checked again under the lease
         raise UserError(f"{output} has no version to append to: build it first with --codebooks")
 
 
@@ -280,7 +291,7 @@ def run(
         taking_down,
         lease.writing(output, f"build{' --append' if append else ''} --features {features}", wait=wait) as held,
     ):
-        base = art.current_entry(output)
+        base = current_entry(output)
         planned = tables.snapshot(features, table_version)
         if append:
             manifest, method = check_append(output, base, planned, method)
@@ -295,7 +306,7 @@ def run(
         live = tables.live_records(records)
         hide, reasons, first_id, previous_uri = [], {}, 0, None
         if append:
-            previous_uri = art.current_version(output)
+            previous_uri = current_version(output)
             indexed = art.indexed_images(previous_uri, manifest)
             live, hide, reasons = plan_append(indexed, live)
             codebooks_uri, first_id = previous_uri, len(indexed[0])
@@ -315,12 +326,12 @@ def run(
             codebooks_uri = codebooks
         info["features"] = {"uri": snap.uri, "table_version": snap.version, "table_id": snap.table_id}
         if base is not None and before_publish is None:
-            warn_if_dropped(output, art.current_manifest(output))
+            warn_if_dropped(output, current_manifest(output))
         files = tables.file_skips(snap, records, live)
         rows = [n for _, n, _ in files]
         offsets = first_id + np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
         elements = [(k, uri, int(offset), stale) for k, ((uri, _, stale), offset) in enumerate(zip(files, offsets))]
-        version = art.new_version_name(base)
+        version = new_version_name(base)
         staging = posixpath.join(output, STAGING, version)
         log.info("build %s %s from %s version %d: %d images", output, version, features, snap.version, sum(rows))
         start = time.time()
@@ -357,9 +368,7 @@ def run(
         held.check()
         operation = "append" if append else "build"
         entry = {"operation": operation, **info["features"]}
-        art.commit_version(
-            output, version, base, keep, grace, entry, published=lambda: failpoints.reach("build:published")
-        )
+        commit_version(output, version, base, keep, grace, entry, published=lambda: failpoints.reach("build:published"))
     manifest = art.Artifact.load(output).manifest
     counts = manifest["counts"]
     hidden = f", {len(hide)} hidden ({', '.join(f'{n} {k}' for k, n in reasons.items() if n)})" if hide else ""

@@ -34,6 +34,7 @@ import time
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
+from delf_index.indexing.versions import current_entry, current_manifest
 from delf_index.pipelines import build, cli, compact, extract, fit, match
 from delf_index.runtime import failpoints, lease, tables
 
@@ -46,7 +47,7 @@ default_conf = {
     "compact_table_above": 0.25,  # compact the table when this share of its records is dead; None: never
     "keep": build.DEFAULT_KEEP,  # index versions kept
     # seconds an index version outlives its successor, readers may be loading it; None:
-    # DELF_INDEX_GRACE_SECONDS, else 600 (indexing/artifact.py, grace_seconds)
+    # DELF_INDEX_GRACE_SECONDS, else 600 (indexing/versions.py, grace_seconds)
     "grace": None,
     # bring the match graph and DBA of an augmented index up to date in each new version
     # (its new images searched, not the whole index); False: new versions drop them
@@ -92,7 +93,7 @@ def run(
             "run": extracted["run"],
             **{k: extracted[k] for k in ("listed", *extract.DECISIONS, "hashed", "extracted", "failed")},
         }
-        if art.current_entry(index) is None:
+        if current_entry(index) is None:
             if codebooks is None:
                 codebooks = posixpath.join(index.rstrip("/"), "codebooks")
                 fit.run(features, codebooks, conf["fit"], beam_options)
@@ -100,7 +101,7 @@ def run(
             action = "built"
         else:
             graph, refreshed = graph_refresh(index, conf["refresh_graph"], beam_options)
-            current = art.current_entry(index)["version"]
+            current = current_entry(index)["version"]
             manifest = build.run(features, index, append=True, beam_options=beam_options, before_publish=graph,
                                  **versions)  # fmt: skip
             action = "appended" if manifest["version"] != current else "unchanged"
@@ -136,9 +137,9 @@ def check_table(index, features):
     or an older version of it (artifact.check_source): a mistyped --features would otherwise
     become a new table, extracted from scratch, that the index would follow, taken-down
     images and all. An update creates a table only for an index that names none."""
-    if art.current_entry(index) is None or failpoints.broken("update-table-check"):
+    if current_entry(index) is None or failpoints.broken("update-table-check"):
         return
-    manifest = art.current_manifest(index)
+    manifest = current_manifest(index)
     source = manifest.get("features")
     if source and not tables.exists(features):
         raise UserError(
@@ -153,7 +154,7 @@ def graph_refresh(index, enabled, beam_options):
     """(the refresh of the match graph that an update's builds call before publishing, the list
     it adds each refresh's counts to). No refresh (None) when the index holds no graph, or when
     it is off: the new version then drops the graph, and the build says so."""
-    held, refreshed = art.current_manifest(index).get("augmented"), []
+    held, refreshed = current_manifest(index).get("augmented"), []
     if not (held and enabled):
         return None, refreshed
 

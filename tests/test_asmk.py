@@ -13,6 +13,7 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk
 from delf_index.indexing.codebooks import auto_words
 from delf_index.indexing.retrieval import Index, QueryError
+from delf_index.indexing.versions import current_manifest
 from delf_index.pipelines import build, evaluate, fit, search
 from delf_index.pipelines import query as query_cli
 from tests.conftest import ONE_WORKER
@@ -360,7 +361,7 @@ def test_build_both_answers_by_either_method(evaluated, asmk_codebooks, corpus, 
     manifest = build.run(features, out, codebooks=asmk_codebooks, beam_options=ONE_WORKER, method="both")
     assert manifest["method"] == "both" and "asmk_signatures.npy" in manifest["files"]
     # format 6 with ASMK; a k-NN-only index stays at 2, which earlier versions read
-    assert (manifest["format_version"], art.current_manifest(str(evaluated[0] / "index"))["format_version"]) == (6, 2)
+    assert (manifest["format_version"], current_manifest(str(evaluated[0] / "index"))["format_version"]) == (6, 2)
     artifact = art.Artifact.load(out)
     assert artifact.index is not None and len(artifact.asmk["offsets"]) == 129
     assert len(artifact.codes) == manifest["counts"]["descriptors"]
@@ -433,7 +434,7 @@ def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
     summary = evaluate.run(
         str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), conf={"method": "both"}
     )
-    assert art.current_manifest(str(work / "index"))["method"] == "both"
+    assert current_manifest(str(work / "index"))["method"] == "both"
     metrics = json.loads((work / "eval" / "metrics.json").read_text())["scores"]
     assert "ASMK local only" in metrics and "ASMK global only" not in metrics  # global: the same as k-NN's
     assert summary["ASMK mAP"] == round(metrics["ASMK default"]["all"]["mAP"], 4) > 0.8
@@ -448,7 +449,7 @@ def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
         str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), conf={"method": "knn", "ablation": False}
     )
     assert (work / "codebooks" / "codebooks.json").read_text() == fitted
-    assert art.current_manifest(str(work / "index"))["method"] == "knn"
+    assert current_manifest(str(work / "index"))["method"] == "knn"
 
 
 def test_similarity_is_scaled_by_the_descriptor_bits_and_missing_words_are_ignored():

@@ -16,6 +16,7 @@ from delf_index import Extractor
 from delf_index.indexing import artifact as art
 from delf_index.indexing import shards
 from delf_index.indexing.retrieval import Index
+from delf_index.indexing.versions import list_versions
 from delf_index.pipelines import build, fit, update
 from delf_index.runtime import cache as cache_lib
 from delf_index.runtime import storage
@@ -96,7 +97,7 @@ def test_day_by_day_updates_give_the_index_of_a_fresh_build(gcs_bucket, variants
         assert sorted(incremental.artifact.row_of) == listed and len(incremental) == len(listed)
         assert rankings(index, queries) == rankings(fresh, queries), day
     assert counts["hidden"] == 4  # chelsea twice, coffee, rocket: hidden until a rebuild
-    assert len(art.list_versions(index)) == build.DEFAULT_KEEP and art.list_versions(index)[-1] == versions[-1]
+    assert len(list_versions(index)) == build.DEFAULT_KEEP and list_versions(index)[-1] == versions[-1]
     # compaction: a rebuild from the live rows, with the index's own codebooks
     compacted = update.run(
         f"{photos}/*.jpg", features, index, conf={**DAILY, "compact_above": 0.1}, beam_options=ONE_WORKER

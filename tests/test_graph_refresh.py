@@ -14,6 +14,7 @@ import pytest
 from delf_index.indexing import artifact as art
 from delf_index.indexing import expansion
 from delf_index.indexing.retrieval import Index
+from delf_index.indexing.versions import current_manifest
 from delf_index.pipelines import build, match, remove, update
 from tests.conftest import ONE_WORKER
 
@@ -176,7 +177,7 @@ def test_a_new_version_without_the_graph_says_so(day, tmp_path, caplog):
                 remove.run(features, ["coffee-new.jpg"], max_change=None)
                 build.run(features, index, append=True, beam_options=ONE_WORKER)
         assert f"the new version of {index} drops its match graph and DBA" in caplog.text
-        assert "augmented" not in art.current_manifest(index)
+        assert "augmented" not in current_manifest(index)
 
 
 def test_refreshed_graph_by_hand():

@@ -20,7 +20,20 @@ import pytest
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
+from delf_index.indexing.manifests import fetch_manifested
 from delf_index.indexing.retrieval import Index
+from delf_index.indexing.versions import (
+    IndexChanged,
+    commit_version,
+    current_entry,
+    current_version,
+    list_versions,
+    new_version_name,
+    pin,
+    place_version,
+    prune,
+    version_work_folder,
+)
 from delf_index.pipelines import build, compact, extract, migrate, remove
 from delf_index.runtime import cache, lease, storage, tables
 from delf_index.schemas import features as schema
@@ -208,59 +221,59 @@ def test_commits_planned_on_the_same_version_the_second_is_refused(store, pictur
 # -- the index: publishes, pruning, pins, readers --------------------------------------------------
 def publish_copy(index, built_root, grace=0.0, keep=2):
     """A new version of `index`: a copy of a built version, published as build does."""
-    base = art.current_entry(index)
-    source = art.current_version(str(built_root / "index"))
-    version = art.new_version_name(base)
-    work = art.version_work_folder(index, version)
+    base = current_entry(index)
+    source = current_version(str(built_root / "index"))
+    version = new_version_name(base)
+    work = version_work_folder(index, version)
     for name in os.listdir(source):
         with open(os.path.join(source, name), "rb") as f, open(os.path.join(work, name), "wb") as g:
             g.write(f.read())
-    art.place_version(work, index, version)
-    return art.commit_version(index, version, base, keep, grace)
+    place_version(work, index, version)
+    return commit_version(index, version, base, keep, grace)
 
 
 def test_publishes_never_collide_and_pruning_keeps_what_readers_need(built, tmp_path):
     index = str(tmp_path / "index")
     first = publish_copy(index, built)
     # two writers planned on the same version: the second publishes nothing, its folder goes
-    base = art.current_entry(index)
-    source = art.current_version(str(built / "index"))
-    names = [art.new_version_name(base) for _ in range(2)]
+    base = current_entry(index)
+    source = current_version(str(built / "index"))
+    names = [new_version_name(base) for _ in range(2)]
     assert names[0] != names[1] and names[0][:7] == names[1][:7] == "v000002"
     for name in names:
-        work = art.version_work_folder(index, name)
+        work = version_work_folder(index, name)
         for f in os.listdir(source):
             os.link(os.path.join(source, f), os.path.join(work, f))
-        art.place_version(work, index, name)
-    art.commit_version(index, names[0], base)
-    with pytest.raises(art.IndexChanged, match="nothing was published"):
-        art.commit_version(index, names[1], base)
-    assert art.current_entry(index)["version"] == names[0] and names[1] not in art.list_versions(index)
+        place_version(work, index, name)
+    commit_version(index, names[0], base)
+    with pytest.raises(IndexChanged, match="nothing was published"):
+        commit_version(index, names[1], base)
+    assert current_entry(index)["version"] == names[0] and names[1] not in list_versions(index)
     # an orphan (a build that died before publishing) stays while it is young, never counted as kept
-    orphan = art.new_version_name(art.current_entry(index))
+    orphan = new_version_name(current_entry(index))
     os.makedirs(os.path.join(index, "versions", orphan))
     with open(os.path.join(index, "versions", orphan, "manifest.json"), "w") as f:
         f.write("{}")
     third = publish_copy(index, built, grace=3600.0, keep=1)
-    assert set(art.list_versions(index)) == {first["version"], names[0], orphan, third["version"]}  # grace
-    with art.pin(index, names[0], "a batch search"):
+    assert set(list_versions(index)) == {first["version"], names[0], orphan, third["version"]}  # grace
+    with pin(index, names[0], "a batch search"):
         publish_copy(index, built, grace=0.0, keep=1)
-        assert names[0] in art.list_versions(index) and orphan not in art.list_versions(index)  # pinned; no grace
+        assert names[0] in list_versions(index) and orphan not in list_versions(index)  # pinned; no grace
     fourth = publish_copy(index, built, grace=0.0, keep=1)
-    assert art.list_versions(index) == [fourth["version"]]  # the current one is never pruned
-    stale = art.new_version_name(fourth)  # an orphan older than the grace period goes
+    assert list_versions(index) == [fourth["version"]]  # the current one is never pruned
+    stale = new_version_name(fourth)  # an orphan older than the grace period goes
     os.makedirs(os.path.join(index, "versions", stale))
     old = time.time() - 7200
     os.utime(os.path.join(index, "versions", stale), (old, old))
-    art.prune(index, keep=1, grace=600.0)
-    assert art.list_versions(index) == [fourth["version"]]
+    prune(index, keep=1, grace=600.0)
+    assert list_versions(index) == [fourth["version"]]
     assert len(Index.load(index).artifact.row_of) == 8
 
 
 def test_a_reader_whose_version_vanished_reads_the_log_again(built, tmp_path, monkeypatch):
     index = str(tmp_path / "index")
     publish_copy(index, built)
-    fetch = art.fetch_manifested
+    fetch = fetch_manifested
     calls = []
 
     def publish_and_prune_meanwhile(uri, name, what):
@@ -271,7 +284,7 @@ def test_a_reader_whose_version_vanished_reads_the_log_again(built, tmp_path, mo
 
     monkeypatch.setattr(art, "fetch_manifested", publish_and_prune_meanwhile)
     loaded = art.Artifact.load(index)
-    assert os.path.basename(loaded.folder) == art.current_entry(index)["version"] != os.path.basename(calls[0])
+    assert os.path.basename(loaded.folder) == current_entry(index)["version"] != os.path.basename(calls[0])
 
 
 def test_the_cache_is_bounded_never_evicts_what_is_in_use_and_hashes_once(built, s3_bucket, tmp_path, monkeypatch):
@@ -297,7 +310,7 @@ def test_the_cache_is_bounded_never_evicts_what_is_in_use_and_hashes_once(built,
     art.Artifact.load(index)  # from the cache: nothing hashed again
     assert len(hashed) == len(reader.manifest["files"])
     # a second version with other bytes: the cache passes its limit, but the first is in use
-    second = dict(first, sequence=2, version=art.new_version_name(first))
+    second = dict(first, sequence=2, version=new_version_name(first))
     source = os.path.join(local, "versions", first["version"])
     for name in os.listdir(source):
         data = open(os.path.join(source, name), "rb").read()
