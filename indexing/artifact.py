@@ -6,6 +6,7 @@ cache (runtime/cache.py).
 """
 
 import io
+import json
 import logging
 import os
 import posixpath
@@ -26,7 +27,7 @@ from delf_index.indexing.manifests import (
     verify_files,
 )
 from delf_index.runtime import cache, console, storage
-from delf_index.schemas.artifact import ARTIFACT_FORMAT, ARTIFACT_READS, FEATURE_BITS
+from delf_index.schemas.artifact import ARTIFACT_FORMAT, ARTIFACT_READS, FEATURE_BITS, dead_rows_file
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +80,21 @@ def check_source(index, manifest, snap):
 
 
 def indexed_images(version, manifest):
-    """(image_ids, runs, hidden rows) of a version, reading only its image table and hidden list:
+    """(image_ids, runs, dead rows) of a version, reading only its image table and dead rows:
     what an append plans with."""
     images = pq.read_table(io.BytesIO(read_file(version, manifest, "images.parquet")), columns=["image_id", "run"])
-    hidden = np.load(io.BytesIO(read_file(version, manifest, "hidden.npy")), allow_pickle=False)
-    return images.column("image_id").to_pylist(), images.column("run").to_pylist(), hidden
+    dead = np.load(io.BytesIO(read_file(version, manifest, dead_rows_file(manifest["files"]))), allow_pickle=False)
+    return images.column("image_id").to_pylist(), images.column("run").to_pylist(), dead
 
 
 def read_images(uri):
     """(image_ids, uris, labels) of the images a query can find in the current version of an
-    index, reading only its image table and hidden list."""
+    index, reading only its manifest, image table and dead rows."""
     version = versions.current_version(uri)
-    images = pq.read_table(io.BytesIO(storage.read_bytes(posixpath.join(version, "images.parquet"))))
-    hidden = set(np.load(io.BytesIO(storage.read_bytes(posixpath.join(version, "hidden.npy")))).tolist())
-    live = [row for row in range(images.num_rows) if row not in hidden]
+    manifest = json.loads(storage.read_bytes(posixpath.join(version, "manifest.json")))
+    images = pq.read_table(io.BytesIO(read_file(version, manifest, "images.parquet")))
+    dead = np.load(io.BytesIO(read_file(version, manifest, dead_rows_file(manifest["files"]))), allow_pickle=False)
+    live = np.setdiff1d(np.arange(images.num_rows), dead)
     columns = [images.column(c).to_pylist() for c in ("image_id", "uri", "label")]
     return tuple([column[row] for row in live] for column in columns)
 
@@ -100,7 +102,7 @@ def read_images(uri):
 # -- the index artifact ---------------------------------------------------------------------
 class Artifact:
     """A loaded version of an index: faiss indexes memory-mapped, image table, geometry and
-    the images hidden since they were indexed."""
+    its dead rows: images it holds but no longer serves (changed or gone since they were indexed)."""
 
     def __init__(self, folder, manifest, uri=None):
         self.folder, self.manifest, self.uri = folder, manifest, uri or folder
@@ -136,23 +138,23 @@ class Artifact:
         self.num_features = images.column("num_features").to_numpy()
         self.geometry_offset = images.column("geometry_offset").to_numpy()
         self.geometry = np.load(os.path.join(folder, "geometry.npy"), mmap_mode="r")
-        self.hidden = np.load(os.path.join(folder, "hidden.npy"), allow_pickle=False)
+        self.dead = np.load(os.path.join(folder, dead_rows_file(files)), allow_pickle=False)
         self.live = np.ones(len(self.image_ids), bool)
-        self.live[self.hidden] = False
+        self.live[self.dead] = False
         self.row_of = {image_id: row for row, image_id in enumerate(self.image_ids) if self.live[row]}
         # written by `delf-index match --augment`: the verified neighbour graph and the
         # neighbour-augmented global descriptors (indexing/expansion.py); an append drops them
         self.graph = expansion.read_graph(folder)
         dba = os.path.join(folder, expansion.DBA_FILE)
         self.dba_index = faiss.read_index(dba) if os.path.exists(dba) else None
-        # the descriptors of hidden images are skipped inside faiss's search, so that the
+        # the descriptors of dead rows are skipped inside faiss's search, so that the
         # neighbours and votes are those of an index built without them
         self.selector = None
-        if len(self.hidden):
-            ids = np.concatenate([feature_ids(row, self.num_features[row]) for row in self.hidden])
-            hidden_ids = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
-            self.selector = faiss.IDSelectorNot(hidden_ids)
-            self._keep_alive = hidden_ids  # IDSelectorNot holds a bare pointer to it
+        if len(self.dead):
+            ids = np.concatenate([feature_ids(row, self.num_features[row]) for row in self.dead])
+            dead_ids = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+            self.selector = faiss.IDSelectorNot(dead_ids)
+            self._keep_alive = dead_ids  # IDSelectorNot holds a bare pointer to it
 
     @classmethod
     def load(cls, uri, verify=True, model_fingerprint=None):
@@ -189,7 +191,7 @@ class Artifact:
 
     @property
     def num_rows(self):
-        """Images in the files, hidden ones included (int ids are 0 .. num_rows - 1)."""
+        """Images in the files, dead rows included (int ids are 0 .. num_rows - 1)."""
         return len(self.image_ids)
 
     def __len__(self):

@@ -394,7 +394,7 @@ class Index:
         global descriptor (`_global_scores`' `known`)."""
         start = time.perf_counter()
         conf, artifact = self.conf, self.artifact
-        n = artifact.num_rows  # int ids; hidden images keep theirs and are never ranked
+        n = artifact.num_rows  # int ids; dead rows keep theirs and are never ranked
         local_scores = np.zeros(n, np.float32)
         if (conf["use_local"] or conf["use_verification"]) and len(features):
             if prepared is None:

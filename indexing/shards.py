@@ -10,8 +10,8 @@
    geometry is copied shard by shard into a memory-mapped array, so no step holds the
    corpus' descriptors in memory. The global-descriptor index (float16, one row per image)
    is the one part held in RAM while it is written: 2.5 KB per image with the default model.
-   Images of the previous artifact that the new rows replace, or that were removed, are
-   listed in hidden.npy; queries skip them, and the next full build leaves them out.
+   Images of the previous artifact that the new rows replace, or that were removed, are its
+   dead rows, listed in dead.npy; queries skip them, and the next full build leaves them out.
 """
 
 import logging
@@ -28,7 +28,7 @@ from delf_index.indexing import asmk
 from delf_index.indexing import pca as pca_lib
 from delf_index.indexing.manifests import ArtifactError
 from delf_index.runtime import console
-from delf_index.schemas.artifact import IMAGES_SCHEMA, MAX_COORDINATE, MAX_FEATURES
+from delf_index.schemas.artifact import DEAD_ROWS, IMAGES_SCHEMA, MAX_COORDINATE, MAX_FEATURES, dead_rows_file
 from delf_index.schemas.features import descriptors_of
 
 SHARD_SUFFIXES = ("ivf.faiss", "geometry.npy", "images.parquet", "global.npy", "codes.npy")
@@ -175,12 +175,12 @@ def check_ranges(table, counts):
             )
 
 
-def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn", words=None, timings=None):
+def merge_shards(prefixes, trained, out_dir, previous=None, newly_dead=(), method="knn", words=None, timings=None):
     """Shards (local prefixes, in id order) [+ a previous local artifact folder] -> artifact
-    files in `out_dir`: images.parquet, geometry.npy, global.faiss, hidden.npy (the previous
-    artifact's hidden images and the int ids in `hide`), and per `method` the k-NN lists
+    files in `out_dir`: images.parquet, geometry.npy, global.faiss, dead.npy (the previous
+    artifact's dead rows and the int ids in `newly_dead`), and per `method` the k-NN lists
     (index.faiss + index.ivfdata) and ASMK's inverted file, word index and codes (`words`: a
-    WordAssigner). Returns the counts {"images", "descriptors", "hidden"}; `timings` (a dict)
+    WordAssigner). Returns the counts {"images", "descriptors", "dead"}; `timings` (a dict)
     receives the seconds of each step."""
     clock = Clock({} if timings is None else timings)
     listed = merge_lists(prefixes, trained, out_dir, previous) if method in ("knn", "both") else None
@@ -194,9 +194,9 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
     if len(ids) and not np.array_equal(ids, np.arange(len(ids))):
         raise ArtifactError("image ids of the shards are not consecutive: shards missing or out of order")
     image_ids = images.column("image_id").to_pylist()
-    hidden = set(np.load(os.path.join(previous, "hidden.npy")).tolist()) if previous else set()
-    hidden.update(int(h) for h in hide)
-    live = [image_id for row, image_id in enumerate(image_ids) if row not in hidden]
+    dead = set(np.load(os.path.join(previous, dead_rows_file(os.listdir(previous)))).tolist()) if previous else set()
+    dead.update(int(row) for row in newly_dead)
+    live = [image_id for row, image_id in enumerate(image_ids) if row not in dead]
     if len(set(live)) != len(live):
         seen, dup = set(), []
         for image_id in live:
@@ -204,7 +204,7 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
                 dup.append(image_id)
             seen.add(image_id)
         raise ArtifactError(f"{len(dup)} image_ids occur twice, e.g. {dup[:3]}: an image can be indexed once")
-    np.save(os.path.join(out_dir, "hidden.npy"), np.array(sorted(hidden), np.int64))
+    np.save(os.path.join(out_dir, DEAD_ROWS), np.array(sorted(dead), np.int64))
     counts = images.column("num_features").to_numpy().astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
     images = images.append_column("geometry_offset", pa.array(offsets, pa.int64())).cast(IMAGES_SCHEMA)
@@ -242,7 +242,7 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
             global_index.add(chunk.astype(np.float32))
     faiss.write_index(global_index, os.path.join(out_dir, "global.faiss"))
     clock.lap("global_s")
-    return {"images": len(image_ids) - len(hidden), "descriptors": descriptors, "hidden": len(hidden)}
+    return {"images": len(image_ids) - len(dead), "descriptors": descriptors, "dead": len(dead)}
 
 
 def merge_lists(prefixes, trained, out_dir, previous=None):
@@ -324,7 +324,7 @@ def raw_to_npy(raw_path, path, dtype, size):
 
 def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096):
     """ASMK's inverted file of the previous version's entries and the shards', its IDF and
-    image norms over all images (hidden ones are masked at query time), and the word index.
+    image norms over all images (dead rows are masked at query time), and the word index.
     Streams: every source is sorted by (word, image) and memory-mapped, and the output is
     written `block_words` words at a time, so memory holds one block of entries, not the
     corpus (tests/test_asmk.py checks it against the file built in memory)."""

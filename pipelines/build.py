@@ -23,10 +23,10 @@ A build reads the live records of the features table at one version (its current
 `--table-version`), and the index's manifest records that version. Image int ids follow the
 table's data files and the rows in them, so a rebuild from the same version gives the same
 ids. `--append` compares the index with the table's live records, reading only the
-manifest, image table and hidden list of the index: images whose live record changed are
-hidden and added again, images deleted or taken down are hidden, new ones added, all with
-the index's own codebooks; queries skip hidden images, and the next full build leaves them
-out. `--remove` first records takedowns in the table (`delf-index remove`).
+manifest, image table and dead rows of the index: the row of an image whose live record
+changed dies and the image is added again, the rows of images deleted or taken down die, new
+ones are added, all with the index's own codebooks; queries skip dead rows, and the next full
+build leaves them out. `--remove` first records takedowns in the table (`delf-index remove`).
 """
 
 import contextlib
@@ -113,7 +113,7 @@ def weigh_images(shard):
     return shard["images"]
 
 
-def merge_version(_, shards, output, version, staging, codebooks_uri, previous_uri, hide, info, method):
+def merge_version(_, shards, output, version, staging, codebooks_uri, previous_uri, newly_dead, info, method):
     """Merge the staged shards (and the previous version) into the new version's folder and
     place it under versions/ (not yet current: the launcher publishes it)."""
     shards = sorted(shards, key=lambda s: s["shard"])
@@ -132,7 +132,7 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
         prefixes = [os.path.join(shard_dir, s["name"]) for s in shards]
         words = word_assigner(codebooks_dir, method)
         steps = {}
-        counts = shards_lib.merge_shards(prefixes, trained, out, previous, hide, method, words, timings=steps)
+        counts = shards_lib.merge_shards(prefixes, trained, out, previous, newly_dead, method, words, timings=steps)
     # the codebooks travel with the index: an append encodes with them
     for name in ("pca.npz", "trained.faiss") + ((WORDS_FILE,) if method != "knn" else ()):
         shutil.copy(os.path.join(codebooks_dir, name), os.path.join(out, name))
@@ -146,7 +146,7 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
     }
     manifest = {
         "format": ARTIFACT_FORMAT,
-        "format_version": ARTIFACT_VERSION if method != "knn" else 2,  # 2: readable by earlier versions
+        "format_version": ARTIFACT_VERSION,
         **info,
         "delf_index_version": __version__,
         "version": version,
@@ -233,24 +233,24 @@ def warn_if_dropped(output, manifest):
 
 
 def plan_append(indexed, live):
-    """What an append does to the index: (live records to add, rows to hide, counts). `indexed`
-    is the index's (image_ids, runs, hidden rows); `live` the table's live records. An indexed
-    image is hidden when its live record is another one (changed, extracted again) or it has
+    """What an append does to the index: (live records to add, rows that die, counts). `indexed`
+    is the index's (image_ids, runs, dead rows); `live` the table's live records. An indexed
+    image's row dies when its live record is another one (changed, extracted again) or it has
     none (deleted, taken down); a live record the index does not hold is added."""
-    image_ids, runs, hidden = indexed
+    image_ids, runs, dead = indexed
     shown = np.ones(len(image_ids), bool)
-    shown[hidden] = False
+    shown[dead] = False
     now = dict(zip(live.column("image_id").to_pylist(), live.column("run").to_pylist()))
-    hide, reasons, held = [], {"changed": 0, "gone": 0}, set()
+    newly_dead, reasons, held = [], {"changed": 0, "gone": 0}, set()
     for row in np.nonzero(shown)[0]:
         run = now.get(image_ids[row])
         if run == (runs[row] or ""):
             held.add(image_ids[row])
             continue
-        hide.append(int(row))
+        newly_dead.append(int(row))
         reasons["changed" if run is not None else "gone"] += 1
     keep = pc.invert(pc.is_in(live.column("image_id"), pa.array(sorted(held), pa.string())))
-    return live.filter(keep), hide, reasons
+    return live.filter(keep), newly_dead, reasons
 
 
 def run(
@@ -304,17 +304,17 @@ def run(
         snap = tables.snapshot(features, table_version)
         records = snap.read(["image_id", "status", "run"])
         live = tables.live_records(records)
-        hide, reasons, first_id, previous_uri = [], {}, 0, None
+        newly_dead, reasons, first_id, previous_uri = [], {}, 0, None
         if append:
             previous_uri = current_version(output)
             indexed = art.indexed_images(previous_uri, manifest)
-            live, hide, reasons = plan_append(indexed, live)
+            live, newly_dead, reasons = plan_append(indexed, live)
             codebooks_uri, first_id = previous_uri, len(indexed[0])
             # what describes this version alone is not carried over; nor is an augmentation, whose
             # graph and DBA files an append drops (update refreshes them: before_publish)
             dropped = ("files", "counts", "format", "format_version", "augmented", "tables")
             info = {k: v for k, v in manifest.items() if k not in dropped}
-            if not live.num_rows and not hide:
+            if not live.num_rows and not newly_dead:
                 cli.say(f"build: nothing to append to {output}: it holds the live images of {features} already")
                 return manifest
         else:
@@ -357,7 +357,7 @@ def run(
                     staging=staging,
                     codebooks_uri=codebooks_uri,
                     previous_uri=previous_uri,
-                    hide=hide,
+                    newly_dead=newly_dead,
                     info=info,
                     method=method,
                 )
@@ -371,11 +371,11 @@ def run(
         commit_version(output, version, base, keep, grace, entry, published=lambda: failpoints.reach("build:published"))
     manifest = art.Artifact.load(output).manifest
     counts = manifest["counts"]
-    hidden = f", {len(hide)} hidden ({', '.join(f'{n} {k}' for k, n in reasons.items() if n)})" if hide else ""
+    died = f", {len(newly_dead)} dead ({', '.join(f'{n} {k}' for k, n in reasons.items() if n)})" if newly_dead else ""
     cli.say(
         f"build: version {version} ({features} version {snap.version}): {counts['images']} images, "
         f"{counts['descriptors']} descriptors, {manifest['bytes_per_descriptor']} bytes/descriptor with geometry; "
-        f"{sum(rows)} images added{hidden} -> {output} ({time.time() - start:.1f}s)"
+        f"{sum(rows)} images added{died} -> {output} ({time.time() - start:.1f}s)"
     )
     return manifest
 

@@ -130,7 +130,7 @@ class VerifiedPairs(beam.PTransform):
 
 class Neighbours(beam.DoFn):
     """(query_id, uri, Features) -> ((a, b), (a_is_query, inliers, score)) for each of its
-    results, a < b; images the index does not hold (hidden, or not indexed) are skipped."""
+    results, a < b; images the index does not serve (dead rows, or not indexed) are skipped."""
 
     def __init__(self, index_uri, conf, handle):
         self.index_uri, self.conf, self.handle = index_uri, conf, handle
@@ -469,11 +469,11 @@ def refresh_graph(index, version_uri, beam_options=None, test_pipeline=None):
 
 
 def row_keys(version, manifest):
-    """(image_id, run) of each row of an index version, None for a hidden one: a row's
-    features. Reads only its image table and hidden list."""
-    image_ids, runs, hidden = art.indexed_images(version, manifest)
-    hidden = set(hidden.tolist())
-    return [None if row in hidden else (i, r or "") for row, (i, r) in enumerate(zip(image_ids, runs))]
+    """(image_id, run) of each row of an index version, None for a dead one: a row's
+    features. Reads only its image table and dead rows."""
+    image_ids, runs, dead = art.indexed_images(version, manifest)
+    dead = set(dead.tolist())
+    return [None if row in dead else (i, r or "") for row, (i, r) in enumerate(zip(image_ids, runs))]
 
 
 def query_files(manifest, image_ids):

@@ -360,8 +360,8 @@ def test_build_both_answers_by_either_method(evaluated, asmk_codebooks, corpus, 
     out = str(tmp_path / "both")
     manifest = build.run(features, out, codebooks=asmk_codebooks, beam_options=ONE_WORKER, method="both")
     assert manifest["method"] == "both" and "asmk_signatures.npy" in manifest["files"]
-    # format 6 with ASMK; a k-NN-only index stays at 2, which earlier versions read
-    assert (manifest["format_version"], current_manifest(str(evaluated[0] / "index"))["format_version"]) == (6, 2)
+    # format 7 with ASMK or without (dead.npy, which earlier versions would miss)
+    assert (manifest["format_version"], current_manifest(str(evaluated[0] / "index"))["format_version"]) == (7, 7)
     artifact = art.Artifact.load(out)
     assert artifact.index is not None and len(artifact.asmk["offsets"]) == 129
     assert len(artifact.codes) == manifest["counts"]["descriptors"]
@@ -412,7 +412,7 @@ def test_an_asmk_index_needs_words_and_answers_only_asmk(evaluated, asmk_codeboo
     with pytest.raises(QueryError, match="no knn lists"):
         search.run(features, out, str(tmp_path / "s"), conf={"query": {"local_method": "knn"}})
     assert not (tmp_path / "s").exists()
-    # remove an image: an append hides it from ASMK's ranking too, and keeps the method
+    # remove an image: an append makes its row dead in ASMK's ranking too, and keeps the method
     features = str(tmp_path / "features")  # the takedown is recorded in the table: a copy of it
     shutil.copytree(evaluated[0] / "features", features)
     with pytest.raises(UserError, match="--append keeps the index's local method"):
@@ -423,7 +423,7 @@ def test_an_asmk_index_needs_words_and_answers_only_asmk(evaluated, asmk_codeboo
     assert "coffee-view.jpg" not in [r.image_id for r in results]
     # a rebuild in place with the index's own codebooks (update's compaction) keeps ASMK
     rebuilt = build.run(features, out, codebooks=out, beam_options=ONE_WORKER)
-    assert rebuilt["method"] == "asmk" and rebuilt["counts"]["hidden"] == 0
+    assert rebuilt["method"] == "asmk" and rebuilt["counts"]["dead"] == 0
 
 
 def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):

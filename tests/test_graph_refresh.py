@@ -72,12 +72,12 @@ def test_the_day_keeps_the_old_edges_of_images_that_stay(day):
         assert after.row_of[pair[0]] == before.row_of[pair[0]]
 
 
-def test_no_edge_touches_a_hidden_row(day):
+def test_no_edge_touches_a_dead_row(day):
     _, before, after = day
     offsets, neighbours, _ = after.graph
-    hidden = np.flatnonzero(~after.live)
-    assert before.row_of[TAKEN_DOWN] in hidden and before.row_of[CHANGED] in hidden
-    assert (offsets[hidden + 1] == offsets[hidden]).all()
+    dead = np.flatnonzero(~after.live)
+    assert before.row_of[TAKEN_DOWN] in dead and before.row_of[CHANGED] in dead
+    assert (offsets[dead + 1] == offsets[dead]).all()
     assert after.live[neighbours].all()
     assert any(TAKEN_DOWN in pair for pair in edges(before))  # it had edges to lose
 
@@ -109,7 +109,7 @@ def test_dba_is_kept_where_the_neighbours_stay_and_is_that_of_the_graph(day):
     again = after.manifest["augmented"]["refreshed"]["dba_computed"]
     conf = after.manifest["augmented"]["conf"]
     # rows whose DBA neighbours are the same rows (an append keeps the rows of old images; the
-    # changed image is a new row, its old one hidden)
+    # changed image is a new row, its old one dead)
     untouched = [
         row
         for row in before.row_of.values()
@@ -134,13 +134,13 @@ def test_dba_is_kept_where_the_neighbours_stay_and_is_that_of_the_graph(day):
 
 def test_a_rebuild_carries_the_graph_to_the_renumbered_rows(day):
     """Compaction (update's rebuild with the index's codebooks) numbers the rows anew, without
-    the hidden ones: the graph and DBA follow the images, nothing is searched."""
+    the dead rows: the graph and DBA follow the images, nothing is searched."""
     work, _, after = day
     index, features = str(work / "index"), str(work / "features")
     refresh, refreshed = update.graph_refresh(index, True, ONE_WORKER)
     rebuilt = build.run(features, index, codebooks=index, beam_options=ONE_WORKER, before_publish=refresh, grace=0)
     compacted = art.Artifact.load(index)
-    assert rebuilt["counts"].get("hidden", 0) == 0 and compacted.num_rows < after.num_rows
+    assert rebuilt["counts"]["dead"] == 0 and compacted.num_rows < after.num_rows
     assert edges(compacted) == edges(after)
     assert refreshed[0]["searched"] == 0 and refreshed[0]["pairs_dropped"] == 0
     dba, old = compacted.dba_index, after.dba_index

@@ -17,11 +17,12 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import pca as pca_lib
 from delf_index.indexing import shards
 from delf_index.indexing.codebooks import bottom_k, sample_keys, train_index
-from delf_index.indexing.manifests import ArtifactError
+from delf_index.indexing.manifests import ArtifactError, file_entries
 from delf_index.indexing.versions import current_version
 from delf_index.pipelines import build, extract, fit
 from delf_index.pipelines.fit import BottomKSample
 from delf_index.runtime import tables
+from delf_index.schemas.artifact import BEFORE_7, DEAD_ROWS, dead_count
 from delf_index.schemas.features import descriptors_of
 from tests.conftest import ONE_WORKER, rgb
 
@@ -220,6 +221,33 @@ def test_what_the_index_cannot_hold_is_refused_not_clipped():
     with pytest.raises(ArtifactError, match="panorama.jpg has a keypoint at x = 70000.0, beyond"):
         shards.check_ranges(wide, np.array([1, 2]))
     shards.check_ranges(wide.slice(0, 1), np.array([1]))  # in range: no complaint
+
+
+def test_an_index_written_before_format_7_still_loads_and_appends(feature_tables, codebooks, tmp_path):
+    """Versions before format 7 name their dead rows hidden.npy and count them under another
+    key: they load with those rows unserved, and an append onto one carries them into
+    dead.npy (the image, still live in the table, is added again as a new row)."""
+    index = str(tmp_path / "index")
+    build.run(feature_tables["a"], index, codebooks=codebooks, beam_options=ONE_WORKER)
+    version = current_version(index)
+    with open(os.path.join(version, "manifest.json")) as f:
+        manifest = json.load(f)
+    row = art.Artifact.load(index).row_of["a-coffee.jpg"]
+    os.remove(os.path.join(version, DEAD_ROWS))
+    np.save(os.path.join(version, BEFORE_7["dead_rows"]), np.array([row], np.int64))
+    del manifest["files"][DEAD_ROWS], manifest["counts"]["dead"]
+    manifest["files"].update(file_entries(version, [BEFORE_7["dead_rows"]]))
+    manifest.update(format_version=6, counts={**manifest["counts"], BEFORE_7["dead_count"]: 1, "images": 5})
+    with open(os.path.join(version, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    old = art.Artifact.load(index)
+    assert len(old) == 5 and "a-coffee.jpg" not in old.row_of and old.dead.tolist() == [row]
+    assert "a-coffee.jpg" not in art.read_images(index)[0]
+    appended = build.run(feature_tables["a"], index, append=True, beam_options=ONE_WORKER)
+    assert appended["format_version"] == 7 and BEFORE_7["dead_rows"] not in appended["files"]
+    assert (appended["counts"]["images"], dead_count(appended["counts"])) == (6, 1)
+    new = art.Artifact.load(index)
+    assert new.dead.tolist() == [row] and new.row_of["a-coffee.jpg"] == 6
 
 
 def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path):
