@@ -25,13 +25,12 @@ import posixpath
 import re
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 
 from delf_index.errors import UserError
 from delf_index.indexing.manifests import ArtifactError
-from delf_index.runtime import lease, storage
+from delf_index.runtime import lease, renewal, storage
 from delf_index.schemas.artifact import POINTER, STAGING, VERSIONS
 
 LOG, PINS = "_log", "_pins"
@@ -292,8 +291,8 @@ def pin_current(uri, holder):
 @contextlib.contextmanager
 def pin(uri, version, holder, ttl=None):
     """Keep `version` of the index `uri` from pruning while the block runs (batch search and
-    match read one version on every worker for as long as they run): a pin object renewed by
-    a thread, removed at the end; a crashed job's pin expires."""
+    match read one version on every worker for as long as they run): a pin object renewed
+    (runtime/renewal.py), removed at the end; a crashed job's pin expires."""
     ttl = ttl or lease.seconds()
     target = posixpath.join(uri.rstrip("/"), PINS, f"{uuid.uuid4().hex}.json")
 
@@ -302,18 +301,8 @@ def pin(uri, version, holder, ttl=None):
         storage.write_bytes(target, json.dumps(record).encode())
 
     write()
-    stop = threading.Event()
-
-    def renew():
-        while not stop.wait(ttl / 4):
-            with contextlib.suppress(OSError):
-                write()
-
-    thread = threading.Thread(target=renew, name=f"pin {target}", daemon=True)
-    thread.start()
     try:
-        yield version
+        with renewal.Renewal(write, ttl / 4, f"pin {target}"):
+            yield version
     finally:
-        stop.set()
-        thread.join()
         storage.remove(target)

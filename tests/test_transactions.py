@@ -5,6 +5,7 @@ Conditional writes and leases are proven on local disk and on S3 (moto honours
 preconditions); on GCS the emulator ignores them, so for gs:// the tests check that the
 precondition is sent (../shared/docs/storage-facts.md)."""
 
+import contextlib
 import json
 import os
 import socket
@@ -35,7 +36,7 @@ from delf_index.indexing.versions import (
     version_work_folder,
 )
 from delf_index.pipelines import build, compact, extract, migrate, remove
-from delf_index.runtime import cache, lease, storage, tables
+from delf_index.runtime import cache, lease, renewal, storage, tables
 from delf_index.schemas import features as schema
 from tests.conftest import ONE_WORKER, live_rows, put
 
@@ -196,6 +197,45 @@ def test_expired_and_orphaned_leases_are_taken_over_and_a_lost_one_refuses_to_co
         held.check()
     held.release()
     assert json.loads(storage.read_versioned(uri)[0])["id"] == "thief"  # a lost lease is not released by its loser
+
+
+def test_a_renewal_calls_until_stopped_or_lost_and_rides_out_store_hiccups(tmp_path):
+    calls = []
+
+    def renew():
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("a store hiccup")  # skipped: the next call comes all the same
+        return len(calls) < 5  # False: the claim is lost, nothing more to renew
+
+    ended = renewal.Renewal(renew, 0.01, "test").start()
+    deadline = time.time() + 30
+    while ended._thread.is_alive() and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(calls) == 5 and not ended._thread.is_alive()
+    with renewal.Renewal(lambda: calls.append(1), 0.01, "test"):
+        while len(calls) < 8 and time.time() < deadline:
+            time.sleep(0.01)
+    stopped = len(calls)
+    time.sleep(0.1)
+    assert len(calls) == stopped >= 8  # no call once the block has ended
+    # a lease is renewed while held, and learns by its renewal that another writer took it
+    store = str(tmp_path / "store")
+    held = lease.Lease(store, "build", ttl=0.2).acquire()
+    first = json.loads(storage.read_versioned(f"{store}/_lease.json")[0])["expires"]
+    while json.loads(storage.read_versioned(f"{store}/_lease.json")[0])["expires"] == first:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    while True:  # taken over (between two renewals: a renewal in between refuses the write)
+        _, token = storage.read_versioned(f"{store}/_lease.json")
+        with contextlib.suppress(storage.PreconditionFailed):
+            storage.write_if(f"{store}/_lease.json", record(id="thief"), token)
+            break
+    while held.lost is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert held.lost["id"] == "thief"
+    held.release()
 
 
 # -- the features table ---------------------------------------------------------------------------
