@@ -60,7 +60,7 @@ def expand(spec, extensions):
     A directory is searched recursively for files with the given extensions; a glob is
     taken as given (a text file named .jpg must still reach the failure records).
     """
-    return storage.retrying(lambda: _expand(spec, extensions), f"listing {spec}")
+    return storage.retrying(lambda: _expand(spec, extensions), f"listing {spec}", spec)
 
 
 def _expand(spec, extensions):
@@ -127,7 +127,7 @@ def hash_of(uri):
 def stat(uri):
     """(size, version, content hash) of one object; raises when it cannot be read."""
     fs, path = storage.filesystem(uri)
-    return source_of(storage.retrying(lambda: fs.info(path), f"reading the size of {uri}"))
+    return source_of(storage.retrying(lambda: fs.info(path), f"reading the size of {uri}", uri))
 
 
 def list_image_files(spec):

@@ -396,7 +396,7 @@ def write_table(table, path, row_group_rows=100):
                 for start in range(0, max(table.num_rows, 1), row_group_rows):
                     writer.write_table(table.slice(start, row_group_rows))
 
-    storage.retrying(write, f"writing {path}")
+    storage.retrying(write, f"writing {path}", path)
     return file_entry(path, table)
 
 
