@@ -31,6 +31,7 @@ setup(
         "fsspec>=2024.2",
         "gcsfs>=2024.2",
         "filelock>=3.12",  # the artifact cache: one download per file across processes
+        "tenacity>=8.2",  # retries of storage that does not retry itself (runtime/storage.py)
         "apache-beam[gcp]>=2.60,<3",
         "faiss-cpu>=1.8",
         "matplotlib>=3.7",  # the evaluation report's precision-recall plot

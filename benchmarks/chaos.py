@@ -193,7 +193,7 @@ def pictures(count, seed=0):
     return [picture(n, seed) for n in range(count)]
 
 
-class World:
+class SystemUnderTest:
     """The collection (images in a folder or bucket), its features table and index, a model of
     what should be listed and served, and the invariants."""
 
@@ -336,13 +336,13 @@ class World:
     def outside(self):
         """What wrong input must never change: (table version, index log sequence, the other
         tables' versions, whether anything exists at the mistyped paths)."""
-        from delf_index.indexing import artifact as art
+        from delf_index.indexing.versions import current_entry
         from delf_index.runtime import storage, tables
 
-        entry = art.current_entry(self.index)
+        entry = current_entry(self.index)
         typos = []
         for path in (self.features, self.index):
-            fs, typo = storage.fresh(f"{path}-typo")
+            fs, typo = storage.uncached_filesystem(f"{path}-typo")
             typos.append(fs.exists(typo))
         return (tables.snapshot(self.features).version if tables.exists(self.features) else None,
                 entry and entry["sequence"], tables.snapshot(self.other).version,
@@ -398,7 +398,7 @@ class World:
         """Records of `ids` other than removals in any data file of the table's folder."""
         from delf_index.runtime import storage, tables
 
-        fs, root = storage.fresh(f"{self.features}/x")
+        fs, root = storage.uncached_filesystem(f"{self.features}/x")
         out = []
         for path in fs.ls(root.rsplit("/", 1)[0], detail=False):
             if path.endswith(".parquet"):
@@ -413,9 +413,10 @@ class World:
         version it names. Returns (its (image_id, run) pairs, the loaded artifact), or (None,
         None) before the first build."""
         from delf_index.indexing import artifact as art
+        from delf_index.indexing.versions import current_entry, list_versions
         from delf_index.runtime import tables
 
-        entry = art.current_entry(self.index)
+        entry = current_entry(self.index)
         if entry is None:
             return None, None
         artifact = art.Artifact.load(self.index)
@@ -436,7 +437,7 @@ class World:
             self.counts["unverifiable"] += 1
             seen = set().union(pairs, *self.live_at.values())
             assert {p for p in held if p[0] not in blocked} <= seen, "the index holds records never live"
-        versions = set(art.list_versions(self.index))
+        versions = set(list_versions(self.index))
         self.counts["pruned"] += len(self.versions - versions)
         self.versions = versions
         return held, artifact
@@ -492,14 +493,14 @@ class World:
 
 
 # -- a run -----------------------------------------------------------------------------------
-def choose(world, rng, single_writer, kill_rate, cache_env, op=None):
+def choose(system, rng, single_writer, kill_rate, cache_env, op=None):
     """A step: a mutation of the collection (a string), or one or two operations to run at
     once, each (name, argv, env, kill: a failpoint, a time to kill at, or None). `op` given
     (the tour): that operation alone, not killed."""
     tour = op is not None
     op = op or rng.choices(list(OPERATIONS), weights=list(OPERATIONS.values()))[0]
     if op == "mutate" or op in MUTATIONS:
-        return world.mutate(None if op == "mutate" else op)
+        return system.mutate(None if op == "mutate" else op)
     op = rng.choice(WRONG) if op == "wrong" else op
     ops = [op]
     if not tour and rng.random() < 0.5:
@@ -508,9 +509,9 @@ def choose(world, rng, single_writer, kill_rate, cache_env, op=None):
             ops.append(other)
         elif other == "query":  # wrong input runs alone, or beside a reader
             ops.append(other)
-    known, chosen = world.known(), []
+    known, chosen = system.known(), []
     for name in ops:
-        argv = world.command(name, known)
+        argv = system.command(name, known)
         if argv is None:
             continue
         if name in WRITERS and rng.random() < 0.5:
@@ -526,10 +527,10 @@ def choose(world, rng, single_writer, kill_rate, cache_env, op=None):
     return chosen
 
 
-def execute(world, workers, chosen):
+def execute(system, workers, chosen):
     """Run the chosen operations at once, killing them as chosen; (report, [(name, argv, exit
     code)]), the exit code -9 for a killed one."""
-    index_existed = world.sequence > 0
+    index_existed = system.sequence > 0
     running = []
     for worker, (name, argv, env, kill) in zip(workers, chosen):
         worker.send(argv, env)
@@ -549,7 +550,7 @@ def execute(world, workers, chosen):
         time.sleep(0.05)
     finished = [(name, argv, code) for _, name, argv, _, code in running]
     for name, argv, code in finished:
-        if name == "query" and index_existed and world.index in argv:
+        if name == "query" and index_existed and system.index in argv:
             assert code in (0, -9), f"a reader failed (exit {code}) while writers ran"
         assert code in (0, 1, -9), f"{name} exited {code}: a bug, not a refusal (see the workers' log)"
     report = {
@@ -593,7 +594,7 @@ def run(images, features, index, codebooks, steps, seed, single_writer=False, ki
     Raises AssertionError at the first broken invariant."""
     rng = random.Random(seed)
     other = other or os.path.join(os.path.dirname(codebooks.rstrip("/")), "table")
-    world = World(images, features, index, codebooks, other, seed)
+    system = SystemUnderTest(images, features, index, codebooks, other, seed)
     cache_env = {"DELF_INDEX_CACHE": cache or tempfile.mkdtemp(prefix="chaos-cache-")}
     if broken:
         cache_env["DELF_INDEX_BREAK"] = ",".join(broken)
@@ -607,27 +608,27 @@ def run(images, features, index, codebooks, steps, seed, single_writer=False, ki
             # first an update that builds the index, then a new image and an update killed between
             # its files and its commit; the tour; random steps after
             if number == 0:
-                chosen = [("update", world.command("update"), dict(cache_env), None)]
+                chosen = [("update", system.command("update"), dict(cache_env), None)]
             elif number == 1:
-                world.keep_stale_copy()
-                world.mutate("new")
-                chosen = [("update", world.command("update"), crash, "extract:written")]
+                system.keep_stale_copy()
+                system.mutate("new")
+                chosen = [("update", system.command("update"), crash, "extract:written")]
             else:
                 op = script[number - 2] if number - 2 < len(script) else None
-                chosen = choose(world, rng, single_writer, kill_rate, cache_env, op)
-            before = world.outside() if number else None
+                chosen = choose(system, rng, single_writer, kill_rate, cache_env, op)
+            before = system.outside() if number else None
             if isinstance(chosen, str):
                 report, finished = {"mutate": chosen}, []
             else:
-                report, finished = execute(world, workers, chosen)
-            report.update(world.check(finished, before), step=number)
+                report, finished = execute(system, workers, chosen)
+            report.update(system.check(finished, before), step=number)
             tally(summary, report, finished)
             print(json.dumps(report), flush=True)
     finally:
         for worker in workers:
             with contextlib.suppress(Exception):
                 worker.close()
-    summary.update(world.counts)
+    summary.update(system.counts)
     if require_all:
         missing = [k for k in KINDS if not summary["succeeded"].get(k)]
         assert not missing, f"never succeeded: {missing}"

@@ -161,7 +161,7 @@ def main(argv=None):
                 flush=True,
             )
 
-        items = T.read_manifest(path)
+        items = T.read_train_manifest(path)
         num_classes = len({it["landmark_id"] for it in items})
         trainer = T.Trainer({**T.default_conf, "amp": device.type == "cuda"}, num_classes, device)
         crop = 128 if args.tiny else args.crop

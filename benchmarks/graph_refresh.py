@@ -34,6 +34,7 @@ import numpy as np
 from benchmarks.incremental import sources, write_images
 from benchmarks.landmarks import LANDMARKS
 from delf_index.indexing import artifact as art
+from delf_index.indexing.versions import current_entry, current_manifest, current_version
 from delf_index.pipelines import match, update
 from delf_index.runtime.conf import resolve_conf
 
@@ -79,7 +80,7 @@ def scaled_match(index, sample, conf):
     seconds = []
     for images in (chosen[:4], chosen[4:]):
         start = time.time()
-        match.search_images(art.current_version(index), art.current_manifest(index), images, conf,
+        match.search_images(current_version(index), current_manifest(index), images, conf,
                             os.path.join(index, "_staging", "sample"))  # fmt: skip
         seconds.append(time.time() - start)
     per_image = max(seconds[1] - seconds[0], 0) / (sample - 4)
@@ -110,9 +111,7 @@ def main(argv=None):
         pairs = summary["rows"]["pairs"]
     else:
         graph_pairs = shaped_graph(index, args.degree)
-        match.augment_index(
-            index, graph_pairs, art.current_entry(index)["version"], matched=match.matched_with(matched)
-        )
+        match.augment_index(index, graph_pairs, current_entry(index)["version"], matched=match.matched_with(matched))
         pairs = len(graph_pairs)
         full_s = scaled_match(index, args.sample, matched)
         how = f"scaled from {args.sample} images"
@@ -126,7 +125,7 @@ def main(argv=None):
     start = time.time()
     counts = update.run(images, features, index, conf=conf)
     day_s = time.time() - start
-    refreshed = art.current_manifest(index)["augmented"]["refreshed"]
+    refreshed = current_manifest(index)["augmented"]["refreshed"]
     result = {
         "images": count,
         "new": new,

@@ -39,6 +39,7 @@ import numpy as np
 from benchmarks.build_scale import DIM, FEATURES, IMAGES_PER_SHARD, identity_pca, shard_tables, synthetic
 from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk, codebooks, shards
+from delf_index.indexing.codebooks_io import load_codebooks, load_words, write_codebooks
 from delf_index.indexing.retrieval import Index
 from delf_index.pipelines import build
 from delf_index.runtime.features import Features
@@ -50,9 +51,9 @@ def peak_mib():
 
 def encode_worker(args):
     shard, codebooks_dir, centres, staging, assigner = args
-    pca, trained, _ = art.load_codebooks(codebooks_dir)
+    pca, trained, _ = load_codebooks(codebooks_dir)
     # the database side's word assignment (see word_assigner), built once by the parent
-    words = shards.WordAssigner(art.load_words(codebooks_dir), faiss.deserialize_index(assigner))
+    words = shards.WordAssigner(load_words(codebooks_dir), faiss.deserialize_index(assigner))
     timings = {}
     name = f"shard-{shard:05d}"
     counts = shards.encode_shard(
@@ -251,9 +252,9 @@ def main(argv=None):
         words = asmk.fit_words(synthetic(2, 4 * args.words, centres), args.words, niter=args.words_iterations)
         header["words_s"] = round(time.time() - start, 1)
         os.makedirs(codebooks_dir)
-        art.write_codebooks(codebooks_dir, identity_pca(), trained, {"model_fingerprint": "synthetic"}, words)
-    words = art.load_words(codebooks_dir)
-    header["nlist"] = faiss.extract_index_ivf(art.load_codebooks(codebooks_dir)[1]).nlist
+        write_codebooks(codebooks_dir, identity_pca(), trained, {"model_fingerprint": "synthetic"}, words)
+    words = load_words(codebooks_dir)
+    header["nlist"] = faiss.extract_index_ivf(load_codebooks(codebooks_dir)[1]).nlist
     header["words"] = len(words)
     database_side = word_assigner(words, args.assign_nlist, args.assign_nprobe)
     header["word_assignment"] = word_recall(

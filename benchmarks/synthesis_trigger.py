@@ -245,7 +245,7 @@ def image_records(index, queries, cache, label):
     out = []
     for n, query in enumerate(queries):
         pixels = index.query_pixels(query["uri"])
-        features = index.features_of(pixels)
+        features = index.query_features(pixels)
         where = os.path.join(cache, label + "-" + query["id"])
         out.append(record(index, {**query, "set": label}, features, pixels, where, [], query["positives"],
                           None if query["positives"] else False))  # fmt: skip

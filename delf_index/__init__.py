@@ -19,7 +19,8 @@ The batch jobs are plain functions of their modules, each with a `default_conf` 
 import logging
 
 from delf_index.errors import UserError
-from delf_index.indexing.artifact import Artifact, ArtifactError
+from delf_index.indexing.artifact import Artifact
+from delf_index.indexing.manifests import ArtifactError
 from delf_index.indexing.retrieval import Index, QueryError, Result
 from delf_index.runtime.extractor import Extractor, load_model
 from delf_index.runtime.features import Features

@@ -343,7 +343,7 @@ def _next_id(ids, id_bytes, i, low_count, lows, high_start, high_end, at, pendin
     return (high << low_count) | low, at, pending
 
 
-def list_images(lists, first=0, last=None):
+def entry_images(lists, first=0, last=None):
     """The image ids (int32) of the entries of words [first, last) of an inverted file (the
     dict of open_lists, or encode_ids' arrays with the offsets), in list order."""
     last = len(lists["offsets"]) - 1 if last is None else last
@@ -429,7 +429,7 @@ def unweighted_norms(ivf, block_words=4096):
         num_images, num_words = len(ivf["norms"]), len(ivf["offsets"]) - 1
         entries = np.zeros(num_images, np.int64)
         for first in range(0, num_words, block_words):
-            found = list_images(ivf, first, min(first + block_words, num_words))
+            found = entry_images(ivf, first, min(first + block_words, num_words))
             entries += np.bincount(found[(found >= 0) & (found < num_images)], minlength=num_images)
         ivf["unweighted_norms"] = np.sqrt(entries).astype(np.float32)
     return ivf["unweighted_norms"]

@@ -91,7 +91,7 @@ def dba_neighbours(graph, row, conf):
 
 def augmented_globals(globals_, graph, conf=None):
     """DBA: [n, G] global descriptors, each the alpha-QE of itself and its `dba_top` verified
-    neighbours (hidden images included, as their rows are never ranked)."""
+    neighbours (dead rows included, as they are never ranked)."""
     conf = {**default_conf, **(conf or {})}
     out = np.empty_like(globals_, dtype=np.float32)
     for row in range(len(globals_)):
@@ -102,7 +102,7 @@ def augmented_globals(globals_, graph, conf=None):
 def carried_rows(old_keys, new_keys):
     """(new row of each old row, old row of each new row), -1 where there is none, matching
     rows by key: (image_id, run) of the live rows of two versions of an index, None for a
-    hidden row. A changed image (another run) is a new row: its old edges describe other
+    dead row. A changed image (another run) is a new row: its old edges describe other
     features."""
     old_row = {key: row for row, key in enumerate(old_keys) if key is not None}
     old_of_new = np.array([old_row.get(key, -1) if key is not None else -1 for key in new_keys], np.int64)

@@ -256,7 +256,7 @@ class Index:
         return len(self.artifact)
 
     # -- input ----------------------------------------------------------------------------
-    def features_of(self, query):
+    def query_features(self, query):
         """Features of a query: Features as they are, else an image (a path or URI, encoded
         bytes or a uint8 RGB array) decoded and shrunk as extract does with database images,
         or the (pixels, original size) of `query_pixels`."""
@@ -287,7 +287,7 @@ class Index:
         its pixels: a query given as Features names them with `image` (a path, bytes or array)."""
         clock = time.perf_counter()
         pixels = None if isinstance(query, Features) else self.query_pixels(query)
-        features = query if pixels is None else self.features_of(pixels)
+        features = query if pixels is None else self.query_features(pixels)
         extracted = time.perf_counter()
         if len(self.artifact) == 0:
             return []
@@ -392,7 +392,7 @@ class Index:
         global descriptor (`_global_scores`' `known`)."""
         start = time.perf_counter()
         conf, artifact = self.conf, self.artifact
-        n = artifact.num_rows  # int ids; hidden images keep theirs and are never ranked
+        n = artifact.num_rows  # int ids; dead rows keep theirs and are never ranked
         local_scores = np.zeros(n, np.float32)
         if (conf["use_local"] or conf["use_verification"]) and len(features):
             if prepared is None:

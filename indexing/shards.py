@@ -10,8 +10,8 @@
    geometry is copied shard by shard into a memory-mapped array, so no step holds the
    corpus' descriptors in memory. The global-descriptor index (float16, one row per image)
    is the one part held in RAM while it is written: 2.5 KB per image with the default model.
-   Images of the previous artifact that the new rows replace, or that were removed, are
-   listed in hidden.npy; queries skip them, and the next full build leaves them out.
+   Images of the previous artifact that the new rows replace, or that were removed, are its
+   dead rows, listed in dead.npy; queries skip them, and the next full build leaves them out.
 """
 
 import logging
@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk
 from delf_index.indexing import pca as pca_lib
+from delf_index.indexing.manifests import ArtifactError
 from delf_index.runtime import console
-from delf_index.schemas.artifact import IMAGES_SCHEMA, MAX_COORDINATE, MAX_FEATURES
+from delf_index.schemas.artifact import DEAD_ROWS, IMAGES_SCHEMA, MAX_COORDINATE, MAX_FEATURES, dead_rows_file
 from delf_index.schemas.features import descriptors_of
 
 SHARD_SUFFIXES = ("ivf.faiss", "geometry.npy", "images.parquet", "global.npy", "codes.npy")
@@ -77,7 +78,7 @@ def encode_shard(tables, pca, trained, first_id, prefix, method="knn", words=Non
     clock = Clock(timings)
     knn, use_asmk = method in ("knn", "both"), method in ("asmk", "both")
     if use_asmk and words is None:
-        raise art.ArtifactError("an ASMK index needs ASMK visual words: fit the codebooks with --asmk-words")
+        raise ArtifactError("an ASMK index needs ASMK visual words: fit the codebooks with --asmk-words")
     index = faiss.clone_index(trained)
     geometry, globals_, images, entries, codes = [], [], [], [], []
     next_id = first_id
@@ -163,7 +164,7 @@ def check_ranges(table, counts):
     ids = table.column("image_id").to_pylist()
     too_many = np.nonzero(counts > MAX_FEATURES)[0]
     if len(too_many):
-        raise art.ArtifactError(
+        raise ArtifactError(
             f"{ids[too_many[0]]} has {counts[too_many[0]]} features; an index holds at most {MAX_FEATURES} per "
             "image: extract with a lower max_features"
         )
@@ -172,18 +173,18 @@ def check_ranges(table, counts):
         bad = np.nonzero((values < -0.5) | (values > MAX_COORDINATE + 0.49))[0]
         if len(bad):
             image = np.searchsorted(np.cumsum(counts), bad[0], side="right")
-            raise art.ArtifactError(
+            raise ArtifactError(
                 f"{ids[image]} has a keypoint at {column} = {values[bad[0]]:.1f}, beyond the index's pixel range "
                 f"0..{MAX_COORDINATE}: such images cannot be indexed (shrink them first)"
             )
 
 
-def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn", words=None, timings=None):
+def merge_shards(prefixes, trained, out_dir, previous=None, newly_dead=(), method="knn", words=None, timings=None):
     """Shards (local prefixes, in id order) [+ a previous local artifact folder] -> artifact
-    files in `out_dir`: images.parquet, geometry.npy, global.faiss, hidden.npy (the previous
-    artifact's hidden images and the int ids in `hide`), and per `method` the k-NN lists
+    files in `out_dir`: images.parquet, geometry.npy, global.faiss, dead.npy (the previous
+    artifact's dead rows and the int ids in `newly_dead`), and per `method` the k-NN lists
     (index.faiss + index.ivfdata) and ASMK's inverted file, word index and codes (`words`: a
-    WordAssigner). Returns the counts {"images", "descriptors", "hidden"}; `timings` (a dict)
+    WordAssigner). Returns the counts {"images", "descriptors", "dead"}; `timings` (a dict)
     receives the seconds of each step."""
     clock = Clock({} if timings is None else timings)
     listed = merge_lists(prefixes, trained, out_dir, previous) if method in ("knn", "both") else None
@@ -195,26 +196,26 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
     images = pa.concat_tables(tables) if tables else IMAGES_SCHEMA.empty_table().drop(["geometry_offset"])
     ids = images.column("id").to_numpy()
     if len(ids) and not np.array_equal(ids, np.arange(len(ids))):
-        raise art.ArtifactError("image ids of the shards are not consecutive: shards missing or out of order")
+        raise ArtifactError("image ids of the shards are not consecutive: shards missing or out of order")
     image_ids = images.column("image_id").to_pylist()
-    hidden = set(np.load(os.path.join(previous, "hidden.npy")).tolist()) if previous else set()
-    hidden.update(int(h) for h in hide)
-    live = [image_id for row, image_id in enumerate(image_ids) if row not in hidden]
+    dead = set(np.load(os.path.join(previous, dead_rows_file(os.listdir(previous)))).tolist()) if previous else set()
+    dead.update(int(row) for row in newly_dead)
+    live = [image_id for row, image_id in enumerate(image_ids) if row not in dead]
     if len(set(live)) != len(live):
         seen, dup = set(), []
         for image_id in live:
             if image_id in seen:
                 dup.append(image_id)
             seen.add(image_id)
-        raise art.ArtifactError(f"{len(dup)} image_ids occur twice, e.g. {dup[:3]}: an image can be indexed once")
-    np.save(os.path.join(out_dir, "hidden.npy"), np.array(sorted(hidden), np.int64))
+        raise ArtifactError(f"{len(dup)} image_ids occur twice, e.g. {dup[:3]}: an image can be indexed once")
+    np.save(os.path.join(out_dir, DEAD_ROWS), np.array(sorted(dead), np.int64))
     counts = images.column("num_features").to_numpy().astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else np.zeros(0, np.int64)
     images = images.append_column("geometry_offset", pa.array(offsets, pa.int64())).cast(IMAGES_SCHEMA)
     pq.write_table(images, os.path.join(out_dir, "images.parquet"))
     descriptors = int(counts.sum())
     if listed is not None and listed != descriptors:
-        raise art.ArtifactError(f"{listed} indexed descriptors but the image table counts {descriptors}")
+        raise ArtifactError(f"{listed} indexed descriptors but the image table counts {descriptors}")
     clock.lap("images_s")
 
     # geometry (and ASMK's per-descriptor codes), copied piece by piece into memory-mapped arrays
@@ -226,7 +227,7 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
     clock.lap("geometry_s")
     if method in ("asmk", "both"):
         if previous and not os.path.exists(os.path.join(previous, "codes.npy")):
-            raise art.ArtifactError("the index has no ASMK codes to append to: build it with --method asmk or both")
+            raise ArtifactError("the index has no ASMK codes to append to: build it with --method asmk or both")
         concatenate("codes.npy")
         clock.lap("codes_s")
         write_asmk(prefixes, previous, out_dir, len(image_ids), words)
@@ -245,7 +246,7 @@ def merge_shards(prefixes, trained, out_dir, previous=None, hide=(), method="knn
             global_index.add(chunk.astype(np.float32))
     faiss.write_index(global_index, os.path.join(out_dir, "global.faiss"))
     clock.lap("global_s")
-    return {"images": len(image_ids) - len(hidden), "descriptors": descriptors, "hidden": len(hidden)}
+    return {"images": len(image_ids) - len(dead), "descriptors": descriptors, "dead": len(dead)}
 
 
 def merge_lists(prefixes, trained, out_dir, previous=None):
@@ -254,7 +255,7 @@ def merge_lists(prefixes, trained, out_dir, previous=None):
     sources, keep_alive = [], []
     if previous is not None:
         if not os.path.exists(os.path.join(previous, "index.faiss")):
-            raise art.ArtifactError("the index has no k-NN lists to append to: build it with --method knn or both")
+            raise ArtifactError("the index has no k-NN lists to append to: build it with --method knn or both")
         with console.c_output() as said:  # and that it re-points the lists at their file
             old = faiss.read_index(os.path.join(previous, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
         log.debug("faiss: %s", said[0].strip())
@@ -327,12 +328,12 @@ def raw_to_npy(raw_path, path, dtype, size):
 
 def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096):
     """ASMK's inverted file of the previous version's entries and the shards', its IDF and
-    image norms over all images (hidden ones are masked at query time), and the word index.
+    image norms over all images (dead rows are masked at query time), and the word index.
     Streams: every source is sorted by (word, image) and memory-mapped, and the output is
     written `block_words` words at a time, so memory holds one block of entries, not the
     corpus (tests/test_asmk.py checks it against the file built in memory)."""
     if num_images >= 2**31:
-        raise art.ArtifactError(f"{num_images} images: ASMK's inverted file holds int32 image ids, at most 2**31 - 1")
+        raise ArtifactError(f"{num_images} images: ASMK's inverted file holds int32 image ids, at most 2**31 - 1")
     num_words = len(words.centroids)
     sources = []  # per source, in image id order: a previous version's lists, or a shard's sorted entries
     if previous:
@@ -346,7 +347,7 @@ def write_asmk(prefixes, previous, out_dir, num_images, words, block_words=4096)
         if "offsets" in source:  # a previous version: CSR, its words implied by the offsets
             offsets = source["offsets"]
             found = np.repeat(np.arange(first, last, dtype=np.int32), np.diff(offsets[first : last + 1]))
-            owners = asmk.list_images(source, first, last)
+            owners = asmk.entry_images(source, first, last)
             return found, owners, np.asarray(source["signatures"][offsets[first] : offsets[last]])
         lo, hi = np.searchsorted(source["words"], [first, last])
         return tuple(np.asarray(source[key][lo:hi]) for key in ("words", "images", "signatures"))

@@ -120,7 +120,7 @@ OBJECTIVES = ("classification_weight", "matchability_weight", "verified_weight")
 
 
 # -- data -------------------------------------------------------------------------------------
-def read_manifest(uri):
+def read_train_manifest(uri):
     """Rows {id, location, landmark_id} of a GLDv2-style train.csv on any fsspec filesystem.
 
     The image location is the ``path`` column when present (relative paths resolve against
@@ -611,7 +611,7 @@ def train(manifest, output, conf=None, resume=False, match=None):
     device = torch.device(conf["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(output, exist_ok=True)
     state = resume_state(output, conf, resume)
-    items, pairs = (read_manifest(manifest), None) if match is None else match_items(match)
+    items, pairs = (read_train_manifest(manifest), None) if match is None else match_items(match)
     train_items, val_items, classes = split_items(items, conf["val_fraction"], conf["seed"])
     logger.info("%d images, %d classes: %d for training, %d for validation", len(items), len(classes),
                 len(train_items), len(val_items))  # fmt: skip

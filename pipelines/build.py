@@ -23,10 +23,10 @@ A build reads the live records of the features table at one version (its current
 `--table-version`), and the index's manifest records that version. Image int ids follow the
 table's data files and the rows in them, so a rebuild from the same version gives the same
 ids. `--append` compares the index with the table's live records, reading only the
-manifest, image table and hidden list of the index: images whose live record changed are
-hidden and added again, images deleted or taken down are hidden, new ones added, all with
-the index's own codebooks; queries skip hidden images, and the next full build leaves them
-out. `--remove` first records takedowns in the table (`delf-index remove`).
+manifest, image table and dead rows of the index: the row of an image whose live record
+changed dies and the image is added again, the rows of images deleted or taken down die, new
+ones are added, all with the index's own codebooks; queries skip dead rows, and the next full
+build leaves them out. `--remove` first records takedowns in the table (`delf-index remove`).
 """
 
 import contextlib
@@ -48,12 +48,23 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import shards as shards_lib
+from delf_index.indexing.codebooks_io import WORDS_FILE, codebooks_folder, load_codebooks, load_words
+from delf_index.indexing.manifests import ArtifactError, check_fingerprint, fetch_manifested, file_entries
+from delf_index.indexing.versions import (
+    commit_version,
+    current_entry,
+    current_manifest,
+    current_version,
+    new_version_name,
+    place_version,
+    version_work_folder,
+)
 from delf_index.pipelines import cli
 from delf_index.pipelines.extract import CountProgress
 from delf_index.runtime import console, failpoints, lease, progress, storage, tables
 from delf_index.runtime.inputs import read_ids
 from delf_index.runtime.tables import iter_batches
-from delf_index.schemas.artifact import ARTIFACT_VERSION, STAGING, VERSIONS
+from delf_index.schemas.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, STAGING, VERSIONS
 from delf_index.version import __version__
 
 log = logging.getLogger(__name__)
@@ -64,7 +75,7 @@ def word_assigner(codebooks_uri, method):
     """ASMK's words of the codebooks when the method needs them, else None."""
     if method == "knn":
         return None
-    words = art.load_words(codebooks_uri)
+    words = load_words(codebooks_uri)
     if words is None:
         raise UserError(f"--method {method} needs ASMK visual words: fit the codebooks with --asmk-words auto")
     return shards_lib.WordAssigner(words)
@@ -80,7 +91,7 @@ class EncodeShard(beam.DoFn):
         self.descriptors = Metrics.counter("delf_index", "descriptors_encoded")
 
     def setup(self):
-        self.pca, self.trained, _ = art.load_codebooks(self.codebooks_uri)
+        self.pca, self.trained, _ = load_codebooks(self.codebooks_uri)
         self.words = word_assigner(self.codebooks_uri, self.method)
 
     def process(self, element):
@@ -102,12 +113,12 @@ def weigh_images(shard):
     return shard["images"]
 
 
-def merge_version(_, shards, output, version, staging, codebooks_uri, previous_uri, hide, info, method):
+def merge_version(_, shards, output, version, staging, codebooks_uri, previous_uri, newly_dead, info, method):
     """Merge the staged shards (and the previous version) into the new version's folder and
     place it under versions/ (not yet current: the launcher publishes it)."""
     shards = sorted(shards, key=lambda s: s["shard"])
     start = time.time()
-    out = art.version_work_folder(output, version)
+    out = version_work_folder(output, version)
     with tempfile.TemporaryDirectory() as work:
         shard_dir = os.path.join(work, "shards")
         os.makedirs(shard_dir)
@@ -115,15 +126,15 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
             for suffix in shard["files"]:
                 name = f"{shard['name']}.{suffix}"
                 storage.download(posixpath.join(staging, name), os.path.join(shard_dir, name))
-        previous = art.fetch_manifested(previous_uri, "manifest.json", "index") if previous_uri else None
-        codebooks_dir, _, _ = art.codebooks_folder(codebooks_uri)  # an append's: the previous version's
-        _, trained, _ = art.load_codebooks(codebooks_dir)
+        previous = fetch_manifested(previous_uri, "manifest.json", "index") if previous_uri else None
+        codebooks_dir, _, _ = codebooks_folder(codebooks_uri)  # an append's: the previous version's
+        _, trained, _ = load_codebooks(codebooks_dir)
         prefixes = [os.path.join(shard_dir, s["name"]) for s in shards]
         words = word_assigner(codebooks_dir, method)
         steps = {}
-        counts = shards_lib.merge_shards(prefixes, trained, out, previous, hide, method, words, timings=steps)
+        counts = shards_lib.merge_shards(prefixes, trained, out, previous, newly_dead, method, words, timings=steps)
     # the codebooks travel with the index: an append encodes with them
-    for name in ("pca.npz", "trained.faiss") + ((art.WORDS_FILE,) if method != "knn" else ()):
+    for name in ("pca.npz", "trained.faiss") + ((WORDS_FILE,) if method != "knn" else ()):
         shutil.copy(os.path.join(codebooks_dir, name), os.path.join(out, name))
     names = sorted(os.listdir(out))
     sizes = {name: os.path.getsize(os.path.join(out, name)) for name in names}
@@ -134,8 +145,8 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
         "geometry": sizes["geometry.npy"],
     }
     manifest = {
-        "format": art.ARTIFACT_FORMAT,
-        "format_version": ARTIFACT_VERSION if method != "knn" else 2,  # 2: readable by earlier versions
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_VERSION,
         **info,
         "delf_index_version": __version__,
         "version": version,
@@ -148,11 +159,11 @@ def merge_version(_, shards, output, version, staging, codebooks_uri, previous_u
         ),
         "merge_seconds": round(time.time() - start, 1),
         "merge_steps_seconds": {k: round(v, 1) for k, v in steps.items()},
-        "files": art.file_entries(out, names),
+        "files": file_entries(out, names),
     }
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
-    art.place_version(out, output, version)
+    place_version(out, output, version)
     storage.remove(staging)  # this build's staged shards
 
 
@@ -162,10 +173,10 @@ def check_append(output, base, snap, method):
     settings) or the method asked for."""
     if base is None:
         raise UserError(f"{output} has no version to append to: build it first with --codebooks")
-    manifest, properties = art.current_manifest(output), snap.properties
-    art.check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
+    manifest, properties = current_manifest(output), snap.properties
+    check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
     if manifest.get("extractor") != properties["extractor"]:
-        raise art.ArtifactError(
+        raise ArtifactError(
             f"the features were extracted with other settings than the index ({properties['extractor']} against "
             f"{manifest.get('extractor')}): extract with the index's settings, or build a new index"
         )
@@ -181,11 +192,11 @@ def check_build(output, base, properties, codebooks, method):
     """(what the new version's manifest says of its model and codebooks, the local method) of a
     full build, refused before any work when the codebooks do not fit the table or lack what
     the method needs."""
-    _, _, manifest = art.load_codebooks(codebooks)  # of fit, or an index's own (a rebuild)
-    art.check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
+    _, _, manifest = load_codebooks(codebooks)  # of fit, or an index's own (a rebuild)
+    check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
     if method is None:  # a rebuild (update's compaction too) keeps the index's local method
-        method = art.current_manifest(output).get("method", "knn") if base is not None else "knn"
-    if method != "knn" and art.load_words(codebooks) is None:
+        method = current_manifest(output).get("method", "knn") if base is not None else "knn"
+    if method != "knn" and load_words(codebooks) is None:
         raise UserError(f"--method {method} needs ASMK visual words: fit the codebooks with --asmk-words auto")
     info = {
         "model_fingerprint": properties["model_fingerprint"],
@@ -207,7 +218,7 @@ def check_arguments(features, output, append, remove, codebooks):
         raise UserError("--codebooks is required (the output of `delf-index fit`), unless --append")
     if not tables.exists(features):
         raise tables.missing_table(features.rstrip("/"))
-    if append and art.current_entry(output) is None:  # checked again under the lease
+    if append and current_entry(output) is None:  # checked again under the lease
         raise UserError(f"{output} has no version to append to: build it first with --codebooks")
 
 
@@ -222,24 +233,24 @@ def warn_if_dropped(output, manifest):
 
 
 def plan_append(indexed, live):
-    """What an append does to the index: (live records to add, rows to hide, counts). `indexed`
-    is the index's (image_ids, runs, hidden rows); `live` the table's live records. An indexed
-    image is hidden when its live record is another one (changed, extracted again) or it has
+    """What an append does to the index: (live records to add, rows that die, counts). `indexed`
+    is the index's (image_ids, runs, dead rows); `live` the table's live records. An indexed
+    image's row dies when its live record is another one (changed, extracted again) or it has
     none (deleted, taken down); a live record the index does not hold is added."""
-    image_ids, runs, hidden = indexed
+    image_ids, runs, dead = indexed
     shown = np.ones(len(image_ids), bool)
-    shown[hidden] = False
+    shown[dead] = False
     now = dict(zip(live.column("image_id").to_pylist(), live.column("run").to_pylist()))
-    hide, reasons, held = [], {"changed": 0, "gone": 0}, set()
+    newly_dead, reasons, held = [], {"changed": 0, "gone": 0}, set()
     for row in np.nonzero(shown)[0]:
         run = now.get(image_ids[row])
         if run == (runs[row] or ""):
             held.add(image_ids[row])
             continue
-        hide.append(int(row))
+        newly_dead.append(int(row))
         reasons["changed" if run is not None else "gone"] += 1
     keep = pc.invert(pc.is_in(live.column("image_id"), pa.array(sorted(held), pa.string())))
-    return live.filter(keep), hide, reasons
+    return live.filter(keep), newly_dead, reasons
 
 
 def take_down(features, remove, allow_unknown):
@@ -252,20 +263,20 @@ def take_down(features, remove, allow_unknown):
 
 def plan_version(output, features, snap, live, checked, append, codebooks):
     """What the new version holds, from the table's `live` records: {live records to encode,
-    rows to hide and why, first new image id, previous version's URI, codebooks' URI,
+    rows that die and why, first new image id, previous version's URI, codebooks' URI,
     manifest info}; `checked` is check_append's manifest or check_build's info. None when an
     append finds nothing to do; a full build of no live image is refused."""
     if append:
-        previous_uri = art.current_version(output)
+        previous_uri = current_version(output)
         indexed = art.indexed_images(previous_uri, checked)
-        live, hide, reasons = plan_append(indexed, live)
-        if not live.num_rows and not hide:
+        live, newly_dead, reasons = plan_append(indexed, live)
+        if not live.num_rows and not newly_dead:
             return None
         # what describes this version alone is not carried over; nor is an augmentation, whose
         # graph and DBA files an append drops (update refreshes them: before_publish)
         dropped = ("files", "counts", "format", "format_version", "augmented", "tables")
         info = {k: v for k, v in checked.items() if k not in dropped}
-        work = {"hide": hide, "reasons": reasons, "first_id": len(indexed[0]), "previous_uri": previous_uri,
+        work = {"newly_dead": newly_dead, "reasons": reasons, "first_id": len(indexed[0]), "previous_uri": previous_uri,
                 "codebooks_uri": previous_uri}  # fmt: skip
     else:
         if not live.num_rows:
@@ -274,7 +285,7 @@ def plan_version(output, features, snap, live, checked, append, codebooks):
                 "restore taken-down ones)"
             )
         info = checked
-        work = {"hide": [], "reasons": {}, "first_id": 0, "previous_uri": None, "codebooks_uri": codebooks}
+        work = {"newly_dead": [], "reasons": {}, "first_id": 0, "previous_uri": None, "codebooks_uri": codebooks}
     info["features"] = {"uri": snap.uri, "table_version": snap.version, "table_id": snap.table_id}
     return {**work, "live": live, "info": info}
 
@@ -310,7 +321,7 @@ def add_build_steps(p, elements, folder, output, version, staging, work, method)
             staging=staging,
             codebooks_uri=work["codebooks_uri"],
             previous_uri=work["previous_uri"],
-            hide=work["hide"],
+            newly_dead=work["newly_dead"],
             info=work["info"],
             method=method,
         )
@@ -325,17 +336,17 @@ def publish(output, version, base, held, operation, work, keep, grace, before_pu
         before_publish(posixpath.join(output, VERSIONS, version))
     held.check()
     entry = {"operation": operation, **work["info"]["features"]}
-    art.commit_version(output, version, base, keep, grace, entry, published=lambda: failpoints.reach("build:published"))
+    commit_version(output, version, base, keep, grace, entry, published=lambda: failpoints.reach("build:published"))
 
 
 def describe_build(manifest, features, snap, images, work, output, seconds):
     """The build's summary line."""
-    counts, reasons, hide = manifest["counts"], work["reasons"], work["hide"]
-    hidden = f", {len(hide)} hidden ({', '.join(f'{n} {k}' for k, n in reasons.items() if n)})" if hide else ""
+    counts, reasons, newly_dead = manifest["counts"], work["reasons"], work["newly_dead"]
+    died = f", {len(newly_dead)} dead ({', '.join(f'{n} {k}' for k, n in reasons.items() if n)})" if newly_dead else ""
     return (
         f"build: version {manifest['version']} ({features} version {snap.version}): {counts['images']} images, "
         f"{counts['descriptors']} descriptors, {manifest['bytes_per_descriptor']} bytes/descriptor with geometry; "
-        f"{images} images added{hidden} -> {output} ({seconds:.1f}s)"
+        f"{images} images added{died} -> {output} ({seconds:.1f}s)"
     )
 
 
@@ -370,12 +381,14 @@ def run(
     output = output.rstrip("/")
     check_arguments(features, output, append, remove, codebooks)
     # leases in one order everywhere, the table's before the index's: two jobs never wait on each other
-    taking_down = lease.hold(features, "build --remove", wait=wait) if remove is not None else contextlib.nullcontext()
+    taking_down = (
+        lease.writing(features, "build --remove", wait=wait) if remove is not None else contextlib.nullcontext()
+    )
     with (
         taking_down,
-        lease.hold(output, f"build{' --append' if append else ''} --features {features}", wait=wait) as held,
+        lease.writing(output, f"build{' --append' if append else ''} --features {features}", wait=wait) as held,
     ):
-        base = art.current_entry(output)
+        base = current_entry(output)
         planned = tables.snapshot(features, table_version)
         if append:
             checked, method = check_append(output, base, planned, method)
@@ -393,9 +406,9 @@ def run(
             )
             return checked
         if base is not None and before_publish is None:
-            warn_if_dropped(output, art.current_manifest(output))
+            warn_if_dropped(output, current_manifest(output))
         elements, images = shard_elements(tables.file_skips(snap, records, work["live"]), work["first_id"])
-        version = art.new_version_name(base)
+        version = new_version_name(base)
         staging = posixpath.join(output, STAGING, version)
         log.info("build %s %s from %s version %d: %d images", output, version, features, snap.version, images)
         start = time.time()

@@ -59,7 +59,7 @@ def dead_share(uri):
 
 def run(features, rows_per_file=1000, retention_hours=DEFAULT_RETENTION_HOURS, wait=False):
     """Compact the features table `features` as one commit, then vacuum it. Returns the counts."""
-    with lease.hold(features, "compact", wait=wait) as held:
+    with lease.writing(features, "compact", wait=wait) as held:
         snap = tables.snapshot(features)
         records = snap.read(["image_id", "status", "run"])
         keep_keys = key(kept_records(records))

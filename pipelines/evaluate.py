@@ -62,6 +62,7 @@ from delf_index.indexing import metrics
 from delf_index.indexing.retrieval import Index, expansion_presets, presets
 from delf_index.indexing.retrieval import default_conf as query_defaults
 from delf_index.indexing.shards import METHODS
+from delf_index.indexing.versions import current_entry, current_manifest
 from delf_index.pipelines import build, cli, extract, fit, match, visualize
 from delf_index.runtime import console, progress, storage, tables
 from delf_index.runtime.conf import resolve_conf
@@ -161,7 +162,7 @@ class RunQueries(beam.DoFn):
             if query.get("bbx"):
                 x1, y1, x2, y2 = (int(round(v)) for v in query["bbx"])
                 image = np.ascontiguousarray(image[max(0, y1) : y2, max(0, x1) : x2])
-            features = next(iter(self.indexes.values())).features_of(image)
+            features = next(iter(self.indexes.values())).query_features(image)
         row = {"query": query["id"], "label": query.get("label")}
         # the configurations of one local method differ only in the use_* switches: one k-NN
         # search (or one ASMK aggregation) serves them all
@@ -355,12 +356,12 @@ def index_steps(features, workdir, conf, beam_options, fresh, timings):
     timings["fit_s"] = time.time() - start
     start = time.time()
     index = os.path.join(workdir, "index")
-    built = art.current_manifest(index) if art.current_entry(index) is not None else None
+    built = current_manifest(index) if current_entry(index) is not None else None
     if redo or built is None or built.get("method", "knn") != conf["method"] or finished.get("build") != state:
         build.run(features, index, codebooks=codebooks, beam_options=beam_options, method=conf["method"])
         write_json(steps_file, {"fit": state, "build": state})
     timings["build_s"] = time.time() - start
-    if conf["augment"] and (redo or not art.current_manifest(index).get("augmented")):
+    if conf["augment"] and (redo or not current_manifest(index).get("augmented")):
         match.run(index, os.path.join(workdir, "match"), conf={"sheet": False}, beam_options=beam_options, augment=True)
     return index
 
@@ -393,7 +394,7 @@ def index_size(index):
     """Images, descriptors and bytes per image of the current version of an index: the parts
     that grow with the collection (local lists and geometry, global descriptors), not the
     codebooks."""
-    manifest = art.current_manifest(index)
+    manifest = current_manifest(index)
     images = max(manifest["counts"]["images"], 1)
     local = sum(manifest["bytes"].values())
     globals_ = manifest["files"].get("global.faiss", {}).get("bytes", 0)

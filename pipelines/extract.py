@@ -629,7 +629,7 @@ def run(
     output = output.rstrip("/")
     target = what_to_write(output, conf, model, flags)
     kind = inputs.input_kind(input)
-    with lease.hold(output, f"extract --input {input}", wait=wait) as held:
+    with lease.writing(output, f"extract --input {input}", wait=wait) as held:
         start = time.time()
         snap = current_table(output, target, conf["descriptor_dtype"])
         state, newest = table_state(snap, kind)

@@ -12,7 +12,7 @@ From Python (`conf` overrides indexing.codebooks.default_conf, or names a preset
 Steps: Tables -> Redistribute -> SampleTable (each table's bottom-k by a seeded hash of
 (image_id, feature index)) -> Sample (the global bottom-k: a uniform sample that does not
 depend on how the work was split) -> Fit (PCA in DELF's order, then faiss coarse quantizer
-and PQ on the reduced sample) -> codebooks folder (indexing/artifact.py).
+and PQ on the reduced sample) -> codebooks folder (indexing/codebooks_io.py).
 """
 
 import logging
@@ -23,8 +23,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from delf_index.errors import UserError
-from delf_index.indexing import artifact as art
 from delf_index.indexing import codebooks as cb
+from delf_index.indexing.codebooks_io import load_codebooks, write_codebooks
 from delf_index.pipelines import cli
 from delf_index.runtime import console
 from delf_index.runtime.conf import resolve_conf
@@ -107,7 +107,7 @@ def run(features, output, conf=None, beam_options=None, test_pipeline=None):
     def fit_and_write(sample):
         pca, trained, words, info = cb.fit_codebooks(sample, conf)
         info.update(model_fingerprint=fingerprint, model=model, features=features, table_version=table_version)
-        art.write_codebooks(output, pca, trained, info, words)
+        write_codebooks(output, pca, trained, info, words)
 
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(flags))
     with pipeline as p:
@@ -119,7 +119,7 @@ def run(features, output, conf=None, beam_options=None, test_pipeline=None):
             | "Sample" >> beam.CombineGlobally(BottomKSample(conf["sample"]))
             | "Fit" >> beam.Map(fit_and_write)
         )
-    _, _, manifest = art.load_codebooks(output)
+    _, _, manifest = load_codebooks(output)
     log.info(
         f"fit: {manifest['index_string']} on {manifest['sample_descriptors']} of {manifest['corpus_descriptors']} "
         f"descriptors ({manifest['corpus_images']} images), PCA keeps {manifest['pca_explained_variance']:.1%} "

@@ -12,7 +12,7 @@ From Python:
 Every image of the index is searched against the index, itself excluded, with its features
 from the features table the index was built from, at the version it was built from (or the
 current version of `features`): no extraction. The index version is pinned while the job
-runs (indexing/artifact.py, `pin`). Steps:
+runs (indexing/versions.py, `pin`). Steps:
 Queries -> Neighbours (the index loaded once per worker process) -> Pairs (each unordered
 pair once, both directions' inliers and scores) -> Clusters (connected components over the
 pairs with at least `min_inliers` inliers) and, when images have labels, the label report (indexing/graph.py) ->
@@ -42,8 +42,19 @@ from apache_beam.utils import shared
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
 from delf_index.indexing import expansion, graph
+from delf_index.indexing.manifests import file_entries, read_file
 from delf_index.indexing.retrieval import Index
 from delf_index.indexing.retrieval import default_conf as query_defaults
+from delf_index.indexing.versions import (
+    commit_version,
+    current_entry,
+    current_manifest,
+    current_version,
+    new_version_name,
+    pin_current,
+    place_version,
+    version_work_folder,
+)
 from delf_index.pipelines import cli, visualize
 from delf_index.pipelines.build import DEFAULT_KEEP
 from delf_index.pipelines.extract import CountProgress
@@ -110,7 +121,7 @@ class VerifiedPairs(beam.PTransform):
 
 class Neighbours(beam.DoFn):
     """(query_id, uri, Features) -> ((a, b), (a_is_query, inliers, score)) for each of its
-    results, a < b; images the index does not hold (hidden, or not indexed) are skipped."""
+    results, a < b; images the index does not serve (dead rows, or not indexed) are skipped."""
 
     def __init__(self, index_uri, conf, handle):
         self.index_uri, self.conf, self.handle = index_uri, conf, handle
@@ -173,7 +184,7 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
     flags, _ = cli.beam_flags(beam_options)
     output = output.rstrip("/")
     start = time.time()
-    with art.pinned(index, "match") as pinned:  # every worker reads this version, whatever builds meanwhile
+    with pin_current(index, "match") as pinned:  # every worker reads this version, whatever builds meanwhile
         summary, uri_of, has_labels = match_version(index, pinned, output, features, conf, labels, flags, test_pipeline)
     if conf["sheet"]:
         summary["sheet"] = write_sheet(output, uri_of, conf["sheet_rows"], has_labels)
@@ -208,7 +219,7 @@ def labels_of(index, image_ids, index_labels, labels=None):
 def match_version(index, pinned, output, features, conf, labels, flags, test_pipeline):
     """The Beam job of `run` on one version of an index: (summary, {image_id: uri}, whether
     the images have labels)."""
-    manifest = art.current_manifest(pinned)
+    manifest = current_manifest(pinned)
     image_ids, uris, index_labels = art.read_images(pinned)
     labels = labels_of(index, image_ids, index_labels, labels)
     sources = source_tables(index, manifest, features)
@@ -363,8 +374,8 @@ def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP, matched=None
     filesystem allows) plus the verified neighbour graph of `pairs` and the DBA global
     descriptors (indexing/expansion.py). Refuses when the index changed since it was matched.
     `matched`: the match settings (`matched_with`), recorded for `update`'s refreshes."""
-    with lease.hold(index, "match --augment") as held:
-        base = art.current_entry(index)
+    with lease.writing(index, "match --augment") as held:
+        base = current_entry(index)
         if base["version"] != matched_version:
             raise UserError(f"{index} is at version {base['version']}, matched {matched_version}: match again")
         artifact = art.Artifact.load(index, verify=False)
@@ -376,8 +387,8 @@ def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP, matched=None
         ]
         neighbours = expansion.neighbour_graph(artifact.num_rows, triples)
         augmented = expansion.augmented_globals(artifact.global_index.reconstruct_n(0, artifact.num_rows), neighbours)
-        version = art.new_version_name(base)
-        work = art.version_work_folder(index, version)
+        version = new_version_name(base)
+        work = version_work_folder(index, version)
         for name in artifact.manifest["files"]:
             if name not in (expansion.GRAPH_FILE, expansion.DBA_FILE):
                 try:
@@ -397,13 +408,13 @@ def augment_index(index, pairs, matched_version, keep=DEFAULT_KEEP, matched=None
                 "conf": expansion.default_conf,
                 "match": matched or matched_with(default_conf),
             },
-            "files": art.file_entries(work, names),
+            "files": file_entries(work, names),
         }
         with open(os.path.join(work, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
-        art.place_version(work, index, version)
+        place_version(work, index, version)
         held.check()
-        art.commit_version(index, version, base, keep, info={"operation": "augment", **manifest.get("features", {})})
+        commit_version(index, version, base, keep, info={"operation": "augment", **manifest.get("features", {})})
     log.info("augmented %s: version %s with %d verified pairs", index, version, len(triples))
     return version
 
@@ -418,12 +429,12 @@ def refresh_graph(index, version_uri, beam_options=None, test_pipeline=None):
     whose DBA neighbours changed. Rewrites the version's manifest. Returns its "augmented"
     entry, or None when the current version holds no graph (nothing to refresh)."""
     start = time.time()
-    base = art.current_manifest(index)
+    base = current_manifest(index)
     recorded = base.get("augmented")
     if not recorded:
         return None
     # only the files the refresh needs: the launcher of a large index fetches no lists or codes
-    current = art.current_version(index)
+    current = current_version(index)
     manifest = json.loads(storage.read_bytes(posixpath.join(version_uri, "manifest.json")))
     old_keys, new_keys = row_keys(current, base), row_keys(version_uri, manifest)
     new_of_old, old_of_new = expansion.carried_rows(old_keys, new_keys)
@@ -435,10 +446,10 @@ def refresh_graph(index, version_uri, beam_options=None, test_pipeline=None):
     staging = posixpath.join(index.rstrip("/"), STAGING, f"{manifest['version']}-graph")
     pairs = search_images(version_uri, manifest, searched, conf, staging, beam_options, test_pipeline)
     triples = [(row_of[p["image_a"]], row_of[p["image_b"]], p["inliers"]) for p in pairs]
-    old_graph = expansion.graph_from(io.BytesIO(art.read_file(current, base, expansion.GRAPH_FILE)))
+    old_graph = expansion.graph_from(io.BytesIO(read_file(current, base, expansion.GRAPH_FILE)))
     refreshed, counts = expansion.refreshed_graph(old_graph, new_of_old, len(new_keys), triples)
-    globals_ = expansion.read_vectors(art.read_file(version_uri, manifest, "global.faiss"))
-    old_dba = expansion.read_vectors(art.read_file(current, base, expansion.DBA_FILE))
+    globals_ = expansion.read_vectors(read_file(version_uri, manifest, "global.faiss"))
+    old_dba = expansion.read_vectors(read_file(current, base, expansion.DBA_FILE))
     dba, recomputed = expansion.refreshed_dba(globals_, refreshed, old_dba, old_graph, new_of_old, old_of_new,
                                               recorded["conf"])  # fmt: skip
     entry = {
@@ -455,11 +466,11 @@ def refresh_graph(index, version_uri, beam_options=None, test_pipeline=None):
 
 
 def row_keys(version, manifest):
-    """(image_id, run) of each row of an index version, None for a hidden one: a row's
-    features. Reads only its image table and hidden list."""
-    image_ids, runs, hidden = art.indexed_images(version, manifest)
-    hidden = set(hidden.tolist())
-    return [None if row in hidden else (i, r or "") for row, (i, r) in enumerate(zip(image_ids, runs))]
+    """(image_id, run) of each row of an index version, None for a dead one: a row's
+    features. Reads only its image table and dead rows."""
+    image_ids, runs, dead = art.indexed_images(version, manifest)
+    dead = set(dead.tolist())
+    return [None if row in dead else (i, r or "") for row, (i, r) in enumerate(zip(image_ids, runs))]
 
 
 def query_files(manifest, image_ids):
@@ -503,7 +514,7 @@ def write_augmentation(version_uri, manifest, graph_, dba, entry):
         expansion.write_graph(tmp, graph_)
         expansion.write_dba(tmp, dba)
         names = [expansion.GRAPH_FILE, expansion.DBA_FILE]
-        files = {**manifest["files"], **art.file_entries(tmp, names)}
+        files = {**manifest["files"], **file_entries(tmp, names)}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump({**manifest, "augmented": entry, "files": files}, f, indent=1, sort_keys=True)
         storage.upload_folder(tmp, version_uri, names + ["manifest.json"])

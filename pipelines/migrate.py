@@ -83,7 +83,7 @@ def run(features, delete_old=False, wait=False):
         raise UserError(f"{features} is a features table already: nothing to migrate")
     if not tables.is_legacy(features):
         raise UserError(f"{features} holds no tables of an earlier delf-index (features/, errors/, superseded/)")
-    with lease.hold(features, "migrate", wait=wait) as held:
+    with lease.writing(features, "migrate", wait=wait) as held:
         replaced = superseded_pairs(features)
         sources = [(p, "extracted") for p in legacy_files(features, "features")]
         sources += [(p, "failed") for p in legacy_files(features, "errors")]

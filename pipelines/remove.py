@@ -31,6 +31,7 @@ import logging
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
+from delf_index.indexing.versions import current_entry, current_manifest
 from delf_index.pipelines import build, cli, match
 from delf_index.pipelines.extract import DEFAULT_MAX_CHANGE
 from delf_index.runtime import console, failpoints, tables
@@ -74,10 +75,10 @@ def run(features, ids, restore=False, note=None, wait=False, max_change=DEFAULT_
 def check_index(index, features):
     """Refuse, before anything is written, an `--index` that holds no index or was built from
     another table (or a newer version of this one than `features` holds)."""
-    if art.current_entry(index) is None:
+    if current_entry(index) is None:
         raise UserError(f"no index at {index}: check --index (nothing was taken down)")
     if tables.exists(features) and not failpoints.broken("append-table-check"):
-        art.check_source(index, art.current_manifest(index), tables.snapshot(features))
+        art.check_source(index, current_manifest(index), tables.snapshot(features))
 
 
 def main(argv=None, restore=False):

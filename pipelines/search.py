@@ -15,7 +15,7 @@ extracted again). Steps: queries -> Search (the index loaded once per worker pro
 shared by its threads) -> WriteResults / WriteErrors (sharded Parquet, schemas/search.py) ->
 _SUMMARY.json. Every query ends up in exactly one of the two tables, and a rerun over the
 same input writes the same rows to the same files. The job searches the version that was
-current when it started, and pins it (indexing/artifact.py, `pin`): pruning keeps it for as
+current when it started, and pins it (indexing/versions.py, `pin`): pruning keeps it for as
 long as the job runs.
 """
 
@@ -36,8 +36,10 @@ from apache_beam.utils import shared
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
+from delf_index.indexing.manifests import check_fingerprint
 from delf_index.indexing.retrieval import Index, local_method
 from delf_index.indexing.retrieval import default_conf as query_defaults
+from delf_index.indexing.versions import current_manifest, pin_current
 from delf_index.pipelines import cli, extract, visualize
 from delf_index.pipelines.sharded_parquet import WriteShardedParquet, finalize
 from delf_index.runtime import console, failpoints, inputs, progress, storage, tables
@@ -69,7 +71,7 @@ class ReadQueries(beam.DoFn):
         uri, stale = element
         for table in tables.iter_batches(uri, None, skip=stale):
             uris = table.column("uri").to_pylist()
-            for (image_id, features), query_uri in zip(tables.features_of(table), uris):
+            for (image_id, features), query_uri in zip(tables.record_features(table), uris):
                 yield image_id, query_uri, features
 
 
@@ -219,9 +221,7 @@ def queries(p, input, conf, manifest, model=None, threads=None):
     extracted: a features table is read, images extracted with the index's settings."""
     if tables.exists(input):
         snap, files = tables.live_tables(input)
-        art.check_fingerprint(
-            manifest["model_fingerprint"], snap.properties["model_fingerprint"], f"queries in {input}"
-        )
+        check_fingerprint(manifest["model_fingerprint"], snap.properties["model_fingerprint"], f"queries in {input}")
         found = (
             p
             | "QueryTables" >> beam.Create([(uri, stale) for uri, _, stale in files])
@@ -312,8 +312,8 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         raise UserError(f"synthesis_budget is a share of the queries, from 0 to 1, not {conf['synthesis_budget']}")
     flags, threads = cli.beam_flags(beam_options)
     output = output.rstrip("/")
-    with art.pinned(index, f"search --input {input}") as version:  # every worker reads this version
-        manifest = art.current_manifest(version)
+    with pin_current(index, f"search --input {input}") as version:  # every worker reads this version
+        manifest = current_manifest(version)
         # refused here, not in every worker: a local method the index was not built with
         has = {"knn": "index.faiss" in manifest["files"], "asmk": "asmk_offsets.npy" in manifest["files"]}
         local_method(conf["query"].get("local_method"), has)
@@ -322,7 +322,7 @@ def run(input, index, output, conf=None, model=None, beam_options=None, test_pip
         else:
             model = model_of(manifest["model_fingerprint"], model)  # by default the index's own
             _, _, fingerprint = load_model(model)
-            art.check_fingerprint(manifest["model_fingerprint"], fingerprint, "queries extracted with this model")
+            check_fingerprint(manifest["model_fingerprint"], fingerprint, "queries extracted with this model")
         meta = search_schema.table_metadata("results", manifest["version"], manifest["model_fingerprint"], conf)
         results_schema = search_schema.RESULTS_SCHEMA.with_metadata(meta)
         errors_schema = search_schema.ERRORS_SCHEMA.with_metadata({**meta, "delf_index.table": "errors"})

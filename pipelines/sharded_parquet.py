@@ -47,7 +47,7 @@ def write_parquet(rows, path, schema):
     """Write rows to `path` whole (see _write_parquet), retrying transient storage failures;
     returns the Arrow table written."""
     table = rows_to_table(rows, schema)
-    storage.retrying(lambda: _write_parquet(table, path), f"writing {path}")
+    storage.retrying(lambda: _write_parquet(table, path), f"writing {path}", path)
     return table
 
 

@@ -14,8 +14,8 @@ From Python:
 Steps, holding the table's lease and then the index's (a second update waits with --wait, or
 stops naming the first): extract (incremental, one commit; docs/pipelines.md) -> build
 --append (the index compared with the table's live records: new and changed images added,
-changed, deleted and removed ones hidden) -> a new current version. The first run, with no
-index yet, fits codebooks (unless --codebooks names them) and builds. When hidden images
+the rows of changed, deleted and removed ones dead) -> a new current version. The first run,
+with no index yet, fits codebooks (unless --codebooks names them) and builds. When dead rows
 pass `compact_above` of the index, the run rebuilds it from the live records with its own
 codebooks; when dead records pass `compact_table_above` of the table, it compacts the table
 (`delf-index compact`). When the index holds a match graph (`delf-index match --augment`),
@@ -34,20 +34,22 @@ import time
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
+from delf_index.indexing.versions import current_entry, current_manifest
 from delf_index.pipelines import build, cli, compact, extract, fit, match
 from delf_index.runtime import console, failpoints, lease, tables
 from delf_index.runtime.conf import resolve_conf
+from delf_index.schemas.artifact import dead_count
 
 log = logging.getLogger(__name__)
 
 default_conf = {
     "extract": {},  # overrides of extract.default_conf (the settings must stay those of the features)
     "fit": {},  # overrides of indexing.codebooks.default_conf, for the first run's codebooks
-    "compact_above": 0.25,  # rebuild the index when this share of its images is hidden; None: never
+    "compact_above": 0.25,  # rebuild the index when this share of its rows is dead; None: never
     "compact_table_above": 0.25,  # compact the table when this share of its records is dead; None: never
     "keep": build.DEFAULT_KEEP,  # index versions kept
     # seconds an index version outlives its successor, readers may be loading it; None:
-    # DELF_INDEX_GRACE_SECONDS, else 600 (indexing/artifact.py, grace_seconds)
+    # DELF_INDEX_GRACE_SECONDS, else 600 (indexing/versions.py, grace_seconds)
     "grace": None,
     # bring the match graph and DBA of an augmented index up to date in each new version
     # (its new images searched, not the whole index); False: new versions drop them
@@ -74,7 +76,7 @@ def run(
     versions = {"keep": conf["keep"], "grace": conf["grace"]}
     start = time.time()
     check_table(index, features)
-    with lease.hold(features, f"update --input {input}", wait=wait), lease.hold(index, "update", wait=wait):
+    with lease.writing(features, f"update --input {input}", wait=wait), lease.writing(index, "update", wait=wait):
         extracted = extract.run(
             input, features, conf["extract"], model, beam_options, retry_errors=retry_errors,
             keep_unlisted=keep_unlisted, dry_run=dry_run,
@@ -90,7 +92,7 @@ def run(
             "run": extracted["run"],
             **{k: extracted[k] for k in ("listed", *extract.DECISIONS, "hashed", "extracted", "failed")},
         }
-        if art.current_entry(index) is None:
+        if current_entry(index) is None:
             if codebooks is None:
                 codebooks = posixpath.join(index.rstrip("/"), "codebooks")
                 fit.run(features, codebooks, conf["fit"], beam_options)
@@ -98,13 +100,17 @@ def run(
             action = "built"
         else:
             graph, refreshed = graph_refresh(index, conf["refresh_graph"], beam_options)
-            current = art.current_entry(index)["version"]
+            current = current_entry(index)["version"]
             manifest = build.run(features, index, append=True, beam_options=beam_options, before_publish=graph,
                                  **versions)  # fmt: skip
             action = "appended" if manifest["version"] != current else "unchanged"
-            hidden, images = manifest["counts"].get("hidden", 0), manifest["counts"]["images"]
-            if images and conf["compact_above"] is not None and hidden > conf["compact_above"] * (images + hidden):
-                log.info("%d of %d indexed images are hidden: rebuilding %s", hidden, hidden + images, index)
+            dead_rows, images = dead_count(manifest["counts"]), manifest["counts"]["images"]
+            if (
+                images
+                and conf["compact_above"] is not None
+                and dead_rows > conf["compact_above"] * (images + dead_rows)
+            ):
+                log.info("%d of %d rows of the index are dead: rebuilding %s", dead_rows, dead_rows + images, index)
                 # the rebuild numbers the rows anew: the graph follows its images (same image_id and run)
                 manifest = build.run(features, index, codebooks=index, beam_options=beam_options,
                                      before_publish=graph, **versions)  # fmt: skip
@@ -120,7 +126,7 @@ def run(
         version=manifest["version"],
         table_version=manifest.get("features", {}).get("table_version"),
         images=manifest["counts"]["images"],
-        hidden=manifest["counts"].get("hidden", 0),
+        dead=dead_count(manifest["counts"]),
         seconds=round(time.time() - start, 1),
     )
     if graph is not None:  # the images the match graph's refresh searched: the new ones
@@ -134,9 +140,9 @@ def check_table(index, features):
     or an older version of it (artifact.check_source): a mistyped --features would otherwise
     become a new table, extracted from scratch, that the index would follow, taken-down
     images and all. An update creates a table only for an index that names none."""
-    if art.current_entry(index) is None or failpoints.broken("update-table-check"):
+    if current_entry(index) is None or failpoints.broken("update-table-check"):
         return
-    manifest = art.current_manifest(index)
+    manifest = current_manifest(index)
     source = manifest.get("features")
     if source and not tables.exists(features):
         raise UserError(
@@ -151,7 +157,7 @@ def graph_refresh(index, enabled, beam_options):
     """(the refresh of the match graph that an update's builds call before publishing, the list
     it adds each refresh's counts to). No refresh (None) when the index holds no graph, or when
     it is off: the new version then drops the graph, and the build says so."""
-    held, refreshed = art.current_manifest(index).get("augmented"), []
+    held, refreshed = current_manifest(index).get("augmented"), []
     if not (held and enabled):
         return None, refreshed
 
@@ -171,7 +177,7 @@ def main(argv=None):
     parser.add_argument("--codebooks", help="codebooks for the first build (default: fit them into INDEX/codebooks)")
     parser.add_argument("--model", help="int8 or float32 (shipped; default: the table's, else int8 on CPUs), or .onnx")
     parser.add_argument("--retry-errors", action="store_true", help="also retry the images that failed before")
-    parser.add_argument("--compact-above", type=float, help="rebuild above this share of hidden images (0.25)")
+    parser.add_argument("--compact-above", type=float, help="rebuild above this share of dead rows in the index (0.25)")
     parser.add_argument("--keep", type=int, help=f"index versions kept ({build.DEFAULT_KEEP})")
     parser.add_argument(
         "--no-graph-refresh",

@@ -140,7 +140,7 @@ def touch(folder):
     os.utime(folder + ".lock")
 
 
-def hold(folder):
+def mark_in_use(folder):
     """Keep a cache folder from eviction while the returned file is open (a shared lock);
     None for folders outside the cache."""
     if not is_cached(folder):
@@ -152,7 +152,7 @@ def hold(folder):
 
 def evict(cache_dir, size_limit, keep=None):
     """Remove least recently used folders, and the blobs only they link to, until the blobs take
-    at most `size_limit` bytes (0: no limit). A folder some process holds (`hold`) stays, and
+    at most `size_limit` bytes (0: no limit). A folder some process holds (`mark_in_use`) stays, and
     so does `keep`: the cache may then stay above its limit."""
     if not size_limit:
         return

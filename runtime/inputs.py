@@ -60,7 +60,7 @@ def expand(spec, extensions):
     A directory is searched recursively for files with the given extensions; a glob is
     taken as given (a text file named .jpg must still reach the failure records).
     """
-    return storage.retrying(lambda: _expand(spec, extensions), f"listing {spec}")
+    return storage.retrying(lambda: _expand(spec, extensions), f"listing {spec}", spec)
 
 
 def _expand(spec, extensions):
@@ -127,10 +127,10 @@ def hash_of(uri):
 def stat(uri):
     """(size, version, content hash) of one object; raises when it cannot be read."""
     fs, path = storage.filesystem(uri)
-    return source_of(storage.retrying(lambda: fs.info(path), f"reading the size of {uri}"))
+    return source_of(storage.retrying(lambda: fs.info(path), f"reading the size of {uri}", uri))
 
 
-def list_images(spec):
+def list_image_files(spec):
     """(image_id, uri, label=None, size, version, hash) of every image file of a glob or directory."""
     return [(rel, uri, None, *source) for rel, uri, *source in expand(spec, IMAGE_EXTENSIONS)]
 
@@ -140,7 +140,7 @@ def list_shards(spec):
     return [(uri, *source) for _, uri, *source in expand(spec, TAR_EXTENSIONS)]
 
 
-def read_manifest(spec):
+def read_input_manifest(spec):
     """(image_id, uri, label, size, version, hash) rows of a CSV or Parquet manifest; checks
     its columns. Optional columns `size`, `version` and `hash` say what the objects are, so
     that incremental runs need not look them up; without them they are None."""
@@ -182,7 +182,7 @@ def list_input(spec):
     rows without a size are looked up, in parallel; `unreadable` holds (item, reason) of the
     rows whose lookup failed, for the run to record as failures (never as changed)."""
     kind = input_kind(spec)
-    items = read_manifest(spec) if kind == "manifest" else list_shards(spec) if kind == "tar" else list_images(spec)
+    items = {"manifest": read_input_manifest, "tar": list_shards}.get(kind, list_image_files)(spec)
     if not items:
         raise UserError(f"--input {spec} matched nothing")
     unreadable = []

@@ -1,6 +1,6 @@
 """One writer at a time: a lease object beside what it guards (a features table, an index).
 
-    with lease.hold("gs://bucket/index", "build --append", wait=False) as held:
+    with lease.writing("gs://bucket/index", "build --append", wait=False) as held:
         ...                       # plan, write files
         held.check()              # right before the commit: still ours?
         ...                       # commit
@@ -34,7 +34,7 @@ import time
 import uuid
 
 from delf_index.errors import UserError
-from delf_index.runtime import storage
+from delf_index.runtime import renewal, storage
 
 LEASE = "_lease.json"
 POLL_SECONDS = 2.0
@@ -85,8 +85,7 @@ class Lease:
             "released": False,
         }
         self.token, self.lost, self.depth = None, None, 0
-        self._stop = threading.Event()
-        self._thread = None
+        self._renewal = None
 
     # -- taking and giving back -------------------------------------------------------------
     def acquire(self, wait=False, timeout=None):
@@ -100,8 +99,7 @@ class Lease:
                     self.token = storage.write_if(self.uri, _dump(self.record), token)
                 except storage.PreconditionFailed:
                     continue  # another writer took it meanwhile: look again
-                self._thread = threading.Thread(target=self._renew, name=f"lease {self.uri}", daemon=True)
-                self._thread.start()
+                self._renewal = renewal.Renewal(self._renew, self.ttl / 4, f"lease {self.uri}").start()
                 return self
             if not wait or (deadline is not None and time.time() > deadline):
                 raise LeaseHeld(
@@ -111,25 +109,24 @@ class Lease:
             time.sleep(POLL_SECONDS)
 
     def release(self):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._renewal is not None:
+            self._renewal.stop()
         if self.lost is None:
             with contextlib.suppress(storage.PreconditionFailed, OSError):
                 storage.write_if(self.uri, _dump({**self.record, "released": True}), self.token)
 
     # -- while held ------------------------------------------------------------------------
     def _renew(self):
-        while not self._stop.wait(self.ttl / 4):
-            try:
-                self.record["expires"] = time.time() + self.ttl
-                self.token = storage.write_if(self.uri, _dump(self.record), self.token)
-            except storage.PreconditionFailed:
-                data, _ = storage.read_versioned(self.uri)
-                self.lost = _parse(data) or {"holder": "nobody (the lease object is gone)"}
-                return
-            except OSError:  # a store hiccup: the next renewal tries again, well before expiry
-                continue
+        """Extend the lease by its time to live; False once another writer took it (`lost`
+        names that writer). A store hiccup (OSError) is the Renewal's: it tries again."""
+        self.record["expires"] = time.time() + self.ttl
+        try:
+            self.token = storage.write_if(self.uri, _dump(self.record), self.token)
+        except storage.PreconditionFailed:
+            data, _ = storage.read_versioned(self.uri)
+            self.lost = _parse(data) or {"holder": "nobody (the lease object is gone)"}
+            return False
+        return True
 
     def check(self):
         """Raise LeaseLost unless this writer still holds the lease (call it right before a commit)."""
@@ -149,7 +146,7 @@ _held = threading.local()  # lease uri -> Lease of this thread (re-entrant in on
 
 
 @contextlib.contextmanager
-def hold(root, holder, wait=False, timeout=None):
+def writing(root, holder, wait=False, timeout=None):
     """Hold the lease of `root` for the block (see the module's docstring); yields the Lease."""
     uri = posixpath.join(root.rstrip("/"), LEASE)
     held = _held.__dict__

@@ -1,8 +1,9 @@
 """Object storage through fsspec: gs://, s3://, local paths, and anything else fsspec knows.
 
 Every read and write of delf-index goes through this module, so that the backends are
-configured in one place (`configure`, called on first use), transient failures are retried
-with the same policy everywhere (`retrying`), small objects are replaced only if nobody else
+configured in one place (`configure`, called on first use), transient failures end in one
+error that names the operation (`retrying`: gcsfs and s3fs retry each request themselves,
+other filesystems are retried here), small objects are replaced only if nobody else
 replaced them first (`read_versioned`, `write_if`: generation match on GCS, ETag match on S3,
 a lock file locally), and folders move between a store and local disk the same way
 (`upload_folder`; runtime/cache.py fetches them).
@@ -12,10 +13,10 @@ import errno
 import hashlib
 import os
 import posixpath
-import time
 import uuid
 
 import fsspec
+import tenacity
 from filelock import FileLock
 
 from delf_index.errors import UserError
@@ -84,21 +85,33 @@ def transient(error):
     return isinstance(error, (OSError, TimeoutError)) or "Timeout" in type(error).__name__
 
 
-def retrying(operation, what, attempts=None, delay=1.0):
-    """Run `operation()`; retry transient failures with exponential backoff, then raise a
-    StorageError that says what failed. fsspec backends (gcsfs, s3fs) also retry each request
-    themselves; this covers whole operations (an upload cut short, a listing) and plain
-    filesystems. DELF_INDEX_IO_ATTEMPTS sets the number of attempts (default 3)."""
-    attempts = attempts or int(os.environ.get("DELF_INDEX_IO_ATTEMPTS", "3"))
-    for attempt in range(1, attempts + 1):
-        try:
-            return operation()
-        except Exception as e:
-            if not transient(e):
-                raise
-            if attempt == attempts:
-                raise StorageError(f"{what} failed after {attempts} attempts: {type(e).__name__}: {e}") from e
-            time.sleep(delay * 2 ** (attempt - 1))
+# Backends that retry each request themselves: gcsfs 6 times, with backoff up to 32 s, on 408,
+# 429, 5xx and broken connections (gcsfs/retry.py); s3fs 5 times on timeouts, throttling and
+# broken reads (s3fs/core.py, _error_wrapper), above botocore's own retries of 5xx.
+RETRYING_BACKENDS = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs"}
+
+
+def retrying(operation, what, uri, attempts=None):
+    """Run `operation()`, an access to `uri`, and turn a transient failure that outlasted the
+    retries into a StorageError that says what failed. On gs:// and s3:// the backend has
+    retried each request already, so the operation runs once; on other filesystems (local
+    disks and mounts, other fsspec backends) tenacity retries it with exponential backoff,
+    DELF_INDEX_IO_ATTEMPTS times in all (default 3)."""
+    backend = RETRYING_BACKENDS.get(uri.split("://", 1)[0]) if "://" in uri else None
+    attempts = 1 if backend else attempts or int(os.environ.get("DELF_INDEX_IO_ATTEMPTS", "3"))
+    policy = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential(multiplier=1, max=30),
+        retry=tenacity.retry_if_exception(transient),
+        reraise=True,
+    )
+    try:
+        return policy(operation)
+    except Exception as e:
+        if not transient(e):
+            raise
+        tries = f"{backend}'s retries" if backend else f"{attempts} attempts"
+        raise StorageError(f"{what} failed after {tries}: {type(e).__name__}: {e}") from e
 
 
 def read_bytes(uri):
@@ -118,7 +131,7 @@ def read_bytes(uri):
         def read():
             return fs.cat_file(path)
 
-    return retrying(read, f"reading {uri}")
+    return retrying(read, f"reading {uri}", uri)
 
 
 # -- small objects replaced only by the writer that read them ------------------------------------
@@ -126,7 +139,7 @@ class PreconditionFailed(Exception):
     """A conditional write found the object other than the writer last read it."""
 
 
-def fresh(uri):
+def uncached_filesystem(uri):
     """(filesystem, path) with fsspec's listing cache of `uri`'s folder dropped: another process
     may have written there since this one listed it."""
     fs, path = filesystem(uri)
@@ -149,11 +162,11 @@ def read_versioned(uri):
                 return f.read(), token
         except FileNotFoundError:
             return None, None
-    fs, path = fresh(uri)
+    fs, path = uncached_filesystem(uri)
     try:
-        info = retrying(lambda: fs.info(path), f"reading {uri}")
+        info = retrying(lambda: fs.info(path), f"reading {uri}", uri)
         token = _remote_token(fs, info)
-        return retrying(lambda: fs.cat_file(path), f"reading {uri}"), token
+        return retrying(lambda: fs.cat_file(path), f"reading {uri}", uri), token
     except FileNotFoundError:
         return None, None
 
@@ -188,7 +201,7 @@ def write_if(uri, data, token=None):
                 f.write(data)
             os.replace(tmp, path)
             return _local_token(path)
-    fs, path = fresh(uri)
+    fs, path = uncached_filesystem(uri)
     protocol = protocol_of(fs)
     try:
         if protocol == "gs" and token is not None:
@@ -266,23 +279,23 @@ def write_bytes(uri, data):
         os.replace(tmp, path)
         return
     fs, path = filesystem(uri)
-    retrying(lambda: fs.pipe_file(path, data), f"writing {uri}")
+    retrying(lambda: fs.pipe_file(path, data), f"writing {uri}", uri)
 
 
 def remove(uri):
     """Delete a file or folder (recursively); nothing when it is not there."""
     fs, path = filesystem(uri)
     if fs.exists(path):
-        retrying(lambda: fs.rm(path, recursive=True), f"removing {uri}")
+        retrying(lambda: fs.rm(path, recursive=True), f"removing {uri}", uri)
 
 
 def download(uri, target):
     """Copy one object to the local path `target` through a temporary file renamed into place
     (looked up afresh: a listing this process cached may predate the object)."""
-    fs, path = fresh(uri)
+    fs, path = uncached_filesystem(uri)
     tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        retrying(lambda: fs.get_file(path, tmp), f"downloading {uri}")
+        retrying(lambda: fs.get_file(path, tmp), f"downloading {uri}", uri)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -295,7 +308,7 @@ def upload_folder(local_dir, uri, names):
     fs.makedirs(root, exist_ok=True)
     for name in sorted(names, key=lambda n: n.endswith(".json")):
         source, target = os.path.join(local_dir, name), posixpath.join(root, name)
-        retrying(lambda s=source, t=target: fs.put_file(s, t), f"uploading {target}")
+        retrying(lambda s=source, t=target: fs.put_file(s, t), f"uploading {target}", uri)
 
 
 def delta_options(uri):

@@ -109,7 +109,7 @@ def opened(uri):
                     "read named it; run the job again (it reads the current version)",
                     uri,
                 ) from e
-            storage.fresh(uri)
+            storage.uncached_filesystem(uri)
     with handle:
         yield handle
 
@@ -224,7 +224,7 @@ def iter_batches(uri, columns, rows=100, skip=frozenset()):
                 yield table
 
 
-def features_of(table):
+def record_features(table):
     """(image_id, Features) of each record of a pyarrow table of whole records."""
     dtype, dim = schema.descriptor_layout(table.schema)
     for row in table.to_pylist():
@@ -238,7 +238,7 @@ def iter_features(uri, image_ids=None, version=None):
         for table in iter_batches(path, None, skip=stale):
             if image_ids is not None:
                 table = table.filter(pc.is_in(table.column("image_id"), pa.array(sorted(image_ids), pa.string())))
-            yield from features_of(table)
+            yield from record_features(table)
 
 
 def read_descriptors(uri):
@@ -278,7 +278,7 @@ def take_down(uri, ids, restore=False, note=None, max_change=None, wait=False, a
     verb = "restored" if restore else "removed"
     if not exists(uri):  # before the lease: a mistyped --features must not create a folder
         raise missing_table(uri.rstrip("/"))
-    with lease.hold(uri, f"{'restore' if restore else 'remove'} {len(ids)} images", wait=wait) as held:
+    with lease.writing(uri, f"{'restore' if restore else 'remove'} {len(ids)} images", wait=wait) as held:
         snap = snapshot(uri)
         records = snap.read(["image_id", "status", "run"])
         if not failpoints.broken("known-ids"):
@@ -359,7 +359,7 @@ def purge(uri, ids, replaced):
     the removal is committed: a removal killed before it is completed by running it again."""
     path_of = lambda u: storage.filesystem(u)[1]  # noqa: E731 - delta-rs names file:// URIs, fsspec plain paths
     current, dropped = {path_of(u) for u in snapshot(uri).files}, {path_of(u) for u in replaced}
-    fs, root = storage.fresh(posixpath.join(uri.rstrip("/"), "x"))
+    fs, root = storage.uncached_filesystem(posixpath.join(uri.rstrip("/"), "x"))
     deleted = 0
     for path in sorted(fs.ls(posixpath.dirname(root), detail=False)):
         if not path.endswith(".parquet") or path in current:
@@ -396,7 +396,7 @@ def write_table(table, path, row_group_rows=100):
                 for start in range(0, max(table.num_rows, 1), row_group_rows):
                     writer.write_table(table.slice(start, row_group_rows))
 
-    storage.retrying(write, f"writing {path}")
+    storage.retrying(write, f"writing {path}", path)
     return file_entry(path, table)
 
 
@@ -524,7 +524,7 @@ def relative(table_uri, uri):
 def history(table_uri, last=None):
     """The table's commits, newest first: {version, timestamp, operation, run, summary}, read
     from the commit log's files (delta-rs's own history() hangs against moto's S3 server)."""
-    fs, path = storage.fresh(posixpath.join(table_uri.rstrip("/"), "_delta_log", "x"))
+    fs, path = storage.uncached_filesystem(posixpath.join(table_uri.rstrip("/"), "_delta_log", "x"))
     folder = posixpath.dirname(path)
     names = sorted(
         p for p in fs.ls(folder, detail=False) if p.endswith(".json") and posixpath.basename(p)[:-5].isdigit()

@@ -8,11 +8,13 @@ Codebooks folder, version 1::
     trained.faiss    the trained, empty faiss index (coarse quantizer + PQ)
     asmk_words.npy   float32 [words, pca dim]: ASMK's visual words (fit --asmk-words; optional)
 
-Index artifact, version 4 (2 without ASMK): a folder of versions and a pointer to the
-current one::
+Index artifact, version 7: a folder of versions and a log whose newest entry names the
+current one (indexing/versions.py)::
 
-    CURRENT                  {"version": ..., "manifest_sha256": ...}: the version readers load;
-                             replaced in one write when a build or append has finished
+    _log/<sequence>.json     {"sequence", "version", "previous", "manifest_sha256", "time", ...}:
+                             created once, only if absent, when a build or append has finished
+                             (indexes written before the log have a CURRENT object instead)
+    _pins/<id>.json          a long reader's claim on a version, that pruning honours
     versions/<version>/      one complete, immutable version:
         manifest.json        format, model fingerprint, extraction settings, codebook
                              parameters, counts, source tables, sha256 of every file
@@ -24,8 +26,10 @@ current one::
                              geometry_offset, the extract run of its row
         geometry.npy         uint16 [descriptors, 3]: x, y (rounded pixels), scale (float16 bits)
         global.faiss         global descriptors, float16, inner product, row = int image id
-        hidden.npy           int64 ids of images hidden at query time (changed or removed since
-                             they were indexed; a rebuild leaves them out)
+        dead.npy             int64 ids of dead rows: images the version holds but no longer
+                             serves (changed, deleted or taken down since they were indexed);
+                             queries skip them, a rebuild leaves them out. Versions before 7
+                             name it hidden.npy, still read (BEFORE_7)
       with --method asmk or both (indexing/asmk.py; docs/index.md, "ASMK"):
         asmk_offsets.npy     int64 [words + 1]: where each word's entries start (CSR)
         asmk_signatures.npy  uint8 [entries, bits / 8]: packed binarized residual of each entry
@@ -55,10 +59,14 @@ import pyarrow as pa
 CODEBOOKS_FORMAT, CODEBOOKS_VERSION = "delf-index-codebooks", 1
 # version 3 added ASMK's files, 4 codes their image ids in a byte per entry, 5 holds the HNSW
 # word index's words in float16 (a reader of 4 would search that graph at faiss's default
-# breadth, so it must refuse it), 6 codes the ids in Elias-Fano; a build without them
-# (--method knn) still writes 2, which earlier delf-index versions read; this one reads all
-ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 6
-ARTIFACT_READS = (2, 6)  # 3 to 5 were never released
+# breadth, so it must refuse it), 6 codes the ids in Elias-Fano (--method knn wrote 2 until
+# then), 7 names the dead rows dead.npy (was hidden.npy: a reader of 6 would miss it, so every
+# build writes 7); this one reads all
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "delf-index-artifact", 7
+ARTIFACT_READS = (2, 6, 7)  # 3 to 5 were never released
+DEAD_ROWS = "dead.npy"
+# names of versions before 7, still read: the dead rows' file and the manifest's count of them
+BEFORE_7 = {"dead_rows": "hidden.npy", "dead_count": "hidden"}
 POINTER, VERSIONS, STAGING = "CURRENT", "versions", "_staging"
 FEATURE_BITS = 16  # features per image < 65536
 MAX_FEATURES = (1 << FEATURE_BITS) - 1
@@ -77,3 +85,14 @@ IMAGES_SCHEMA = pa.schema(
         ("geometry_offset", pa.int64()),
     ]
 )
+
+
+def dead_rows_file(names):
+    """The file of a version's dead rows among its file `names` (its manifest's files, or its
+    folder's listing): dead.npy, or in versions before 7 hidden.npy."""
+    return DEAD_ROWS if DEAD_ROWS in names else BEFORE_7["dead_rows"]
+
+
+def dead_count(counts):
+    """The number of dead rows in a version's manifest `counts` (named otherwise before 7)."""
+    return counts.get("dead", counts.get(BEFORE_7["dead_count"], 0))

@@ -13,6 +13,7 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk
 from delf_index.indexing.codebooks import auto_words
 from delf_index.indexing.retrieval import Index, QueryError
+from delf_index.indexing.versions import current_manifest
 from delf_index.pipelines import build, evaluate, fit, search
 from delf_index.pipelines import query as query_cli
 from tests.conftest import ONE_WORKER
@@ -208,7 +209,7 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
             else:  # bit for bit, padding included
                 np.testing.assert_array_equal(written, expected[key], err_msg=key)
         lists = asmk.open_lists(str(out))
-        np.testing.assert_array_equal(asmk.list_images(lists), expected["images"])
+        np.testing.assert_array_equal(asmk.entry_images(lists), expected["images"])
     # a version of the unreleased formats 3 to 5 (no coded ids) is refused, naming the fix
     unreleased = tmp_path / "format-3"
     unreleased.mkdir()
@@ -234,7 +235,7 @@ def test_the_streamed_merge_writes_the_inverted_file_built_in_memory(tmp_path):
     for bits in (np.uint64(2**64 - 1), np.uint64(0)):
         lists = {**expected, "ids": np.full_like(expected["ids"], bits)}
         asmk.check_lists(lists, "memory")
-        assert len(asmk.list_images(lists)) == len(expected["images"])
+        assert len(asmk.entry_images(lists)) == len(expected["images"])
         signatures = expected["signatures"][:2]
         for idf, threads in ((True, 1), (True, 2), (False, 1)):
             scores = asmk.search(lists, np.arange(num_words)[[3, -1]], signatures, {"threads": threads, "idf": idf})
@@ -253,15 +254,15 @@ def test_image_ids_are_coded_in_elias_fano_and_decoded_exactly():
     assert id_offsets.tolist() == [0, 0, 15, 16, 79, 79 + 31 + 1] and len(coded) == 2 + 1  # + padding
     assert int(coded[0]) & 0xFFFF == 0b1100010010100101 and coded[-1] == 0
     lists = {"ids": coded, "low_bits": low_bits, "id_offsets": id_offsets, "offsets": offsets}
-    np.testing.assert_array_equal(asmk.list_images(lists), ids)
-    np.testing.assert_array_equal(asmk.list_images(lists, 2, 4), ids[4:7])
+    np.testing.assert_array_equal(asmk.entry_images(lists), ids)
+    np.testing.assert_array_equal(asmk.entry_images(lists, 2, 4), ids[4:7])
     # dense and sparse words: parts across uint64 boundaries, high parts over many uint64
     rng = np.random.default_rng(0)
     sizes = [(10**6, 3), (5000, 4999), (10**5, 700)]
     lists = [np.sort(rng.choice(universe, size, replace=False)) for universe, size in sizes] + [np.array([76])]
     ids, offsets = np.concatenate(lists).astype(np.int32), np.cumsum([0] + [len(x) for x in lists])
     coded = dict(zip(("ids", "low_bits", "id_offsets"), asmk.encode_ids(ids, offsets)), offsets=offsets)
-    np.testing.assert_array_equal(asmk.list_images(coded), ids)
+    np.testing.assert_array_equal(asmk.entry_images(coded), ids)
     assert coded["low_bits"].tolist() == [18, 0, 7, 6]
     with pytest.raises(ValueError, match="ascend"):
         asmk.encode_ids(np.array([3, 3], np.int32), np.array([0, 2], np.int64))
@@ -359,8 +360,8 @@ def test_build_both_answers_by_either_method(evaluated, asmk_codebooks, corpus, 
     out = str(tmp_path / "both")
     manifest = build.run(features, out, codebooks=asmk_codebooks, beam_options=ONE_WORKER, method="both")
     assert manifest["method"] == "both" and "asmk_signatures.npy" in manifest["files"]
-    # format 6 with ASMK; a k-NN-only index stays at 2, which earlier versions read
-    assert (manifest["format_version"], art.current_manifest(str(evaluated[0] / "index"))["format_version"]) == (6, 2)
+    # format 7 with ASMK or without (dead.npy, which earlier versions would miss)
+    assert (manifest["format_version"], current_manifest(str(evaluated[0] / "index"))["format_version"]) == (7, 7)
     artifact = art.Artifact.load(out)
     assert artifact.index is not None and len(artifact.asmk["offsets"]) == 129
     assert len(artifact.codes) == manifest["counts"]["descriptors"]
@@ -411,7 +412,7 @@ def test_an_asmk_index_needs_words_and_answers_only_asmk(evaluated, asmk_codeboo
     with pytest.raises(QueryError, match="no knn lists"):
         search.run(features, out, str(tmp_path / "s"), conf={"query": {"local_method": "knn"}})
     assert not (tmp_path / "s").exists()
-    # remove an image: an append hides it from ASMK's ranking too, and keeps the method
+    # remove an image: an append makes its row dead in ASMK's ranking too, and keeps the method
     features = str(tmp_path / "features")  # the takedown is recorded in the table: a copy of it
     shutil.copytree(evaluated[0] / "features", features)
     with pytest.raises(UserError, match="--append keeps the index's local method"):
@@ -422,7 +423,7 @@ def test_an_asmk_index_needs_words_and_answers_only_asmk(evaluated, asmk_codeboo
     assert "coffee-view.jpg" not in [r.image_id for r in results]
     # a rebuild in place with the index's own codebooks (update's compaction) keeps ASMK
     rebuilt = build.run(features, out, codebooks=out, beam_options=ONE_WORKER)
-    assert rebuilt["method"] == "asmk" and rebuilt["counts"]["hidden"] == 0
+    assert rebuilt["method"] == "asmk" and rebuilt["counts"]["dead"] == 0
 
 
 def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
@@ -433,7 +434,7 @@ def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
     summary = evaluate.run(
         str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), conf={"method": "both"}
     )
-    assert art.current_manifest(str(work / "index"))["method"] == "both"
+    assert current_manifest(str(work / "index"))["method"] == "both"
     metrics = json.loads((work / "eval" / "metrics.json").read_text())["scores"]
     assert "ASMK local only" in metrics and "ASMK global only" not in metrics  # global: the same as k-NN's
     assert summary["ASMK mAP"] == round(metrics["ASMK default"]["all"]["mAP"], 4) > 0.8
@@ -448,7 +449,7 @@ def test_evaluate_scores_both_methods_side_by_side(evaluated, corpus, tmp_path):
         str(corpus / "images"), str(work), groups=str(corpus / "groups.csv"), conf={"method": "knn", "ablation": False}
     )
     assert (work / "codebooks" / "codebooks.json").read_text() == fitted
-    assert art.current_manifest(str(work / "index"))["method"] == "knn"
+    assert current_manifest(str(work / "index"))["method"] == "knn"
 
 
 def test_similarity_is_scaled_by_the_descriptor_bits_and_missing_words_are_ignored():

@@ -16,6 +16,7 @@ from delf_index import Extractor
 from delf_index.indexing import artifact as art
 from delf_index.indexing import shards
 from delf_index.indexing.retrieval import Index
+from delf_index.indexing.versions import list_versions
 from delf_index.pipelines import build, fit, update
 from delf_index.runtime import cache as cache_lib
 from delf_index.runtime import storage
@@ -95,13 +96,13 @@ def test_day_by_day_updates_give_the_index_of_a_fresh_build(gcs_bucket, variants
         incremental = Index.load(index)
         assert sorted(incremental.artifact.row_of) == listed and len(incremental) == len(listed)
         assert rankings(index, queries) == rankings(fresh, queries), day
-    assert counts["hidden"] == 4  # chelsea twice, coffee, rocket: hidden until a rebuild
-    assert len(art.list_versions(index)) == build.DEFAULT_KEEP and art.list_versions(index)[-1] == versions[-1]
+    assert counts["dead"] == 4  # chelsea twice, coffee, rocket: dead rows until a rebuild
+    assert len(list_versions(index)) == build.DEFAULT_KEEP and list_versions(index)[-1] == versions[-1]
     # compaction: a rebuild from the live rows, with the index's own codebooks
     compacted = update.run(
         f"{photos}/*.jpg", features, index, conf={**DAILY, "compact_above": 0.1}, beam_options=ONE_WORKER
     )
-    assert (compacted["index"], compacted["hidden"], compacted["images"]) == ("rebuilt", 0, len(listed))
+    assert (compacted["index"], compacted["dead"], compacted["images"]) == ("rebuilt", 0, len(listed))
     assert rankings(index, queries) == rankings(f"{root}/fresh-3", queries)
 
 
@@ -209,6 +210,6 @@ def test_the_chain_on_s3(s3_bucket, variants, cache):
     assert (first["index"], first["images"]) == ("built", 3)
     fs.pipe(f"{s3_bucket}/chain/photos/rocket.jpg", jpeg(variants["chelsea"]))  # rewritten: a new ETag
     second = update.run(f"{root}/photos", f"{root}/features", f"{root}/index", conf=DAILY, beam_options=ONE_WORKER)
-    assert (second["changed"], second["unchanged"], second["hidden"]) == (1, 2, 1)
+    assert (second["changed"], second["unchanged"], second["dead"]) == (1, 2, 1)
     best = Index.load(f"{root}/index").search(jpeg(variants["chelsea"]), top_k=1)[0]
     assert best.image_id == "rocket.jpg" and best.inliers > 50

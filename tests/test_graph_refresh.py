@@ -14,6 +14,7 @@ import pytest
 from delf_index.indexing import artifact as art
 from delf_index.indexing import expansion
 from delf_index.indexing.retrieval import Index
+from delf_index.indexing.versions import current_manifest
 from delf_index.pipelines import build, match, remove, update
 from tests.conftest import ONE_WORKER
 
@@ -71,12 +72,12 @@ def test_the_day_keeps_the_old_edges_of_images_that_stay(day):
         assert after.row_of[pair[0]] == before.row_of[pair[0]]
 
 
-def test_no_edge_touches_a_hidden_row(day):
+def test_no_edge_touches_a_dead_row(day):
     _, before, after = day
     offsets, neighbours, _ = after.graph
-    hidden = np.flatnonzero(~after.live)
-    assert before.row_of[TAKEN_DOWN] in hidden and before.row_of[CHANGED] in hidden
-    assert (offsets[hidden + 1] == offsets[hidden]).all()
+    dead = np.flatnonzero(~after.live)
+    assert before.row_of[TAKEN_DOWN] in dead and before.row_of[CHANGED] in dead
+    assert (offsets[dead + 1] == offsets[dead]).all()
     assert after.live[neighbours].all()
     assert any(TAKEN_DOWN in pair for pair in edges(before))  # it had edges to lose
 
@@ -108,7 +109,7 @@ def test_dba_is_kept_where_the_neighbours_stay_and_is_that_of_the_graph(day):
     again = after.manifest["augmented"]["refreshed"]["dba_computed"]
     conf = after.manifest["augmented"]["conf"]
     # rows whose DBA neighbours are the same rows (an append keeps the rows of old images; the
-    # changed image is a new row, its old one hidden)
+    # changed image is a new row, its old one dead)
     untouched = [
         row
         for row in before.row_of.values()
@@ -133,13 +134,13 @@ def test_dba_is_kept_where_the_neighbours_stay_and_is_that_of_the_graph(day):
 
 def test_a_rebuild_carries_the_graph_to_the_renumbered_rows(day):
     """Compaction (update's rebuild with the index's codebooks) numbers the rows anew, without
-    the hidden ones: the graph and DBA follow the images, nothing is searched."""
+    the dead rows: the graph and DBA follow the images, nothing is searched."""
     work, _, after = day
     index, features = str(work / "index"), str(work / "features")
     refresh, refreshed = update.graph_refresh(index, True, ONE_WORKER)
     rebuilt = build.run(features, index, codebooks=index, beam_options=ONE_WORKER, before_publish=refresh, grace=0)
     compacted = art.Artifact.load(index)
-    assert rebuilt["counts"].get("hidden", 0) == 0 and compacted.num_rows < after.num_rows
+    assert rebuilt["counts"]["dead"] == 0 and compacted.num_rows < after.num_rows
     assert edges(compacted) == edges(after)
     assert refreshed[0]["searched"] == 0 and refreshed[0]["pairs_dropped"] == 0
     dba, old = compacted.dba_index, after.dba_index
@@ -176,7 +177,7 @@ def test_a_new_version_without_the_graph_says_so(day, tmp_path, caplog):
                 remove.run(features, ["coffee-new.jpg"], max_change=None)
                 build.run(features, index, append=True, beam_options=ONE_WORKER)
         assert f"the new version of {index} drops its match graph and DBA" in caplog.text
-        assert "augmented" not in art.current_manifest(index)
+        assert "augmented" not in current_manifest(index)
 
 
 def test_refreshed_graph_by_hand():

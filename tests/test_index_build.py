@@ -17,9 +17,12 @@ from delf_index.indexing import artifact as art
 from delf_index.indexing import pca as pca_lib
 from delf_index.indexing import shards
 from delf_index.indexing.codebooks import bottom_k, sample_keys, train_index
+from delf_index.indexing.manifests import ArtifactError, file_entries
+from delf_index.indexing.versions import current_version
 from delf_index.pipelines import build, extract, fit
 from delf_index.pipelines.fit import BottomKSample
 from delf_index.runtime import tables
+from delf_index.schemas.artifact import BEFORE_7, DEAD_ROWS, dead_count
 from delf_index.schemas.features import descriptors_of
 from tests.conftest import ONE_WORKER, rgb
 
@@ -151,9 +154,9 @@ def test_fit_build_load_round_trip(feature_tables, codebooks, tmp_path):
 def test_corrupted_truncated_and_foreign_artifacts_are_refused(feature_tables, codebooks, tmp_path):
     index = str(tmp_path / "index")
     build.run(feature_tables["a"], index, codebooks=codebooks, beam_options=ONE_WORKER)
-    out = art.current_version(index)  # a version folder is a complete artifact of its own
+    out = current_version(index)  # a version folder is a complete artifact of its own
     art.Artifact.load(out, model_fingerprint=art.Artifact.load(index).fingerprint)
-    with pytest.raises(art.ArtifactError, match="made for model"):
+    with pytest.raises(ArtifactError, match="made for model"):
         art.Artifact.load(out, model_fingerprint="0" * 64)
     broken = str(tmp_path / "broken")
     shutil.copytree(out, broken)
@@ -162,15 +165,15 @@ def test_corrupted_truncated_and_foreign_artifacts_are_refused(feature_tables, c
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(art.ArtifactError, match="index.ivfdata does not match its sha256"):
+    with pytest.raises(ArtifactError, match="index.ivfdata does not match its sha256"):
         art.Artifact.load(broken)
     shutil.copy(os.path.join(out, "index.ivfdata"), os.path.join(broken, "index.ivfdata"))
     with open(os.path.join(broken, "geometry.npy"), "r+b") as f:
         f.truncate(200)
-    with pytest.raises(art.ArtifactError, match="geometry.npy has 200 bytes"):
+    with pytest.raises(ArtifactError, match="geometry.npy has 200 bytes"):
         art.Artifact.load(broken)
     os.remove(os.path.join(broken, "manifest.json"))
-    with pytest.raises(art.ArtifactError, match="no manifest.json"):
+    with pytest.raises(ArtifactError, match="no manifest.json"):
         art.Artifact.load(broken)
     with open(os.path.join(out, "manifest.json")) as f:
         manifest = json.load(f)
@@ -180,7 +183,7 @@ def test_corrupted_truncated_and_foreign_artifacts_are_refused(feature_tables, c
         shutil.copy(os.path.join(out, name), os.path.join(broken + "2", name))
     with open(os.path.join(broken + "2", "manifest.json"), "w") as f:
         json.dump(manifest, f)
-    with pytest.raises(art.ArtifactError, match="format version 99"):
+    with pytest.raises(ArtifactError, match="format version 99"):
         art.Artifact.load(broken + "2")
 
 
@@ -195,7 +198,7 @@ def copy_with_properties(source, target, **changes):
 
 def test_features_of_another_model_or_other_settings_are_refused(feature_tables, codebooks, tmp_path):
     foreign = copy_with_properties(feature_tables["b"], tmp_path / "foreign", model_fingerprint="f" * 64)
-    with pytest.raises(art.ArtifactError, match="come from model ffffffffffff"):
+    with pytest.raises(ArtifactError, match="come from model ffffffffffff"):
         build.run(foreign, str(tmp_path / "x"), codebooks=codebooks)
     settings = tables.snapshot(feature_tables["b"]).properties["extractor"]
     other = copy_with_properties(
@@ -203,7 +206,7 @@ def test_features_of_another_model_or_other_settings_are_refused(feature_tables,
     )
     index = str(tmp_path / "index")
     build.run(feature_tables["a"], index, codebooks=codebooks, beam_options=ONE_WORKER)
-    with pytest.raises(art.ArtifactError, match="extracted with other settings than the index"):
+    with pytest.raises(ArtifactError, match="extracted with other settings than the index"):
         build.run(other, index, append=True, beam_options=ONE_WORKER)
     # a table holds one model and one set of settings: other ones are refused before any work
     with pytest.raises(UserError, match="holds features of model .* with other extraction settings"):
@@ -212,12 +215,39 @@ def test_features_of_another_model_or_other_settings_are_refused(feature_tables,
 
 def test_what_the_index_cannot_hold_is_refused_not_clipped():
     table = pa.table({"image_id": ["many.jpg"], "x": [[1.0]], "y": [[2.0]]})
-    with pytest.raises(art.ArtifactError, match="many.jpg has 65536 features; an index holds at most 65535"):
+    with pytest.raises(ArtifactError, match="many.jpg has 65536 features; an index holds at most 65535"):
         shards.check_ranges(table, np.array([65536]))
     wide = pa.table({"image_id": ["ok.jpg", "panorama.jpg"], "x": [[5.0], [10.0, 70000.0]], "y": [[1.0], [3.0, 4.0]]})
-    with pytest.raises(art.ArtifactError, match="panorama.jpg has a keypoint at x = 70000.0, beyond"):
+    with pytest.raises(ArtifactError, match="panorama.jpg has a keypoint at x = 70000.0, beyond"):
         shards.check_ranges(wide, np.array([1, 2]))
     shards.check_ranges(wide.slice(0, 1), np.array([1]))  # in range: no complaint
+
+
+def test_an_index_written_before_format_7_still_loads_and_appends(feature_tables, codebooks, tmp_path):
+    """Versions before format 7 name their dead rows hidden.npy and count them under another
+    key: they load with those rows unserved, and an append onto one carries them into
+    dead.npy (the image, still live in the table, is added again as a new row)."""
+    index = str(tmp_path / "index")
+    build.run(feature_tables["a"], index, codebooks=codebooks, beam_options=ONE_WORKER)
+    version = current_version(index)
+    with open(os.path.join(version, "manifest.json")) as f:
+        manifest = json.load(f)
+    row = art.Artifact.load(index).row_of["a-coffee.jpg"]
+    os.remove(os.path.join(version, DEAD_ROWS))
+    np.save(os.path.join(version, BEFORE_7["dead_rows"]), np.array([row], np.int64))
+    del manifest["files"][DEAD_ROWS], manifest["counts"]["dead"]
+    manifest["files"].update(file_entries(version, [BEFORE_7["dead_rows"]]))
+    manifest.update(format_version=6, counts={**manifest["counts"], BEFORE_7["dead_count"]: 1, "images": 5})
+    with open(os.path.join(version, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    old = art.Artifact.load(index)
+    assert len(old) == 5 and "a-coffee.jpg" not in old.row_of and old.dead.tolist() == [row]
+    assert "a-coffee.jpg" not in art.read_images(index)[0]
+    appended = build.run(feature_tables["a"], index, append=True, beam_options=ONE_WORKER)
+    assert appended["format_version"] == 7 and BEFORE_7["dead_rows"] not in appended["files"]
+    assert (appended["counts"]["images"], dead_count(appended["counts"])) == (6, 1)
+    new = art.Artifact.load(index)
+    assert new.dead.tolist() == [row] and new.row_of["a-coffee.jpg"] == 6
 
 
 def test_append_equals_a_build_of_everything(feature_tables, codebooks, tmp_path):

@@ -96,7 +96,7 @@ def test_search_takes_paths_bytes_arrays_and_features(index, corpus):
     by_path = index.search(path, top_k=5, exclude=["coffee-view.jpg"])
     assert by_path[0].image_id.startswith("coffee") and by_path[0].inliers >= 8
     assert by_path[0].query_xy.shape == by_path[0].match_xy.shape == (by_path[0].inliers, 2)
-    features = index.features_of(image)
+    features = index.query_features(image)
     shared = {"prepared": index.prepare(features)}  # what the evaluation's ablation passes
     for query, extra in ((data, {}), (image, {}), (features, {}), (features, shared)):
         again = index.search(query, top_k=5, exclude=["coffee-view.jpg"], **extra)
@@ -133,7 +133,7 @@ def test_search_parameters_are_per_call_not_on_the_shared_index(evaluated, corpu
     artifact = Artifact.load(str(evaluated[0] / "index"))
     nprobe_before = faiss.extract_index_ivf(artifact.index).nprobe
     narrow, wide = Index(artifact, {"nprobe": 1}), Index(artifact, {"nprobe": 64})
-    features = narrow.features_of(str(corpus / "images" / "coffee-zoom.jpg"))
+    features = narrow.query_features(str(corpus / "images" / "coffee-zoom.jpg"))
     expected = {index: index.neighbours(features)[0] for index in (narrow, wide)}
     assert not np.array_equal(expected[narrow], expected[wide])  # the setting matters here
     with ThreadPoolExecutor(4) as pool:  # both settings at once on one faiss index
@@ -155,7 +155,7 @@ def test_user_errors_and_edge_cases(index, evaluated, tmp_path):
         scale=np.zeros(0, np.float32),
         attention=np.zeros(0, np.float32),
         descriptors=np.zeros((0, 112), np.float32),
-        global_descriptor=index.features_of(np.full((64, 64, 3), 90, np.uint8)).global_descriptor,
+        global_descriptor=index.query_features(np.full((64, 64, 3), 90, np.uint8)).global_descriptor,
         width=64,
         height=64,
     )
@@ -267,7 +267,7 @@ def test_scoring_only_the_rows_that_can_rank_gives_the_full_ranking(evaluated, c
         assert [(r.image_id, r.score, r.global_score, r.inliers) for r in found] == [
             (r.image_id, r.score, r.global_score, r.inliers) for r in expected
         ]
-        features = index.features_of(q)
+        features = index.query_features(q)
         local = index.conf["local_weight"] * index._votes(index.neighbours(features), artifact.num_rows, len(features))
         rankable = artifact.live.copy()
         rankable[artifact.row_of[os.path.basename(q)]] = False
@@ -279,7 +279,7 @@ def test_scoring_only_the_rows_that_can_rank_gives_the_full_ranking(evaluated, c
         partial_rows += int((~scored).sum())
         # a synthesized view (other local scores, the query's global descriptor) starts from
         # these scores: the same best rows as scoring every row
-        view = index.features_of(queries[(queries.index(q) + 1) % len(queries)])
+        view = index.query_features(queries[(queries.index(q) + 1) % len(queries)])
         moved = index.conf["local_weight"] * index._votes(index.neighbours(view), artifact.num_rows, len(view))
         again = index._global_scores(features.global_descriptor, moved, rankable, 3, known=scores)
         assert np.isfinite(again[np.isfinite(scores)]).all()

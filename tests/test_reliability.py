@@ -119,7 +119,8 @@ def test_bad_images_in_a_manifest(zoo, tmp_path):
 
 # -- storage faults ------------------------------------------------------------------------------
 def test_retrying_backs_off_then_says_what_failed(monkeypatch):
-    monkeypatch.setattr("time.sleep", lambda s: None)
+    waits = []
+    monkeypatch.setattr("time.sleep", waits.append)
     calls = []
 
     def flaky():
@@ -128,17 +129,19 @@ def test_retrying_backs_off_then_says_what_failed(monkeypatch):
             raise ConnectionResetError("connection reset by peer")
         return "data"
 
-    assert retrying(flaky, "reading gs://b/x.jpg", attempts=3) == "data" and len(calls) == 3
-    with pytest.raises(StorageError, match=r"reading gs://b/x.jpg failed after 2 attempts: TimeoutError"):
-        retrying(lambda: (_ for _ in ()).throw(TimeoutError("timed out")), "reading gs://b/x.jpg", attempts=2)
+    # a filesystem that does not retry itself (a local disk or mount): retried here, backing off
+    assert retrying(flaky, "reading /mnt/x.jpg", "/mnt/x.jpg", attempts=3) == "data" and len(calls) == 3
+    assert waits == [1, 2]
+    with pytest.raises(StorageError, match=r"reading /mnt/x.jpg failed after 2 attempts: TimeoutError"):
+        retrying(lambda: (_ for _ in ()).throw(TimeoutError("timed out")), "reading /mnt/x.jpg", "/mnt/x.jpg", 2)
     calls.clear()
 
     def missing():
         calls.append(1)
-        raise FileNotFoundError("gs://b/missing.jpg")
+        raise FileNotFoundError("/mnt/missing.jpg")
 
     with pytest.raises(FileNotFoundError):
-        retrying(missing, "reading", attempts=5)
+        retrying(missing, "reading", "/mnt/missing.jpg", attempts=5)
     assert len(calls) == 1  # not transient: no retry
 
     class HttpError(Exception):
@@ -146,9 +149,15 @@ def test_retrying_backs_off_then_says_what_failed(monkeypatch):
             self.code = code
 
     with pytest.raises(HttpError):
-        retrying(lambda: (_ for _ in ()).throw(HttpError(403)), "reading", attempts=3)
+        retrying(lambda: (_ for _ in ()).throw(HttpError(403)), "reading", "/mnt/x.jpg", attempts=3)
     with pytest.raises(StorageError):
-        retrying(lambda: (_ for _ in ()).throw(HttpError(503)), "reading", attempts=2)
+        retrying(lambda: (_ for _ in ()).throw(HttpError(503)), "reading", "/mnt/x.jpg", attempts=2)
+    # gcsfs and s3fs retried each request already: no retries stacked on theirs
+    for uri, backend in (("gs://b/x.jpg", "gcsfs"), ("s3://b/x.jpg", "s3fs")):
+        calls.clear()
+        with pytest.raises(StorageError, match=rf"reading {uri} failed after {backend}'s retries: .*503"):
+            retrying(lambda: calls.append(1) or (_ for _ in ()).throw(HttpError(503)), f"reading {uri}", uri, 3)
+        assert len(calls) == 1
 
 
 class FaultyProxy:
@@ -221,20 +230,19 @@ def test_storage_faults_are_retried_reported_and_healed_by_a_rerun(faulty_gcs, t
         fs.pipe(f"{bucket}/faults/{name}.jpg", encode(Image.fromarray(rgb(photos[name])[::2, ::2]), "JPEG"))
     out = str(tmp_path / "out")
     args = (f"gs://{bucket}/faults/*.jpg", out)
-    # every third request fails: the backends' and delf-index's retries absorb it
+    # every third request fails: gcsfs's retries absorb it
     proxy.fail = lambda method, path, n: n % 3 == 0
     summary = extract.run(*args, beam_options=ONE_WORKER)
     assert (summary["extracted"], summary["failed"]) == (3, 0)
-    # the object store keeps failing one object: reported with the cause, the rest goes on; one
-    # attempt of delf-index's, and gcsfs's own backoff (six tries, ~30 s) without its waits
-    monkeypatch.setenv("DELF_INDEX_IO_ATTEMPTS", "1")
+    # the object store keeps failing one object: reported with the cause, the rest goes on,
+    # after gcsfs's own backoff (six tries, ~30 s; here without its waits) and none stacked on it
     monkeypatch.setattr(gcsfs.retry.asyncio, "sleep", no_wait)
     proxy.fail = lambda method, path, n: method == "GET" and "coffee.jpg" in path and "alt=media" in path
     summary = extract.run(*args, beam_options=ONE_WORKER, full=True)
     assert (summary["extracted"], summary["failed"]) == (2, 1)
     errors = failing_rows(out)
     assert errors["coffee.jpg"]["stage"] == "read"
-    assert re.search(r"failed after 1 attempts: .*503", errors["coffee.jpg"]["error"])
+    assert re.search(r"failed after gcsfs's retries: .*503", errors["coffee.jpg"]["error"])
     # the failed image keeps its earlier features meanwhile
     assert {i for i, r in live_rows(out).items() if r["status"] == "extracted"} == {f"{n}.jpg" for n in names}
     # storage healthy again: a rerun retries the failure; every image extracted, exactly once

@@ -65,7 +65,7 @@ def memory_manifest(photos):
 
 
 def test_manifest_over_fsspec_and_split(memory_manifest):
-    items = T.read_manifest(memory_manifest)
+    items = T.read_train_manifest(memory_manifest)
     assert len(items) == 12, "the unlabelled row is skipped"
     assert items[0]["location"].startswith("memory://") and items[0]["location"].endswith("images/astronaut_a.jpg")
     assert crops.load_image(items[1]["location"], 100).shape == (76, 100, 3)  # 136x180 shrunk to 100 on its long side
@@ -82,7 +82,7 @@ def test_manifest_over_fsspec_and_split(memory_manifest):
 def test_manifest_errors(tmp_path):
     (tmp_path / "m.csv").write_text("id,landmark_id\na,1\n")
     with pytest.raises(ValueError, match="url or path"):
-        T.read_manifest(str(tmp_path / "m.csv"))
+        T.read_train_manifest(str(tmp_path / "m.csv"))
     with pytest.raises(ValueError, match="unknown training options"):
         T.train(str(tmp_path / "m.csv"), str(tmp_path / "out"), {"epoch": 3})
 

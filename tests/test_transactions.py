@@ -5,6 +5,7 @@ Conditional writes and leases are proven on local disk and on S3 (moto honours
 preconditions); on GCS the emulator ignores them, so for gs:// the tests check that the
 precondition is sent (../shared/docs/storage-facts.md)."""
 
+import contextlib
 import json
 import os
 import socket
@@ -20,9 +21,22 @@ import pytest
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
+from delf_index.indexing.manifests import fetch_manifested
 from delf_index.indexing.retrieval import Index
+from delf_index.indexing.versions import (
+    IndexChanged,
+    commit_version,
+    current_entry,
+    current_version,
+    list_versions,
+    new_version_name,
+    pin,
+    place_version,
+    prune,
+    version_work_folder,
+)
 from delf_index.pipelines import build, compact, extract, migrate, remove
-from delf_index.runtime import cache, lease, storage, tables
+from delf_index.runtime import cache, lease, renewal, storage, tables
 from delf_index.schemas import features as schema
 from tests.conftest import ONE_WORKER, live_rows, put
 
@@ -125,12 +139,12 @@ def record(**fields):
 
 def test_a_second_writer_is_told_who_holds_the_lease_and_waits_with_wait(store, monkeypatch):
     monkeypatch.setattr(lease, "POLL_SECONDS", 0.05)
-    with lease.hold(store, "build --append"):
+    with lease.writing(store, "build --append"):
         failed = []
 
         def second():
             try:
-                with lease.hold(store, "update"):
+                with lease.writing(store, "update"):
                     pass
             except lease.LeaseHeld as e:
                 failed.append(str(e))
@@ -140,7 +154,7 @@ def test_a_second_writer_is_told_who_holds_the_lease_and_waits_with_wait(store, 
         thread.join()
         assert failed and "`build --append` on " in failed[0] and "--wait" in failed[0]
         got = []
-        waiter = threading.Thread(target=lambda: got.append(lease.hold(store, "update", wait=True).__enter__()))
+        waiter = threading.Thread(target=lambda: got.append(lease.writing(store, "update", wait=True).__enter__()))
         waiter.start()
         time.sleep(0.3)
         assert not got  # still waiting while the first holds it
@@ -185,6 +199,45 @@ def test_expired_and_orphaned_leases_are_taken_over_and_a_lost_one_refuses_to_co
     assert json.loads(storage.read_versioned(uri)[0])["id"] == "thief"  # a lost lease is not released by its loser
 
 
+def test_a_renewal_calls_until_stopped_or_lost_and_rides_out_store_hiccups(tmp_path):
+    calls = []
+
+    def renew():
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("a store hiccup")  # skipped: the next call comes all the same
+        return len(calls) < 5  # False: the claim is lost, nothing more to renew
+
+    ended = renewal.Renewal(renew, 0.01, "test").start()
+    deadline = time.time() + 30
+    while ended._thread.is_alive() and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(calls) == 5 and not ended._thread.is_alive()
+    with renewal.Renewal(lambda: calls.append(1), 0.01, "test"):
+        while len(calls) < 8 and time.time() < deadline:
+            time.sleep(0.01)
+    stopped = len(calls)
+    time.sleep(0.1)
+    assert len(calls) == stopped >= 8  # no call once the block has ended
+    # a lease is renewed while held, and learns by its renewal that another writer took it
+    store = str(tmp_path / "store")
+    held = lease.Lease(store, "build", ttl=0.2).acquire()
+    first = json.loads(storage.read_versioned(f"{store}/_lease.json")[0])["expires"]
+    while json.loads(storage.read_versioned(f"{store}/_lease.json")[0])["expires"] == first:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    while True:  # taken over (between two renewals: a renewal in between refuses the write)
+        _, token = storage.read_versioned(f"{store}/_lease.json")
+        with contextlib.suppress(storage.PreconditionFailed):
+            storage.write_if(f"{store}/_lease.json", record(id="thief"), token)
+            break
+    while held.lost is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert held.lost["id"] == "thief"
+    held.release()
+
+
 # -- the features table ---------------------------------------------------------------------------
 def test_commits_planned_on_the_same_version_the_second_is_refused(store, pictures, tmp_path):
     images = str(tmp_path / "images")
@@ -208,59 +261,59 @@ def test_commits_planned_on_the_same_version_the_second_is_refused(store, pictur
 # -- the index: publishes, pruning, pins, readers --------------------------------------------------
 def publish_copy(index, built_root, grace=0.0, keep=2):
     """A new version of `index`: a copy of a built version, published as build does."""
-    base = art.current_entry(index)
-    source = art.current_version(str(built_root / "index"))
-    version = art.new_version_name(base)
-    work = art.version_work_folder(index, version)
+    base = current_entry(index)
+    source = current_version(str(built_root / "index"))
+    version = new_version_name(base)
+    work = version_work_folder(index, version)
     for name in os.listdir(source):
         with open(os.path.join(source, name), "rb") as f, open(os.path.join(work, name), "wb") as g:
             g.write(f.read())
-    art.place_version(work, index, version)
-    return art.commit_version(index, version, base, keep, grace)
+    place_version(work, index, version)
+    return commit_version(index, version, base, keep, grace)
 
 
 def test_publishes_never_collide_and_pruning_keeps_what_readers_need(built, tmp_path):
     index = str(tmp_path / "index")
     first = publish_copy(index, built)
     # two writers planned on the same version: the second publishes nothing, its folder goes
-    base = art.current_entry(index)
-    source = art.current_version(str(built / "index"))
-    names = [art.new_version_name(base) for _ in range(2)]
+    base = current_entry(index)
+    source = current_version(str(built / "index"))
+    names = [new_version_name(base) for _ in range(2)]
     assert names[0] != names[1] and names[0][:7] == names[1][:7] == "v000002"
     for name in names:
-        work = art.version_work_folder(index, name)
+        work = version_work_folder(index, name)
         for f in os.listdir(source):
             os.link(os.path.join(source, f), os.path.join(work, f))
-        art.place_version(work, index, name)
-    art.commit_version(index, names[0], base)
-    with pytest.raises(art.IndexChanged, match="nothing was published"):
-        art.commit_version(index, names[1], base)
-    assert art.current_entry(index)["version"] == names[0] and names[1] not in art.list_versions(index)
+        place_version(work, index, name)
+    commit_version(index, names[0], base)
+    with pytest.raises(IndexChanged, match="nothing was published"):
+        commit_version(index, names[1], base)
+    assert current_entry(index)["version"] == names[0] and names[1] not in list_versions(index)
     # an orphan (a build that died before publishing) stays while it is young, never counted as kept
-    orphan = art.new_version_name(art.current_entry(index))
+    orphan = new_version_name(current_entry(index))
     os.makedirs(os.path.join(index, "versions", orphan))
     with open(os.path.join(index, "versions", orphan, "manifest.json"), "w") as f:
         f.write("{}")
     third = publish_copy(index, built, grace=3600.0, keep=1)
-    assert set(art.list_versions(index)) == {first["version"], names[0], orphan, third["version"]}  # grace
-    with art.pin(index, names[0], "a batch search"):
+    assert set(list_versions(index)) == {first["version"], names[0], orphan, third["version"]}  # grace
+    with pin(index, names[0], "a batch search"):
         publish_copy(index, built, grace=0.0, keep=1)
-        assert names[0] in art.list_versions(index) and orphan not in art.list_versions(index)  # pinned; no grace
+        assert names[0] in list_versions(index) and orphan not in list_versions(index)  # pinned; no grace
     fourth = publish_copy(index, built, grace=0.0, keep=1)
-    assert art.list_versions(index) == [fourth["version"]]  # the current one is never pruned
-    stale = art.new_version_name(fourth)  # an orphan older than the grace period goes
+    assert list_versions(index) == [fourth["version"]]  # the current one is never pruned
+    stale = new_version_name(fourth)  # an orphan older than the grace period goes
     os.makedirs(os.path.join(index, "versions", stale))
     old = time.time() - 7200
     os.utime(os.path.join(index, "versions", stale), (old, old))
-    art.prune(index, keep=1, grace=600.0)
-    assert art.list_versions(index) == [fourth["version"]]
+    prune(index, keep=1, grace=600.0)
+    assert list_versions(index) == [fourth["version"]]
     assert len(Index.load(index).artifact.row_of) == 8
 
 
 def test_a_reader_whose_version_vanished_reads_the_log_again(built, tmp_path, monkeypatch):
     index = str(tmp_path / "index")
     publish_copy(index, built)
-    fetch = art.fetch_manifested
+    fetch = fetch_manifested
     calls = []
 
     def publish_and_prune_meanwhile(uri, name, what):
@@ -271,7 +324,7 @@ def test_a_reader_whose_version_vanished_reads_the_log_again(built, tmp_path, mo
 
     monkeypatch.setattr(art, "fetch_manifested", publish_and_prune_meanwhile)
     loaded = art.Artifact.load(index)
-    assert os.path.basename(loaded.folder) == art.current_entry(index)["version"] != os.path.basename(calls[0])
+    assert os.path.basename(loaded.folder) == current_entry(index)["version"] != os.path.basename(calls[0])
 
 
 def test_the_cache_is_bounded_never_evicts_what_is_in_use_and_hashes_once(built, s3_bucket, tmp_path, monkeypatch):
@@ -297,7 +350,7 @@ def test_the_cache_is_bounded_never_evicts_what_is_in_use_and_hashes_once(built,
     art.Artifact.load(index)  # from the cache: nothing hashed again
     assert len(hashed) == len(reader.manifest["files"])
     # a second version with other bytes: the cache passes its limit, but the first is in use
-    second = dict(first, sequence=2, version=art.new_version_name(first))
+    second = dict(first, sequence=2, version=new_version_name(first))
     source = os.path.join(local, "versions", first["version"])
     for name in os.listdir(source):
         data = open(os.path.join(source, name), "rb").read()

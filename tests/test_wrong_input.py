@@ -13,6 +13,7 @@ import pytest
 
 from delf_index.errors import UserError
 from delf_index.indexing import artifact as art
+from delf_index.indexing.versions import current_manifest
 from delf_index.pipelines import build, cli, compact, extract, match, remove, search, update
 from delf_index.runtime import tables
 from tests.conftest import ONE_WORKER, put
@@ -81,7 +82,7 @@ def test_an_index_follows_only_its_own_table(copies, built, tmp_path, pictures):
             with pytest.raises(UserError, match=message):
                 call()
     assert served(index) == before and tables.snapshot(other).version == 1
-    assert art.current_manifest(index)["features"]["table_id"] == tables.snapshot(features).table_id
+    assert current_manifest(index)["features"]["table_id"] == tables.snapshot(features).table_id
     assert [tables.snapshot(t).version for t in (features, stale)] == [2, 1]
     assert not os.path.exists(str(tmp_path / "match")) and not os.path.exists(str(tmp_path / "search"))
     # the table itself, moved: the same table id, a newer version; the index follows it
@@ -204,6 +205,6 @@ def test_lease_files_record_the_process_token(copies):
     _, features, _ = copies
     from delf_index.runtime import lease
 
-    with lease.hold(features, "test"):
+    with lease.writing(features, "test"):
         record = json.loads(open(os.path.join(features, "_lease.json")).read())
     assert record["owner"] == lease.process_token() and len(record["owner"]) == 32
