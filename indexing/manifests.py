@@ -87,15 +87,3 @@ def check_fingerprint(expected, actual, what):
             f"{what} come from model {actual[:12]}, but the index/codebooks were made for model {expected[:12]}: "
             "extract them with the same model, or fit new codebooks for this model"
         )
-
-
-# -- versions ---------------------------------------------------------------------------------
-# An index is a folder of immutable versions and a log of which one is current:
-#   _log/00000000000000000007.json   {"sequence", "version", "previous", "time", ...}: created
-#                                     once, only if absent; the newest names the current version
-#   versions/v000007-3f9a2c1e/       a complete version, uploaded before its log entry
-#   _pins/<id>.json                   a long job's claim on a version, that pruning honours
-# (indexes written before the log have a CURRENT object instead; they are read as before, and
-# their first new version starts the log)
-LOG, PINS = "_log", "_pins"
-DEFAULT_GRACE = 600.0  # seconds a version stays after it stopped being current: readers may be loading it

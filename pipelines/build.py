@@ -65,6 +65,7 @@ from delf_index.runtime import console, failpoints, lease, progress, storage, ta
 from delf_index.runtime.inputs import read_ids
 from delf_index.runtime.tables import iter_batches
 from delf_index.schemas.artifact import ARTIFACT_FORMAT, ARTIFACT_VERSION, STAGING, VERSIONS
+from delf_index.schemas.features import complete_settings
 from delf_index.version import __version__
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def check_append(output, base, snap, method):
         raise UserError(f"{output} has no version to append to: build it first with --codebooks")
     manifest, properties = current_manifest(output), snap.properties
     check_fingerprint(manifest["model_fingerprint"], properties["model_fingerprint"], "the features table")
-    if manifest.get("extractor") != properties["extractor"]:
+    if complete_settings(manifest.get("extractor")) != properties["extractor"]:
         raise ArtifactError(
             f"the features were extracted with other settings than the index ({properties['extractor']} against "
             f"{manifest.get('extractor')}): extract with the index's settings, or build a new index"

@@ -29,7 +29,7 @@ are reused when its inputs and settings are the same as what made them: extracti
 incremental over the image list (only new and changed images; another model or other
 extraction settings start the tables again), codebooks and the index are made again when
 the features or the fit settings changed; --fresh recomputes everything. The last line
-printed is a one-line JSON summary.
+printed on stdout is a one-line JSON summary (not with -q, which prints only errors).
 
 Several ``--max-features`` or ``--seed`` make a curve (`curve`): the images are extracted
 once, at the largest number; each smaller number is a table derived from that one by keeping
@@ -70,6 +70,7 @@ from delf_index.runtime.extractor import SELECTIONS, load_model, recorded_settin
 from delf_index.runtime.extractor import default_conf as extractor_defaults
 from delf_index.runtime.images import read_image
 from delf_index.runtime.tables import iter_features
+from delf_index.schemas.features import complete_settings
 
 log = logging.getLogger(__name__)
 
@@ -273,11 +274,7 @@ def run(images, workdir, groups=None, gnd=None, conf=None, model=None, beam_opti
     the last line, JSON)."""
     if (groups is None) == (gnd is None):
         raise UserError("give the ground truth as groups (groups.csv) or gnd (revisitop .pkl), one of them")
-    conf = resolve_conf(conf, default_conf, "evaluate")
-    if conf["method"] not in METHODS:
-        raise UserError(f"method {conf['method']!r}: use one of {METHODS}")
-    if conf["method"] != "knn" and not conf["fit"].get("asmk_words"):
-        conf["fit"] = {**conf["fit"], "asmk_words": "auto"}
+    conf = resolved(conf)
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     in_database = groups is not None
     manifest, queries = groups_protocol(groups, images) if in_database else gnd_protocol(gnd, images)
@@ -325,7 +322,7 @@ def extract_step(manifest, workdir, conf, model, beam_options, fresh):
     features = os.path.join(workdir, "features")
     done = read_json(os.path.join(features, "_SUMMARY.json")) or {}
     stored_settings = recorded_settings({**extractor_defaults, **(extract_conf["extractor"] or {})})
-    same = (done.get("model_fingerprint"), done.get("extractor")) == (fingerprint, stored_settings)
+    same = (done.get("model_fingerprint"), complete_settings(done.get("extractor"))) == (fingerprint, stored_settings)
     if fresh or not same or tables.is_legacy(features):
         storage.remove(features)  # another model, other settings or an old format: start the table again
     write_manifest(manifest, os.path.join(workdir, "manifest.csv"))
@@ -422,6 +419,8 @@ def curve(images, workdir, max_features=(1000, 500, 300), seeds=(0, 1, 2), group
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     source = features or extract_step(manifest, workdir, {**conf, "extract": extract_conf}, model, beam_options, fresh)
     extracted_with = tables.snapshot(source).properties["extractor"].get("max_features")
+    if extracted_with is not None and counts[0] > extracted_with:
+        raise UserError(f"{source} was extracted with {extracted_with} features per image: it cannot give {counts[0]}")
     rows = []
     for n in counts:
         table = source if n == extracted_with else truncated_table(source, os.path.join(workdir, f"n{n}"), n)
@@ -430,9 +429,7 @@ def curve(images, workdir, max_features=(1000, 500, 300), seeds=(0, 1, 2), group
             point = os.path.join(workdir, f"n{n}", f"seed{seed}")
             point_conf = {**conf, "extract": extract_conf, "fit": {**conf["fit"], "seed": seed}}
             done = read_json(os.path.join(point, "eval", "metrics.json")) or {}
-            if fresh or made_of(table, resolve_conf(point_conf, default_conf, "evaluate")) != done.get(
-                "made_from"
-            ):  # else measured already
+            if fresh or made_of(table, resolved(point_conf)) != done.get("made_from"):  # else measured already
                 run(images, point, groups, gnd, point_conf, model, beam_options, fresh, features=table)
             points.append(read_json(os.path.join(point, "eval", "metrics.json")))
         rows.append(curve_row(n, seeds, points))
@@ -441,6 +438,17 @@ def curve(images, workdir, max_features=(1000, 500, 300), seeds=(0, 1, 2), group
         f.write(curve_markdown(rows))
     log.info(f"curve: {os.path.join(workdir, 'eval', 'curve.md')}", extra=console.SUMMARY)
     return rows
+
+
+def resolved(conf):
+    """evaluate's settings: `conf` over default_conf, with ASMK's visual words fitted ("auto")
+    where the method needs them; what `run` measures with and `curve` compares."""
+    conf = resolve_conf(conf, default_conf, "evaluate")
+    if conf["method"] not in METHODS:
+        raise UserError(f"method {conf['method']!r}: use one of {METHODS}")
+    if conf["method"] != "knn" and not conf["fit"].get("asmk_words"):
+        conf["fit"] = {**conf["fit"], "asmk_words": "auto"}
+    return conf
 
 
 def made_of(features, conf):

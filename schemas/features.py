@@ -57,6 +57,9 @@ import pyarrow as pa
 from delf_index.errors import SchemaError
 
 SCHEMA_VERSION = 3
+# extraction settings added after tables and indexes began recording theirs, with the value
+# every earlier table was extracted with: one that lacks a setting was made with this value
+LATER_SETTINGS = {"selection": "score"}
 MIGRATES_VERSIONS = (1, 2)  # the Parquet folders before Delta Lake: `delf-index migrate` converts them
 DESCRIPTOR_DTYPES = {"float16": np.float16, "float32": np.float32}
 STATUSES = ("extracted", "failed", "deleted", "removed", "restored")
@@ -128,9 +131,16 @@ def read_properties(raw, where="the table"):
         "schema_version": version,
         "model_fingerprint": raw["delf_index.model_fingerprint"],
         "model": json.loads(raw["delf_index.model"]),
-        "extractor": json.loads(raw["delf_index.extractor"]),
+        "extractor": complete_settings(json.loads(raw["delf_index.extractor"])),
         "descriptor_dtype": raw["delf_index.descriptor_dtype"],
     }
+
+
+def complete_settings(settings):
+    """Recorded extraction settings with the settings added since they were recorded filled in
+    (LATER_SETTINGS), so that a table or index made before them compares equal to a run with
+    the same extraction; None stays None."""
+    return None if settings is None else {**LATER_SETTINGS, **settings}
 
 
 def feature_record(image_id, uri, label, features, descriptor_dtype="float16", source=(None, None, None), warned=()):

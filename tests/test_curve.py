@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from delf_index.errors import UserError
 from delf_index.pipelines import evaluate
 from delf_index.pipelines.cli import main
 from delf_index.runtime import tables
@@ -67,9 +68,22 @@ def test_curve_derives_each_number_once_and_reports_it(evaluated, corpus, tmp_pa
         np.testing.assert_array_equal(derived[image_id].descriptors, features.descriptors[:100])
         np.testing.assert_array_equal(derived[image_id].x, features.x[:100])
     assert tables.snapshot(str(out / "n100" / "features")).properties["extractor"]["max_features"] == 100
-    # run again: nothing derived again, nothing fitted again
+    # run again: nothing derived again, nothing measured again
     version = tables.snapshot(str(out / "n100" / "features")).version
+    points = sorted(out.glob("n*/seed*/eval/metrics.json"))
+    assert len(points) == 4
+    measured = {p: p.stat().st_mtime_ns for p in points}
     evaluate.curve(str(corpus / "images"), str(out), (300, 100), (0, 1), groups=str(corpus / "groups.csv"),
                    conf={"ablation": False}, beam_options=ONE_WORKER, features=source)  # fmt: skip
     assert tables.snapshot(str(out / "n100" / "features")).version == version
+    assert {p: p.stat().st_mtime_ns for p in points} == measured
     assert "curve:" in capsys.readouterr().out
+    with pytest.raises(UserError, match="extracted with 300 features per image: it cannot give 500"):
+        evaluate.curve(
+            str(corpus / "images"),
+            str(out),
+            (500,),
+            (0,),
+            groups=str(corpus / "groups.csv"),
+            features=str(out / "n300" / "features"),
+        )

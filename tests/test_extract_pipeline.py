@@ -366,3 +366,24 @@ def test_images_on_gcs_the_same_bytes_again_are_unchanged(gcs_bucket, small_phot
     assert fs.info(f"{gcs_bucket}/in/astronaut.jpg")["generation"] != generation
     again = extract.run(f"gs://{gcs_bucket}/in/*.jpg", out, {"max_change": None}, beam_options=ONE_WORKER)
     assert (again["unchanged"], again["changed"], again["extracted"]) == (2, 1, 1)
+
+
+def test_a_table_made_before_a_setting_existed_is_extracted_into_as_before(image_dir, tmp_path):
+    """A table whose recorded settings lack one added since (`selection`, issue 32) was made
+    with that setting's earlier value: the next run adds to it, and an index built from it
+    appends, instead of refusing 'other extraction settings'."""
+    out = str(tmp_path / "out")
+    extract.run(str(image_dir), out, beam_options=ONE_WORKER)
+    log = tmp_path / "out" / "_delta_log" / "00000000000000000000.json"
+    actions = [json.loads(line) for line in log.read_text().splitlines()]
+    for action in actions:  # the table as an earlier delf-index wrote it
+        if "metaData" in action:
+            conf = action["metaData"]["configuration"]
+            settings = json.loads(conf["delf_index.extractor"])
+            assert settings.pop("selection") == "score"
+            conf["delf_index.extractor"] = json.dumps(settings)
+    log.write_text("\n".join(json.dumps(a) for a in actions) + "\n")
+    assert "selection" not in json.loads(DeltaTable(out).metadata().configuration["delf_index.extractor"])
+    (image_dir / "sub" / "astronaut2.jpg").write_bytes((image_dir / "astronaut.jpg").read_bytes()[:-1] + b"\xd9")
+    summary = extract.run(str(image_dir), out, beam_options=ONE_WORKER)
+    assert summary["new"] == 1 and tables.snapshot(out).properties["extractor"]["selection"] == "score"
