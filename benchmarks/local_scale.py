@@ -2,10 +2,13 @@
 
 Both local indexes are built from the same shards (`build --method both`: the PQ codes are
 computed once and serve k-NN voting's lists and ASMK's verification store), so one build
-times every step of both. Shards of 1000 images x 1000 synthetic 40-d descriptors (the
-clustered unit vectors of benchmarks/build_scale.py) are encoded each in a fresh process
-(as a Beam worker would; `--processes` at a time), then `build`'s merge-and-publish step
-writes a real index version (manifest, sha256), which `Index.load` opens as a user would.
+times every step of both. The synthetic features table of benchmarks/build_scale.py (a Delta
+table, one data file of 1000 images x 1000 clustered unit 40-d descriptors per shard) is
+written first (not timed as build); each data file is encoded in a fresh process (as a Beam
+worker would; `--processes` at a time), then `build`'s merge step (`merge_version`) writes a
+real index version (manifest, sha256) and `commit_version` publishes it, which `Index.load`
+opens as a user would. `--images-per-shard` (and a fraction of a million) makes a small run
+to check the script.
 
 Measured per collection size: the seconds of each encode step summed over shards (coarse
 assignment and PQ codes shared, k-NN lists, ASMK word assignment through the HNSW graph,
@@ -25,6 +28,7 @@ Figures: benchmarks/README.md, "Synthetic scale: 1M, 10M, 100M descriptors".
 """
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -36,13 +40,14 @@ import time
 import faiss
 import numpy as np
 
-from benchmarks.build_scale import DIM, FEATURES, IMAGES_PER_SHARD, identity_pca, shard_tables, synthetic
+from benchmarks.build_scale import DIM, FEATURES, IMAGES_PER_SHARD, identity_pca, shard_features, synthetic, write_table
 from delf_index.indexing import artifact as art
 from delf_index.indexing import asmk, codebooks, shards
 from delf_index.indexing.codebooks_io import load_codebooks, load_words, write_codebooks
 from delf_index.indexing.retrieval import Index
+from delf_index.indexing.versions import commit_version, new_version_name
 from delf_index.pipelines import build
-from delf_index.runtime.features import Features
+from delf_index.runtime import tables
 
 
 def peak_mib():
@@ -50,17 +55,17 @@ def peak_mib():
 
 
 def encode_worker(args):
-    shard, codebooks_dir, centres, staging, assigner = args
+    shard, data_file, first_id, codebooks_dir, staging, assigner = args
     pca, trained, _ = load_codebooks(codebooks_dir)
     # the database side's word assignment (see word_assigner), built once by the parent
     words = shards.WordAssigner(load_words(codebooks_dir), faiss.deserialize_index(assigner))
     timings = {}
     name = f"shard-{shard:05d}"
     counts = shards.encode_shard(
-        shard_tables(shard, centres),
+        tables.iter_batches(data_file, None),
         pca,
         trained,
-        shard * IMAGES_PER_SHARD,
+        first_id,
         os.path.join(staging, name),
         method="both",
         words=words,
@@ -69,7 +74,7 @@ def encode_worker(args):
     return {
         "shard": shard,
         "name": name,
-        "table": f"synthetic/{shard}",
+        "table": data_file,
         "peak_mib": peak_mib(),
         "timings": timings,
         **counts,
@@ -77,35 +82,26 @@ def encode_worker(args):
 
 
 def merge_worker(args):
-    encoded, output, staging, codebooks_dir = args
-    info = {"model_fingerprint": "synthetic", "model": {}, "codebooks": {}, "extractor": {}}
+    encoded, output, staging, codebooks_dir, table_uri = args
+    snap = tables.snapshot(table_uri)
+    features = {"uri": snap.uri, "table_version": snap.version, "table_id": snap.table_id}
+    info = {"model_fingerprint": "synthetic", "model": {}, "codebooks": {}, "extractor": {}, "features": features}
+    version = new_version_name(None)
     start = time.time()
-    build.merge_and_publish(
-        None, encoded, output, "v000001-synthetic", staging, codebooks_dir, None, (), info, 1, "both"
-    )
+    build.merge_version(None, encoded, output, version, staging, codebooks_dir, None, (), info, "both")
+    commit_version(output, version, None, keep=1, info={"operation": "build", **features})
     return {"seconds": time.time() - start, "peak_mib": peak_mib()}
 
 
-def queries(count, centres, seed=0):
+def queries(count, centres, per_shard, seed=0):
     """Noisy copies of the first `count` images of shard 0 (as Features), their image_ids."""
-    table = next(shard_tables(0, centres))
     rng = np.random.default_rng(seed)
     out = []
-    for row in table.slice(0, count).to_pylist():
-        descriptors = np.asarray(row["descriptors"], np.float32)
+    for _, (image_id, f) in zip(range(count), shard_features(0, per_shard, centres)):
+        descriptors = f.descriptors.astype(np.float16).astype(np.float32)  # as stored in the table
         descriptors = descriptors + 0.05 * rng.normal(size=descriptors.shape).astype(np.float32)
         descriptors /= np.linalg.norm(descriptors, axis=1, keepdims=True)
-        features = Features(
-            x=np.asarray(row["x"], np.float32),
-            y=np.asarray(row["y"], np.float32),
-            scale=np.asarray(row["scale"], np.float32),
-            attention=np.asarray(row["attention"], np.float32),
-            descriptors=descriptors,
-            global_descriptor=np.asarray(row["global_descriptor"], np.float32),
-            width=row["width"],
-            height=row["height"],
-        )
-        out.append((row["image_id"], features))
+        out.append((image_id, dataclasses.replace(f, descriptors=descriptors)))
     return out
 
 
@@ -133,9 +129,9 @@ def time_queries(output, method, query_set, conf=None):
     return {**median, "R@1": hits / len(query_set)}
 
 
-def query_times(output, centres, count):
+def query_times(output, centres, count, per_shard):
     """Median search and verification seconds, and R@1, of each local method on an index."""
-    query_set = queries(count, centres)
+    query_set = queries(count, centres, per_shard)
     return {
         "knn": time_queries(output, "knn", query_set),
         # the codes an IVF with 8x more cells (auto_nlist's choice at 100M) scans at nprobe 32
@@ -148,18 +144,25 @@ def query_times(output, centres, count):
     }
 
 
-def run(millions, work, codebooks_dir, centres, processes, query_count, assigner, keep=None):
-    num_shards = millions * 1_000_000 // (IMAGES_PER_SHARD * FEATURES)
-    folder = os.path.join(work, f"{millions}M")
-    staging, output = os.path.join(folder, "staging"), os.path.join(folder, "index")
+def run(
+    millions, work, codebooks_dir, centres, processes, query_count, assigner, keep=None, per_shard=IMAGES_PER_SHARD
+):
+    num_shards = round(millions * 1_000_000 / (per_shard * FEATURES))
+    if num_shards < 1:
+        raise SystemExit(f"--millions {millions:g} is less than one shard of {per_shard} x {FEATURES}")
+    folder = os.path.join(work, f"{millions:g}M")
+    staging, output, table = (os.path.join(folder, n) for n in ("staging", "index", "features"))
     os.makedirs(staging)
-    start = time.time()
     # maxtasksperchild=1: one fresh process per shard, so ru_maxrss is that shard's peak
     with mp.get_context("spawn").Pool(processes, maxtasksperchild=1) as pool:
-        jobs = [(s, codebooks_dir, centres, staging, assigner) for s in range(num_shards)]
+        start = time.time()
+        data_files = write_table(table, num_shards, per_shard, centres, pool)
+        table_s = time.time() - start
+        start = time.time()
+        jobs = [(s, f, s * per_shard, codebooks_dir, staging, assigner) for s, f in enumerate(data_files)]
         encoded = pool.map(encode_worker, jobs)
         encode_s = time.time() - start
-        merged = pool.apply(merge_worker, ((encoded, output, staging, codebooks_dir),))
+        merged = pool.apply(merge_worker, ((encoded, output, staging, codebooks_dir, table),))
     build_s = time.time() - start
     shutil.rmtree(staging, ignore_errors=True)
     manifest = art.Artifact.load(output, verify=False).manifest
@@ -171,6 +174,7 @@ def run(millions, work, codebooks_dir, centres, processes, query_count, assigner
     result = {
         "descriptors": manifest["counts"]["descriptors"],
         "images": images,
+        "table_write_s": round(table_s, 1),
         "encode_wall_s": round(encode_s, 1),
         "encode_steps_s (summed over shards)": {k: round(v, 1) for k, v in steps.items()},
         "encode_peak_mib_per_shard": round(max(e["peak_mib"] for e in encoded)),
@@ -179,7 +183,7 @@ def run(millions, work, codebooks_dir, centres, processes, query_count, assigner
         "merge_peak_mib": round(merged["peak_mib"]),
         "build_wall_s": round(build_s, 1),
         "bytes_per_image": {k: round(v / images) for k, v in manifest["bytes"].items()},
-        **query_times(output, centres, query_count),
+        **query_times(output, centres, query_count, per_shard),
     }
     if keep:
         shutil.rmtree(keep, ignore_errors=True)
@@ -222,7 +226,8 @@ def word_recall(centroids, centres, count=20_000, **indexes):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--millions", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--millions", type=float, nargs="+", default=[1, 10], help="descriptors, in millions")
+    parser.add_argument("--images-per-shard", type=int, default=IMAGES_PER_SHARD, help="of 1000 descriptors each")
     parser.add_argument("--nlist", type=int, default=4096)
     parser.add_argument("--words", type=int, default=65536)
     parser.add_argument("--words-iterations", type=int, default=5)
@@ -237,7 +242,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     centres = synthetic(0, 20_000, np.random.default_rng(1).normal(size=(20_000, DIM)).astype(np.float32))
     if args.time_queries:
-        print(json.dumps(query_times(args.time_queries, centres, args.queries)))
+        print(json.dumps(query_times(args.time_queries, centres, args.queries, args.images_per_shard)))
         return
     work = tempfile.mkdtemp(prefix="delf-local-scale-")
     codebooks_dir = os.path.join(work, "codebooks")
@@ -271,7 +276,9 @@ def main(argv=None):
     print(json.dumps(header), flush=True)
     for millions in args.millions:
         keep = args.keep if millions == max(args.millions) else None
-        result = run(millions, work, codebooks_dir, centres, args.processes, args.queries, assigner, keep)
+        result = run(
+            millions, work, codebooks_dir, centres, args.processes, args.queries, assigner, keep, args.images_per_shard
+        )
         lines.append({"millions": millions, **result})
         print(json.dumps(lines[-1]), flush=True)
         if args.out:

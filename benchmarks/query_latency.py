@@ -21,13 +21,12 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from delf_index.indexing import verify
 from delf_index.indexing.retrieval import Index
 from delf_index.pipelines import build
+from delf_index.runtime import tables
 from delf_index.runtime.features import Features
-from delf_index.runtime.tables import list_tables
 from delf_index.schemas import features as fs
 
 
@@ -42,48 +41,49 @@ def latency(index, paths):
     return {k: round(float(np.median([t[k] for t in splits])), 4) for k in splits[0]}
 
 
-def distractor_table(source_uri, out_path, images, seed=0):
-    """Synthetic images of 1000 features: real descriptors from `source_uri` with noise."""
-    table = pq.read_table(source_uri)
+def distractor_table(source_uri, target_uri, images, seed=0):
+    """A new features table at `target_uri`: the live images of `source_uri` (copied by
+    `tables.derive`), then, as a second commit, `images` synthetic images of 1000 features
+    (real descriptors of `source_uri` with noise, random geometry)."""
+    snap = tables.snapshot(source_uri)
+    tables.derive(source_uri, target_uri, lambda _, f: f, json.loads(snap.raw_properties["delf_index.extractor"]))
     rng = np.random.default_rng(seed)
-    pool = fs.descriptors_of(table).astype(np.float32)
-    globals_ = np.stack(table.column("global_descriptor").to_numpy(zero_copy_only=False))
-    schema = table.schema
-    dim = pool.shape[1]
-    rows = []
+    pool = tables.read_descriptors(source_uri)[0].astype(np.float32)
+    globals_ = np.stack([f.global_descriptor for _, f in tables.iter_features(source_uri)])
+    target = tables.snapshot(target_uri)
+    run = tables.new_run_id(target.newest_run(target.read(["run"])))
+    dim, entries, rows = pool.shape[1], [], []
     for i in range(images):
         desc = pool[rng.integers(0, len(pool), 1000)] + 0.1 * rng.normal(size=(1000, dim)).astype(np.float32)
         glob = globals_[rng.integers(0, len(globals_))] + 0.05 * rng.normal(size=globals_.shape[1])
-        rows.append(
-            {
-                "image_id": f"distractor/{i:07d}",
-                "uri": "",
-                "label": None,
-                "width": 1024,
-                "height": 768,
-                "num_features": 1000,
-                "x": rng.uniform(0, 1023, 1000).astype(np.float32),
-                "y": rng.uniform(0, 767, 1000).astype(np.float32),
-                "scale": rng.choice([0.5, 0.71, 1, 1.41, 2, 2.83, 4], 1000).astype(np.float32),
-                "attention": np.sort(rng.uniform(0, 1, 1000))[::-1].astype(np.float32),
-                "descriptors": (desc / np.linalg.norm(desc, axis=1, keepdims=True)).astype(np.float16),
-                "global_descriptor": (glob / np.linalg.norm(glob)).astype(np.float32),
-            }
+        features = Features(
+            x=rng.uniform(0, 1023, 1000).astype(np.float32),
+            y=rng.uniform(0, 767, 1000).astype(np.float32),
+            scale=rng.choice([0.5, 0.71, 1, 1.41, 2, 2.83, 4], 1000).astype(np.float32),
+            attention=np.sort(rng.uniform(0, 1, 1000))[::-1].astype(np.float32),
+            descriptors=desc / np.linalg.norm(desc, axis=1, keepdims=True),
+            global_descriptor=(glob / np.linalg.norm(glob)).astype(np.float32),
+            width=1024,
+            height=768,
         )
+        rows.append(fs.feature_record(f"distractor/{i:07d}", "", None, features, snap.properties["descriptor_dtype"]))
         if len(rows) == 1000 or i == images - 1:
-            pq.write_table(fs.rows_to_table(rows, schema), f"{out_path}-{i // 1000:04d}.parquet")
+            name = f"part-{run}-distractors-{len(entries):05d}.parquet"
+            entries.append(
+                tables.write_records(target_uri, name, rows, target.records_schema, target.raw_properties, run)
+            )
             rows = []
+    tables.commit(target_uri, entries, target.raw_properties, target, run, "distractors", {"images": images})
 
 
-def ransac_comparison(index, feature_rows, pairs=200):
+def ransac_comparison(index, queries, pairs=200):
     from skimage.measure import ransac
     from skimage.transform import AffineTransform
 
     conf = {**index.ransac_conf, "scale_tolerance": None, "max_anisotropy": 1e9, "max_scale_change": 1e9}
     ours_s, theirs_s, ours_n, theirs_n, sizes = 0.0, 0.0, [], [], []
     done = 0
-    for row in feature_rows:
-        features = Features.from_row(row)
+    for features in queries:
         neighbours = index.neighbours(features)
         for result in index.search(features, top_k=5, with_matches=False)[1:]:
             q, qxy, dxy, _, _ = index.correspondences(features, neighbours, result.row)
@@ -138,22 +138,16 @@ def main(argv=None):
     base = {"images": len(index), "descriptors": int(index.artifact.index.ntotal), **latency(index, paths)}
     print(json.dumps({"index": "as built", **base}), flush=True)
 
-    rows = pq.read_table(list_tables(os.path.join(args.workdir, "features"))[0]).to_pylist()
-    print(json.dumps({"verification": ransac_comparison(index, rows[:: max(1, len(rows) // 60)])}), flush=True)
+    features_uri = os.path.join(args.workdir, "features")
+    queries = [f for _, f in tables.iter_features(features_uri)]
+    print(json.dumps({"verification": ransac_comparison(index, queries[:: max(1, len(queries) // 60)])}), flush=True)
 
     work = tempfile.mkdtemp(prefix="delf-latency-")
     try:
-        tables = os.path.join(work, "features")
-        os.makedirs(tables)
-        for uri in list_tables(os.path.join(args.workdir, "features")):
-            shutil.copy(uri, tables)
-        distractor_table(
-            list_tables(os.path.join(args.workdir, "features"))[0],
-            os.path.join(tables, "zz-distractors"),
-            args.distractors // 1000,
-        )
+        grown_features = os.path.join(work, "features")
+        distractor_table(features_uri, grown_features, args.distractors // 1000)
         big = os.path.join(work, "index")
-        build.run(tables, big, codebooks=os.path.join(args.workdir, "codebooks"), beam_options={"workers": 1})
+        build.run(grown_features, big, codebooks=os.path.join(args.workdir, "codebooks"), beam_options={"workers": 1})
         index = Index.load(big)
         index.search(paths[0])
         grown = {"images": len(index), "descriptors": int(index.artifact.index.ntotal), **latency(index, paths)}
