@@ -35,6 +35,7 @@ from benchmarks.query_latency import distractor_table
 from delf_index.indexing import graph
 from delf_index.indexing.retrieval import Index
 from delf_index.pipelines import build, match, search
+from delf_index.runtime import storage
 from delf_index.runtime.tables import iter_features
 
 
@@ -91,7 +92,7 @@ def main(argv=None):
         start = time.time()
         summary = match.run(index_uri, os.path.join(out, "match"), conf={"top": args.top}, labels=groups)
         match_s = time.time() - start
-        pairs = match.read_table(os.path.join(out, "match"), "pairs")
+        pairs = storage.read_parquet_rows(os.path.join(out, "match", "pairs"))
         print(
             json.dumps(
                 {

@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks.landmarks import LANDMARKS, read_groups
 from delf_index.pipelines import evaluate
-from delf_index.runtime import tables
+from delf_index.runtime import storage, tables
 from delf_index.runtime.conf import resolve_conf
 from delf_index.runtime.extractor import nms
 
@@ -259,17 +259,17 @@ def fold_match(match, folder, held_out):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from delf_index.model.train import match_table
-
     os.makedirs(os.path.join(folder, "pairs"), exist_ok=True)
     os.makedirs(os.path.join(folder, "clusters"), exist_ok=True)
     with open(os.path.join(match, "_SUMMARY.json")) as f:
         summary = f.read()
     with open(os.path.join(folder, "_SUMMARY.json"), "w") as f:
         f.write(summary)
-    pairs = [r for r in match_table(match, "pairs") if r["image_a"] not in held_out and r["image_b"] not in held_out]
+    pairs = storage.read_parquet_rows(os.path.join(match, "pairs"))
+    pairs = [r for r in pairs if r["image_a"] not in held_out and r["image_b"] not in held_out]
+    clusters = storage.read_parquet_rows(os.path.join(match, "clusters"))
     pq.write_table(pa.Table.from_pylist(pairs), os.path.join(folder, "pairs", "part-0.parquet"))
-    pq.write_table(pa.Table.from_pylist(match_table(match, "clusters")), os.path.join(folder, "clusters", "c.parquet"))
+    pq.write_table(pa.Table.from_pylist(clusters), os.path.join(folder, "clusters", "c.parquet"))
     return len(pairs)
 
 

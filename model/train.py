@@ -51,7 +51,6 @@ import time
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -183,9 +182,10 @@ def match_items(match):
         raise UserError(f"{match} holds no match output (no _SUMMARY.json): run delf-index match first") from e
     image_ids, uris, _ = artifact.read_images(summary["index"])
     location = dict(zip(image_ids, uris))
-    clusters = {row["image_id"]: row["cluster"] for row in match_table(match, "clusters")}
+    clusters = {r["image_id"]: r["cluster"] for r in storage.read_parquet_rows(posixpath.join(match, "clusters"))}
     least = summary["conf"].get("min_inliers", 1)
-    pairs = [(r["image_a"], r["image_b"]) for r in match_table(match, "pairs") if (r["inliers"] or 0) >= least]
+    edges = storage.read_parquet_rows(posixpath.join(match, "pairs"))
+    pairs = [(r["image_a"], r["image_b"]) for r in edges if (r["inliers"] or 0) >= least]
     kept = [(a, b) for a, b in pairs if a in location and b in location]
     if len(kept) < len(pairs):
         logger.warning("%d verified pairs name images no longer in %s: left out", len(pairs) - len(kept),
@@ -195,16 +195,6 @@ def match_items(match):
     ids = sorted({i for pair in kept for i in pair})
     items = [{"id": i, "location": location[i], "landmark_id": str(clusters.get(i, i))} for i in ids]
     return items, kept
-
-
-def match_table(match, name):
-    """The rows of one of match's tables (its Parquet files, in name order)."""
-    fs, folder = storage.filesystem(posixpath.join(match, name))
-    rows = []
-    for path in sorted(fs.glob(posixpath.join(folder, "*.parquet"))):
-        with storage.open_file(storage.with_protocol(fs, path), "rb") as f:
-            rows += pq.read_table(f).to_pylist()
-    return rows
 
 
 def epoch_keys(n_items, crops_per_image, seed, stage, epoch):

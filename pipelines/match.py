@@ -34,7 +34,6 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils import shared
@@ -189,7 +188,7 @@ def run(index, output, features=None, conf=None, labels=None, beam_options=None,
     if conf["sheet"]:
         summary["sheet"] = write_sheet(output, uri_of, conf["sheet_rows"], has_labels)
     if augment:
-        pairs = read_table(output, "pairs")
+        pairs = storage.read_parquet_rows(posixpath.join(output, "pairs"))
         summary["augmented_version"] = augment_index(
             index, pairs, summary["index_version"], conf["keep"], matched_with(conf)
         )
@@ -298,7 +297,7 @@ def _finalize(_, output, schemas, summary, **written):
         if name in written:
             files[name] = finalize(posixpath.join(output, name), name, schema_, written[name], "")
             rows[name] = sum(w["rows"] for w in written[name])
-    clusters = read_table(output, "clusters")
+    clusters = storage.read_parquet_rows(posixpath.join(output, "clusters"))
     summary = dict(
         summary,
         rows=rows,
@@ -310,20 +309,10 @@ def _finalize(_, output, schemas, summary, **written):
     storage.write_bytes(posixpath.join(output, "_SUMMARY.json"), json.dumps(summary, indent=1, sort_keys=True).encode())
 
 
-def read_table(output, name):
-    """All rows of one of match's tables (small ones: clusters, label reports)."""
-    fs, folder = storage.filesystem(posixpath.join(output, name))
-    rows = []
-    for path in sorted(fs.glob(posixpath.join(folder, "*.parquet"))):
-        with storage.open_file(storage.with_protocol(fs, path), "rb") as f:
-            rows += pq.read_table(f).to_pylist()
-    return rows
-
-
 def write_sheet(output, uri_of, rows, has_labels):
     """The contact sheet: the largest clusters and, with labels, the most suspicious images
     with the neighbours that outvote their label."""
-    clusters = read_table(output, "clusters")
+    clusters = storage.read_parquet_rows(posixpath.join(output, "clusters"))
     members = {}
     for r in sorted(clusters, key=lambda r: r["image_id"]):
         members.setdefault(r["cluster"], []).append(r["image_id"])
@@ -336,10 +325,9 @@ def write_sheet(output, uri_of, rows, has_labels):
         )
     ]
     if has_labels:
-        suspects = sorted(
-            (r for r in read_table(output, "label_images") if r["suspicion"] > 0), key=lambda r: r["suspect_rank"]
-        )[:rows]
-        pairs = read_table(output, "pairs") if suspects else []
+        reported = storage.read_parquet_rows(posixpath.join(output, "label_images"))
+        suspects = sorted((r for r in reported if r["suspicion"] > 0), key=lambda r: r["suspect_rank"])[:rows]
+        pairs = storage.read_parquet_rows(posixpath.join(output, "pairs")) if suspects else []
         shown = []
         for s in suspects:
             mates = [

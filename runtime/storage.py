@@ -16,6 +16,7 @@ import posixpath
 import uuid
 
 import fsspec
+import pyarrow.parquet as pq
 import tenacity
 from filelock import FileLock
 
@@ -264,6 +265,17 @@ def sha256_of(path, chunk=1 << 22):
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_parquet_rows(uri):
+    """All rows of the Parquet files in folder `uri`, in name order, as dicts: small tables
+    written whole, such as a match's pairs, clusters and label reports."""
+    fs, folder = filesystem(uri)
+    rows = []
+    for path in sorted(fs.glob(posixpath.join(folder, "*.parquet"))):
+        with open_file(with_protocol(fs, path), "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    return rows
 
 
 def write_bytes(uri, data):

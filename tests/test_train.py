@@ -3,6 +3,7 @@ seeded runs, checkpoints and resume. Tiny runs on a handful of images."""
 
 import io
 import json
+import posixpath
 import uuid
 
 import numpy as np
@@ -18,6 +19,7 @@ from delf_index.model import crops
 from delf_index.model import train as T
 from delf_index.model.backbones import EfficientNetLite
 from delf_index.model.export import build_model
+from delf_index.runtime import storage
 from tests.conftest import rgb
 
 TINY = {
@@ -299,7 +301,8 @@ def test_trains_from_a_match_graph_without_labels(evaluated, tmp_path):
         T.train(None, str(tmp_path / "none"), match=str(tmp_path))
     out = str(tmp_path / "m")
     summary = match.run(str(evaluated[0] / "index"), out, conf={"sheet": False}, beam_options={"workers": 1})
-    edges = [p for p in T.match_table(out, "pairs") if p["inliers"] >= summary["conf"]["min_inliers"]]
+    pairs = storage.read_parquet_rows(posixpath.join(out, "pairs"))
+    edges = [p for p in pairs if p["inliers"] >= summary["conf"]["min_inliers"]]
     conf = {**TINY, "image_size": 256, "epochs": 1, "scales": (0.7071, 1.0), "val_fraction": 0.0}
     run = tmp_path / "run"
     options = [f"{k}={json.dumps(v)}" for k, v in conf.items()]
