@@ -8,6 +8,7 @@ rotation in front (``OPQ{M},IVF...``). Defaults were chosen by measured recall a
 k-NN on landmarks-dev descriptors (benchmarks/README.md, "Quantization").
 """
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -158,13 +159,16 @@ def train_index(reduced, spec, seed=0):
     reduced = np.ascontiguousarray(reduced, dtype=np.float32)
     assert reduced.ndim == 2
     index = faiss.index_factory(reduced.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.cp.seed = seed
     ivf.cp.niter = 20
     pq = getattr(ivf, "pq", None)
     if pq is not None:
         pq.cp.seed = seed
-    with console.c_output(2) as said:  # faiss's k-means warns per sub-quantizer on C's stderr
+        # faiss reorders an IVF-PQ's centroids for polysemous (Hamming) search by default: most
+        # of a fit's time (8 of 10 s on 21k descriptors), for a search delf-index never runs
+        ivf.do_polysemous_training = False
+    with console.c_output(2) as said, blas_distances():  # faiss's k-means warns on C's stderr
         index.train(reduced)
     warned = [line for line in said[0].splitlines() if line.startswith("WARNING clustering")]
     if warned:
@@ -175,6 +179,19 @@ def train_index(reduced, spec, seed=0):
             len(warned),
         )
     return index
+
+
+@contextlib.contextmanager
+def blas_distances():
+    """faiss computes k-means distances by BLAS for every batch while this lasts. Its default
+    (BLAS from 128,000 points) sends PQ's 4-d sub-vectors of a small sample to a scalar loop
+    8 times slower; searches keep the default."""
+    saved = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 20
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = saved
 
 
 def code_bytes(index):
