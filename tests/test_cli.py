@@ -214,7 +214,9 @@ def test_extract_image_summary_and_output(tmp_path, photos, capsys):
     assert "10 features" in capsys.readouterr().out
 
 
-def test_user_errors_are_one_line_that_names_the_problem(tmp_path):
+def test_user_errors_are_one_line_that_names_the_problem(tmp_path, capsys):
+    """In this process (cli.main, as `delf-index` calls it): a subprocess per case cost 2 s of
+    imports each; a bug would raise here (test_a_bug_keeps_its_traceback)."""
     bad = tmp_path / "bad.jpg"
     bad.write_text("<html>not an image</html>")
     (tmp_path / "only-bad").mkdir()
@@ -235,12 +237,15 @@ def test_user_errors_are_one_line_that_names_the_problem(tmp_path):
         ),
     ]
     for args, expected in cases:
-        out = delf_index(*args)
-        assert out.returncode == 1, (args, out.stderr[-2000:])
-        message = [line for line in out.stderr.splitlines() if line.startswith(f"delf-index {args[0]}: error:")]
-        assert len(message) == 1 and "Traceback" not in out.stderr, (args, out.stderr[-2000:])
+        code, out = cli.main(list(args)), capsys.readouterr()
+        assert code == 1, (args, out.err[-2000:])
+        message = [line for line in out.err.splitlines() if line.startswith(f"delf-index {args[0]}: error:")]
+        assert len(message) == 1 and "Traceback" not in out.err, (args, out.err[-2000:])
         for text in expected:
             assert text in message[0], (args, message[0])
+    out = delf_index(*cases[2][0])  # and once through `python -m delf_index`: exit status 1, the line alone
+    assert out.returncode == 1 and out.stderr.strip().startswith("delf-index extract-image: error:")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
