@@ -109,11 +109,12 @@ def rgb(image):
     return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image[:, :, :3]
 
 
-def jpeg(array):
+def jpeg(array, quality=90):
+    """The JPEG bytes of an RGB array (any strides)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, "JPEG", quality=90)
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
 
 

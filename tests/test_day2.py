@@ -2,7 +2,6 @@
 from-scratch build, versions that readers never see half-made, and a cache that processes
 share (gs:// through the GCS emulator the suite starts, s3:// through moto's server)."""
 
-import io
 import json
 import os
 import subprocess
@@ -10,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from delf_index import Extractor
 from delf_index.indexing import artifact as art
@@ -20,13 +18,7 @@ from delf_index.indexing.versions import list_versions
 from delf_index.pipelines import build, fit, update
 from delf_index.runtime import cache as cache_lib
 from delf_index.runtime import storage
-from tests.conftest import ONE_WORKER, live_rows, rgb
-
-
-def jpeg(array, quality=90):
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+from tests.conftest import ONE_WORKER, jpeg, live_rows, rgb
 
 
 @pytest.fixture(scope="module")

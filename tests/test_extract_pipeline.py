@@ -18,21 +18,15 @@ from delf_index.pipelines import extract
 from delf_index.runtime import tables
 from delf_index.runtime.extractor import Extractor
 from delf_index.schemas.features import descriptor_layout, descriptors_of
-from tests.conftest import ONE_WORKER, live_rows, rgb
+from tests.conftest import ONE_WORKER, jpeg, live_rows, rgb
 
 GOOD = ("astronaut", "coffee", "chelsea", "rocket")
 LIVE_ROWS_SQL = open(os.path.join(os.path.dirname(__file__), "..", "docs", "live_rows.sql")).read()
 
 
-def jpeg_bytes(array, quality=92):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def bad_images(photo):
     """What users' buckets contain besides photos, with the stage each must fail at."""
-    good = jpeg_bytes(photo)
+    good = jpeg(photo, quality=92)
     tiny = io.BytesIO()
     Image.new("RGB", (8, 8)).save(tiny, "PNG")
     return {
@@ -55,7 +49,7 @@ def image_dir(tmp_path, small_photos):
     (folder / "sub").mkdir(parents=True)
     for i, (name, photo) in enumerate(small_photos.items()):
         target = folder / "sub" if i % 2 else folder
-        (target / f"{name}.jpg").write_bytes(jpeg_bytes(photo))
+        (target / f"{name}.jpg").write_bytes(jpeg(photo, quality=92))
     for name, (data, _) in bad_images(small_photos["coffee"]).items():
         (folder / name).write_bytes(data)
     (folder / "README.txt").write_text("not an input: directories take image extensions only")
@@ -133,8 +127,8 @@ def test_reruns_extract_only_what_is_new_changed_or_asked_for(image_dir, tmp_pat
     with pytest.raises(UserError, match="holds float16 descriptors, this run writes float32"):
         extract.run(str(image_dir), out, {"descriptor_dtype": "float32"}, beam_options=ONE_WORKER)
     # a day later: one new image, one rewritten with other content, one deleted
-    (image_dir / "new.jpg").write_bytes(jpeg_bytes(small_photos["coffee"][::-1]))
-    (image_dir / "chelsea.jpg").write_bytes(jpeg_bytes(small_photos["rocket"]))
+    (image_dir / "new.jpg").write_bytes(jpeg(small_photos["coffee"][::-1], quality=92))
+    (image_dir / "chelsea.jpg").write_bytes(jpeg(small_photos["rocket"], quality=92))
     (image_dir / "sub" / "rocket.jpg").unlink()
     day = extract.run(str(image_dir), out, guard, beam_options=ONE_WORKER)
     assert {k: day[k] for k in ("new", "changed", "deleted", "unchanged", "extracted")} == {
@@ -209,7 +203,7 @@ def test_a_duplicate_image_id_is_reported_once_not_re_extracted_every_run(tmp_pa
     folder = tmp_path / "data"
     folder.mkdir()
     for name in ("astronaut", "coffee"):
-        (folder / f"{name}.jpg").write_bytes(jpeg_bytes(small_photos[name]))
+        (folder / f"{name}.jpg").write_bytes(jpeg(small_photos[name], quality=92))
     (folder / "m.csv").write_text("id,url\na1,astronaut.jpg\na1,coffee.jpg\n")
     out = str(tmp_path / "out")
     first = extract.run(str(folder / "m.csv"), out, beam_options=ONE_WORKER)
@@ -224,7 +218,7 @@ def test_a_duplicate_image_id_is_reported_once_not_re_extracted_every_run(tmp_pa
 def test_large_images_are_shrunk_before_extraction_but_reported_in_original_pixels(tmp_path, photos):
     big = np.ascontiguousarray(np.tile(rgb(photos["astronaut"]), (3, 3, 1)))  # 1536 x 1536
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "big.jpg").write_bytes(jpeg_bytes(big))
+    (tmp_path / "in" / "big.jpg").write_bytes(jpeg(big, quality=92))
     Image.fromarray(big).save(tmp_path / "in" / "big.png")
     out = str(tmp_path / "out")
     extract.run(str(tmp_path / "in"), out, {"extractor": {"max_image_size": 512}}, beam_options=ONE_WORKER)
@@ -260,10 +254,10 @@ def test_tar_shards_are_streamed_and_bad_members_reported(tmp_path, small_photos
     bad = bad_images(small_photos["coffee"])
     write_tar(
         shards / "images_000.tar",
-        [("0/0/astronaut.jpg", jpeg_bytes(small_photos["astronaut"])), ("0/0/astronaut.json", b"{}")]
+        [("0/0/astronaut.jpg", jpeg(small_photos["astronaut"], quality=92)), ("0/0/astronaut.json", b"{}")]
         + [(f"0/1/{name}", data) for name, (data, _) in bad.items()],
     )
-    members = [(f"1/{n}.jpg", jpeg_bytes(small_photos[n])) for n in ("coffee", "rocket")]
+    members = [(f"1/{n}.jpg", jpeg(small_photos[n], quality=92)) for n in ("coffee", "rocket")]
     write_tar(shards / "images_001.tar", members)
     # a copy cut inside its second member: header, first member padded to 512, second header, 100 bytes
     cut = 512 + -(-len(members[0][1]) // 512) * 512 + 512 + 100
@@ -286,20 +280,20 @@ def test_tar_shards_are_streamed_and_bad_members_reported(tmp_path, small_photos
 def test_tar_shards_are_compared_whole_between_runs(tmp_path, small_photos):
     shards = tmp_path / "shards"
     shards.mkdir()
-    write_tar(shards / "a.tar", [(f"a/{n}.jpg", jpeg_bytes(small_photos[n])) for n in ("astronaut", "coffee")])
-    write_tar(shards / "b.tar", [("b/rocket.jpg", jpeg_bytes(small_photos["rocket"]))])
+    write_tar(shards / "a.tar", [(f"a/{n}.jpg", jpeg(small_photos[n], quality=92)) for n in ("astronaut", "coffee")])
+    write_tar(shards / "b.tar", [("b/rocket.jpg", jpeg(small_photos["rocket"], quality=92))])
     out = str(tmp_path / "out")
     first = extract.run(str(shards / "*.tar"), out, beam_options=ONE_WORKER)
     assert (first["new"], first["extracted"]) == (2, 3)  # shards
     # shard a rewritten without coffee and with chelsea; shard b untouched
-    write_tar(shards / "a.tar", [(f"a/{n}.jpg", jpeg_bytes(small_photos[n])) for n in ("astronaut", "chelsea")])
+    write_tar(shards / "a.tar", [(f"a/{n}.jpg", jpeg(small_photos[n], quality=92)) for n in ("astronaut", "chelsea")])
     second = extract.run(str(shards / "*.tar"), out, {"max_change": None}, beam_options=ONE_WORKER)
     assert (second["changed"], second["unchanged"], second["extracted"], second["deleted"]) == (1, 1, 2, 1)
     live = live_rows(out)
     assert sorted(live) == ["a/astronaut.jpg", "a/chelsea.jpg", "b/rocket.jpg"]
     assert live["a/astronaut.jpg"]["run"] == second["run"] and live["b/rocket.jpg"]["run"] == first["run"]
     # shard a cut inside its second member (an interrupted upload): chelsea keeps its features
-    first_member = jpeg_bytes(small_photos["astronaut"])
+    first_member = jpeg(small_photos["astronaut"], quality=92)
     cut = 512 + -(-len(first_member) // 512) * 512 + 512 + 100
     (shards / "a.tar").write_bytes((shards / "a.tar").read_bytes()[:cut])
     third = extract.run(str(shards / "*.tar"), out, {"max_change": None}, beam_options=ONE_WORKER)
@@ -312,7 +306,7 @@ def test_manifest_with_labels_and_missing_files(tmp_path, small_photos):
     folder = tmp_path / "data"
     (folder / "img").mkdir(parents=True)
     for name in ("astronaut", "coffee"):
-        (folder / "img" / f"{name}.jpg").write_bytes(jpeg_bytes(small_photos[name]))
+        (folder / "img" / f"{name}.jpg").write_bytes(jpeg(small_photos[name], quality=92))
     (folder / "train.csv").write_text(
         "id,url,landmark_id\na1,img/astronaut.jpg,7\nc2,img/coffee.jpg,9\nm3,img/missing.jpg,9\n"
     )
@@ -353,7 +347,7 @@ def test_images_on_gcs_the_same_bytes_again_are_unchanged(gcs_bucket, small_phot
 
     fs = fsspec.filesystem("gs")
     for name in ("astronaut", "rocket"):
-        fs.pipe(f"{gcs_bucket}/in/{name}.jpg", jpeg_bytes(small_photos[name]))
+        fs.pipe(f"{gcs_bucket}/in/{name}.jpg", jpeg(small_photos[name], quality=92))
     fs.pipe(f"{gcs_bucket}/in/broken.jpg", b"\xff\xd8\xff\xe0 truncated")
     out = str(tmp_path / "out")
     summary = extract.run(f"gs://{gcs_bucket}/in/*.jpg", out, beam_options=ONE_WORKER)
@@ -361,8 +355,8 @@ def test_images_on_gcs_the_same_bytes_again_are_unchanged(gcs_bucket, small_phot
     live = live_rows(out)
     assert live["astronaut.jpg"]["source_hash"].startswith("md5:") and live["astronaut.jpg"]["source_version"]
     generation = fs.info(f"{gcs_bucket}/in/astronaut.jpg")["generation"]
-    fs.pipe(f"{gcs_bucket}/in/astronaut.jpg", jpeg_bytes(small_photos["astronaut"]))  # the same bytes again
-    fs.pipe(f"{gcs_bucket}/in/rocket.jpg", jpeg_bytes(small_photos["coffee"]))  # other bytes
+    fs.pipe(f"{gcs_bucket}/in/astronaut.jpg", jpeg(small_photos["astronaut"], quality=92))  # the same bytes again
+    fs.pipe(f"{gcs_bucket}/in/rocket.jpg", jpeg(small_photos["coffee"], quality=92))  # other bytes
     assert fs.info(f"{gcs_bucket}/in/astronaut.jpg")["generation"] != generation
     again = extract.run(f"gs://{gcs_bucket}/in/*.jpg", out, {"max_change": None}, beam_options=ONE_WORKER)
     assert (again["unchanged"], again["changed"], again["extracted"]) == (2, 1, 1)
